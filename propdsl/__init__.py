@@ -1,0 +1,60 @@
+"""propdsl: a language for robustness properties of neural networks.
+
+One `.prop` file states what a network must satisfy; the same file drives training (properties
+become differentiable losses) and checking (properties become verification queries).
+
+>>> import propdsl
+>>> spec = propdsl.load("network f : Tensor[2] -> Tensor[2]")
+>>> sorted(spec.networks)
+['f']
+
+Importing this package loads neither torch nor sympy: the heavy parts load on first use.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from propdsl.errors import (
+    CheckError,
+    OverrideError,
+    ParseError,
+    PropdslError,
+    SpecError,
+    UsageError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckError",
+    "OverrideError",
+    "Property",
+    "ParseError",
+    "PropdslError",
+    "Spec",
+    "SpecError",
+    "UsageError",
+    "__version__",
+    "load",
+]
+
+_LAZY = {
+    "load": "propdsl.api",
+    "Spec": "propdsl.api",
+    "Property": "propdsl.api",
+}
+
+if TYPE_CHECKING:
+    from propdsl.api import Property, Spec, load
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'propdsl' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -1,0 +1,202 @@
+"""The library facade: `load` a spec, inspect it, and (with torch) compile it."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from functools import cached_property, lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from propdsl import ir as I
+from propdsl.check import BlockInfo, Checked, Scope, build_prelude, check
+from propdsl.errors import UsageError
+from propdsl.source import Source, Span
+from propdsl.syntax import format_module, parse
+from propdsl.types import Ty
+
+
+@lru_cache(maxsize=1)
+def prelude_text() -> str:
+    return resources.files("propdsl").joinpath("prelude.prop").read_text(encoding="utf-8")
+
+
+@lru_cache(maxsize=1)
+def _prelude_scope() -> Scope:
+    source = Source(prelude_text(), "<prelude>")
+    return build_prelude(parse(source.text, source.name), source)
+
+
+@dataclass(frozen=True)
+class Quantified:
+    """A quantified variable of a property, with its type and domain (typed IR)."""
+
+    name: str
+    kind: str
+    type: Ty
+    domain: I.Domain
+
+
+@dataclass(frozen=True)
+class Property:
+    """A closed property of one data sample: `params` are bound to (x) or (x, y)."""
+
+    name: str
+    params: tuple[tuple[str, Ty], ...]
+    network: str | None
+    body: I.Node
+    formula: I.Node
+    span: Span | None = field(default=None, compare=False)
+
+    @property
+    def quantified(self) -> list[Quantified]:
+        out = []
+        for node in I.walk(self.formula):
+            if isinstance(node, I.Quant):
+                for v, d in zip(node.vars, node.domains, strict=True):
+                    out.append(Quantified(v.name, node.kind, v.type, d))
+        return out
+
+    @property
+    def linear_forms(self) -> list[I.LinearForm]:
+        return [f for n in I.walk(self.formula) if isinstance(n, I.Linear) for f in n.forms]
+
+    def describe(self) -> str:
+        """The normalised formula in mathematical notation."""
+        from propdsl.pretty import show
+
+        return show(self.formula)
+
+
+class Spec:
+    """A checked spec. Create one with `propdsl.load`.
+
+    >>> import propdsl
+    >>> spec = propdsl.load('''
+    ... network f : Tensor[2] -> Tensor[3]
+    ... param eps : Real = 0.1
+    ... property robust(x, y) = forall x' in ball(x, eps, inf): argmax(f(x')) == y
+    ... ''')
+    >>> spec.params["eps"], list(spec.properties)
+    (0.1, ['robust'])
+    """
+
+    def __init__(self, source: Source, overrides: dict[str, Any] | None = None):
+        self.source = source
+        self.overrides = dict(overrides or {})
+        self.module = parse(source.text, source.name)
+        self.checked: Checked = check(self.module, source, self.overrides, _prelude_scope())
+
+    # -- contents --------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.source.name
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return {k: v for k, (_, v) in self.checked.params.items()}
+
+    @property
+    def param_types(self) -> dict[str, Ty]:
+        return {k: t for k, (t, _) in self.checked.params.items()}
+
+    @property
+    def networks(self) -> dict[str, Any]:
+        return dict(self.checked.networks)
+
+    @cached_property
+    def properties(self) -> dict[str, Property]:
+        from propdsl.simplify import simplify
+
+        out = {}
+        for name, info in self.checked.properties.items():
+            formula = simplify(info.body, self.checked.params)
+            out[name] = Property(name, info.params, info.network, info.body, formula, info.span)
+        return out
+
+    @property
+    def blocks(self) -> tuple[BlockInfo, ...]:
+        return self.checked.blocks
+
+    @property
+    def train_block(self) -> BlockInfo | None:
+        return next((b for b in self.blocks if b.kind == "train"), None)
+
+    @property
+    def verify_block(self) -> BlockInfo | None:
+        return next((b for b in self.blocks if b.kind == "verify"), None)
+
+    def property(self, name: str) -> Property:
+        """The property called `name`; a clear error lists the known ones."""
+        if name not in self.properties:
+            from propdsl.source import suggest
+
+            known = ", ".join(self.properties) or "none"
+            hint = suggest(name, list(self.properties))
+            extra = f" (did you mean '{hint}'?)" if hint else ""
+            raise UsageError(f"unknown property '{name}'{extra}; known properties: {known}")
+        return self.properties[name]
+
+    def with_params(self, **params: Any) -> Spec:
+        """The same spec with some parameters overridden."""
+        return Spec(self.source, {**self.overrides, **params})
+
+    def format(self) -> str:
+        """The canonical text of the spec (comments kept)."""
+        return format_module(self.module)
+
+    def summary(self) -> str:
+        from propdsl.summary import summary
+
+        return summary(self)
+
+    def __repr__(self) -> str:
+        return f"<Spec {self.name}: {len(self.properties)} properties>"
+
+
+def load(spec: str | os.PathLike[str], params: dict[str, Any] | None = None) -> Spec:
+    """Parse and check a spec from a file path or from its text.
+
+    Args:
+        spec: a path to a `.prop` file, or the spec's text itself.
+        params: overrides of the spec's `param` declarations, typed by their declarations
+            (strings such as "0.05" are converted as on the command line).
+
+    Raises:
+        propdsl.ParseError, propdsl.CheckError: with `.diagnostics`, each positioned.
+
+    >>> import propdsl
+    >>> propdsl.load("network f : Tensor[2] -> Tensor[2]").networks["f"].show()
+    'Tensor[2] -> Tensor[2]'
+    """
+    source = read_source(spec)
+    return Spec(source, params)
+
+
+def read_source(spec: str | os.PathLike[str]) -> Source:
+    if isinstance(spec, os.PathLike) or (
+        isinstance(spec, str) and "\n" not in spec and spec.strip().endswith(".prop")
+    ):
+        path = Path(spec)
+        try:
+            return Source(path.read_text(encoding="utf-8"), str(spec))
+        except FileNotFoundError:
+            raise UsageError(f"no such spec file: {spec}") from None
+        except (IsADirectoryError, PermissionError, UnicodeDecodeError) as err:
+            raise UsageError(f"cannot read spec file {spec}: {err}") from None
+    if not isinstance(spec, str):
+        raise UsageError(f"expected a path or spec text, got {type(spec).__name__}")
+    return Source(spec, "<spec>")
+
+
+def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """`["eps=0.05", "L=2"]` -> `{"eps": "0.05", "L": "2"}`; values are typed by the checker."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key or not value.strip():
+            raise UsageError(f"--param expects name=value, got {item!r}")
+        out[key] = value.strip()
+    return out

@@ -1,0 +1,1656 @@
+"""Names, types and shapes: AST -> typed IR, with every diagnostic collected.
+
+Scoping (documented in docs/language.md): top-level names are visible after their declaration only;
+the prelude is an outer scope that top-level declarations may shadow; a parameter or a quantified
+variable may not reuse a name that is already visible (no shadowing inside a declaration).
+Let functions and property templates are inlined at their call sites and checked there with the
+argument types, so they are shape-polymorphic.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from propdsl import ast as A
+from propdsl import ir as I
+from propdsl import options as O
+from propdsl.errors import CheckError
+from propdsl.source import Diagnostic, Source, Span, suggest
+from propdsl.types import (
+    BOOL,
+    NAT,
+    REAL,
+    STRING,
+    DomainTy,
+    FiniteTy,
+    IndexTy,
+    ListTy,
+    NetworkTy,
+    OptionTy,
+    Scalar,
+    TensorTy,
+    Ty,
+    broadcast,
+    is_numeric,
+    is_scalar,
+    shape_of,
+    tensor,
+)
+
+MAX_DIAGNOSTICS = 50
+
+
+class _ErrTy(Ty):
+    def show(self) -> str:
+        return "<error>"
+
+
+ERR = _ErrTy()
+
+EXPLAINERS = ("saliency", "gradient_x_input", "integrated_gradients", "smoothgrad")
+ELEMENTWISE = ("abs", "exp", "log", "sqrt", "sigmoid", "tanh", "relu")
+VECTOR_MAPS = ("softmax", "log_softmax")
+REDUCTIONS = ("sum", "mean")
+PAIR_SCALARS = ("dot", "cosine", "pearson", "mse", "kl")
+BUILTIN_FUNCTIONS = frozenset(
+    (
+        *ELEMENTWISE,
+        *VECTOR_MAPS,
+        *REDUCTIONS,
+        *PAIR_SCALARS,
+        *EXPLAINERS,
+        "norm",
+        "max",
+        "min",
+        "argmax",
+        "argmin",
+        "clamp",
+        "cross_entropy",
+        "grad",
+        "topk_overlap",
+        "ball",
+        "box",
+        "range",
+    )
+)
+BUILTIN_NAMES = frozenset(("classes",))
+
+
+# -- scope entries -------------------------------------------------------------------------------
+@dataclass
+class NetEntry:
+    name: str
+    ty: NetworkTy
+    span: Span | None
+
+
+@dataclass
+class ParamEntry:
+    name: str
+    ty: Ty
+    value: Any
+    span: Span | None
+
+
+@dataclass
+class ValueEntry:
+    """A name bound to a typed IR value (let constants, inlined arguments, variables)."""
+
+    node: I.Node
+    span: Span | None
+
+
+@dataclass
+class FunEntry:
+    decl: A.LetDecl | A.PropertyDecl
+    scope: Scope
+
+
+@dataclass
+class Scope:
+    names: dict[str, Any] = field(default_factory=dict)
+    parent: Scope | None = None
+
+    def lookup(self, name: str) -> Any:
+        s: Scope | None = self
+        while s is not None:
+            if name in s.names:
+                return s.names[name]
+            s = s.parent
+        return None
+
+    def child(self) -> Scope:
+        return Scope({}, self)
+
+    def visible(self) -> set[str]:
+        out: set[str] = set()
+        s: Scope | None = self
+        while s is not None:
+            out |= set(s.names)
+            s = s.parent
+        return out
+
+
+# -- results ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PropertyInfo:
+    """A closed property: parameters bound to one data sample, body as typed IR."""
+
+    name: str
+    params: tuple[tuple[str, Ty], ...]
+    network: str | None
+    body: I.Node
+    span: Span | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class BlockInfo:
+    """A checked `train` or `verify` block: settings as typed values."""
+
+    kind: str
+    network: str
+    data: tuple[str, tuple[tuple[str, Any], ...]]
+    settings: tuple[tuple[str, Any], ...]
+    span: Span | None = field(default=None, compare=False)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return dict(self.settings).get(key, default)
+
+
+@dataclass(frozen=True)
+class OptionValue:
+    """`adam(lr = 1e-3)` or `dl2`: a name from an option table with constant keyword values."""
+
+    name: str
+    kwargs: tuple[tuple[str, Any], ...] = ()
+
+    def kw(self) -> dict[str, Any]:
+        return dict(self.kwargs)
+
+    def show(self) -> str:
+        if not self.kwargs:
+            return self.name
+        return f"{self.name}({', '.join(f'{k} = {_show_value(v)}' for k, v in self.kwargs)})"
+
+
+def _show_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return f'"{v}"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_show_value(x) for x in v) + "]"
+    if isinstance(v, OptionValue):
+        return v.show()
+    if isinstance(v, float) and math.isinf(v):
+        return "inf"
+    return repr(v)
+
+
+@dataclass(frozen=True)
+class Checked:
+    networks: dict[str, NetworkTy]
+    params: dict[str, tuple[Ty, Any]]
+    properties: dict[str, PropertyInfo]
+    templates: tuple[str, ...]
+    blocks: tuple[BlockInfo, ...]
+    network_spans: dict[str, Span | None] = field(default_factory=dict, compare=False)
+
+
+# -- the checker --------------------------------------------------------------------------------
+class Checker:
+    def __init__(self, source: Source, overrides: dict[str, Any] | None = None):
+        self.source = source
+        self.overrides = dict(overrides or {})
+        self.diags: list[Diagnostic] = []
+        self.all_top: dict[str, Span | None] = {}
+        self.networks: dict[str, NetworkTy] = {}
+        self.network_spans: dict[str, Span | None] = {}
+        self.params: dict[str, tuple[Ty, Any]] = {}
+        self.properties: dict[str, PropertyInfo] = {}
+        self.templates: list[str] = []
+        self.blocks: list[BlockInfo] = []
+        self._fresh = 0
+        self._expanding: list[str] = []
+
+    # -- diagnostics -----------------------------------------------------------------------------
+    def error(self, message: str, span: Span | None, hint: str | None = None, notes=()) -> Ty:
+        if len(self.diags) < MAX_DIAGNOSTICS:
+            extra = tuple(notes) + tuple(
+                f"while expanding '{name}'" for name in reversed(self._expanding)
+            )
+            self.diags.append(Diagnostic(message, span, hint, notes=extra))
+        return ERR
+
+    # -- modules ---------------------------------------------------------------------------------
+    def check_module(self, module: A.Module, prelude: Scope | None) -> Checked:
+        top = Scope({}, prelude)
+        for d in module.decls:
+            if not isinstance(d, A.Block):
+                self.all_top.setdefault(d.name, getattr(d, "name_span", None))
+        for d in module.decls:
+            if isinstance(d, A.Block):
+                self.check_block(d, top)
+                continue
+            prev = top.names.get(d.name)
+            if prev is not None:
+                first = _entry_span(prev)
+                self.error(
+                    f"'{d.name}' is declared twice",
+                    d.name_span,
+                    notes=(f"first declared at line {first.line}",) if first else (),
+                )
+                continue
+            if d.name in BUILTIN_FUNCTIONS or d.name in BUILTIN_NAMES:
+                self.error(f"'{d.name}' is a built-in and cannot be redeclared", d.name_span)
+                continue
+            entry = self.check_decl(d, top)
+            if entry is not None:
+                top.names[d.name] = entry
+        declared = {d.name for d in module.decls if isinstance(d, A.ParamDecl)}
+        for name in self.overrides:
+            if name not in declared:
+                known = sorted(declared)
+                hint = suggest(name, known)
+                msg = f"unknown parameter '{name}' in an override"
+                self.error(
+                    msg,
+                    None,
+                    f"did you mean '{hint}'?" if hint else f"known parameters: {', '.join(known)}",
+                )
+        return Checked(
+            self.networks,
+            self.params,
+            self.properties,
+            tuple(self.templates),
+            tuple(self.blocks),
+            self.network_spans,
+        )
+
+    def check_decl(self, d: A.Decl, scope: Scope) -> Any:
+        if isinstance(d, A.NetworkDecl):
+            ty = self.network_type(d.type, scope)
+            if ty is None:
+                return None
+            self.networks[d.name] = ty
+            self.network_spans[d.name] = d.name_span
+            return NetEntry(d.name, ty, d.name_span)
+        if isinstance(d, A.ParamDecl):
+            return self.check_param(d, scope)
+        if isinstance(d, A.LetDecl):
+            if d.params is None:
+                node = self.infer(d.body, scope)
+                return ValueEntry(node, d.name_span)
+            self.check_params_fresh(d.params, scope)
+            self.resolve_names(d.body, scope, {p.name for p in d.params})
+            return FunEntry(d, scope)
+        if isinstance(d, A.PropertyDecl):
+            return self.check_property(d, scope)
+        raise TypeError(type(d).__name__)
+
+    # -- types -----------------------------------------------------------------------------------
+    def network_type(self, t: A.ArrowType, scope: Scope) -> NetworkTy | None:
+        dom = self.type_expr(t.domain, scope)
+        cod = self.type_expr(t.codomain, scope)
+        ok = True
+        for part, ty in ((t.domain, dom), (t.codomain, cod)):
+            if not isinstance(ty, (TensorTy, _ErrTy)):
+                self.error(
+                    f"a network maps tensors to tensors, not {ty}",
+                    part.span,
+                    "write for example Tensor[1, 8, 8] -> Tensor[10]",
+                )
+                ok = False
+        if not ok or isinstance(dom, _ErrTy) or isinstance(cod, _ErrTy):
+            return None
+        assert isinstance(dom, TensorTy) and isinstance(cod, TensorTy)
+        if len(cod.shape) != 1:
+            self.error(
+                f"a network's output must be a vector Tensor[K], not {cod}",
+                t.codomain.span,
+            )
+            return None
+        return NetworkTy(dom, cod)
+
+    def type_expr(self, t: A.TypeExpr, scope: Scope) -> Ty:
+        dims: list[int] = []
+        for d in t.dims or ():
+            v = self.const_value(d, scope, "a dimension")
+            if v is None:
+                return ERR
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                return self.error(f"a dimension must be a positive integer, got {v}", d.span)
+            dims.append(v)
+        name = t.name
+        if name in ("Real", "Bool", "Nat"):
+            if t.dims is not None:
+                return self.error(f"{name} takes no dimensions", t.span)
+            return Scalar(name)
+        if name in ("Index", "Label"):
+            if len(dims) != 1:
+                return self.error(f"{name} takes one dimension, as in {name}[10]", t.span)
+            return IndexTy(dims[0], name == "Label")
+        if name == "Tensor":
+            if t.dims is None:
+                return self.error("Tensor needs its dimensions, as in Tensor[1, 8, 8]", t.span)
+            return tensor(tuple(dims))
+        known = ["Real", "Bool", "Nat", "Index", "Label", "Tensor"]
+        hint = suggest(name, known)
+        return self.error(
+            f"unknown type '{name}'",
+            t.span,
+            f"did you mean '{hint}'?" if hint else f"types are {', '.join(known)}",
+        )
+
+    # -- params ----------------------------------------------------------------------------------
+    def check_param(self, d: A.ParamDecl, scope: Scope) -> Any:
+        ty = self.type_expr(d.type, scope)
+        if isinstance(ty, _ErrTy):
+            return None
+        if ty not in (REAL, NAT, BOOL):
+            self.error(f"a param must be Real, Nat or Bool, not {ty}", d.type.span)
+            return None
+        if d.name in self.overrides:
+            raw = self.overrides[d.name]
+            value = coerce_param(raw, ty)
+            if value is None:
+                self.error(
+                    f"parameter '{d.name}' is {ty}, but the override gives {raw!r}",
+                    None,
+                    f"declared at line {d.name_span.line}" if d.name_span else None,
+                )
+                value = self.param_default(d, ty, scope)
+                if value is None:
+                    return None
+        else:
+            value = self.param_default(d, ty, scope)
+            if value is None:
+                return None
+        self.params[d.name] = (ty, value)
+        return ParamEntry(d.name, ty, value, d.name_span)
+
+    def param_default(self, d: A.ParamDecl, ty: Ty, scope: Scope) -> Any:
+        if True:
+            v = self.const_value(d.default, scope, "a param's default")
+            if v is None:
+                return None
+            value = coerce_param(v, ty)
+            if value is None:
+                self.error(
+                    f"the default of '{d.name}' must be {ty}, got {_show_value(v)}",
+                    d.default.span,
+                )
+                return None
+            return value
+
+    def const_value(self, e: A.Expr, scope: Scope, what: str) -> Any:
+        """Evaluate a constant expression (numbers, params, arithmetic) at check time."""
+        node = self.infer(e, scope)
+        if isinstance(node.ty, _ErrTy):
+            return None
+        value = eval_const(node, self.params)
+        if value is _NOT_CONST:
+            self.error(f"{what} must be a constant", e.span)
+            return None
+        return value
+
+    # -- properties ------------------------------------------------------------------------------
+    def check_params_fresh(self, params: tuple[A.Param, ...], scope: Scope) -> None:
+        seen: set[str] = set()
+        for p in params:
+            if p.name in seen:
+                self.error(f"parameter '{p.name}' appears twice", p.span)
+            seen.add(p.name)
+            self.check_fresh(p.name, p.span, scope)
+
+    def check_fresh(self, name: str, span: Span | None, scope: Scope) -> None:
+        if name in BUILTIN_FUNCTIONS or name in BUILTIN_NAMES:
+            self.error(f"'{name}' is a built-in and cannot be rebound", span)
+            return
+        entry = scope.lookup(name)
+        if entry is not None and not _is_prelude(scope, name):
+            self.error(
+                f"'{name}' is already defined; names may not be shadowed",
+                span,
+                "choose another name",
+            )
+
+    def check_property(self, d: A.PropertyDecl, scope: Scope) -> Any:
+        self.check_params_fresh(d.params, scope)
+        entry = FunEntry(d, scope)
+        if self.is_template(d, scope):
+            self.templates.append(d.name)
+            self.resolve_names(d.body, scope, {p.name for p in d.params})
+            return entry
+        net = self.property_network(d, scope)
+        inner = scope.child()
+        params: list[tuple[str, Ty]] = []
+        for i, p in enumerate(d.params):
+            ty: Ty = ERR
+            if p.annotation is not None:
+                ty = self.type_expr(p.annotation, scope)
+            if i == 0 and net is not None:
+                expect = self.networks[net].inp
+                if p.annotation is None:
+                    ty = expect
+                elif not isinstance(ty, _ErrTy) and ty != expect:
+                    self.error(
+                        f"'{p.name}' is bound to {net}'s inputs, {expect}, but is annotated {ty}",
+                        p.annotation.span,
+                    )
+            if i == 1 and net is not None:
+                k = self.networks[net].out.shape[0]
+                expect = IndexTy(k, True)
+                if p.annotation is None:
+                    ty = expect
+                elif isinstance(ty, IndexTy) and ty.k != k:
+                    self.error(
+                        f"'{p.name}' is a label of {net}'s {k} classes, but is annotated {ty}",
+                        p.annotation.span,
+                    )
+            if ty is ERR and p.annotation is None:
+                self.error(
+                    f"cannot type parameter '{p.name}': no network is declared before it",
+                    p.span,
+                    "declare a network first or annotate the parameter",
+                )
+            inner.names[p.name] = ValueEntry(I.Var(p.name, ty, span=p.span), p.span)
+            params.append((p.name, ty))
+        body = self.infer(d.body, inner)
+        if not isinstance(body.ty, _ErrTy) and body.ty != BOOL:
+            self.error(f"a property must be Bool, but this is {body.ty}", d.body.span)
+        self.properties[d.name] = PropertyInfo(d.name, tuple(params), net, body, d.span)
+        return entry
+
+    def is_template(self, d: A.PropertyDecl, scope: Scope) -> bool:
+        if len(d.params) > 2 or len(d.params) == 0:
+            return True
+        names = {p.name for p in d.params}
+        for node in _walk_ast(d.body):
+            if isinstance(node, A.Call):
+                if node.func.id in names:
+                    return True
+                if node.func.id in EXPLAINERS and node.args:
+                    a0 = node.args[0]
+                    if isinstance(a0, A.Name) and a0.id in names:
+                        return True
+        return False
+
+    def property_network(self, d: A.PropertyDecl, scope: Scope) -> str | None:
+        visible = [n for n in self.networks if isinstance(scope.lookup(n), NetEntry)]
+        if len(visible) == 1:
+            return visible[0]
+        for node in _walk_ast(d.body):
+            if isinstance(node, A.Call) and node.func.id in visible:
+                return node.func.id
+        return None
+
+    # -- name resolution for templates -----------------------------------------------------------
+    def resolve_names(self, e: A.Expr, scope: Scope, bound: set[str]) -> None:
+        """Report unknown names in a body that is only type-checked where it is used."""
+        if isinstance(e, A.Name):
+            if e.id not in bound and not self.is_known(e.id, scope):
+                self.unknown_name(e.id, e.span, scope, bound)
+            return
+        if isinstance(e, A.Call):
+            fid = e.func.id
+            if fid not in bound and fid not in BUILTIN_FUNCTIONS and scope.lookup(fid) is None:
+                self.unknown_name(fid, e.func.span, scope, bound)
+            for a in (*e.args, *(k.value for k in e.keywords)):
+                self.resolve_names(a, scope, bound)
+            return
+        if isinstance(e, A.Quantified):
+            inner = set(bound)
+            for b in e.binders:
+                self.resolve_names(b.domain, scope, inner)
+                inner.add(b.name)
+            self.resolve_names(e.body, scope, inner)
+            return
+        for child in _ast_children(e):
+            self.resolve_names(child, scope, bound)
+
+    def is_known(self, name: str, scope: Scope) -> bool:
+        return scope.lookup(name) is not None or name in BUILTIN_NAMES
+
+    def unknown_name(self, name: str, span: Span | None, scope: Scope, bound=()) -> Ty:
+        if name in self.all_top and scope.lookup(name) is None:
+            where = self.all_top[name]
+            line = f" (line {where.line})" if where else ""
+            return self.error(
+                f"'{name}' is used before its declaration{line}",
+                span,
+                "declare it before this use",
+            )
+        candidates = scope.visible() | set(bound) | BUILTIN_FUNCTIONS | BUILTIN_NAMES
+        hint = suggest(name, candidates)
+        return self.error(
+            f"unknown name '{name}'", span, f"did you mean '{hint}'?" if hint else None
+        )
+
+    # -- expressions -----------------------------------------------------------------------------
+    def infer(self, e: A.Expr, scope: Scope) -> I.Node:
+        method = getattr(self, f"_infer_{type(e).__name__}")
+        return method(e, scope)
+
+    def bad(self, span: Span | None) -> I.Node:
+        return I.Const(0, ERR, span=span)
+
+    def _infer_Num(self, e: A.Num, scope: Scope) -> I.Node:
+        if isinstance(e.value, int):
+            return I.Const(e.value, NAT, span=e.span)
+        return I.Const(e.value, REAL, span=e.span)
+
+    def _infer_BoolLit(self, e: A.BoolLit, scope: Scope) -> I.Node:
+        return I.Const(e.value, BOOL, span=e.span)
+
+    def _infer_Str(self, e: A.Str, scope: Scope) -> I.Node:
+        self.error("strings are only allowed as option values", e.span)
+        return self.bad(e.span)
+
+    def _infer_ListExpr(self, e: A.ListExpr, scope: Scope) -> I.Node:
+        self.error("lists are only allowed as option values", e.span)
+        return self.bad(e.span)
+
+    def _infer_Name(self, e: A.Name, scope: Scope) -> I.Node:
+        entry = scope.lookup(e.id)
+        if entry is None:
+            if e.id == "classes":
+                return self.classes_domain(e.span, scope)
+            if e.id in BUILTIN_FUNCTIONS:
+                self.error(f"'{e.id}' is a function; call it with arguments", e.span)
+                return self.bad(e.span)
+            self.unknown_name(e.id, e.span, scope)
+            return self.bad(e.span)
+        if isinstance(entry, ValueEntry):
+            return _respan(entry.node, e.span)
+        if isinstance(entry, ParamEntry):
+            return I.ParamRef(e.id, entry.ty, span=e.span)
+        if isinstance(entry, NetEntry):
+            self.error(
+                f"network '{e.id}' must be applied to an input, as in {e.id}(x)",
+                e.span,
+            )
+            return self.bad(e.span)
+        if isinstance(entry, FunEntry):
+            kind = "property" if isinstance(entry.decl, A.PropertyDecl) else "function"
+            self.error(f"{kind} '{e.id}' must be called with its arguments", e.span)
+            return self.bad(e.span)
+        raise TypeError(entry)
+
+    def classes_domain(self, span: Span | None, scope: Scope) -> I.Node:
+        nets = [n for n in self.networks if isinstance(scope.lookup(n), NetEntry)]
+        if len(nets) != 1:
+            self.error(
+                "'classes' needs exactly one network to count the classes",
+                span,
+                "use range(K) instead",
+            )
+            return self.bad(span)
+        return I.Range(self.networks[nets[0]].out.shape[0], True, span=span)
+
+    def _infer_Unary(self, e: A.Unary, scope: Scope) -> I.Node:
+        x = self.infer(e.operand, scope)
+        if isinstance(x.ty, _ErrTy):
+            return x
+        if e.op == "not":
+            self.expect_bool(x, e.operand.span)
+            return I.Not(x, span=e.span)
+        if not is_numeric(x.ty):
+            self.error(f"cannot negate {x.ty}", e.operand.span)
+            return self.bad(e.span)
+        return I.Neg(x, span=e.span)
+
+    def expect_bool(self, x: I.Node, span: Span | None) -> bool:
+        if isinstance(x.ty, _ErrTy) or x.ty == BOOL:
+            return True
+        self.error(f"expected Bool, but this is {x.ty}", span)
+        return False
+
+    def _infer_Binary(self, e: A.Binary, scope: Scope) -> I.Node:
+        left = self.infer(e.left, scope)
+        right = self.infer(e.right, scope)
+        if isinstance(left.ty, _ErrTy) or isinstance(right.ty, _ErrTy):
+            return self.bad(e.span)
+        op = e.op
+        if op in ("and", "or", "implies"):
+            ok = self.expect_bool(left, e.left.span) & self.expect_bool(right, e.right.span)
+            if not ok:
+                return self.bad(e.span)
+            if op == "and":
+                return I.And((left, right), span=e.span)
+            if op == "or":
+                return I.Or((left, right), span=e.span)
+            return I.Implies(left, right, span=e.span)
+        if op == "&":
+            return self.intersect(left, right, e)
+        if op in A.COMPARE_OPS:
+            return self.compare(op, left, right, e)
+        return self.arith(op, left, right, e)
+
+    def intersect(self, left: I.Node, right: I.Node, e: A.Binary) -> I.Node:
+        for side, node in ((e.left, left), (e.right, right)):
+            if not isinstance(node, I.Domain) or isinstance(node, I.Range):
+                self.error(f"'&' intersects balls and boxes, but this is {node.ty}", side.span)
+                return self.bad(e.span)
+        assert isinstance(left, I.Domain) and isinstance(right, I.Domain)
+        ls, rs = left.shape, right.shape
+        if ls is not None and rs is not None and ls != rs:
+            self.error(f"cannot intersect {left.ty} with {right.ty}: shapes differ", e.span)
+            return self.bad(e.span)
+        parts: list[I.Domain] = []
+        for d in (left, right):
+            parts.extend(d.parts if isinstance(d, I.Inter) else (d,))
+        return I.Inter(tuple(parts), span=e.span)
+
+    def compare(self, op: str, left: I.Node, right: I.Node, e: A.Binary) -> I.Node:
+        lt, rt = left.ty, right.ty
+        if lt == BOOL and rt == BOOL and op in ("==", "!="):
+            return I.Cmp(op, left, right, span=e.span)
+        if isinstance(lt, IndexTy) and isinstance(rt, IndexTy) and lt.k != rt.k:
+            self.error(f"cannot compare {lt} with {rt}: they range over different sizes", e.span)
+            return self.bad(e.span)
+        ls, rs = shape_of(lt), shape_of(rt)
+        if ls is None or rs is None:
+            bad = e.left if ls is None else e.right
+            self.error(f"cannot compare {lt if ls is None else rt}", bad.span)
+            return self.bad(e.span)
+        if broadcast(ls, rs) is None:
+            self.error(f"cannot compare {lt} with {rt}: shapes do not broadcast", e.span)
+            return self.bad(e.span)
+        return I.Cmp(op, left, right, span=e.span)
+
+    def arith(self, op: str, left: I.Node, right: I.Node, e: A.Binary) -> I.Node:
+        ls, rs = shape_of(left.ty), shape_of(right.ty)
+        if ls is None or rs is None:
+            bad, node = (e.left, left) if ls is None else (e.right, right)
+            self.error(f"'{op}' needs numbers or tensors, but this is {node.ty}", bad.span)
+            return self.bad(e.span)
+        if op == "^" and rs != ():
+            self.error("an exponent must be a scalar", e.right.span)
+            return self.bad(e.span)
+        shape = broadcast(ls, rs)
+        if shape is None:
+            self.error(
+                f"cannot apply '{op}' to {left.ty} and {right.ty}: shapes do not broadcast",
+                e.span,
+            )
+            return self.bad(e.span)
+        ty: Ty
+        if shape == () and left.ty in (NAT,) and right.ty in (NAT,) and op in ("+", "*"):
+            ty = NAT
+        else:
+            ty = tensor(shape)
+        return I.Arith(op, left, right, ty, span=e.span)
+
+    def _infer_IfExpr(self, e: A.IfExpr, scope: Scope) -> I.Node:
+        c = self.infer(e.cond, scope)
+        a = self.infer(e.then, scope)
+        b = self.infer(e.orelse, scope)
+        if any(isinstance(n.ty, _ErrTy) for n in (c, a, b)):
+            return self.bad(e.span)
+        self.expect_bool(c, e.cond.span)
+        if a.ty == b.ty:
+            ty = a.ty
+        elif is_numeric(a.ty) and is_numeric(b.ty):
+            sa, sb = shape_of(a.ty), shape_of(b.ty)
+            assert sa is not None and sb is not None
+            shape = broadcast(sa, sb)
+            if shape is None:
+                self.error(f"the branches have different shapes: {a.ty} and {b.ty}", e.span)
+                return self.bad(e.span)
+            ty = tensor(shape)
+        else:
+            self.error(f"the branches have different types: {a.ty} and {b.ty}", e.span)
+            return self.bad(e.span)
+        return I.Cond(c, a, b, ty, span=e.span)
+
+    def _infer_Index(self, e: A.Index, scope: Scope) -> I.Node:
+        base = self.infer(e.value, scope)
+        if isinstance(base.ty, _ErrTy):
+            return base
+        if not isinstance(base.ty, TensorTy):
+            self.error(f"only tensors can be indexed, but this is {base.ty}", e.value.span)
+            return self.bad(e.span)
+        shape = base.ty.shape
+        if len(e.indices) > len(shape):
+            self.error(f"too many indices: {base.ty} has {len(shape)} dimension(s)", e.span)
+            return self.bad(e.span)
+        idx_nodes = []
+        for dim, ie in zip(shape, e.indices, strict=False):
+            node = self.infer(ie, scope)
+            if isinstance(node.ty, _ErrTy):
+                return self.bad(e.span)
+            if isinstance(node.ty, IndexTy):
+                if node.ty.k != dim:
+                    self.error(
+                        f"{node.ty} cannot index a dimension of size {dim}",
+                        ie.span,
+                    )
+                    return self.bad(e.span)
+            elif node.ty == NAT:
+                v = eval_const(node, self.params)
+                if v is not _NOT_CONST and not 0 <= v < dim:
+                    self.error(f"index {v} is out of range for a dimension of size {dim}", ie.span)
+                    return self.bad(e.span)
+            else:
+                self.error(f"an index must be Nat, Index or Label, but this is {node.ty}", ie.span)
+                return self.bad(e.span)
+            idx_nodes.append(node)
+        return I.Idx(base, tuple(idx_nodes), tensor(shape[len(e.indices) :]), span=e.span)
+
+    # -- quantifiers -----------------------------------------------------------------------------
+    def _infer_Quantified(self, e: A.Quantified, scope: Scope) -> I.Node:
+        inner = scope.child()
+        vars_: list[I.Var] = []
+        domains: list[I.Domain] = []
+        failed = False
+        for b in e.binders:
+            dom = self.infer(b.domain, inner)
+            self.check_fresh(b.name, b.span, inner)
+            ty: Ty = ERR
+            if isinstance(dom.ty, _ErrTy):
+                failed = True
+            elif isinstance(dom, I.Range):
+                ty = IndexTy(dom.k, dom.label)
+            elif isinstance(dom, I.Domain):
+                if dom.shape is None:
+                    if b.annotation is None:
+                        self.error(
+                            f"cannot tell the shape of '{b.name}' from {dom.ty}",
+                            b.domain.span,
+                            "intersect the box with a ball, or annotate the variable",
+                        )
+                        failed = True
+                    ty = ERR
+                else:
+                    ty = tensor(dom.shape)
+            else:
+                self.error(
+                    f"a quantifier ranges over a ball, a box, range(K) or classes, not {dom.ty}",
+                    b.domain.span,
+                )
+                failed = True
+            if b.annotation is not None:
+                ann = self.type_expr(b.annotation, scope)
+                if isinstance(ty, _ErrTy) and not isinstance(ann, _ErrTy) and not failed:
+                    ty = ann
+                elif not isinstance(ann, _ErrTy) and not isinstance(ty, _ErrTy) and ann != ty:
+                    self.error(
+                        f"'{b.name}' is annotated {ann}, but its domain holds {ty}",
+                        b.annotation.span,
+                    )
+            var = I.Var(b.name, ty, span=b.span)
+            inner.names[b.name] = ValueEntry(var, b.span)
+            vars_.append(var)
+            domains.append(dom if isinstance(dom, I.Domain) else I.Box(dom, dom))
+        body = self.infer(e.body, inner)
+        if failed or isinstance(body.ty, _ErrTy):
+            return self.bad(e.span)
+        if e.kind in ("forall", "exists"):
+            if body.ty != BOOL:
+                self.error(
+                    f"the body of '{e.kind}' must be Bool, but this is {body.ty}",
+                    e.body.span,
+                    "use max / min to optimise a number",
+                )
+                return self.bad(e.span)
+        elif not is_scalar(body.ty):
+            self.error(
+                f"the body of '{e.kind}' must be a Real number, but this is {body.ty}",
+                e.body.span,
+            )
+            return self.bad(e.span)
+        return I.Quant(e.kind, tuple(vars_), tuple(domains), body, span=e.span)
+
+    # -- calls -----------------------------------------------------------------------------------
+    def _infer_Call(self, e: A.Call, scope: Scope) -> I.Node:
+        fid = e.func.id
+        entry = scope.lookup(fid)
+        if isinstance(entry, NetEntry):
+            return self.apply_network(entry, e, scope)
+        if isinstance(entry, FunEntry):
+            return self.expand(entry, e, scope)
+        if entry is not None:
+            self.error(f"'{fid}' is not a function", e.func.span)
+            return self.bad(e.span)
+        if fid in BUILTIN_FUNCTIONS:
+            return self.builtin(fid, e, scope)
+        self.unknown_name(fid, e.func.span, scope)
+        for a in e.args:
+            self.infer(a, scope)
+        return self.bad(e.span)
+
+    def apply_network(self, net: NetEntry, e: A.Call, scope: Scope) -> I.Node:
+        if len(e.args) != 1 or e.keywords:
+            self.error(f"network '{net.name}' takes exactly one input", e.span)
+            return self.bad(e.span)
+        arg = self.infer(e.args[0], scope)
+        if isinstance(arg.ty, _ErrTy):
+            return self.bad(e.span)
+        if arg.ty != net.ty.inp:
+            self.error(
+                f"network '{net.name}' expects {net.ty.inp}, but this is {arg.ty}",
+                e.args[0].span,
+            )
+            return self.bad(e.span)
+        return I.Apply(net.name, arg, net.ty.out, span=e.span)
+
+    def expand(self, entry: FunEntry, e: A.Call, scope: Scope) -> I.Node:
+        d = entry.decl
+        assert d.params is not None
+        if e.keywords:
+            self.error(f"'{d.name}' takes positional arguments only", e.keywords[0].span)
+            return self.bad(e.span)
+        if len(e.args) != len(d.params):
+            self.error(
+                f"'{d.name}' takes {len(d.params)} argument(s), but {len(e.args)} were given",
+                e.span,
+            )
+            return self.bad(e.span)
+        if d.name in self._expanding:
+            self.error(f"'{d.name}' calls itself", e.span)
+            return self.bad(e.span)
+        inner = entry.scope.child()
+        for p, a in zip(d.params, e.args, strict=True):
+            if isinstance(a, A.Name) and isinstance(scope.lookup(a.id), NetEntry):
+                inner.names[p.name] = scope.lookup(a.id)
+                continue
+            node = self.infer(a, scope)
+            if isinstance(node.ty, _ErrTy):
+                return self.bad(e.span)
+            if p.annotation is not None:
+                ann = self.type_expr(p.annotation, entry.scope)
+                if not isinstance(ann, _ErrTy) and not _assignable(node.ty, ann):
+                    self.error(
+                        f"'{d.name}' expects {ann} for '{p.name}', but this is {node.ty}",
+                        a.span,
+                    )
+                    return self.bad(e.span)
+            inner.names[p.name] = ValueEntry(node, a.span)
+        self._expanding.append(d.name)
+        try:
+            body = self.infer(d.body, inner)
+        finally:
+            self._expanding.pop()
+        if isinstance(d, A.PropertyDecl) and body.ty not in (BOOL, ERR):
+            self.error(f"a property must be Bool, but this is {body.ty}", d.body.span)
+            return self.bad(e.span)
+        return _respan(body, e.span)
+
+    def builtin(self, fid: str, e: A.Call, scope: Scope) -> I.Node:
+        spec = _BUILTIN_KEYWORDS.get(fid, ())
+        for k in e.keywords:
+            if k.name not in spec:
+                hint = suggest(k.name, list(spec))
+                self.error(
+                    f"'{fid}' has no keyword '{k.name}'",
+                    k.span,
+                    f"did you mean '{hint}'?"
+                    if hint
+                    else (f"its keywords are {', '.join(spec)}" if spec else None),
+                )
+                return self.bad(e.span)
+        if fid in EXPLAINERS:
+            return self.explainer(fid, e, scope)
+        if fid == "grad":
+            return self.grad(e, scope)
+        args = [self.infer(a, scope) for a in e.args]
+        if any(isinstance(a.ty, _ErrTy) for a in args):
+            return self.bad(e.span)
+        handler = getattr(self, f"_fn_{fid}", None)
+        if handler is None:
+            for group, h in (
+                (ELEMENTWISE, self._fn_elementwise),
+                (VECTOR_MAPS, self._fn_vector_map),
+                (REDUCTIONS, self._fn_reduction),
+                (PAIR_SCALARS, self._fn_pair),
+            ):
+                if fid in group:
+                    handler = h
+                    break
+        assert handler is not None, fid
+        return handler(fid, e, args, scope)
+
+    def arity(self, fid: str, e: A.Call, args: list[I.Node], *counts: int) -> bool:
+        if len(args) in counts:
+            return True
+        want = " or ".join(map(str, counts))
+        self.error(f"'{fid}' takes {want} argument(s), but {len(args)} were given", e.span)
+        return False
+
+    def numeric(self, fid: str, node: I.Node, span: Span | None) -> bool:
+        if is_numeric(node.ty):
+            return True
+        self.error(f"'{fid}' needs a number or tensor, but this is {node.ty}", span)
+        return False
+
+    def _fn_elementwise(self, fid, e, args, scope):
+        if not self.arity(fid, e, args, 1) or not self.numeric(fid, args[0], e.args[0].span):
+            return self.bad(e.span)
+        ty = args[0].ty
+        return I.Fn(
+            fid, tuple(args), REAL if ty == NAT or isinstance(ty, IndexTy) else ty, span=e.span
+        )
+
+    def _fn_vector_map(self, fid, e, args, scope):
+        if not self.arity(fid, e, args, 1):
+            return self.bad(e.span)
+        ty = args[0].ty
+        if not isinstance(ty, TensorTy) or len(ty.shape) != 1:
+            self.error(f"'{fid}' needs a vector Tensor[K], but this is {ty}", e.args[0].span)
+            return self.bad(e.span)
+        return I.Fn(fid, tuple(args), ty, span=e.span)
+
+    def _fn_reduction(self, fid, e, args, scope):
+        if not self.arity(fid, e, args, 1) or not self.numeric(fid, args[0], e.args[0].span):
+            return self.bad(e.span)
+        return I.Fn(fid, tuple(args), REAL, span=e.span)
+
+    def same_shape(self, fid, e, args) -> bool:
+        a, b = shape_of(args[0].ty), shape_of(args[1].ty)
+        if a is None or b is None or a != b:
+            self.error(
+                f"'{fid}' needs two tensors of the same shape, got {args[0].ty} and {args[1].ty}",
+                e.span,
+            )
+            return False
+        return True
+
+    def _fn_pair(self, fid, e, args, scope):
+        if not self.arity(fid, e, args, 2) or not self.same_shape(fid, e, args):
+            return self.bad(e.span)
+        return I.Fn(fid, tuple(args), REAL, span=e.span)
+
+    def _fn_topk_overlap(self, fid, e, args, scope):
+        if not self.arity(fid, e, args, 3) or not self.same_shape(fid, e, args[:2]):
+            return self.bad(e.span)
+        k = self.const_of(args[2], e.args[2].span, "k")
+        shape = shape_of(args[0].ty) or ()
+        size = math.prod(shape)
+        if k is None or not isinstance(k, int) or not 1 <= k <= size:
+            self.error(f"k must be a constant between 1 and {size}", e.args[2].span)
+            return self.bad(e.span)
+        return I.Fn(fid, tuple(args[:2]), REAL, (("k", k),), span=e.span)
+
+    def const_of(self, node: I.Node, span: Span | None, what: str) -> Any:
+        v = eval_const(node, self.params)
+        if v is _NOT_CONST:
+            self.error(f"{what} must be a constant", span)
+            return None
+        return v
+
+    def _fn_norm(self, fid, e, args, scope):
+        if not self.arity(fid, e, args, 1, 2) or not self.numeric(fid, args[0], e.args[0].span):
+            return self.bad(e.span)
+        p: Any = 2
+        if len(args) == 2:
+            p = self.const_of(args[1], e.args[1].span, "the norm's p")
+            if p is None:
+                return self.bad(e.span)
+            if p not in (1, 2, math.inf):
+                self.error(f"norm's p must be 1, 2 or inf, got {_show_value(p)}", e.args[1].span)
+                return self.bad(e.span)
+        return I.Fn("norm", (args[0],), REAL, (("p", float(p)),), span=e.span)
+
+    def _fn_max(self, fid, e, args, scope):
+        if not self.arity(fid, e, args, 1, 2):
+            return self.bad(e.span)
+        if len(args) == 1:
+            if not isinstance(args[0].ty, TensorTy):
+                self.error(f"'{fid}' of one argument needs a tensor, got {args[0].ty}", e.span)
+                return self.bad(e.span)
+            return I.Fn(fid, (args[0],), REAL, span=e.span)
+        fake = A.Binary(fid, e.args[0], e.args[1], span=e.span)
+        return self.arith(fid, args[0], args[1], fake)
+
+    _fn_min = _fn_max
+
+    def _fn_argmax(self, fid, e, args, scope):
+        if not self.arity(fid, e, args, 1):
+            return self.bad(e.span)
+        ty = args[0].ty
+        if not isinstance(ty, TensorTy) or len(ty.shape) != 1:
+            self.error(f"'{fid}' needs a vector Tensor[K], but this is {ty}", e.args[0].span)
+            return self.bad(e.span)
+        return I.Fn(fid, (args[0],), IndexTy(ty.shape[0], True), span=e.span)
+
+    _fn_argmin = _fn_argmax
+
+    def _fn_clamp(self, fid, e, args, scope):
+        if not self.arity(fid, e, args, 3):
+            return self.bad(e.span)
+        for a, s in zip(args, e.args, strict=True):
+            if not self.numeric(fid, a, s.span):
+                return self.bad(e.span)
+        for a, s in zip(args[1:], e.args[1:], strict=True):
+            if not is_scalar(a.ty):
+                self.error("clamp's bounds must be scalars", s.span)
+                return self.bad(e.span)
+        ty = args[0].ty
+        return I.Fn(fid, tuple(args), REAL if is_scalar(ty) else ty, span=e.span)
+
+    def _fn_cross_entropy(self, fid, e, args, scope):
+        if not self.arity(fid, e, args, 2):
+            return self.bad(e.span)
+        logits, label = args
+        if not isinstance(logits.ty, TensorTy) or len(logits.ty.shape) != 1:
+            self.error(f"cross_entropy needs logits Tensor[K], got {logits.ty}", e.args[0].span)
+            return self.bad(e.span)
+        k = logits.ty.shape[0]
+        if not isinstance(label.ty, IndexTy) or label.ty.k != k:
+            self.error(f"cross_entropy needs a label Label[{k}], got {label.ty}", e.args[1].span)
+            return self.bad(e.span)
+        return I.Fn(fid, (logits, label), REAL, span=e.span)
+
+    def _fn_ball(self, fid, e, args, scope):
+        if not self.arity(fid, e, args, 2, 3):
+            return self.bad(e.span)
+        centre, radius = args[0], args[1]
+        if not is_numeric(centre.ty):
+            self.error(f"a ball's centre must be a tensor, got {centre.ty}", e.args[0].span)
+            return self.bad(e.span)
+        if not is_scalar(radius.ty):
+            self.error(f"a ball's radius must be a Real number, got {radius.ty}", e.args[1].span)
+            return self.bad(e.span)
+        r = eval_const(radius, self.params)
+        if r is not _NOT_CONST and r < 0:
+            self.error(
+                f"a ball's radius must be non-negative, got {_show_value(r)}", e.args[1].span
+            )
+            return self.bad(e.span)
+        p: Any = math.inf
+        if len(args) == 3:
+            p = self.const_of(args[2], e.args[2].span, "the ball's norm")
+            if p is None:
+                return self.bad(e.span)
+            if p not in (1, 2, math.inf):
+                self.error(
+                    f"a ball's norm must be 1, 2 or inf, got {_show_value(p)}", e.args[2].span
+                )
+                return self.bad(e.span)
+        return I.Ball(centre, radius, float(p), span=e.span)
+
+    def _fn_box(self, fid, e, args, scope):
+        if not self.arity(fid, e, args, 2):
+            return self.bad(e.span)
+        lo, hi = args
+        for a, s in zip(args, e.args, strict=True):
+            if not self.numeric("box", a, s.span):
+                return self.bad(e.span)
+        ls, hs = shape_of(lo.ty), shape_of(hi.ty)
+        if ls and hs and ls != hs:
+            self.error(f"a box's bounds differ in shape: {lo.ty} and {hi.ty}", e.span)
+            return self.bad(e.span)
+        a, b = eval_const(lo, self.params), eval_const(hi, self.params)
+        if _NOT_CONST not in (a, b) and is_scalar(lo.ty) and is_scalar(hi.ty) and a > b:
+            self.error(f"an empty box: the lower bound {a} exceeds the upper bound {b}", e.span)
+            return self.bad(e.span)
+        return I.Box(lo, hi, span=e.span)
+
+    def _fn_range(self, fid, e, args, scope):
+        if not self.arity(fid, e, args, 1):
+            return self.bad(e.span)
+        k = self.const_of(args[0], e.args[0].span, "range's size")
+        if k is None:
+            return self.bad(e.span)
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            self.error(f"range needs a positive integer, got {_show_value(k)}", e.args[0].span)
+            return self.bad(e.span)
+        return I.Range(k, False, span=e.span)
+
+    def grad(self, e: A.Call, scope: Scope) -> I.Node:
+        if len(e.args) != 2:
+            self.error(f"'grad' takes 2 arguments, but {len(e.args)} were given", e.span)
+            return self.bad(e.span)
+        wrt = self.infer(e.args[1], scope)
+        if isinstance(wrt.ty, _ErrTy):
+            return self.bad(e.span)
+        if not isinstance(wrt, I.Var) or not isinstance(wrt.ty, TensorTy):
+            self.error(
+                "grad differentiates with respect to a tensor variable (a property parameter "
+                "or a quantified variable)",
+                e.args[1].span,
+            )
+            return self.bad(e.span)
+        expr = self.infer(e.args[0], scope)
+        if isinstance(expr.ty, _ErrTy):
+            return self.bad(e.span)
+        if not is_scalar(expr.ty):
+            self.error(f"grad needs a Real expression, but this is {expr.ty}", e.args[0].span)
+            return self.bad(e.span)
+        return I.Fn("grad", (expr, wrt), wrt.ty, span=e.span)
+
+    def explainer(self, fid: str, e: A.Call, scope: Scope) -> I.Node:
+        if len(e.args) != 3:
+            self.error(
+                f"'{fid}' takes (network, input, label), got {len(e.args)} argument(s)", e.span
+            )
+            return self.bad(e.span)
+        f = e.args[0]
+        entry = scope.lookup(f.id) if isinstance(f, A.Name) else None
+        if not isinstance(entry, NetEntry):
+            self.error(f"the first argument of '{fid}' must be a network", f.span)
+            return self.bad(e.span)
+        x = self.infer(e.args[1], scope)
+        y = self.infer(e.args[2], scope)
+        if isinstance(x.ty, _ErrTy) or isinstance(y.ty, _ErrTy):
+            return self.bad(e.span)
+        if x.ty != entry.ty.inp:
+            self.error(f"'{fid}' needs an input {entry.ty.inp}, but this is {x.ty}", e.args[1].span)
+            return self.bad(e.span)
+        k = entry.ty.out.shape[0]
+        if not (isinstance(y.ty, IndexTy) and y.ty.k == k) and not (
+            y.ty == NAT and 0 <= _const_or(y, self.params, -1) < k
+        ):
+            self.error(f"'{fid}' needs a class Label[{k}], but this is {y.ty}", e.args[2].span)
+            return self.bad(e.span)
+        opts: list[tuple[str, object]] = [("net", entry.name)]
+        for kw in e.keywords:
+            node = self.infer(kw.value, scope)
+            if isinstance(node.ty, _ErrTy):
+                return self.bad(e.span)
+            v = self.const_of(node, kw.value.span, f"'{kw.name}'")
+            if v is None:
+                return self.bad(e.span)
+            want = _BUILTIN_KEYWORDS[fid][kw.name]
+            if coerce_param(v, want) is None:
+                self.error(f"'{kw.name}' must be {want}, got {_show_value(v)}", kw.value.span)
+                return self.bad(e.span)
+            opts.append((kw.name, coerce_param(v, want)))
+        return I.Fn(fid, (x, y), entry.ty.inp, tuple(opts), span=e.span)
+
+    # -- blocks ----------------------------------------------------------------------------------
+    def check_block(self, b: A.Block, scope: Scope) -> None:
+        net = scope.lookup(b.name)
+        if not isinstance(net, NetEntry):
+            if net is None:
+                self.unknown_name(b.name, b.name_span, scope)
+            else:
+                self.error(f"'{b.name}' is not a network", b.name_span)
+            return
+        data = self.check_data(b, net)
+        keys = O.TRAIN_KEYS if b.kind == "train" else O.VERIFY_KEYS
+        settings: list[tuple[str, Any]] = []
+        seen: dict[str, Span | None] = {}
+        for s in b.settings:
+            if s.key in seen:
+                prev = seen[s.key]
+                self.error(
+                    f"'{s.key}' is set twice",
+                    s.key_span,
+                    notes=(f"first set at line {prev.line}",) if prev else (),
+                )
+                continue
+            seen[s.key] = s.key_span
+            if s.key not in keys:
+                hint = suggest(s.key, list(keys))
+                self.error(
+                    f"unknown {b.kind} setting '{s.key}'",
+                    s.key_span,
+                    f"did you mean '{hint}'?" if hint else f"settings are {', '.join(keys)}",
+                )
+                continue
+            value = self.setting_value(keys[s.key], s, b, net, scope)
+            if value is not None:
+                settings.append((s.key, value))
+        if b.kind == "verify" and "properties" not in seen:
+            self.error(
+                "a verify block needs 'properties = [...]'",
+                b.name_span,
+                "list the properties to check",
+            )
+        self.blocks.append(BlockInfo(b.kind, b.name, data, tuple(settings), b.span))
+
+    def check_data(self, b: A.Block, net: NetEntry) -> tuple[str, tuple[tuple[str, Any], ...]]:
+        src = b.source
+        call = src if isinstance(src, A.Call) else None
+        name_node = call.func if call else src
+        if not isinstance(name_node, A.Name):
+            self.error('expected a data source such as digits(split = "train")', src.span)
+            return ("", ())
+        name = name_node.id
+        if name not in O.DATASETS:
+            hint = suggest(name, list(O.DATASETS))
+            self.error(
+                f"unknown data source '{name}'",
+                name_node.span,
+                f"did you mean '{hint}'?" if hint else f"sources are {', '.join(O.DATASETS)}",
+            )
+            return (name, ())
+        kwargs = self.option_kwargs(call, O.DATASETS[name], name) if call else {}
+        if kwargs is None:
+            return (name, ())
+        if name == "tensors" and "path" not in kwargs:
+            self.error('tensors(...) needs path = "file.npz"', src.span)
+        if name in O.DATASET_SHAPES:
+            shape, k = O.DATASET_SHAPES[name]
+            if net.ty.inp.shape != shape or net.ty.out.shape != (k,):
+                want = NetworkTy(TensorTy(shape), TensorTy((k,)))
+                self.error(
+                    f"data source '{name}' gives Tensor[{', '.join(map(str, shape))}] inputs in "
+                    f"{k} classes, but network '{net.name}' is {net.ty}",
+                    src.span,
+                    f"declare network {net.name} : {want}",
+                    notes=(f"'{net.name}' declared at line {net.span.line}",) if net.span else (),
+                )
+        return (name, tuple(sorted(kwargs.items())))
+
+    def option_kwargs(
+        self, call: A.Call, table: dict[str, object], fname: str
+    ) -> dict[str, Any] | None:
+        out: dict[str, Any] = {}
+        if call.args:
+            self.error(
+                f"'{fname}' takes keyword arguments, as in {fname}(name = value)",
+                call.args[0].span,
+            )
+            return None
+        for k in call.keywords:
+            if k.name not in table:
+                hint = suggest(k.name, list(table))
+                self.error(
+                    f"'{fname}' has no option '{k.name}'",
+                    k.span,
+                    f"did you mean '{hint}'?"
+                    if hint
+                    else (
+                        f"its options are {', '.join(table)}"
+                        if table
+                        else f"'{fname}' takes no options"
+                    ),
+                )
+                return None
+            v = self.option_literal(k.value, table[k.name], k.name)
+            if v is _NOT_CONST:
+                return None
+            out[k.name] = v
+        return out
+
+    def option_literal(self, e: A.Expr, want: object, key: str) -> Any:
+        if isinstance(want, tuple):
+            value: Any = (
+                e.value if isinstance(e, (A.Str,)) else (e.id if isinstance(e, A.Name) else None)
+            )
+            if value not in want:
+                self.error(f"'{key}' must be one of {', '.join(want)}", e.span)
+                return _NOT_CONST
+            return value
+        if want == "String":
+            if not isinstance(e, A.Str):
+                self.error(f"'{key}' must be a string in double quotes", e.span)
+                return _NOT_CONST
+            return e.value
+        if want == "List[Nat]":
+            items = e.items if isinstance(e, A.ListExpr) else (e,)
+            out = []
+            for it in items:
+                v = self.option_literal(it, "Nat", key)
+                if v is _NOT_CONST:
+                    return _NOT_CONST
+                out.append(v)
+            return tuple(out)
+        if want == "Activation":
+            name = e.func.id if isinstance(e, A.Call) else (e.id if isinstance(e, A.Name) else "")
+            if name not in O.ACTIVATIONS:
+                self.error(
+                    f"unknown activation '{name}'" if name else "expected an activation",
+                    e.span,
+                    f"activations are {', '.join(O.ACTIVATIONS)}",
+                )
+                return _NOT_CONST
+            if isinstance(e, A.Call):
+                kw = self.option_kwargs(e, {"beta": "Real", "negative_slope": "Real"}, name)
+                if kw is None:
+                    return _NOT_CONST
+                return OptionValue(name, tuple(sorted(kw.items())))
+            return OptionValue(name)
+        node = self.infer(e, self._top_scope_for_options)
+        if isinstance(node.ty, _ErrTy):
+            return _NOT_CONST
+        v = eval_const(node, self.params)
+        if v is _NOT_CONST:
+            self.error(f"'{key}' must be a constant", e.span)
+            return _NOT_CONST
+        c = coerce_param(v, _TYPE_NAMES[str(want)])
+        if c is None:
+            self.error(f"'{key}' must be {want}, got {_show_value(v)}", e.span)
+            return _NOT_CONST
+        return c
+
+    _top_scope_for_options: Scope = Scope()
+
+    def option_value(self, e: A.Expr, table: dict[str, dict[str, object]], key: str) -> Any:
+        if isinstance(e, A.Name):
+            name, call = e.id, None
+        elif isinstance(e, A.Call):
+            name, call = e.func.id, e
+        else:
+            self.error(f"'{key}' takes one of {', '.join(table)}", e.span)
+            return None
+        if name not in table:
+            hint = suggest(name, list(table))
+            self.error(
+                f"unknown {key} '{name}'",
+                e.func.span if isinstance(e, A.Call) else e.span,
+                f"did you mean '{hint}'?" if hint else f"known: {', '.join(table)}",
+            )
+            return None
+        kwargs = self.option_kwargs(call, table[name], name) if call else {}
+        if kwargs is None:
+            return None
+        return OptionValue(name, tuple(sorted(kwargs.items())))
+
+    def setting_value(self, kind: str, s: A.Setting, b: A.Block, net: NetEntry, scope: Scope):
+        self._top_scope_for_options = scope
+        e = s.value
+        if kind in O.OPTION_TABLES:
+            return self.option_value(e, O.OPTION_TABLES[kind], s.key)
+        if kind == "device":
+            v = e.value if isinstance(e, A.Str) else (e.id if isinstance(e, A.Name) else None)
+            if v is None or not (v in O.DEVICES or str(v).startswith("cuda:")):
+                self.error('device must be auto, cpu, cuda or "cuda:N"', e.span)
+                return None
+            return v
+        if kind in ("Nat", "Real"):
+            v = self.option_literal(e, kind, s.key)
+            if v is _NOT_CONST:
+                return None
+            if s.key in ("epochs", "batch", "samples") and v < 1:
+                self.error(f"'{s.key}' must be at least 1", e.span)
+                return None
+            if s.key == "timeout" and v <= 0:
+                self.error("'timeout' must be positive (seconds)", e.span)
+                return None
+            return v
+        if kind == "properties":
+            items = e.items if isinstance(e, A.ListExpr) else (e,)
+            names = []
+            for it in items:
+                if not isinstance(it, A.Name):
+                    self.error("list property names, as in [robust, stable]", it.span)
+                    continue
+                if it.id not in self.properties:
+                    self.property_name_error(it, scope)
+                    continue
+                names.append(it.id)
+            return tuple(names)
+        if kind == "loss":
+            return self.check_loss(e, b, net, scope)
+        raise AssertionError(kind)
+
+    def property_name_error(self, it: A.Name, scope: Scope) -> None:
+        if it.id in self.templates:
+            self.error(
+                f"'{it.id}' has parameters beyond (x, y); wrap it in a property of (x, y)",
+                it.span,
+                f"property p(x, y) = {it.id}(...)",
+            )
+            return
+        hint = suggest(it.id, list(self.properties))
+        self.error(
+            f"unknown property '{it.id}'",
+            it.span,
+            f"did you mean '{hint}'?"
+            if hint
+            else (f"properties are {', '.join(self.properties)}" if self.properties else None),
+        )
+
+    def check_loss(self, e: A.Expr, b: A.Block, net: NetEntry, scope: Scope) -> I.Node | None:
+        """The train block's objective: a Real expression per sample over (x, y)."""
+        inner = scope.child()
+        x = I.Var("x", net.ty.inp)
+        y = I.Var("y", IndexTy(net.ty.out.shape[0], True))
+        for v in (x, y):
+            if scope.lookup(v.name) is None:
+                inner.names[v.name] = ValueEntry(v, None)
+        loss_scope = _LossScope(self, inner, net, x, y)
+        node = loss_scope.infer(e)
+        if isinstance(node.ty, _ErrTy):
+            return None
+        if not is_scalar(node.ty) or node.ty == BOOL:
+            self.error(f"a loss must be a Real number, but this is {node.ty}", e.span)
+            return None
+        return node
+
+
+class _LossScope:
+    """Checks a loss expression: properties and `cross_entropy` may appear as bare terms."""
+
+    def __init__(self, checker: Checker, scope: Scope, net: NetEntry, x: I.Var, y: I.Var):
+        self.c = checker
+        self.scope = scope
+        self.net = net
+        self.x, self.y = x, y
+
+    def infer(self, e: A.Expr) -> I.Node:
+        c = self.c
+        if isinstance(e, A.Name):
+            if e.id == "cross_entropy":
+                logits = I.Apply(self.net.name, self.x, self.net.ty.out, span=e.span)
+                return I.Fn("cross_entropy", (logits, self.y), REAL, span=e.span)
+            if e.id in c.properties:
+                info = c.properties[e.id]
+                if info.network not in (None, self.net.name):
+                    c.error(f"property '{e.id}' is about network '{info.network}'", e.span)
+                    return c.bad(e.span)
+                return I.PropTerm(e.id, span=e.span)
+            entry = self.scope.lookup(e.id)
+            if isinstance(entry, FunEntry) and isinstance(entry.decl, A.PropertyDecl):
+                c.property_name_error(e, self.scope)
+                return c.bad(e.span)
+        if isinstance(e, A.Call) and e.func.id == "certified":
+            return self.certified(e)
+        if isinstance(e, A.Binary) and e.op in A.ARITH_OPS:
+            left, right = self.infer(e.left), self.infer(e.right)
+            if isinstance(left.ty, _ErrTy) or isinstance(right.ty, _ErrTy):
+                return c.bad(e.span)
+            return c.arith(e.op, left, right, e)
+        if isinstance(e, A.Unary) and e.op == "-":
+            x = self.infer(e.operand)
+            return x if isinstance(x.ty, _ErrTy) else I.Neg(x, span=e.span)
+        return c.infer(e, self.scope)
+
+    def certified(self, e: A.Call) -> I.Node:
+        c = self.c
+        if len(e.args) != 1 or not isinstance(e.args[0], A.Name):
+            c.error("certified takes one property name, as in certified(robust)", e.span)
+            return c.bad(e.span)
+        name = e.args[0]
+        if name.id not in c.properties:
+            c.property_name_error(name, self.scope)
+            return c.bad(e.span)
+        method = "ibp"
+        for k in e.keywords:
+            if k.name != "method":
+                c.error(f"'certified' has no option '{k.name}'", k.span, "its option is method")
+                return c.bad(e.span)
+            v = k.value.id if isinstance(k.value, A.Name) else None
+            if v not in O.CERTIFIED_METHODS:
+                c.error(
+                    f"certified training methods are {', '.join(O.CERTIFIED_METHODS)}",
+                    k.value.span,
+                )
+                return c.bad(e.span)
+            method = v
+        return I.Fn("certified", (), REAL, (("property", name.id), ("method", method)), span=e.span)
+
+
+_TYPE_NAMES: dict[str, Ty] = {"Real": REAL, "Nat": NAT, "Bool": BOOL, "String": STRING}
+
+_BUILTIN_KEYWORDS: dict[str, dict[str, Ty]] = {
+    "integrated_gradients": {"steps": NAT, "baseline": REAL},
+    "smoothgrad": {"noise": REAL, "samples": NAT},
+}
+
+
+# -- helpers -------------------------------------------------------------------------------------
+class _NotConst:
+    def __repr__(self) -> str:
+        return "<not constant>"
+
+
+_NOT_CONST: Any = _NotConst()
+
+
+def eval_const(node: I.Node, params: dict[str, tuple[Ty, Any]]) -> Any:
+    """The value of a constant scalar expression, or `_NOT_CONST`."""
+    if isinstance(node, I.Const):
+        return node.value
+    if isinstance(node, I.ParamRef):
+        return params[node.name][1] if node.name in params else _NOT_CONST
+    if isinstance(node, I.Neg):
+        v = eval_const(node.operand, params)
+        return _NOT_CONST if v is _NOT_CONST else -v
+    if isinstance(node, I.Arith):
+        a, b = eval_const(node.left, params), eval_const(node.right, params)
+        if a is _NOT_CONST or b is _NOT_CONST:
+            return _NOT_CONST
+        try:
+            return _ARITH[node.op](a, b)
+        except (ZeroDivisionError, OverflowError, ValueError):
+            return _NOT_CONST
+    return _NOT_CONST
+
+
+def _pow(a: Any, b: Any) -> Any:
+    out = a**b
+    if isinstance(out, complex):
+        raise ValueError("complex power")
+    return out
+
+
+_ARITH = {
+    "+": lambda a, b: a + b,
+    "-": lambda a, b: a - b,
+    "*": lambda a, b: a * b,
+    "/": lambda a, b: a / b,
+    "^": _pow,
+    "max": max,
+    "min": min,
+}
+
+
+def _const_or(node: I.Node, params, default):
+    v = eval_const(node, params)
+    return default if v is _NOT_CONST else v
+
+
+def coerce_param(value: Any, ty: Ty) -> Any:
+    """A Python value converted to a param type, or None when it does not fit."""
+    if isinstance(value, str) and ty != STRING:
+        text = value.strip().lower()
+        if ty == BOOL:
+            return {"true": True, "false": False}.get(text)
+        try:
+            if text == "inf":
+                value = math.inf
+            elif ty == NAT:
+                value = int(text)
+            else:
+                value = float(text)
+        except ValueError:
+            return None
+    if ty == BOOL:
+        return value if isinstance(value, bool) else None
+    if isinstance(value, bool):
+        return None
+    if ty == NAT:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        return value if isinstance(value, int) and value >= 0 else None
+    if ty == REAL:
+        return float(value) if isinstance(value, (int, float)) and not math.isnan(value) else None
+    if ty == STRING:
+        return value if isinstance(value, str) else None
+    return None
+
+
+def _assignable(have: Ty, want: Ty) -> bool:
+    if have == want:
+        return True
+    if want == REAL and (have == NAT or isinstance(have, IndexTy)):
+        return True
+    if want == NAT and isinstance(have, IndexTy):
+        return True
+    return isinstance(have, IndexTy) and isinstance(want, IndexTy) and have.k == want.k
+
+
+def _respan(node: I.Node, span: Span | None) -> I.Node:
+    return node
+
+
+def _entry_span(entry: Any) -> Span | None:
+    if isinstance(entry, FunEntry):
+        return entry.decl.name_span
+    return getattr(entry, "span", None)
+
+
+def _is_prelude(scope: Scope, name: str) -> bool:
+    """True when `name` resolves only in the outermost (prelude) scope."""
+    s: Scope | None = scope
+    while s is not None:
+        if name in s.names:
+            return s.parent is None and getattr(s, "is_prelude", False)
+        s = s.parent
+    return False
+
+
+def _ast_children(e: A.Expr):
+    if isinstance(e, A.Call):
+        yield from e.args
+        yield from (k.value for k in e.keywords)
+    elif isinstance(e, A.Index):
+        yield e.value
+        yield from e.indices
+    elif isinstance(e, A.Unary):
+        yield e.operand
+    elif isinstance(e, A.Binary):
+        yield e.left
+        yield e.right
+    elif isinstance(e, A.IfExpr):
+        yield from (e.cond, e.then, e.orelse)
+    elif isinstance(e, A.ListExpr):
+        yield from e.items
+    elif isinstance(e, A.Quantified):
+        yield from (b.domain for b in e.binders)
+        yield e.body
+
+
+def _walk_ast(e: A.Expr):
+    yield e
+    for c in _ast_children(e):
+        yield from _walk_ast(c)
+
+
+def check(
+    module: A.Module,
+    source: Source,
+    overrides: dict[str, Any] | None = None,
+    prelude: Scope | None = None,
+) -> Checked:
+    """Check a parsed module; raise `CheckError` with every diagnostic found."""
+    checker = Checker(source, overrides)
+    result = checker.check_module(module, prelude)
+    if checker.diags:
+        raise CheckError(checker.diags, source)
+    return result
+
+
+def build_prelude(module: A.Module, source: Source) -> Scope:
+    """Check the prelude module and return it as the outermost scope of user specs."""
+    checker = Checker(source)
+    top = Scope({})
+    top.is_prelude = True  # type: ignore[attr-defined]
+    for d in module.decls:
+        entry = checker.check_decl(d, top)
+        if entry is not None:
+            top.names[d.name] = entry
+    if checker.diags:
+        raise CheckError(checker.diags, source)
+    return top
+
+
+def _unused(*_: Any) -> None:  # keep imports used by type annotations only
+    _ = (DomainTy, FiniteTy, ListTy, OptionTy)

@@ -1,0 +1,141 @@
+"""The `propdsl` command: a thin layer over the library API.
+
+Exit codes: 0 success, 1 a spec error (positioned diagnostics on stderr), 2 a usage error
+(bad flag, missing file), 70 an internal error (please report it; `--debug` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from propdsl import __version__
+from propdsl.errors import PropdslError, SpecError, UsageError
+
+EXIT_SPEC = 1
+EXIT_USAGE = 2
+EXIT_INTERNAL = 70
+
+app = typer.Typer(
+    name="propdsl",
+    help="A language for robustness properties of neural networks: check, format, train, verify.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+_state = {"debug": False}
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"propdsl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show Python tracebacks for internal errors.")
+    ] = False,
+) -> None:
+    _state["debug"] = debug
+
+
+def _fail(message: str, code: int) -> None:
+    sys.stderr.write(message.rstrip("\n") + "\n")
+    raise typer.Exit(code)
+
+
+def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Map library errors onto exit codes; never show a traceback for a user mistake."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except SpecError as err:
+            _fail(err.render(), EXIT_SPEC)
+        except UsageError as err:
+            _fail(f"error: {err}", EXIT_USAGE)
+        except PropdslError as err:
+            _fail(f"error: {err}", EXIT_SPEC)
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+        except Exception as err:  # noqa: BLE001 - the last line of defence
+            if _state["debug"]:
+                traceback.print_exc()
+            _fail(
+                f"internal error: {type(err).__name__}: {err}\n"
+                "This is a bug in propdsl; please report it with the spec and the command "
+                "(run again with --debug for the traceback).",
+                EXIT_INTERNAL,
+            )
+
+    return wrapper
+
+
+ParamOpt = Annotated[
+    list[str] | None,
+    typer.Option("--param", "-p", help="Override a spec param: name=value (repeatable)."),
+]
+SpecArg = Annotated[Path, typer.Argument(help="The .prop spec file.", show_default=False)]
+
+
+@app.command("check")
+@guarded
+def check_cmd(spec: SpecArg, param: ParamOpt = None) -> None:
+    """Parse and check a spec; print its networks, params, properties and blocks."""
+    from propdsl.api import load, parse_overrides
+
+    loaded = load(spec if spec.suffix == ".prop" else Path(spec), parse_overrides(param or []))
+    typer.echo(loaded.summary())
+
+
+@app.command("fmt")
+@guarded
+def fmt_cmd(
+    files: Annotated[list[Path], typer.Argument(help="Spec files to format in place.")],
+    check: Annotated[
+        bool, typer.Option("--check", help="Only report files that would change (exit 1).")
+    ] = False,
+) -> None:
+    """Format specs canonically (comments kept); with --check, change nothing."""
+    from propdsl.api import read_source
+    from propdsl.syntax import format_text
+
+    changed = []
+    for path in files:
+        source = read_source(path)
+        out = format_text(source.text, source.name)
+        if out != source.text:
+            changed.append(path)
+            if not check:
+                path.write_text(out, encoding="utf-8")
+    for path in changed:
+        typer.echo(f"{'would reformat' if check else 'reformatted'} {path}")
+    if check and changed:
+        raise typer.Exit(EXIT_SPEC)
+    if not changed:
+        typer.echo(f"{len(files)} file(s) already formatted")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app(standalone_mode=True)
+    except SystemExit as exc:
+        code = exc.code
+        raise SystemExit(code) from None

@@ -1,0 +1,408 @@
+"""Text -> AST. The only module that imports lark; lark's exceptions never leave it."""
+
+from __future__ import annotations
+
+import math
+import re
+from functools import cache, lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from propdsl import ast as A
+from propdsl.errors import ParseError
+from propdsl.source import Diagnostic, Source, Span
+
+DECL_KEYWORDS = ("network", "param", "let", "property", "train", "verify")
+KEYWORDS = frozenset(
+    "network param let property train verify on forall exists in if then else and or not "
+    "implies inf true false max min".split()
+)
+MAX_SYNTAX_ERRORS = 10
+
+_TERMINAL_TEXT = {
+    "NAME": "a name",
+    "NUMBER": "a number",
+    "STRING": "a string",
+    "COMP_OP": "a comparison",
+    "QUANT": "'forall', 'exists', 'max' or 'min'",
+    "BLOCK_KIND": "'train' or 'verify'",
+    "$END": "end of file",
+}
+
+
+def grammar_text() -> str:
+    """The grammar: from the installed package (wheel) or the repository's `grammars/` folder."""
+    packaged = resources.files("propdsl").joinpath("grammars/propdsl.lark")
+    if packaged.is_file():
+        return packaged.read_text(encoding="utf-8")
+    repo = Path(__file__).resolve().parents[2] / "grammars" / "propdsl.lark"
+    return repo.read_text(encoding="utf-8")
+
+
+@lru_cache(maxsize=1)
+def _parser() -> Any:
+    import lark
+
+    return lark.Lark(
+        grammar_text(),
+        parser="lalr",
+        propagate_positions=True,
+        maybe_placeholders=True,
+        cache=True,
+    )
+
+
+def parse(text: str, name: str = "<spec>") -> A.Module:
+    """Parse spec text into a `Module`, raising `ParseError` with every syntax error found."""
+    source = Source(text, name)
+    diagnostics: list[Diagnostic] = []
+    tree = None
+    offset = 0
+    masked = text
+    while True:
+        result = _try_parse(masked, source)
+        if isinstance(result, Diagnostic):
+            diagnostics.append(result)
+            if len(diagnostics) >= MAX_SYNTAX_ERRORS or result.span is None:
+                break
+            offset = _next_declaration(text, result.span)
+            if offset < 0:
+                break
+            # Blank out what came before (keeping newlines) so that positions stay true.
+            masked = re.sub(r"[^\n]", " ", text[:offset]) + text[offset:]
+            continue
+        if not diagnostics:
+            tree = result
+        break
+    if diagnostics:
+        raise ParseError(diagnostics, source)
+    try:
+        module = _Builder(source).transform(tree)
+    except _BuildError as err:
+        raise ParseError([err.diagnostic], source) from None
+    return A.Module(module.decls, tuple(_comments(text)))
+
+
+def _try_parse(text: str, source: Source) -> Any:
+    import lark
+
+    try:
+        return _parser().parse(text)
+    except lark.exceptions.UnexpectedInput as err:
+        return _diagnose(err, source)
+
+
+def _next_declaration(text: str, span: Span) -> int:
+    """Offset of the first line after the error that starts a declaration, or -1."""
+    pos = 0
+    for number, line in enumerate(text.split("\n"), 1):
+        if number > span.line and re.match(rf"({'|'.join(DECL_KEYWORDS)})\b", line):
+            return pos
+        pos += len(line) + 1
+    return -1
+
+
+def _describe_expected(expected: set[str]) -> str:
+    names = []
+    for term in sorted(expected):
+        if term in _TERMINAL_TEXT:
+            names.append(_TERMINAL_TEXT[term])
+            continue
+        pattern = _literal(term)
+        names.append(f"'{pattern}'" if pattern else term.lower())
+    names = sorted(set(names))
+    if len(names) > 8:
+        return ""
+    return ", ".join(names[:-1]) + (" or " if len(names) > 1 else "") + names[-1] if names else ""
+
+
+@cache
+def _literal_map() -> dict[str, str]:
+    out = {}
+    for term in _parser().terminals:
+        if term.pattern.type == "str":
+            out[term.name] = term.pattern.value
+    return out
+
+
+def _literal(term: str) -> str | None:
+    return _literal_map().get(term)
+
+
+def _diagnose(err: Any, source: Source) -> Diagnostic:
+    import lark
+
+    if isinstance(err, lark.exceptions.UnexpectedCharacters):
+        char = source.text[err.pos_in_stream] if err.pos_in_stream < len(source.text) else ""
+        span = Span(err.line, err.column, err.line, err.column + 1)
+        hint = None
+        if char == "'":
+            hint = "primes may only follow a name, as in x'"
+        elif char in "!":
+            hint = "use 'not' for negation, '!=' for inequality"
+        elif char == "|":
+            hint = "use 'or' for disjunction"
+        elif char == '"':
+            hint = "strings are written in double quotes on one line"
+        return Diagnostic(f"unexpected character {char!r}", span, hint)
+    if isinstance(err, lark.exceptions.UnexpectedToken):
+        token = err.token
+        expected = set(err.expected) - {"COMMENT"}
+        wanted = _describe_expected(expected)
+        if token.type == "$END":
+            msg = "unexpected end of file"
+            if wanted:
+                msg += f"; expected {wanted}"
+            return Diagnostic(msg, source.end_span(), _eof_hint(source))
+        text = str(token)
+        span = Span(
+            token.line,
+            token.column,
+            token.end_line or token.line,
+            token.end_column or token.column + len(text),
+        )
+        msg = f"unexpected {text!r}"
+        if wanted:
+            msg += f"; expected {wanted}"
+        return Diagnostic(msg, span, _token_hint(text, expected))
+    # UnexpectedEOF and other rare cases
+    return Diagnostic("unexpected end of file", source.end_span(), _eof_hint(source))
+
+
+def _eof_hint(source: Source) -> str | None:
+    text = source.text
+    if text.count("(") > text.count(")"):
+        return "a '(' is never closed"
+    if text.count("[") > text.count("]"):
+        return "a '[' is never closed"
+    if text.count("{") > text.count("}"):
+        return "a block's '{' is never closed"
+    return None
+
+
+def _token_hint(text: str, expected: set[str]) -> str | None:
+    if text in KEYWORDS and "NAME" in expected:
+        return f"'{text}' is a keyword and cannot be used as a name"
+    if text == "=" and "COMP_OP" in expected:
+        return "use '==' to compare"
+    if text in ("&&", "&") and "COMP_OP" in expected:
+        return "use 'and' for conjunction"
+    if "COLON" in expected and text not in (":",):
+        return "a quantifier's binders end with ':' before its body"
+    return None
+
+
+class _BuildError(Exception):
+    def __init__(self, diagnostic: Diagnostic):
+        self.diagnostic = diagnostic
+
+
+def _span(meta: Any) -> Span | None:
+    if getattr(meta, "empty", True):
+        return None
+    return Span(meta.line, meta.column, meta.end_line, meta.end_column)
+
+
+def _tok_span(tok: Any) -> Span:
+    return Span(tok.line, tok.column, tok.end_line, tok.end_column)
+
+
+def _unescape(body: str) -> str:
+    return re.sub(r"\\(.)", lambda m: {"n": "\n", "t": "\t"}.get(m.group(1), m.group(1)), body)
+
+
+def _make_builder() -> type:
+    import lark
+    from lark import v_args
+
+    @v_args(meta=True)
+    class Builder(lark.Transformer):
+        def __init__(self, source: Source):
+            super().__init__()
+            self.source = source
+
+        # -- declarations ------------------------------------------------------------------------
+        def start(self, meta, decls):
+            return A.Module(tuple(decls))
+
+        def network_decl(self, meta, c):
+            name, typ = c
+            return A.NetworkDecl(str(name), typ, span=_span(meta), name_span=_tok_span(name))
+
+        def param_decl(self, meta, c):
+            name, typ, default = c
+            return A.ParamDecl(str(name), typ, default, span=_span(meta), name_span=_tok_span(name))
+
+        def let_decl(self, meta, c):
+            name, params, body = c
+            return A.LetDecl(str(name), params, body, span=_span(meta), name_span=_tok_span(name))
+
+        def property_decl(self, meta, c):
+            name, params, body = c
+            return A.PropertyDecl(
+                str(name), params, body, span=_span(meta), name_span=_tok_span(name)
+            )
+
+        def fun_params(self, meta, c):
+            return tuple(p for p in c if p is not None)
+
+        def fun_param(self, meta, c):
+            name, ann = c
+            return A.Param(str(name), ann, span=_tok_span(name))
+
+        def block(self, meta, c):
+            kind, name, source, *settings = c
+            return A.Block(
+                str(name),
+                str(kind),
+                source,
+                tuple(settings),
+                span=_span(meta),
+                name_span=_tok_span(name),
+            )
+
+        def setting(self, meta, c):
+            key, value = c
+            return A.Setting(str(key), value, span=_span(meta), key_span=_tok_span(key))
+
+        # -- types -------------------------------------------------------------------------------
+        def arrow_type(self, meta, c):
+            return A.ArrowType(c[0], c[1], span=_span(meta))
+
+        def type(self, meta, c):
+            name, *dims = c
+            if dims == [None]:
+                dim_tuple = None
+            else:
+                dim_tuple = tuple(d for d in dims if d is not None)
+            return A.TypeExpr(str(name), dim_tuple, span=_span(meta))
+
+        # -- expressions -------------------------------------------------------------------------
+        def quantified(self, meta, c):
+            kind, binders, body = c
+            return A.Quantified(str(kind), binders, body, span=_span(meta))
+
+        def binders(self, meta, c):
+            return tuple(c)
+
+        def binder(self, meta, c):
+            name, ann, domain = c
+            return A.Binder(str(name), domain, ann, span=_tok_span(name))
+
+        def conditional(self, meta, c):
+            return A.IfExpr(c[0], c[1], c[2], span=_span(meta))
+
+        def _binary(op):  # noqa: N805 - a helper building methods
+            def method(self, meta, c):
+                return A.Binary(op, c[0], c[-1], span=_span(meta))
+
+            return method
+
+        implies = _binary("implies")
+        or_ = _binary("or")
+        and_ = _binary("and")
+        intersect = _binary("&")
+        add = _binary("+")
+        sub = _binary("-")
+        mul = _binary("*")
+        div = _binary("/")
+        pow = _binary("^")
+
+        def compare(self, meta, c):
+            return A.Binary(str(c[1]), c[0], c[2], span=_span(meta))
+
+        def not_(self, meta, c):
+            return A.Unary("not", c[0], span=_span(meta))
+
+        def neg(self, meta, c):
+            return A.Unary("-", c[0], span=_span(meta))
+
+        def index(self, meta, c):
+            return A.Index(c[0], tuple(c[1:]), span=_span(meta))
+
+        def call(self, meta, c):
+            func, *args = c
+            fname = A.Name(str(func), span=_tok_span(func))
+            positional: list[A.Expr] = []
+            keywords: list[A.Keyword] = []
+            for arg in args:
+                if arg is None:
+                    continue
+                if isinstance(arg, A.Keyword):
+                    if any(k.name == arg.name for k in keywords):
+                        raise _BuildError(
+                            Diagnostic(f"keyword argument '{arg.name}' given twice", arg.span)
+                        )
+                    keywords.append(arg)
+                elif keywords:
+                    raise _BuildError(
+                        Diagnostic(
+                            "positional argument after a keyword argument",
+                            getattr(arg, "span", None),
+                            "put positional arguments first",
+                        )
+                    )
+                else:
+                    positional.append(arg)
+            return A.Call(fname, tuple(positional), tuple(keywords), span=_span(meta))
+
+        def keyword(self, meta, c):
+            name, value = c
+            return A.Keyword(str(name), value, span=_tok_span(name) + getattr(value, "span", None))
+
+        def name(self, meta, c):
+            return A.Name(str(c[0]), span=_tok_span(c[0]))
+
+        def number(self, meta, c):
+            text = str(c[0])
+            value: int | float
+            if re.fullmatch(r"\d+", text):
+                value = int(text)
+            else:
+                value = float(text)
+                if math.isinf(value):
+                    raise _BuildError(
+                        Diagnostic(f"number {text} is too large", _tok_span(c[0]), "use 'inf'")
+                    )
+            return A.Num(value, span=_tok_span(c[0]))
+
+        def string(self, meta, c):
+            return A.Str(_unescape(str(c[0])[1:-1]), span=_tok_span(c[0]))
+
+        def inf(self, meta, c):
+            return A.Num(math.inf, span=_span(meta))
+
+        def true(self, meta, c):
+            return A.BoolLit(True, span=_span(meta))
+
+        def false(self, meta, c):
+            return A.BoolLit(False, span=_span(meta))
+
+        def list(self, meta, c):
+            return A.ListExpr(tuple(x for x in c if x is not None), span=_span(meta))
+
+    return Builder
+
+
+@lru_cache(maxsize=1)
+def _builder_class() -> type:
+    return _make_builder()
+
+
+def _Builder(source: Source) -> Any:  # noqa: N802 - reads as a class at the call site
+    return _builder_class()(source)
+
+
+_COMMENT_RE = re.compile(r'"(?:[^"\\\n]|\\.)*"|#[^\n]*')
+
+
+def _comments(text: str) -> list[A.Comment]:
+    out = []
+    for m in _COMMENT_RE.finditer(text):
+        if not m.group().startswith("#"):
+            continue
+        line = text.count("\n", 0, m.start()) + 1
+        col = m.start() - (text.rfind("\n", 0, m.start()) + 1) + 1
+        out.append(A.Comment(m.group(), Span(line, col, line, col + len(m.group()))))
+    return out
