@@ -27,6 +27,8 @@ from propdsl.errors import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "APGD",
+    "PGD",
     "CheckError",
     "OverrideError",
     "Property",
@@ -40,6 +42,8 @@ __all__ = [
 ]
 
 _LAZY = {
+    "PGD": "propdsl.loss.attacks",
+    "APGD": "propdsl.loss.attacks",
     "load": "propdsl.api",
     "Spec": "propdsl.api",
     "Property": "propdsl.api",
@@ -47,6 +51,7 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from propdsl.api import Property, Spec, load
+    from propdsl.loss.attacks import APGD, PGD
 
 
 def __getattr__(name: str) -> Any:

@@ -138,6 +138,78 @@ class Spec:
             raise UsageError(f"unknown property '{name}'{extra}; known properties: {known}")
         return self.properties[name]
 
+    # -- compilation (torch) ----------------------------------------------------------------------
+    def default_logic(self) -> Any:
+        block = self.train_block
+        return block.get("logic", "dl2") if block is not None else "dl2"
+
+    def default_attack(self) -> Any:
+        block = self.train_block
+        return block.get("attack") if block is not None else None
+
+    def loss(self, name: str, logic: Any = None, attack: Any = None, *, generator: Any = None):
+        """The property `name` compiled into a loss module under a differentiable logic.
+
+        Args:
+            name: a property of the spec (of the sample's `x`, or `x` and `y`).
+            logic: a logic name (`"dl2"`, `"godel"`, ...), a `propdsl.logics.Logic`, or None for
+                the train block's logic (else DL2).
+            attack: `propdsl.PGD(...)` / `propdsl.APGD(...)`, or None for the train block's
+                attack (else PGD with 10 steps).
+            generator: a `torch.Generator` for the attack's random starts.
+
+        Returns:
+            A `torch.nn.Module`; `module(model, x, y)` returns a `LossOutput` with per-sample
+            `loss`, `satisfied` (exact truth at the attack's points) and `counterexample`.
+
+        >>> import propdsl, torch
+        >>> spec = propdsl.load(
+        ...     "network f : Tensor[2] -> Tensor[2]\\n"
+        ...     "property robust(x, y) = forall x' in ball(x, 0.1, inf): argmax(f(x')) == y")
+        >>> loss = spec.loss("robust", logic="dl2")
+        >>> out = loss(torch.nn.Linear(2, 2), torch.zeros(3, 2), torch.zeros(3).long())
+        >>> out.loss.shape
+        torch.Size([3])
+        """
+        from propdsl.loss.compile import PropertyLoss, resolve_attack, resolve_logic
+
+        prop = self.property(name)
+        return PropertyLoss(
+            name,
+            prop.formula,
+            [p for p, _ in prop.params],
+            list(self.networks),
+            resolve_logic(logic if logic is not None else self.default_logic()),
+            resolve_attack(attack if attack is not None else self.default_attack()),
+            generator=generator,
+        )
+
+    def objective(self, logic: Any = None, attack: Any = None, *, generator: Any = None):
+        """The train block's `loss` expression compiled: `objective(model, x, y)` -> scalar.
+
+        The per-sample expression is averaged over the batch; `objective.last_terms` holds the
+        batch mean of each top-level term of the last call (for logging).
+        """
+        from propdsl.loss.compile import Objective, resolve_attack, resolve_logic
+        from propdsl.pretty import show
+        from propdsl.simplify import simplify
+
+        block = self.train_block
+        if block is None or block.get("loss") is None:
+            raise UsageError("the spec has no train block with a 'loss' setting")
+        expr = simplify(block.get("loss"), self.checked.params)
+        props = {n: p.formula for n, p in self.properties.items()}
+        terms = [(show(t), t) for t in _additive_terms(expr)]
+        return Objective(
+            expr,
+            props,
+            list(self.networks),
+            resolve_logic(logic if logic is not None else self.default_logic()),
+            resolve_attack(attack if attack is not None else self.default_attack()),
+            terms=terms if len(terms) > 1 else (),
+            generator=generator,
+        )
+
     def with_params(self, **params: Any) -> Spec:
         """The same spec with some parameters overridden."""
         return Spec(self.source, {**self.overrides, **params})
@@ -153,6 +225,12 @@ class Spec:
 
     def __repr__(self) -> str:
         return f"<Spec {self.name}: {len(self.properties)} properties>"
+
+
+def _additive_terms(node: I.Node) -> list[I.Node]:
+    if isinstance(node, I.Arith) and node.op == "+":
+        return _additive_terms(node.left) + _additive_terms(node.right)
+    return [node]
 
 
 def load(spec: str | os.PathLike[str], params: dict[str, Any] | None = None) -> Spec:

@@ -682,7 +682,16 @@ class Checker:
             ty = NAT
         else:
             ty = tensor(shape)
-        return I.Arith(op, left, right, ty, span=e.span)
+        node = I.Arith(op, left, right, ty, span=e.span)
+        if shape == ():
+            try:
+                _eval(node, self.params)
+            except _ConstFailure as err:
+                self.error(f"cannot compute this constant: {err}", e.span)
+                return self.bad(e.span)
+            except _NotConstant:
+                pass
+        return node
 
     def _infer_IfExpr(self, e: A.IfExpr, scope: Scope) -> I.Node:
         c = self.infer(e.cond, scope)
@@ -1496,25 +1505,54 @@ _NOT_CONST: Any = _NotConst()
 
 def eval_const(node: I.Node, params: dict[str, tuple[Ty, Any]]) -> Any:
     """The value of a constant scalar expression, or `_NOT_CONST`."""
+    try:
+        return _eval(node, params)
+    except (_NotConstant, _ConstFailure):
+        return _NOT_CONST
+
+
+class _NotConstant(Exception):
+    pass
+
+
+class _ConstFailure(Exception):
+    """A constant expression without a value: the message says why (division by zero, ...)."""
+
+
+# Constants must stay within float range: the backends compute in floats, and exact integer
+# arithmetic on huge values (10^10^10) would otherwise hang the checker.
+_MAX_INT_BITS = 1024
+
+
+def _eval(node: I.Node, params: dict[str, tuple[Ty, Any]]) -> Any:
     if isinstance(node, I.Const):
         return node.value
     if isinstance(node, I.ParamRef):
-        return params[node.name][1] if node.name in params else _NOT_CONST
+        if node.name not in params:
+            raise _NotConstant
+        return params[node.name][1]
     if isinstance(node, I.Neg):
-        v = eval_const(node.operand, params)
-        return _NOT_CONST if v is _NOT_CONST else -v
+        return -_eval(node.operand, params)
     if isinstance(node, I.Arith):
-        a, b = eval_const(node.left, params), eval_const(node.right, params)
-        if a is _NOT_CONST or b is _NOT_CONST:
-            return _NOT_CONST
+        a, b = _eval(node.left, params), _eval(node.right, params)
         try:
-            return _ARITH[node.op](a, b)
-        except (ZeroDivisionError, OverflowError, ValueError):
-            return _NOT_CONST
-    return _NOT_CONST
+            out = _ARITH[node.op](a, b)
+        except ZeroDivisionError:
+            raise _ConstFailure("division by zero") from None
+        except OverflowError:
+            raise _ConstFailure("the value is too large") from None
+        except ValueError:
+            raise _ConstFailure("the value is not a real number") from None
+        if isinstance(out, int) and out.bit_length() > _MAX_INT_BITS:
+            raise _ConstFailure("the value is too large")
+        return out
+    raise _NotConstant
 
 
 def _pow(a: Any, b: Any) -> Any:
+    if isinstance(a, int) and isinstance(b, int) and b > 0 and abs(a) > 1:
+        if b * math.log2(abs(a)) > _MAX_INT_BITS:
+            raise OverflowError("integer power")
     out = a**b
     if isinstance(out, complex):
         raise ValueError("complex power")

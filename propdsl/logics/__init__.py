@@ -2,7 +2,8 @@
 
 Every logic is registered by name; the compiler asks for one with ``get_logic``::
 
-    >>> from propdsl.logics import Cmp, get_logic
+    >>> import torch
+    >>> from propdsl.logics import Cmp, get_logic, stack
     >>> dl2 = get_logic("dl2")
     >>> v = dl2.conj(stack([dl2.atom(Cmp.LE, torch.tensor(3.0), torch.tensor(1.0)),
     ...                     dl2.atom(Cmp.EQ, torch.tensor(1.0), torch.tensor(1.0))]))

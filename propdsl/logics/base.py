@@ -191,16 +191,21 @@ def register_logic(cls: L) -> L:
             f"{cls.__qualname__}.name must be a lower-case identifier such as 'my_logic', "
             f"got {name!r}"
         )
+    aliases = cls.aliases
+    if not isinstance(aliases, tuple) or not all(
+        isinstance(a, str) and a == a.strip().lower() and a for a in aliases
+    ):
+        raise LogicError(f"{cls.__qualname__}.aliases must be a tuple of lower-case names")
     if not isinstance(getattr(cls, "has_negation", None), bool):
         raise LogicError(f"{cls.__qualname__}.has_negation must be set to True or False")
-    for key in (name, *cls.aliases):
+    for key in (name, *aliases):
         known = _lookup(key)
         if known is not None and _identity(known) != _identity(cls):
             raise LogicError(
                 f"logic name '{key}' is already taken by {known.__module__}.{known.__qualname__}"
             )
     _REGISTRY[name] = cls
-    for alias in cls.aliases:
+    for alias in aliases:
         _ALIASES[alias] = name
     return cls
 
@@ -311,9 +316,16 @@ def reduced_like(values: Tensor, dim: int) -> Tensor:
 
 
 def connected_zero(x: Tensor) -> Tensor:
-    """Zeros shaped like ``x`` that stay in its autograd graph with an exactly zero gradient.
+    """Zeros shaped like ``x`` that stay in its autograd graph with a zero gradient; NaN where
+    ``x`` is NaN.
 
     Added to a piecewise-constant atom (``!=``) so that a loss made only of such atoms can still
-    be back-propagated (a zero gradient, not an error); never NaN, even where ``x`` is infinite.
+    be back-propagated (a zero gradient, not an error) and NaN inputs still show; infinite ``x``
+    gives 0, not NaN.
     """
-    return torch.where(torch.zeros_like(x, dtype=torch.bool), x, 0.0)
+    return torch.where(torch.isnan(x), x, 0.0)
+
+
+def difference(a: Tensor, b: Tensor) -> Tensor:
+    """``a - b``, but 0 (not NaN) where both are the same infinity, which compare equal."""
+    return torch.where(torch.isinf(a) & (a == b), 0.0, a - b)

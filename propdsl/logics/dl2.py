@@ -12,6 +12,7 @@ from propdsl.logics.base import (
     Logic,
     check_real,
     connected_zero,
+    difference,
     float_like,
     operands,
     register_logic,
@@ -46,13 +47,13 @@ class DL2(Logic):
         a, b = operands(lhs, rhs)
         if op in (Cmp.GE, Cmp.GT):
             a, b = b, a
-        d = a - b
+        d = difference(a, b)
         if op in (Cmp.LE, Cmp.GE):
             return torch.relu(d)
         if op in (Cmp.LT, Cmp.GT):
             # Written with where rather than relu so that the gradient at equality, where the
-            # strict comparison fails, is that of a - b (relu's is 0 there).
-            return torch.where(d >= 0, d + self.xi * (d == 0).to(d.dtype), 0.0)
+            # strict comparison fails, is that of a - b (relu's is 0 there); NaN passes.
+            return torch.where(d < 0, 0.0, d + self.xi * (d == 0).to(d.dtype))
         if op is Cmp.EQ:
             return d.abs()
         if op is Cmp.NE:

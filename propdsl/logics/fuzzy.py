@@ -18,6 +18,7 @@ from propdsl.logics.base import (
     Logic,
     check_real,
     connected_zero,
+    difference,
     float_like,
     operands,
     reduced_like,
@@ -37,27 +38,38 @@ __all__ = [
 
 
 def _below_one(t: Tensor) -> Tensor:
-    # 1 - r rounds to 1 for a positive r below half an ulp; truth 1 is reserved for 'holds'.
+    # 1 - r could round to 1 for a positive r below half an ulp; truth 1 is reserved for
+    # 'holds'. (Comparisons are written so that NaN passes through, here and below.)
     one = torch.ones((), dtype=t.dtype, device=t.device)
-    return torch.where(t < 1, t, torch.nextafter(one, torch.zeros_like(one)))
+    return torch.where(t >= 1, torch.nextafter(one, torch.zeros_like(one)), t)
 
 
 def _floor0(x: Tensor) -> Tensor:
     # max(x, 0) whose gradient at x == 0 is 1 (torch's clamp/relu give 0 there): a conjunction
     # that has just reached truth 0 must still be able to climb out.
-    return torch.where(x >= 0, x, 0.0)
+    return torch.where(x < 0, 0.0, x)
 
 
 def _ceil1(x: Tensor) -> Tensor:
     # min(x, 1); at x == 1 the formula holds and its gradient is 0.
-    return torch.where(x < 1, x, 1.0)
+    return torch.where(x >= 1, 1.0, x)
 
 
-def _graded(violated: Tensor, excess: Tensor, a: Tensor, b: Tensor, penalty: Tensor) -> Tensor:
-    """1 where not violated, else 1 - excess / (|a| + |b|) - penalty (strictly below 1)."""
+def _graded(
+    violated: Tensor, a: Tensor, b: Tensor, *, absolute: bool = False, penalty: Tensor | float = 0.0
+) -> Tensor:
+    """1 where not violated, else ``1 - e / (|a| + |b|) - penalty`` kept strictly below 1, where
+    ``e`` is ``a - b`` or, if ``absolute``, ``|a - b|``."""
+    # The ratio is scale-free: where |a| + |b| overflows (or an operand is infinite), halve the
+    # clamped operands instead of computing inf / inf.
+    big = violated & ~torch.isfinite(a.abs() + b.abs())
+    top = torch.finfo(a.dtype).max
+    a = torch.where(big, a.clamp(-top, top) / 2, a)
+    b = torch.where(big, b.clamp(-top, top) / 2, b)
+    excess = (a - b).abs() if absolute else a - b
     den = a.abs() + b.abs()
     # Inputs of the division are replaced where they are not used, so that neither value nor
-    # gradient can be NaN (0/0 at a == b == 0, huge 1/den^2 for tiny den).
+    # gradient can be NaN there (0/0 at a == b == 0, huge 1/den^2 for tiny den).
     ratio = torch.where(violated, excess, 0.0) / torch.where(violated & (den > 0), den, 1.0)
     return torch.where(violated, _below_one(1 - ratio - penalty), 1.0)
 
@@ -67,20 +79,19 @@ def fuzzy_atom(op: Cmp, lhs: Tensor, rhs: Tensor, xi: float) -> Tensor:
 
     ``a <= b`` is ``1 - max(a - b, 0) / (|a| + |b|)`` (1 at a == b == 0); strict comparisons
     lose ``xi`` at equality, where they fail; ``==`` is ``1 - |a - b| / (|a| + |b|)``;
-    ``!=`` is ``1`` or ``1 - xi`` at equality.
+    ``!=`` is ``1``, or ``1 - xi`` at equality.
     """
     a, b = operands(lhs, rhs)
     if op in (Cmp.GE, Cmp.GT):
         a, b = b, a
     if op in (Cmp.LE, Cmp.GE):
-        return _graded(a > b, a - b, a, b, torch.zeros((), dtype=a.dtype))
+        return _graded(~(a <= b), a, b)
     if op in (Cmp.LT, Cmp.GT):
-        equal = (a == b).to(a.dtype)
-        return _graded(a >= b, a - b, a, b, xi * equal)
+        return _graded(~(a < b), a, b, penalty=xi * (a == b).to(a.dtype))
     if op is Cmp.EQ:
-        return _graded(a != b, (a - b).abs(), a, b, torch.zeros((), dtype=a.dtype))
+        return _graded(a != b, a, b, absolute=True)
     if op is Cmp.NE:
-        d = a - b
+        d = difference(a, b)
         return torch.where(d == 0, _below_one(torch.full_like(d, 1 - xi)), 1.0) + connected_zero(d)
     raise TypeError(f"not a comparison: {op!r}")
 

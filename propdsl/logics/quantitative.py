@@ -17,6 +17,7 @@ from propdsl.logics.base import (
     Cmp,
     Logic,
     check_real,
+    difference,
     float_like,
     operands,
     reduced_like,
@@ -42,11 +43,11 @@ def robustness(op: Cmp, lhs: Tensor, rhs: Tensor, xi: float = 0.0) -> Tensor:
     if op in (Cmp.GE, Cmp.GT):
         a, b = b, a
     if op in (Cmp.LE, Cmp.GE, Cmp.LT, Cmp.GT):
-        margin = b - a
+        margin = difference(b, a)
     elif op is Cmp.EQ:
-        margin = -(a - b).abs()
+        margin = -difference(a, b).abs()
     elif op is Cmp.NE:
-        margin = (a - b).abs()
+        margin = difference(a, b).abs()
     else:
         raise TypeError(f"not a comparison: {op!r}")
     if op.strict and xi:
@@ -100,8 +101,8 @@ class STL(_SignedLogic):
         k: > 0, the sharpness; larger is closer to min / max.
         xi: >= 0; strict comparisons lose ``xi`` at equality, where they fail.
 
-    >>> STL(k=10.0).conj(torch.tensor([0.5, 2.0]))
-    tensor(0.4999)
+    >>> STL(k=2.0).conj(torch.tensor([0.0, 0.0]))  # -log(2) / 2, below min = 0
+    tensor(-0.3466)
     """
 
     name = "stl"

@@ -58,7 +58,8 @@ class PGD:
             `alpha = step_size * radius / steps` in the ball's norm (2.5 is Madry's rule).
         random_start: start uniformly in the region (else at its centre).
         surrogate_beta: when set, every ReLU is computed as `softplus(beta * x) / beta` during the
-            ascent (see `smooth_relu`); the returned points are judged on the true model.
+            ascent (see `smooth_relu`); each iterate is also evaluated on the true model (one
+            more forward pass per step), which judges the points returned.
 
     >>> PGD(steps=20, restarts=2)
     PGD(steps=20, restarts=2, step_size=2.5, random_start=True, surrogate_beta=None)
@@ -324,7 +325,9 @@ class _Eval:
 class _Problem:
     """The objective, its regions and the surrogate: evaluations with gradients."""
 
-    def __init__(self, objective: Objective, regions: tuple[Region, ...], beta, batch: int):
+    def __init__(
+        self, objective: Objective, regions: tuple[Region, ...], beta: float | None, batch: int
+    ):
         self.objective = objective
         self.regions = regions
         self.beta = beta

@@ -19,6 +19,7 @@ KEYWORDS = frozenset(
     "implies inf true false max min".split()
 )
 MAX_SYNTAX_ERRORS = 10
+MAX_DEPTH = 100
 
 _TERMINAL_TEXT = {
     "NAME": "a name",
@@ -77,11 +78,35 @@ def parse(text: str, name: str = "<spec>") -> A.Module:
         break
     if diagnostics:
         raise ParseError(diagnostics, source)
-    try:
-        module = _Builder(source).transform(tree)
-    except _BuildError as err:
-        raise ParseError([err.diagnostic], source) from None
+    deep = _too_deep(tree)
+    if deep is not None:
+        raise ParseError([deep], source)
+    builder = _Builder(source)
+    module = builder.transform(tree)
+    if builder.diagnostics:
+        raise ParseError(builder.diagnostics, source)
     return A.Module(module.decls, tuple(_comments(text)))
+
+
+def _too_deep(tree: Any) -> Diagnostic | None:
+    """An error for an expression nested beyond `MAX_DEPTH` levels, or None.
+
+    Every later stage (AST builder, checker, simplifier, printer) recurses on the tree, so an
+    absurdly deep expression would otherwise end in a RecursionError instead of a message.
+    """
+    import lark
+
+    stack = [(tree, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return Diagnostic(
+                f"this expression is nested too deeply (more than {MAX_DEPTH} levels)",
+                _span(node.meta),
+                "split it into smaller parts with 'let'",
+            )
+        stack.extend((c, depth + 1) for c in node.children if isinstance(c, lark.Tree))
+    return None
 
 
 def _try_parse(text: str, source: Source) -> Any:
@@ -193,11 +218,6 @@ def _token_hint(text: str, expected: set[str]) -> str | None:
     return None
 
 
-class _BuildError(Exception):
-    def __init__(self, diagnostic: Diagnostic):
-        self.diagnostic = diagnostic
-
-
 def _span(meta: Any) -> Span | None:
     if getattr(meta, "empty", True):
         return None
@@ -221,6 +241,8 @@ def _make_builder() -> type:
         def __init__(self, source: Source):
             super().__init__()
             self.source = source
+            # Errors found while building (they need the tree): collected, raised by `parse`.
+            self.diagnostics: list[Diagnostic] = []
 
         # -- declarations ------------------------------------------------------------------------
         def start(self, meta, decls):
@@ -331,12 +353,13 @@ def _make_builder() -> type:
                     continue
                 if isinstance(arg, A.Keyword):
                     if any(k.name == arg.name for k in keywords):
-                        raise _BuildError(
+                        self.diagnostics.append(
                             Diagnostic(f"keyword argument '{arg.name}' given twice", arg.span)
                         )
+                        continue
                     keywords.append(arg)
                 elif keywords:
-                    raise _BuildError(
+                    self.diagnostics.append(
                         Diagnostic(
                             "positional argument after a keyword argument",
                             getattr(arg, "span", None),
@@ -362,7 +385,7 @@ def _make_builder() -> type:
             else:
                 value = float(text)
                 if math.isinf(value):
-                    raise _BuildError(
+                    self.diagnostics.append(
                         Diagnostic(f"number {text} is too large", _tok_span(c[0]), "use 'inf'")
                     )
             return A.Num(value, span=_tok_span(c[0]))

@@ -1,0 +1,38 @@
+# propdsl: `make demo` and `make test` each set up .venv when it is missing, then run.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+export OMP_NUM_THREADS ?= 2
+export MKL_NUM_THREADS ?= 2
+
+.PHONY: setup demo test test-fast lint bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/propdsl check specs/digits.prop
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check propdsl tests benchmarks examples
+	$(VENV)/bin/ruff format --check propdsl tests benchmarks examples
+
+# the whole suite, slow end-to-end and fuzz tests included (what CI runs)
+test: lint
+	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+# the quick loop while developing
+test-fast: $(STAMP)
+	$(VENV)/bin/pytest -q -m "not slow and not fuzz" $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .hypothesis dist build

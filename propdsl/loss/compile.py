@@ -1,0 +1,812 @@
+"""Compile normalised IR into batched torch computations under a differentiable logic.
+
+The IR is compiled once into a tree of closures (equal sub-expressions share one closure), then
+run per batch. Every value carries the batch as its first dimension; finite quantifiers
+(`forall j in classes`) are vectorised by expanding the batch K-fold, and sub-expressions that do
+not mention the expanded variable are computed once on the smaller batch and repeated.
+Quantifiers over balls and boxes are solved by an attack (PGD / APGD) that maximises the body's
+signed violation (logic `violation`: raw margins, so it keeps gradients where the property
+holds); the chosen logic then evaluates the body at the attack's points.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from propdsl import explain
+from propdsl import ir as I
+from propdsl.errors import UsageError
+from propdsl.logics import Cmp, Logic, get_logic
+from propdsl.loss.attacks import APGD, PGD, run_attack
+from propdsl.region import Region, lp_norm
+from propdsl.simplify import nnf
+from propdsl.types import BOOL, IndexTy, shape_of
+
+VIOLATION = get_logic("violation")
+BOOLEAN = get_logic("boolean")
+
+Attack = PGD | APGD
+
+
+class CompileError(UsageError):
+    """A formula that this backend cannot turn into a loss (with the reason)."""
+
+
+# -- runtime environment -------------------------------------------------------------------------
+class Env:
+    """Variable bindings for one evaluation: tensors with the batch first.
+
+    `parent` is the enclosing environment; `factor` > 1 means this environment's batch is the
+    parent's repeated `factor` times (a vectorised finite quantifier), so values computed in the
+    parent are `repeat_interleave`d on the way down.
+    """
+
+    def __init__(
+        self,
+        models: Mapping[str, nn.Module],
+        values: dict[str, Tensor],
+        batch: int,
+        logic: Logic,
+        config: CompileConfig,
+        parent: Env | None = None,
+        factor: int = 1,
+    ):
+        self.models = models
+        self.values = values
+        self.batch = batch
+        self.logic = logic
+        self.config = config
+        self.parent = parent
+        self.factor = factor
+        self.cache: dict[int, Tensor] = {}
+        self.points: dict[int, tuple[Tensor, ...]] = parent.points if parent else {}
+
+    def child(self, values: dict[str, Tensor], factor: int = 1) -> Env:
+        return Env(
+            self.models,
+            values,
+            self.batch * factor,
+            self.logic,
+            self.config,
+            parent=self,
+            factor=factor,
+        )
+
+    def with_logic(self, logic: Logic) -> Env:
+        """The same bindings under another logic (a fresh cache: values depend on the logic)."""
+        env = Env(
+            self.models, self.values, self.batch, logic, self.config, self.parent, self.factor
+        )
+        env.points = self.points
+        return env
+
+    def owner(self, names: frozenset[str]) -> Env:
+        """The outermost environment that binds none of `names` below it (for lifting)."""
+        return self
+
+
+@dataclass(frozen=True, kw_only=True)
+class CompileConfig:
+    attack: Attack = PGD()
+    generator: torch.Generator | None = None
+
+
+# -- compiled closures ---------------------------------------------------------------------------
+class Code:
+    """One compiled node. `run(env)` evaluates it, lifting to the parent env when possible."""
+
+    def __init__(self, node: I.Node, free: frozenset[str]):
+        self.node = node
+        self.free = free
+
+    def __call__(self, env: Env) -> Tensor:
+        # Lift: a value that does not read this env's own variables is computed in the parent.
+        if env.parent is not None and not (self.free & env.values.keys()):
+            up = self(env.parent)
+            if env.factor > 1 and isinstance(up, Tensor) and up.dim() > 0:
+                return up.repeat_interleave(env.factor, dim=0)
+            return up
+        key = id(self)
+        if key in env.cache:
+            return env.cache[key]
+        out = self.run(env)
+        env.cache[key] = out
+        return out
+
+    def run(self, env: Env) -> Tensor:
+        raise NotImplementedError
+
+
+class Compiler:
+    """IR -> closures, hash-consed by structural equality of the nodes."""
+
+    def __init__(self, properties: Mapping[str, I.Node] | None = None):
+        self.memo: dict[I.Node, Code] = {}
+        self.properties = dict(properties or {})
+        self.prop_codes: dict[str, Code] = {}
+
+    def __call__(self, node: I.Node) -> Code:
+        if isinstance(node, I.Linear):
+            node = node.atom
+        code = self.memo.get(node)
+        if code is None:
+            code = self.build(node)
+            self.memo[node] = code
+        return code
+
+    def build(self, node: I.Node) -> Code:
+        free = frozenset(I.free_vars(node))
+        builder = getattr(self, f"_{type(node).__name__}", None)
+        if builder is None:
+            raise CompileError(f"cannot compile {type(node).__name__} into a loss")
+        return builder(node, free)
+
+    # -- leaves ----------------------------------------------------------------------------------
+    def _Const(self, node: I.Const, free):
+        value = node.value
+        if node.ty == BOOL:
+            return _Lambda(node, free, lambda env: env.logic.constant(bool(value), _like(env)))
+        if isinstance(node.ty, IndexTy):
+            return _Lambda(
+                node,
+                free,
+                lambda env: torch.full(
+                    (env.batch,), int(value), dtype=torch.long, device=_device(env)
+                ),
+            )
+        return _Lambda(
+            node,
+            free,
+            lambda env: torch.tensor(float(value), dtype=_dtype(env), device=_device(env)),
+        )
+
+    def _Var(self, node: I.Var, free):
+        name = node.name
+
+        def run(env: Env) -> Tensor:
+            e: Env | None = env
+            while e is not None:
+                if name in e.values:
+                    return e.values[name]
+                e = e.parent
+            raise CompileError(f"variable '{name}' is not bound")
+
+        return _Lambda(node, free, run)
+
+    def _ParamRef(self, node: I.ParamRef, free):
+        raise CompileError(f"parameter '{node.name}' was not substituted")
+
+    def _PropTerm(self, node: I.PropTerm, free):
+        if node.name not in self.properties:
+            raise CompileError(f"unknown property '{node.name}'")
+        if node.name not in self.prop_codes:
+            self.prop_codes[node.name] = self(self.properties[node.name])
+        body = self.prop_codes[node.name]
+        return _Lambda(node, free | body.free, lambda env: env.logic.loss(body(env)))
+
+    # -- numbers ---------------------------------------------------------------------------------
+    def _Apply(self, node: I.Apply, free):
+        arg = self(node.arg)
+        net = node.net
+
+        def run(env: Env) -> Tensor:
+            return env.models[net](arg(env))
+
+        return _Lambda(node, free, run)
+
+    def _Neg(self, node: I.Neg, free):
+        x = self(node.operand)
+        return _Lambda(node, free, lambda env: -x(env))
+
+    def _Arith(self, node: I.Arith, free):
+        a, b = self(node.left), self(node.right)
+        sa, sb = shape_of(node.left.ty) or (), shape_of(node.right.ty) or ()
+        nd = len(shape_of(node.type) or ())
+        op = _ARITH[node.op]
+
+        def run(env: Env) -> Tensor:
+            return op(_align(a(env), sa, nd), _align(b(env), sb, nd))
+
+        return _Lambda(node, free, run)
+
+    def _Idx(self, node: I.Idx, free):
+        base = self(node.base)
+        idx = [self(i) for i in node.indices]
+
+        def run(env: Env) -> Tensor:
+            v = base(env)
+            rows = torch.arange(v.shape[0], device=v.device)
+            for i in idx:
+                j = i(env)
+                if j.dim() == 0:
+                    v = v[:, int(j)]
+                else:
+                    v = v[rows, j.long()]
+            return v
+
+        return _Lambda(node, free, run)
+
+    def _Fn(self, node: I.Fn, free):
+        fn = node.fn
+        args = [self(a) for a in node.args]
+        if fn == "grad":
+            return self._grad(node, free)
+        if fn in ("saliency", "gradient_x_input", "integrated_gradients", "smoothgrad"):
+            return self._explainer(node, free, args)
+        if fn == "certified":
+            from propdsl.loss.certified import compile_certified
+
+            return _Lambda(node, free, compile_certified(node, self))
+        impl = _FUNCTIONS.get(fn)
+        if impl is None:
+            raise CompileError(f"'{fn}' has no loss implementation")
+        shapes = [shape_of(a.ty) or () for a in node.args]
+        options = dict(node.options)
+
+        def run(env: Env) -> Tensor:
+            return impl([a(env) for a in args], shapes, options)
+
+        return _Lambda(node, free, run)
+
+    def _grad(self, node: I.Fn, free):
+        expr_node, var_node = node.args
+        assert isinstance(var_node, I.Var)
+        expr = self(expr_node)
+        name = var_node.name
+
+        def run(env: Env) -> Tensor:
+            owner = env
+            while owner is not None and name not in owner.values:
+                owner = owner.parent
+            assert owner is not None
+            v = owner.values[name]
+            leaf = v if v.requires_grad else v.detach().requires_grad_(True)
+            # Re-evaluate the expression with the variable as a differentiable leaf.
+            sub = owner.child({name: leaf})
+            with torch.enable_grad():
+                out = expr(sub)
+                (g,) = torch.autograd.grad(out.sum(), leaf, create_graph=True)
+            if env is not owner:
+                factor = env.batch // owner.batch
+                g = g.repeat_interleave(factor, dim=0) if factor > 1 else g
+            return g
+
+        return _Lambda(node, free, run)
+
+    def _explainer(self, node: I.Fn, free, args):
+        x, y = args
+        net = str(node.option("net"))
+        fn = node.fn
+        opts = {k: v for k, v in node.options if k != "net"}
+
+        def run(env: Env) -> Tensor:
+            model = env.models[net]
+            xv, yv = x(env), y(env)
+            with torch.enable_grad():
+                if fn == "saliency":
+                    return explain.saliency(model, xv, yv)
+                if fn == "gradient_x_input":
+                    return explain.gradient_x_input(model, xv, yv)
+                if fn == "integrated_gradients":
+                    baseline = opts.get("baseline")
+                    base = None if baseline is None else torch.full_like(xv, float(baseline))
+                    return explain.integrated_gradients(
+                        model, xv, yv, baseline=base, steps=int(opts.get("steps", 64))
+                    )
+                return explain.smoothgrad(
+                    model,
+                    xv,
+                    yv,
+                    noise=float(opts.get("noise", 0.1)),
+                    samples=int(opts.get("samples", 16)),
+                    generator=env.config.generator,
+                )
+
+        return _Lambda(node, free, run)
+
+    def _Cond(self, node: I.Cond, free):
+        c, a, b = self(node.cond), self(node.then), self(node.orelse)
+        nd = len(shape_of(node.type) or ())
+
+        def run(env: Env) -> Tensor:
+            mask = c(env.with_logic(BOOLEAN) if env.logic is not BOOLEAN else env).bool()
+            av, bv = a(env), b(env)
+            sa = tuple(av.shape[1:])
+            m = mask.reshape(-1, *([1] * max(nd, len(sa))))
+            return torch.where(m, av, bv)
+
+        return _Lambda(node, free, run)
+
+    # -- formulas --------------------------------------------------------------------------------
+    def _Cmp(self, node: I.Cmp, free):
+        a, b = self(node.left), self(node.right)
+        op = Cmp(node.op)
+        sa, sb = shape_of(node.left.ty), shape_of(node.right.ty)
+        if sa is None or sb is None:
+            raise CompileError("only numbers and tensors can be compared in a loss")
+        nd = max(len(sa), len(sb))
+
+        def run(env: Env) -> Tensor:
+            lv, rv = a(env), b(env)
+            if lv.dtype == torch.long or rv.dtype == torch.long:
+                lv, rv = lv.to(_dtype(env)), rv.to(_dtype(env))
+            lv, rv = _align(lv, sa, nd), _align(rv, sb, nd)
+            value = env.logic.atom(op, lv, rv)
+            if nd == 0:
+                return value
+            value = value.expand(env.batch, *value.shape[1:]) if value.dim() > 0 else value
+            return env.logic.conj(value.reshape(env.batch, -1), dim=-1)
+
+        return _Lambda(node, free, run)
+
+    def _And(self, node: I.And, free):
+        items = [self(i) for i in node.items]
+        return _Lambda(
+            node,
+            free,
+            lambda env: env.logic.conj(torch.stack([_b(i(env), env) for i in items], -1), -1),
+        )
+
+    def _Or(self, node: I.Or, free):
+        items = [self(i) for i in node.items]
+        return _Lambda(
+            node,
+            free,
+            lambda env: env.logic.disj(torch.stack([_b(i(env), env) for i in items], -1), -1),
+        )
+
+    def _Not(self, node: I.Not, free):
+        inner = node.operand
+        if isinstance(inner, I.Linear):
+            inner = inner.atom
+        if isinstance(inner, I.Cmp):
+            # not (every element holds) = some element fails: flipped atoms, disjoined
+            a, b = self(inner.left), self(inner.right)
+            op = Cmp(inner.op).negated
+            sa, sb = shape_of(inner.left.ty) or (), shape_of(inner.right.ty) or ()
+            nd = max(len(sa), len(sb))
+
+            def run(env: Env) -> Tensor:
+                lv, rv = _align(a(env), sa, nd), _align(b(env), sb, nd)
+                value = env.logic.atom(op, lv, rv)
+                if nd == 0:
+                    return value
+                value = value.expand(env.batch, *value.shape[1:])
+                return env.logic.disj(value.reshape(env.batch, -1), dim=-1)
+
+            return _Lambda(node, free, run)
+        x = self(node.operand)
+
+        def run_neg(env: Env) -> Tensor:
+            if env.logic.has_negation:
+                return env.logic.neg(x(env))
+            raise CompileError(
+                f"logic '{env.logic.name}' has no negation of this formula; "
+                "rewrite it so that 'not' applies to comparisons only"
+            )
+
+        return _Lambda(node, free, run_neg)
+
+    def _Implies(self, node: I.Implies, free):
+        a, b = self(node.left), self(node.right)
+        # For logics without negation: `not a or b` with the negation pushed to the atoms.
+        rewritten = self(I.Or((nnf(node.left, True), node.right)))
+
+        def run(env: Env) -> Tensor:
+            if env.logic.has_negation:
+                return env.logic.implies(a(env), b(env))
+            return rewritten(env)
+
+        return _Lambda(node, free, run)
+
+    def _Quant(self, node: I.Quant, free):
+        if all(isinstance(d, I.Range) for d in node.domains):
+            return self._finite(node, free)
+        if any(isinstance(d, I.Range) for d in node.domains):
+            # split mixed binders: finite ones outermost
+            fin = [
+                (v, d)
+                for v, d in zip(node.vars, node.domains, strict=True)
+                if isinstance(d, I.Range)
+            ]
+            cont = [
+                (v, d)
+                for v, d in zip(node.vars, node.domains, strict=True)
+                if not isinstance(d, I.Range)
+            ]
+            inner = I.Quant(
+                node.kind, tuple(v for v, _ in cont), tuple(d for _, d in cont), node.body
+            )
+            outer = I.Quant(node.kind, tuple(v for v, _ in fin), tuple(d for _, d in fin), inner)
+            return self(outer)
+        return self._continuous(node, free)
+
+    def _finite(self, node: I.Quant, free):
+        body = self(node.body)
+        ranges: list[I.Range] = list(node.domains)  # type: ignore[arg-type]
+        excludes = [self(r.exclude) if r.exclude is not None else None for r in ranges]
+        sizes = [r.k for r in ranges]
+        total = math.prod(sizes)
+        names = [v.name for v in node.vars]
+        kind = node.kind
+
+        def run(env: Env) -> Tensor:
+            device = _device(env)
+            grids = torch.cartesian_prod(*[torch.arange(k, device=device) for k in sizes])
+            grids = grids.reshape(total, len(sizes))
+            values = {n: grids[:, i].repeat(env.batch) for i, n in enumerate(names)}
+            sub = env.child(values, factor=total)
+            if env.logic is BOOLEAN or kind in ("forall", "exists"):
+                out = _b(body(sub), sub).reshape(env.batch, total)
+            else:
+                out = body(sub).reshape(env.batch, total)
+            mask = torch.zeros(env.batch, total, dtype=torch.bool, device=device)
+            for i, ex in enumerate(excludes):
+                if ex is not None:
+                    e = ex(env).long().reshape(-1, 1)
+                    mask |= grids[:, i].reshape(1, -1) == e
+            if kind == "forall":
+                out = torch.where(mask, env.logic.constant(True, out), out)
+                return env.logic.conj(out, -1)
+            if kind == "exists":
+                out = torch.where(mask, env.logic.constant(False, out), out)
+                return env.logic.disj(out, -1)
+            fill = -math.inf if kind == "max" else math.inf
+            out = out.masked_fill(mask, fill)
+            return out.amax(-1) if kind == "max" else out.amin(-1)
+
+        return _Lambda(node, free, run)
+
+    def _continuous(self, node: I.Quant, free):
+        body = self(node.body)
+        domains = [self._domain(d) for d in node.domains]
+        names = [v.name for v in node.vars]
+        kind = node.kind
+
+        def objective_env(env: Env, points: Sequence[Tensor]) -> Env:
+            return env.child(dict(zip(names, points, strict=True)))
+
+        def run(env: Env) -> Tensor:
+            key = id(run)
+            points = env.points.get((key, id(env.values)))  # type: ignore[call-overload]
+            if points is None:
+                regions = [d(env) for d in domains]
+                violation_env = env.with_logic(VIOLATION)
+                sign = 1.0 if kind in ("forall", "max") else -1.0
+
+                def objective(*pts: Tensor) -> Tensor:
+                    sub = objective_env(violation_env, pts)
+                    return sign * body(sub)
+
+                attack = env.config.attack
+                result = run_attack(
+                    attack,
+                    objective,
+                    regions,
+                    models=list(env.models.values()),
+                    generator=env.config.generator,
+                )
+                points = result.points
+                env.points[(key, id(env.values))] = points  # type: ignore[index]
+            return body(objective_env(env, points))
+
+        code = _Lambda(node, free, run)
+        code.points_of = lambda env: env.points.get((id(run), id(env.values)))  # type: ignore
+        return code
+
+    def _domain(self, d: I.Domain) -> Callable[[Env], Region]:
+        parts = d.parts if isinstance(d, I.Inter) else (d,)
+        balls = [p for p in parts if isinstance(p, I.Ball)]
+        boxes = [p for p in parts if isinstance(p, I.Box)]
+        if len(balls) > 1:
+            raise CompileError("an intersection of two balls is not supported by the attack")
+        ball = balls[0] if balls else None
+        ball_code = (self(ball.centre), self(ball.radius)) if ball else None
+        box_codes = [(self(b.lo), self(b.hi)) for b in boxes]
+
+        def run(env: Env) -> Region:
+            region: Region | None = None
+            if ball_code is not None:
+                assert ball is not None
+                centre = ball_code[0](env).detach()
+                radius = ball_code[1](env).detach()
+                region = Region.ball(centre, radius.reshape(-1) if radius.dim() else radius, ball.p)
+            for lo_c, hi_c in box_codes:
+                lo, hi = lo_c(env).detach(), hi_c(env).detach()
+                if region is None:
+                    like_shape = _region_shape(d, env)
+                    region = Region.box(
+                        lo.expand(like_shape).clone(), hi.expand(like_shape).clone()
+                    )
+                else:
+                    region = region.intersect_box(lo, hi)
+            assert region is not None
+            return region
+
+        return run
+
+
+def _region_shape(d: I.Domain, env: Env) -> tuple[int, ...]:
+    shape = d.shape or ()
+    return (env.batch, *shape)
+
+
+class _Lambda(Code):
+    def __init__(self, node: I.Node, free: frozenset[str], fn: Callable[[Env], Any]):
+        super().__init__(node, free)
+        self.fn = fn
+
+    def run(self, env: Env) -> Tensor:
+        return self.fn(env)
+
+
+# -- helpers ------------------------------------------------------------------------------------
+def _b(value: Tensor, env: Env) -> Tensor:
+    """A Bool value broadcast to the batch."""
+    if value.dim() == 0:
+        return value.expand(env.batch)
+    return value
+
+
+def _like(env: Env) -> Tensor:
+    dtype = torch.bool if env.logic is BOOLEAN else _dtype(env)
+    return torch.zeros(env.batch, dtype=dtype, device=_device(env))
+
+
+def _first_tensor(env: Env) -> Tensor | None:
+    e: Env | None = env
+    while e is not None:
+        for v in e.values.values():
+            if isinstance(v, Tensor) and v.is_floating_point():
+                return v
+        e = e.parent
+    return None
+
+
+def _dtype(env: Env) -> torch.dtype:
+    t = _first_tensor(env)
+    return t.dtype if t is not None else torch.get_default_dtype()
+
+
+def _device(env: Env) -> torch.device:
+    t = _first_tensor(env)
+    return t.device if t is not None else torch.device("cpu")
+
+
+def _align(v: Tensor, shape: tuple[int, ...], nd: int) -> Tensor:
+    """[B, *shape] -> [B, 1.., *shape] with `nd` trailing dims, for broadcasting."""
+    if v.dim() == 0 or len(shape) >= nd:
+        return v
+    return v.reshape(v.shape[0], *([1] * (nd - len(shape))), *shape)
+
+
+def _flat(v: Tensor) -> Tensor:
+    return v.reshape(v.shape[0], -1) if v.dim() > 1 else v.reshape(-1, 1)
+
+
+def _reduce_all(v: Tensor, how: str) -> Tensor:
+    if v.dim() <= 1:
+        return v
+    flat = v.reshape(v.shape[0], -1)
+    return {"sum": flat.sum(1), "mean": flat.mean(1), "max": flat.amax(1), "min": flat.amin(1)}[how]
+
+
+def _kl(p: Tensor, q: Tensor) -> Tensor:
+    p, q = _flat(p), _flat(q)
+    tiny = torch.finfo(p.dtype).tiny
+    return (p * (p.clamp_min(tiny).log() - q.clamp_min(tiny).log())).sum(1)
+
+
+_ARITH: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "+": torch.add,
+    "-": torch.sub,
+    "*": torch.mul,
+    "/": torch.div,
+    "^": torch.pow,
+    "max": torch.maximum,
+    "min": torch.minimum,
+}
+
+
+def _norm(args, shapes, opts):
+    v = args[0]
+    if v.dim() <= 1:
+        return v.abs()
+    return lp_norm(v, float(opts["p"]))
+
+
+_FUNCTIONS: dict[str, Callable[[list[Tensor], list[tuple[int, ...]], dict], Tensor]] = {
+    "abs": lambda a, s, o: a[0].abs(),
+    "exp": lambda a, s, o: a[0].exp(),
+    "log": lambda a, s, o: a[0].log(),
+    "sqrt": lambda a, s, o: a[0].sqrt(),
+    "sigmoid": lambda a, s, o: torch.sigmoid(a[0]),
+    "tanh": lambda a, s, o: torch.tanh(a[0]),
+    "relu": lambda a, s, o: torch.relu(a[0]),
+    "softmax": lambda a, s, o: torch.softmax(a[0], dim=-1),
+    "log_softmax": lambda a, s, o: torch.log_softmax(a[0], dim=-1),
+    "sum": lambda a, s, o: _reduce_all(a[0], "sum"),
+    "mean": lambda a, s, o: _reduce_all(a[0], "mean"),
+    "max": lambda a, s, o: _reduce_all(a[0], "max"),
+    "min": lambda a, s, o: _reduce_all(a[0], "min"),
+    "argmax": lambda a, s, o: a[0].argmax(dim=-1),
+    "argmin": lambda a, s, o: a[0].argmin(dim=-1),
+    "norm": _norm,
+    "clamp": lambda a, s, o: torch.clamp(
+        a[0], _align(a[1], (), len(s[0])), _align(a[2], (), len(s[0]))
+    ),
+    "dot": lambda a, s, o: (_flat(a[0]) * _flat(a[1])).sum(1),
+    "cosine": lambda a, s, o: explain.cosine(a[0], a[1]),
+    "pearson": lambda a, s, o: explain.pearson(a[0], a[1]),
+    "mse": lambda a, s, o: explain.mse(a[0], a[1]),
+    "kl": lambda a, s, o: _kl(a[0], a[1]),
+    "topk_overlap": lambda a, s, o: explain.topk_intersection(a[0], a[1], int(o["k"])),
+    "cross_entropy": lambda a, s, o: F.cross_entropy(a[0], a[1].long(), reduction="none"),
+}
+
+
+# -- public modules ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LossOutput:
+    """Per-sample results of a property loss on a batch.
+
+    Attributes:
+        loss: Tensor[B], >= 0, 0 where the logic says the property holds at the attack's points.
+        satisfied: BoolTensor[B], the exact truth of the body at the attack's points.
+        value: Tensor[B], the logic's value (truth degree or DL2 loss) of the property.
+        counterexample: the attack's points per quantified variable (name -> Tensor[B, ...]),
+            empty when the property has no quantifier over a region.
+    """
+
+    loss: Tensor
+    satisfied: Tensor
+    value: Tensor
+    counterexample: dict[str, Tensor]
+
+
+def resolve_logic(logic: str | Logic | Any) -> Logic:
+    if isinstance(logic, Logic):
+        return logic
+    name, kwargs = _option(logic)
+    return get_logic(name, **kwargs)
+
+
+def resolve_attack(attack: Attack | Any | None) -> Attack:
+    if attack is None:
+        return PGD()
+    if isinstance(attack, (PGD, APGD)):
+        return attack
+    name, kwargs = _option(attack)
+    if name == "pgd":
+        return PGD(**kwargs)
+    if name == "apgd":
+        return APGD(**kwargs)
+    raise UsageError(f"unknown attack '{name}'; known attacks: pgd, apgd")
+
+
+def _option(value: Any) -> tuple[str, dict[str, Any]]:
+    if isinstance(value, str):
+        return value, {}
+    name = getattr(value, "name", None)
+    if name is not None and hasattr(value, "kw"):
+        return name, value.kw()
+    raise UsageError(f"expected a name or an option value, got {value!r}")
+
+
+def _models(model: nn.Module | Mapping[str, nn.Module], networks: Sequence[str]):
+    if isinstance(model, nn.Module):
+        if len(networks) > 1:
+            raise UsageError(
+                f"the spec has {len(networks)} networks ({', '.join(networks)}): "
+                "pass a dict of models by name"
+            )
+        return {n: model for n in networks} or {"f": model}
+    missing = [n for n in networks if n not in model]
+    if missing:
+        raise UsageError(f"no model given for network(s): {', '.join(missing)}")
+    return dict(model)
+
+
+class PropertyLoss(nn.Module):
+    """A compiled property: `forward(model, x, y)` -> `LossOutput` (per-sample, batched)."""
+
+    def __init__(
+        self,
+        name: str,
+        formula: I.Node,
+        params: Sequence[str],
+        networks: Sequence[str],
+        logic: Logic,
+        attack: Attack,
+        *,
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__()
+        if not logic.trainable and logic is not BOOLEAN:
+            pass
+        self.name = name
+        self.formula = formula
+        self.params = tuple(params)
+        self.networks = tuple(networks)
+        self.logic = logic
+        self.attack = attack
+        self.generator = generator
+        self.code = Compiler()(formula)
+        self.quantified = [
+            v.name
+            for n in I.walk(formula)
+            if isinstance(n, I.Quant) and n.kind in ("forall", "exists")
+            for v, d in zip(n.vars, n.domains, strict=True)
+            if not isinstance(d, I.Range)
+        ]
+
+    def env(self, model, x: Tensor, y: Tensor | None, logic: Logic) -> Env:
+        values: dict[str, Tensor] = {}
+        for i, p in enumerate(self.params):
+            if i == 0:
+                values[p] = x
+            elif i == 1:
+                if y is None:
+                    raise UsageError(f"property '{self.name}' needs labels y")
+                values[p] = y
+        config = CompileConfig(attack=self.attack, generator=self.generator)
+        return Env(_models(model, self.networks), values, x.shape[0], logic, config)
+
+    def forward(self, model, x: Tensor, y: Tensor | None = None) -> LossOutput:
+        env = self.env(model, x, y, self.logic)
+        value = _b(self.code(env), env)
+        points = {}
+        for key, pts in env.points.items():
+            run_id, _ = key
+            pts_list = list(pts)
+            for name, p in zip(self.quantified, pts_list, strict=False):
+                points.setdefault(name, p)
+        with torch.no_grad():
+            exact = env.with_logic(BOOLEAN)
+            satisfied = _b(self.code(exact), exact).bool()
+        return LossOutput(self.logic.loss(value), satisfied, value, points)
+
+
+class Objective(nn.Module):
+    """The train block's `loss` expression: `forward(model, x, y)` -> scalar (batch mean).
+
+    `last_terms` holds the batch mean of each top-level additive term of the last call.
+    """
+
+    def __init__(
+        self,
+        expr: I.Node,
+        properties: Mapping[str, I.Node],
+        networks: Sequence[str],
+        logic: Logic,
+        attack: Attack,
+        *,
+        terms: Sequence[tuple[str, I.Node]] = (),
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__()
+        self.expr = expr
+        self.networks = tuple(networks)
+        self.logic = logic
+        self.attack = attack
+        self.generator = generator
+        compiler = Compiler(properties)
+        self.code = compiler(expr)
+        self.term_codes = [(label, compiler(node)) for label, node in terms]
+        self.last_terms: dict[str, float] = {}
+
+    def forward(self, model, x: Tensor, y: Tensor) -> Tensor:
+        config = CompileConfig(attack=self.attack, generator=self.generator)
+        env = Env(_models(model, self.networks), {"x": x, "y": y}, x.shape[0], self.logic, config)
+        per_sample = _b(self.code(env), env)
+        self.last_terms = {
+            label: float(_b(code(env), env).detach().mean()) for label, code in self.term_codes
+        }
+        return per_sample.mean()

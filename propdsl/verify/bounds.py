@@ -1,0 +1,452 @@
+"""Sound output bounds of a network over an input region: IBP, CROWN and alpha-CROWN.
+
+The engine works on the bound graph of `propdsl.verify.graph` (one rule per operation, see
+`propdsl.verify.layers`). Conventions:
+
+* Linear bounds are coefficient tensors A [B', S, *node_shape] (B' = 1 while they do not depend
+  on the sample yet) plus a constant [B', S]. Only *lower* bounds are ever propagated: the upper
+  bound of c . y is minus the lower bound of -c . y, so a specification C is stacked as [C; -C].
+* Intermediate bounds (the inputs of activations) are CROWN's, computed only for the neurons
+  whose relaxation depends on them (unstable ReLUs, every sigmoid neuron, ...) and intersected
+  with interval bounds propagated through the already tightened earlier layers.
+* The input region is a box or an Lp ball intersected with a box; a linear function is
+  concretised over the box and, for L1 / L2 balls, over the ball with the dual norm, keeping the
+  larger (both are sound).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from propdsl.region import INF, Region
+from propdsl.verify.graph import BoundGraph, build_graph
+from propdsl.verify.layers import (
+    ActivationRule,
+    AffineRule,
+    Interval,
+    Relaxation,
+    UnsupportedLayerError,
+    concretize_box,
+    sum_spec,
+)
+
+__all__ = ["AlphaOptions", "Method", "bounds"]
+
+
+class Method(enum.Enum):
+    """Bound propagation method; the strings "ibp", "crown" and "alpha_crown" also work."""
+
+    IBP = "ibp"
+    CROWN = "crown"
+    ALPHA_CROWN = "alpha_crown"
+
+    @classmethod
+    def _missing_(cls, value: object) -> Method | None:
+        if isinstance(value, str):
+            key = value.strip().lower().replace("-", "_")
+            for method in cls:
+                if method.value == key:
+                    return method
+        return None
+
+
+@dataclass(frozen=True, kw_only=True)
+class AlphaOptions:
+    """alpha-CROWN's optimiser: `iterations` Adam steps of rate `lr` on the relaxation slopes.
+
+    `optimize_intermediate` also optimises the slopes used for the intermediate layers' bounds
+    (one set per intermediate neuron, as auto_LiRPA does); without it only the output's are.
+    """
+
+    iterations: int = 20
+    lr: float = 0.1
+    optimize_intermediate: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.iterations, bool) or not isinstance(self.iterations, int):
+            raise TypeError(f"iterations must be an integer, got {self.iterations!r}")
+        if self.iterations < 0:
+            raise ValueError(f"iterations must be >= 0, got {self.iterations}")
+        if not (isinstance(self.lr, int | float) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+
+
+def bounds(
+    model: nn.Module,
+    lower: Tensor | None = None,
+    upper: Tensor | None = None,
+    *,
+    region: Region | None = None,
+    method: Method | str = Method.CROWN,
+    C: Tensor | None = None,
+    options: AlphaOptions | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Sound lower and upper bounds of `model`'s outputs (or of `C @ model(x)`) over a region.
+
+    Args:
+        model: any single-input module made of supported layers (Linear, Conv2d, ReLU,
+            LeakyReLU, Tanh, Sigmoid, Softplus, Flatten, AvgPool2d, BatchNorm in eval mode,
+            Dropout, Identity, Normalize, residual additions, reshapes and scalings in
+            `forward`); it is traced with torch.fx. More layers: `register_rule`.
+        lower, upper: the input box, [B, *input_shape] each.
+        region: instead of a box, a `Region` (an L-inf, L2 or L1 ball intersected with a box).
+        method: `Method.IBP`, `Method.CROWN` (default) or `Method.ALPHA_CROWN`, or its name.
+        C: specification matrix [B, S, O] or [S, O] (shared by the batch) over the O flattened
+            outputs, as in auto_LiRPA; CROWN's backward pass starts from it, so only the S
+            rows are bounded. Without it, bounds of the outputs themselves.
+        options: alpha-CROWN's optimiser settings.
+
+    Returns:
+        (lb, ub), each [B, S] with C, else [B, *output_shape]. IBP and CROWN bounds are
+        differentiable in the model's parameters and the region (for certified training);
+        alpha-CROWN's are detached. alpha-CROWN is never looser than CROWN, and CROWN never
+        looser than IBP.
+
+    Raises:
+        UnsupportedLayerError: the model holds an operation without a bound rule.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+    >>> x = torch.zeros(4, 2)
+    >>> lb, ub = bounds(net, x - 0.1, x + 0.1, method="crown")
+    >>> lb.shape, bool((lb <= net(x)).all() and (net(x) <= ub).all())
+    (torch.Size([4, 1]), True)
+    """
+    return compute_bounds(model, _input_region(lower, upper, region), method, C, options)
+
+
+def compute_bounds(
+    model: nn.Module,
+    region: Region,
+    method: Method | str = Method.CROWN,
+    C: Tensor | None = None,
+    options: AlphaOptions | None = None,
+    *,
+    intersect_ibp: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """`bounds` over a `Region`. `intersect_ibp=False` returns CROWN's output bounds without
+    intersecting them with IBP's (to compare with other CROWN implementations)."""
+    method = _method(method)
+    if options is not None and not isinstance(options, AlphaOptions):
+        raise TypeError(f"options must be AlphaOptions, got {type(options).__name__}")
+    lo, hi = region.bounding_box()
+    example = ((lo[:1] + hi[:1]) / 2).repeat(2, *([1] * (lo.dim() - 1)))
+    graph = build_graph(model, example)
+    out_shape = graph.nodes[graph.output].shape
+    spec = _spec(C, out_shape, lo)
+    prop = _Propagation(graph, region, lo, hi)
+
+    if method is Method.IBP:
+        prop.run_ibp()
+        if spec is None:
+            return prop.bounds[graph.output]
+        return _split(prop.ibp_spec_bound(spec), None)
+
+    rows = spec if spec is not None else _identity_spec(out_shape, lo)
+    prop.run_crown()
+    lb = prop.spec_bound(rows)
+    if intersect_ibp:
+        lb = torch.maximum(lb, prop.ibp_spec_bound(rows))
+    if method is Method.ALPHA_CROWN:
+        lb = prop.optimise(rows, lb.detach(), options or AlphaOptions())
+    return _split(lb, None if spec is not None else out_shape)
+
+
+# -- arguments -----------------------------------------------------------------------------------
+
+
+def _method(method: Method | str) -> Method:
+    try:
+        return method if isinstance(method, Method) else Method(method)
+    except ValueError:
+        names = ", ".join(m.value for m in Method)
+        raise ValueError(f"unknown bound method {method!r}; choose one of {names}") from None
+
+
+def _input_region(lower: Tensor | None, upper: Tensor | None, region: Region | None) -> Region:
+    if region is not None:
+        if lower is not None or upper is not None:
+            raise ValueError("give either lower and upper, or region, not both")
+        return region
+    if lower is None or upper is None:
+        raise ValueError("give the input box (lower and upper) or a region")
+    if lower.shape != upper.shape:
+        raise ValueError(f"lower {list(lower.shape)} and upper {list(upper.shape)} differ in shape")
+    if lower.dim() < 2:
+        raise ValueError("lower and upper need a batch dimension: [B, *input_shape]")
+    if bool((lower > upper).any()):
+        raise ValueError("lower must not exceed upper")
+    return Region.box(lower, upper)
+
+
+def _spec(C: Tensor | None, out_shape: torch.Size, like: Tensor) -> Tensor | None:
+    """C as stacked rows [C; -C] shaped [B' , 2S, *out_shape]."""
+    if C is None:
+        return None
+    C = torch.as_tensor(C, dtype=like.dtype, device=like.device)
+    outputs = math.prod(out_shape)
+    if C.dim() == 2:
+        C = C.unsqueeze(0)
+    if C.dim() != 3 or C.shape[-1] != outputs or C.shape[0] not in (1, like.shape[0]):
+        raise ValueError(
+            f"C must be [B, S, {outputs}] or [S, {outputs}] for a batch of {like.shape[0]} and "
+            f"{outputs} outputs, got {list(C.shape)}"
+        )
+    rows = torch.cat([C, -C], dim=1)
+    return rows.reshape(C.shape[0], rows.shape[1], *out_shape)
+
+
+def _identity_spec(shape: torch.Size, like: Tensor) -> Tensor:
+    n = math.prod(shape)
+    eye = torch.eye(n, dtype=like.dtype, device=like.device)
+    return torch.cat([eye, -eye]).reshape(1, 2 * n, *shape)
+
+
+def _split(lb: Tensor, shape: torch.Size | None) -> tuple[Tensor, Tensor]:
+    """[B, 2S] lower bounds of [C; -C] -> (lb, ub) of C, reshaped to `shape` if given."""
+    s = lb.shape[1] // 2
+    lower, upper = lb[:, :s], -lb[:, s:]
+    if shape is not None:
+        lower, upper = lower.reshape(-1, *shape), upper.reshape(-1, *shape)
+    return lower, upper
+
+
+# -- propagation ---------------------------------------------------------------------------------
+
+
+def _put(t: Tensor, rows: Tensor, values: Tensor) -> Tensor:
+    """t with the flat per-sample entries `rows` replaced by `values` (out of place)."""
+    return t.reshape(t.shape[0], -1).index_copy(1, rows, values).reshape(t.shape)
+
+
+def _keep_best(new: Tensor, best: Tensor, pick) -> Tensor:
+    """pick(new, best) in value, with new's gradient everywhere (so slopes keep moving even
+    where an earlier iteration's bound is still the tighter one)."""
+    return new + (pick(new, best) - new).detach()
+
+
+class _Propagation:
+    """Bounds of every node of one graph over one region, for one call."""
+
+    def __init__(self, graph: BoundGraph, region: Region, lo: Tensor, hi: Tensor):
+        self.graph = graph
+        self.region = region
+        self.box = (lo, hi)
+        self.batch = lo.shape[0]
+        self.ball = region.centre is not None and region.p != INF
+        self.bounds: list[Interval] = [self.box] * len(graph.nodes)
+        self.relaxations: dict[int, Relaxation] = {}
+        self.rows: dict[int, Tensor] = {}  # per pre-activation node: neurons CROWN bounds
+
+    # -- concretisation ----------------------------------------------------------------------
+    def concretize(self, A: Tensor | None, bias: Tensor) -> Tensor:
+        """Lower bound [B, S] of A . x + bias over the input region."""
+        lo, hi = self.box
+        if A is None:
+            return bias.expand(self.batch, -1)
+        lb = concretize_box(A, lo, hi)
+        if self.ball:
+            centre, radius = self.region.centre, self.region.radius
+            assert centre is not None and radius is not None  # guaranteed by self.ball
+            flat = A.flatten(2)
+            dual = INF if self.region.p == 1 else 2.0
+            norm = torch.linalg.vector_norm(flat, ord=dual, dim=-1)
+            at_centre = (flat @ centre.reshape(self.batch, -1, 1)).squeeze(-1)
+            lb = torch.maximum(lb, at_centre - radius.reshape(-1, 1).to(lb) * norm)
+        return lb + bias
+
+    def _unit_spec(self, i: int, rows: Tensor) -> Tensor:
+        shape = self.graph.nodes[i].shape
+        lo = self.box[0]
+        eye = torch.zeros(rows.numel(), math.prod(shape), dtype=lo.dtype, device=lo.device)
+        eye[torch.arange(rows.numel(), device=lo.device), rows] = 1.0
+        return torch.cat([eye, -eye]).reshape(1, 2 * rows.numel(), *shape)
+
+    # -- IBP ---------------------------------------------------------------------------------
+    def ibp_node(self, i: int) -> Interval:
+        node = self.graph.nodes[i]
+        assert node.rule is not None  # only the input (index 0) has no rule
+        lo, hi = node.rule.ibp(*(self.bounds[j] for j in node.inputs))
+        if self.ball and self.graph.is_direct(i):
+            # One affine layer over a ball: the dual norm can beat the bounding box.
+            n = math.prod(node.shape)
+            rows = torch.arange(n, device=lo.device)
+            lb = self.concretize(*self.backward(i, self._unit_spec(i, rows)))
+            lo = torch.maximum(lo, lb[:, :n].reshape(lo.shape))
+            hi = torch.minimum(hi, -lb[:, n:].reshape(hi.shape))
+        return lo, hi
+
+    def run_ibp(self) -> None:
+        for i in range(1, len(self.graph.nodes)):
+            self.bounds[i] = self.ibp_node(i)
+
+    def ibp_spec_bound(self, spec: Tensor) -> Tensor:
+        """Interval bound of spec rows, folding the trailing affine layers into the rows (as
+        auto_LiRPA folds C into the last linear layer): tighter than C times the interval."""
+        i, A = self.graph.output, spec
+        bias = torch.zeros((), dtype=spec.dtype, device=spec.device)
+        while i != 0:
+            node = self.graph.nodes[i]
+            if not (isinstance(node.rule, AffineRule) and len(node.inputs) == 1):
+                return concretize_box(A, *self.bounds[i]) + bias
+            (coeff,), b = node.rule.backward(A)
+            if b is not None:
+                bias = bias + b
+            if coeff is None:
+                return bias.expand(self.batch, spec.shape[1])
+            A, i = coeff, node.inputs[0]
+        return self.concretize(A, bias)
+
+    # -- CROWN -------------------------------------------------------------------------------
+    def _relaxation(self, i: int, start: int, alphas: dict | None) -> Relaxation:
+        node = self.graph.nodes[i]
+        rule = node.rule
+        assert isinstance(rule, ActivationRule)  # the caller dispatches on the rule's kind
+        lo, hi = self.bounds[node.inputs[0]]
+        if alphas is not None and (start, i) in alphas:
+            return rule.relax(lo.unsqueeze(1), hi.unsqueeze(1), alphas[(start, i)])
+        cached = self.relaxations.get(i)
+        if cached is None:
+            r = rule.relax(lo, hi)
+            cached = Relaxation(*(t.unsqueeze(1) if t.dim() else t for t in _fields(r)))
+            self.relaxations[i] = cached
+        return cached
+
+    def backward(
+        self, start: int, spec: Tensor, alphas: dict | None = None
+    ) -> tuple[Tensor | None, Tensor]:
+        """Linear lower bound A . x + bias of spec . node[start], in terms of the input."""
+        coeffs: dict[int, Tensor] = {start: spec}
+        bias = torch.zeros((), dtype=spec.dtype, device=spec.device)
+        for i in range(start, 0, -1):
+            A = coeffs.pop(i, None)
+            if A is None:
+                continue
+            node = self.graph.nodes[i]
+            rule = node.rule
+            if isinstance(rule, AffineRule):
+                ins, b = rule.backward(A)
+                if b is not None:
+                    bias = bias + b
+            elif isinstance(rule, ActivationRule):
+                r = self._relaxation(i, start, alphas)
+                pos, neg = A.clamp(min=0), A.clamp(max=0)
+                ins = [pos * r.lower_slope + neg * r.upper_slope]
+                bias = bias + sum_spec(pos * r.lower_bias + neg * r.upper_bias)
+            else:
+                assert rule is not None
+                raise UnsupportedLayerError(
+                    f"{rule.call.describe()}: its rule {type(rule).__name__} has interval "
+                    "bounds only; use method='ibp' or give it an AffineRule / ActivationRule"
+                )
+            for j, coeff in zip(node.inputs, ins, strict=True):
+                if coeff is not None:
+                    coeffs[j] = coeff if j not in coeffs else coeffs[j] + coeff
+        return coeffs.get(0), bias
+
+    def run_crown(self, alphas: dict | None = None, best: list[Interval] | None = None) -> None:
+        """Bounds of every node: interval arithmetic from the tightened inputs, intersected,
+        at the inputs of activations, with CROWN's bounds of the neurons that need them."""
+        graph = self.graph
+        for i in range(1, len(graph.nodes)):
+            lo, hi = self.ibp_node(i)
+            if graph.is_preactivation(i) and not graph.is_direct(i):
+                rows = self.rows.get(i)
+                if rows is None:
+                    rows = self._rows_needing_bounds(i, lo, hi)
+                    self.rows[i] = rows
+                if rows.numel():
+                    m = rows.numel()
+                    lb = self.concretize(*self.backward(i, self._unit_spec(i, rows), alphas))
+                    flat_lo, flat_hi = lo.reshape(self.batch, -1), hi.reshape(self.batch, -1)
+                    lo = _put(lo, rows, torch.maximum(flat_lo[:, rows], lb[:, :m]))
+                    hi = _put(hi, rows, torch.minimum(flat_hi[:, rows], -lb[:, m:]))
+            if best is not None:
+                lo = _keep_best(lo, best[i][0], torch.maximum)
+                hi = _keep_best(hi, best[i][1], torch.minimum)
+                best[i] = (lo.detach(), hi.detach())
+            self.bounds[i] = (lo, hi)
+
+    def _rows_needing_bounds(self, i: int, lo: Tensor, hi: Tensor) -> Tensor:
+        need = torch.zeros(lo.shape, dtype=torch.bool, device=lo.device)
+        for c in self.graph.consumers[i]:
+            rule = self.graph.nodes[c].rule
+            if isinstance(rule, ActivationRule):
+                need |= rule.needs_bounds(lo, hi)
+        return need.reshape(self.batch, -1).any(0).nonzero().flatten()
+
+    def spec_bound(self, spec: Tensor, alphas: dict | None = None) -> Tensor:
+        return self.concretize(*self.backward(self.graph.output, spec, alphas))
+
+    # -- alpha-CROWN -------------------------------------------------------------------------
+    def _init_alphas(self, spec: Tensor, intermediate: bool) -> dict[tuple[int, int], Tensor]:
+        starts = [(self.graph.output, spec.shape[1])]
+        if intermediate:
+            starts += [(i, 2 * rows.numel()) for i, rows in self.rows.items() if rows.numel()]
+        alphas: dict[tuple[int, int], Tensor] = {}
+        for start, size in starts:
+            for j in self.graph.activations_before(start):
+                node = self.graph.nodes[j]
+                rule = node.rule
+                assert isinstance(rule, ActivationRule)  # activations_before filters on it
+                lo, hi = (b.detach() for b in self.bounds[node.inputs[0]])
+                init = rule.init_alpha(lo, hi)
+                if init is None or not bool(rule.needs_bounds(lo, hi).any()):
+                    continue
+                shape = (init.shape[0], self.batch, size, *init.shape[2:])
+                alphas[(start, j)] = init.unsqueeze(2).expand(shape).clone().requires_grad_()
+        return alphas
+
+    def _project(self, alphas: dict[tuple[int, int], Tensor]) -> None:
+        with torch.no_grad():
+            for (_, j), alpha in alphas.items():
+                node = self.graph.nodes[j]
+                rule = node.rule
+                assert isinstance(rule, ActivationRule)
+                lo, hi = (b.detach() for b in self.bounds[node.inputs[0]])
+                low, high = (
+                    b.unsqueeze(2) if isinstance(b, Tensor) else torch.tensor(b).to(alpha)
+                    for b in rule.alpha_range(lo, hi)
+                )
+                alpha.copy_(torch.maximum(torch.minimum(alpha, high), low))
+
+    def optimise(self, spec: Tensor, crown: Tensor, options: AlphaOptions) -> Tensor:
+        """alpha-CROWN: Adam on the relaxation slopes, maximising the sum of the lower bounds of
+        the spec rows (both halves of [C; -C], so the widths shrink). Every iterate is sound;
+        the elementwise best, CROWN's included, is returned (detached)."""
+        alphas = self._init_alphas(spec, options.optimize_intermediate)
+        if not alphas or options.iterations == 0:
+            return crown
+        params = list(alphas.values())
+        optimiser = torch.optim.Adam(params, lr=options.lr)
+        fixed = [(lo.detach(), hi.detach()) for lo, hi in self.bounds]
+        best_bounds = list(fixed)
+        # Start from detached bounds: nothing built before the loop is differentiated again.
+        self.bounds = list(fixed)
+        self.relaxations.clear()
+        best = crown
+        with torch.enable_grad():
+            for step in range(options.iterations + 1):
+                if options.optimize_intermediate:
+                    self.relaxations.clear()
+                    self.run_crown(alphas, best_bounds)
+                lb = self.spec_bound(spec, alphas)
+                best = torch.maximum(best, lb.detach())
+                if step == options.iterations:
+                    break
+                grads = torch.autograd.grad(-lb.sum(), params, allow_unused=True)
+                for p, g in zip(params, grads, strict=True):
+                    p.grad = torch.zeros_like(p) if g is None else g
+                optimiser.step()
+                self._project(alphas)
+        return best
+
+
+def _fields(r: Relaxation) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return r.lower_slope, r.lower_bias, r.upper_slope, r.upper_bias

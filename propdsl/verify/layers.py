@@ -1,0 +1,997 @@
+"""Bound rules: how one layer type maps intervals (IBP) and linear bounds (CROWN) backwards.
+
+Every operation of a traced model is bound by one rule object, built from a `Call` (the module or
+function, its constant arguments and the per-sample shapes). Rules come in two kinds the engine
+knows how to propagate:
+
+* `AffineRule`: the operation is affine in its bounded inputs (Linear, Conv2d, pooling by
+  averaging, BatchNorm in eval mode, reshapes, sums). `backward(A)` maps coefficients on the
+  output to coefficients on each input plus a constant: exact, no relaxation needed.
+* `ActivationRule`: an element-wise nonlinearity of one input. `relax(l, u)` returns a lower and
+  an upper line per neuron, valid on the neuron's input interval [l, u]; alpha-CROWN optimises
+  the slopes of those lines within `alpha_range`.
+
+A plain `BoundRule` with only `ibp` is enough for interval bound propagation.
+
+`REGISTRY` maps module classes, functions and tensor-method names to rule classes;
+`register_rule(key, ...)(RuleClass)` adds or replaces an entry, so a new layer is one new class:
+
+>>> import torch
+>>> from torch import nn
+>>> class Double(nn.Module):
+...     def forward(self, x):
+...         return 2 * x
+>>> @register_rule(Double)
+... class DoubleRule(ElementwiseLinearRule):
+...     def terms(self):
+...         return [2.0], None
+>>> rule_for_module(Double()) is DoubleRule
+True
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+import operator
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from propdsl.errors import PropdslError
+
+__all__ = [
+    "REGISTRY",
+    "ActivationRule",
+    "AffineRule",
+    "BoundArg",
+    "BoundRule",
+    "Call",
+    "ElementwiseLinearRule",
+    "Interval",
+    "Relaxation",
+    "SShapedRule",
+    "UnsupportedLayerError",
+    "register_rule",
+    "rule_for_call",
+    "rule_for_module",
+]
+
+Interval = tuple[Tensor, Tensor]
+
+
+class UnsupportedLayerError(PropdslError, NotImplementedError):
+    """The model contains a layer or function that no bound rule covers (or covers only in part)."""
+
+
+# -- calls ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BoundArg:
+    """Placeholder, in `Call.args`, for the `index`-th bounded input of the operation."""
+
+    index: int
+
+
+@dataclass(frozen=True, eq=False)
+class Call:
+    """One operation of the traced model, as a rule sees it.
+
+    `target` is the module instance (for layers), the function, or the tensor-method name.
+    Bounded inputs appear in `args` / `kwargs` as `BoundArg(i)`; everything else is a constant.
+    Shapes are per sample (without the batch dimension).
+    """
+
+    target: Any
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    in_shapes: tuple[torch.Size, ...]
+    out_shape: torch.Size
+    name: str
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def module(self) -> nn.Module:
+        if not isinstance(self.target, nn.Module):
+            raise TypeError(f"{self.describe()} is not a module call")
+        return self.target
+
+    def arg(self, position: int, name: str, default: Any = None) -> Any:
+        """An argument given by position or by keyword (the way Python would bind it)."""
+        if position < len(self.args):
+            return self.args[position]
+        return self.kwargs.get(name, default)
+
+    def constant(self, position: int, name: str, default: Any = None) -> Any:
+        """Like `arg`, but the argument must not depend on the bounded input."""
+        value = self.arg(position, name, default)
+        if isinstance(value, BoundArg):
+            raise UnsupportedLayerError(
+                f"{self.describe()}: argument '{name}' depends on the input; bound propagation "
+                "needs it to be a constant"
+            )
+        return value
+
+    def tensor(self, value: Any) -> Tensor:
+        """A constant as a tensor on the model's device and dtype."""
+        return torch.as_tensor(value, dtype=self.dtype, device=self.device)
+
+    def describe(self) -> str:
+        return f"'{self.name}' ({describe_target(self.target)})"
+
+
+def describe_target(target: Any) -> str:
+    if isinstance(target, nn.Module):
+        cls = type(target)
+        prefix = "nn." if cls.__module__.startswith("torch.nn") else f"{cls.__module__}."
+        return prefix + cls.__qualname__
+    if isinstance(target, str):
+        return f"tensor method .{target}()"
+    module = getattr(target, "__module__", None) or ""
+    name = getattr(target, "__qualname__", None) or getattr(target, "__name__", repr(target))
+    if module.startswith("torch.nn.functional") or module == "torch._C._nn":
+        return f"F.{name}"
+    if module.startswith("torch"):
+        return f"torch.{name}"
+    if module in ("_operator", "operator"):
+        return f"operator.{name}"
+    return f"{module}.{name}" if module else name
+
+
+# -- rules ---------------------------------------------------------------------------------------
+
+
+class BoundRule(abc.ABC):
+    """Bounds of one operation. Subclasses read what they need from the `Call` in `__init__`
+    (and raise `UnsupportedLayerError` for configurations they cannot bound)."""
+
+    def __init__(self, call: Call):
+        self.call = call
+
+    @abc.abstractmethod
+    def ibp(self, *inputs: Interval) -> Interval:
+        """Element-wise bounds [B, *out_shape] of the output, given bounds of each input."""
+
+
+class AffineRule(BoundRule):
+    """An operation that is affine in its bounded inputs: out = sum_k M_k x_k + c."""
+
+    @abc.abstractmethod
+    def backward(self, A: Tensor) -> tuple[list[Tensor | None], Tensor | None]:
+        """Coefficients A [B', S, *out_shape] on the output -> coefficients on each input
+        ([B', S, *in_shape_k], None for an input that does not occur) and the constant
+        A . c of shape [B', S] (None when zero). B' is 1 or the batch size."""
+
+    def ibp(self, *inputs: Interval) -> Interval:
+        # Generic and exact per input: backward from the identity, concretised over each box.
+        like = inputs[0][0]
+        n = math.prod(self.call.out_shape)
+        eye = torch.eye(n, dtype=like.dtype, device=like.device)
+        spec = torch.cat([eye, -eye]).reshape(1, 2 * n, *self.call.out_shape)
+        coeffs, bias = self.backward(spec)
+        lb = torch.zeros((), dtype=like.dtype, device=like.device)
+        for coeff, (lo, hi) in zip(coeffs, inputs, strict=True):
+            if coeff is not None:
+                lb = lb + concretize_box(coeff, lo, hi)
+        if bias is not None:
+            lb = lb + bias
+        lb = lb.expand(like.shape[0], 2 * n)
+        shape = (like.shape[0], *self.call.out_shape)
+        return lb[:, :n].reshape(shape), (-lb[:, n:]).reshape(shape)
+
+
+@dataclass(frozen=True)
+class Relaxation:
+    """Lines per neuron with lower_slope * x + lower_bias <= f(x) <= upper_slope * x + upper_bias
+    for every x in the neuron's input interval. Tensors broadcast against [B, *shape] (CROWN) or
+    [B, S, *shape] (alpha-CROWN, one line per specification row)."""
+
+    lower_slope: Tensor
+    lower_bias: Tensor
+    upper_slope: Tensor
+    upper_bias: Tensor
+
+
+class ActivationRule(BoundRule):
+    """An element-wise nonlinearity of a single input."""
+
+    @abc.abstractmethod
+    def function(self, x: Tensor) -> Tensor:
+        """The activation itself (used for IBP and exact line offsets)."""
+
+    def ibp(self, *inputs: Interval) -> Interval:
+        # Monotone non-decreasing by default; rules for other shapes override.
+        ((lo, hi),) = inputs
+        return self.function(lo), self.function(hi)
+
+    def needs_bounds(self, lower: Tensor, upper: Tensor) -> Tensor:
+        """Which neurons' relaxations would gain from tighter input bounds (bool, like lower).
+        The engine computes CROWN bounds only for those."""
+        return torch.ones_like(lower, dtype=torch.bool)
+
+    @abc.abstractmethod
+    def relax(self, lower: Tensor, upper: Tensor, alpha: Tensor | None = None) -> Relaxation:
+        """Sound lines on [lower, upper]. `alpha` ([k, ...] broadcasting against lower) holds
+        optimised slope parameters; None asks for CROWN's default choice."""
+
+    def init_alpha(self, lower: Tensor, upper: Tensor) -> Tensor | None:
+        """CROWN's own slope parameters [k, *lower.shape] (alpha-CROWN starts there), or None
+        when the relaxation has nothing to optimise."""
+        return None
+
+    def alpha_range(self, lower: Tensor, upper: Tensor) -> tuple[Tensor | float, Tensor | float]:
+        """Where alpha-CROWN projects the parameters after each step (broadcast like alpha)."""
+        return 0.0, 1.0
+
+
+# -- registry ------------------------------------------------------------------------------------
+
+REGISTRY: dict[Any, type[BoundRule]] = {}
+_version = [0]  # bumped on every registration: cached traces depend on which modules have rules
+
+# Duck-typed module rules, tried after the registry: (predicate, rule class).
+_DUCK_RULES: list[tuple[Callable[[nn.Module], bool], type[BoundRule]]] = []
+
+
+def register_rule(*targets: Any) -> Callable[[type[BoundRule]], type[BoundRule]]:
+    """Class decorator: bound `targets` (module classes, functions, tensor-method names) with
+    the decorated rule class. A later registration replaces an earlier one.
+
+    >>> from torch import nn
+    >>> @register_rule(nn.Hardtanh, "hardtanh")
+    ... class HardtanhRule(ActivationRule):
+    ...     def function(self, x):
+    ...         return torch.clamp(x, -1.0, 1.0)
+    ...     def relax(self, lower, upper, alpha=None):
+    ...         raise NotImplementedError  # IBP only
+    >>> REGISTRY[nn.Hardtanh].__name__
+    'HardtanhRule'
+    >>> del REGISTRY[nn.Hardtanh], REGISTRY["hardtanh"]
+    """
+    if not targets:
+        raise TypeError("register_rule needs at least one module class, function or method name")
+
+    def decorate(rule: type[BoundRule]) -> type[BoundRule]:
+        if not (isinstance(rule, type) and issubclass(rule, BoundRule)):
+            raise TypeError(f"register_rule decorates BoundRule subclasses, not {rule!r}")
+        for target in targets:
+            REGISTRY[target] = rule
+        _version[0] += 1
+        return rule
+
+    return decorate
+
+
+def rule_for_module(module: nn.Module) -> type[BoundRule] | None:
+    """The rule class of a module: its own class, a registered base class whose `forward` it
+    does not override, or a duck-typed rule (modules named Normalize with mean and std)."""
+    cls = type(module)
+    if cls in REGISTRY:
+        return REGISTRY[cls]
+    for base in cls.__mro__[1:]:
+        if base in REGISTRY and getattr(cls, "forward", None) is getattr(base, "forward", None):
+            return REGISTRY[base]
+    for predicate, rule in _DUCK_RULES:
+        if predicate(module):
+            return rule
+    return None
+
+
+def registry_version() -> int:
+    """Changes whenever a rule is registered (cached traces depend on the registry)."""
+    return _version[0]
+
+
+def rule_for_call(target: Any) -> type[BoundRule] | None:
+    """The rule class of a function or tensor-method name, if one is registered."""
+    try:
+        return REGISTRY.get(target)
+    except TypeError:  # unhashable target
+        return None
+
+
+# -- tensor helpers shared with the engine -------------------------------------------------------
+
+
+def concretize_box(A: Tensor, lower: Tensor, upper: Tensor) -> Tensor:
+    """min over x in [lower, upper] of A . x, for A [B', S, *shape] and bounds [B, *shape]."""
+    coeff = A.flatten(2)
+    mid = ((upper + lower) / 2).flatten(1).unsqueeze(-1)
+    rad = ((upper - lower) / 2).flatten(1).unsqueeze(-1)
+    return (coeff @ mid - coeff.abs() @ rad).squeeze(-1)
+
+
+def sum_spec(t: Tensor) -> Tensor:
+    """Sum every dimension after the first two ([B', S, ...] -> [B', S])."""
+    return t.flatten(2).sum(-1) if t.dim() > 2 else t
+
+
+def _sum_to(A: Tensor, shape: Sequence[int]) -> Tensor:
+    """Undo broadcasting of an input of per-sample `shape` into A's trailing dimensions."""
+    target = (*A.shape[:2], *shape)
+    return A if tuple(A.shape) == target else A.sum_to_size(target)
+
+
+def _vjp_backward(
+    fn: Callable[..., Tensor], A: Tensor, in_shapes: Sequence[torch.Size]
+) -> tuple[list[Tensor | None], Tensor]:
+    """Backward through an affine `fn` by autograd: A M_k are the vector-Jacobian products,
+    A . c is A against fn(0). Used for configurations without a closed form."""
+    lead = A.shape[:2]
+    flat = A.reshape(-1, *A.shape[2:])
+    create = torch.is_grad_enabled()
+    with torch.enable_grad():
+        zeros = [
+            torch.zeros(flat.shape[0], *s, dtype=A.dtype, device=A.device, requires_grad=True)
+            for s in in_shapes
+        ]
+        out = fn(*zeros)
+        grads = torch.autograd.grad(
+            out, zeros, grad_outputs=flat, create_graph=create, allow_unused=True
+        )
+    coeffs = [None if g is None else g.reshape(*lead, *g.shape[1:]) for g in grads]
+    bias = (flat * out).flatten(1).sum(-1).reshape(lead)
+    return coeffs, bias if create else bias.detach()
+
+
+# -- affine rules --------------------------------------------------------------------------------
+
+
+@register_rule(nn.Linear, F.linear)
+class LinearRule(AffineRule):
+    """y = x W^T + b over the last dimension."""
+
+    def __init__(self, call: Call):
+        super().__init__(call)
+        if isinstance(call.target, nn.Module):
+            self.weight, self.bias = call.module.weight, call.module.bias
+        else:
+            self.weight = call.constant(1, "weight")
+            self.bias = call.constant(2, "bias")
+
+    def ibp(self, *inputs: Interval) -> Interval:
+        ((lo, hi),) = inputs
+        centre = F.linear((hi + lo) / 2, self.weight, self.bias)
+        radius = F.linear((hi - lo) / 2, self.weight.abs())
+        return centre - radius, centre + radius
+
+    def backward(self, A: Tensor) -> tuple[list[Tensor | None], Tensor | None]:
+        bias = None if self.bias is None else sum_spec(A @ self.bias)
+        return [A @ self.weight], bias
+
+
+def _conv_output_padding(
+    in_hw: Sequence[int], out_hw: Sequence[int], kernel, stride, padding, dilation
+) -> tuple[int, ...]:
+    """The output_padding that makes conv_transpose2d return exactly the input's size."""
+    return tuple(
+        i - ((o - 1) * s - 2 * p + d * (k - 1) + 1)
+        for i, o, k, s, p, d in zip(in_hw, out_hw, kernel, stride, padding, dilation, strict=True)
+    )
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)  # type: ignore[return-value]
+
+
+@register_rule(nn.Conv2d, F.conv2d)
+class Conv2dRule(AffineRule):
+    """2-d convolution (zero padding); its backward pass is a transposed convolution."""
+
+    def __init__(self, call: Call):
+        super().__init__(call)
+        if isinstance(call.target, nn.Module):
+            m = call.module
+            if m.padding_mode != "zeros":
+                raise UnsupportedLayerError(
+                    f"{call.describe()}: padding_mode '{m.padding_mode}' is not supported "
+                    "(only zero padding)"
+                )
+            self.weight, self.bias = m.weight, m.bias
+            stride, padding, dilation, groups = m.stride, m.padding, m.dilation, m.groups
+        else:
+            self.weight = call.constant(1, "weight")
+            self.bias = call.constant(2, "bias")
+            stride = call.constant(3, "stride", 1)
+            padding = call.constant(4, "padding", 0)
+            dilation = call.constant(5, "dilation", 1)
+            groups = call.constant(6, "groups", 1)
+        self.stride, self.dilation, self.groups = _pair(stride), _pair(dilation), groups
+        kernel = tuple(self.weight.shape[-2:])
+        self.padding: tuple[int, int] | None
+        if padding == "valid":
+            self.padding = (0, 0)
+        elif padding == "same":
+            total = [d * (k - 1) for d, k in zip(self.dilation, kernel, strict=True)]
+            # Even totals pad symmetrically; odd ones pad one more on the right: use autograd.
+            self.padding = tuple(t // 2 for t in total) if all(t % 2 == 0 for t in total) else None
+        else:
+            self.padding = _pair(padding)
+        self.conv_padding = self.padding if self.padding is not None else padding
+        if self.padding is not None:
+            self.output_padding = _conv_output_padding(
+                call.in_shapes[0][-2:],
+                call.out_shape[-2:],
+                kernel,
+                self.stride,
+                self.padding,
+                self.dilation,
+            )
+
+    def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return F.conv2d(x, weight, bias, self.stride, self.conv_padding, self.dilation, self.groups)
+
+    def ibp(self, *inputs: Interval) -> Interval:
+        ((lo, hi),) = inputs
+        centre = self._conv((hi + lo) / 2, self.weight, self.bias)
+        radius = self._conv((hi - lo) / 2, self.weight.abs(), None)
+        return centre - radius, centre + radius
+
+    def backward(self, A: Tensor) -> tuple[list[Tensor | None], Tensor | None]:
+        bias = None if self.bias is None else A.sum((-1, -2)) @ self.bias
+        if self.padding is None:
+            coeffs, _ = _vjp_backward(
+                lambda x: self._conv(x, self.weight, None), A, self.call.in_shapes
+            )
+            return coeffs, bias
+        lead = A.shape[:2]
+        flat = A.reshape(-1, *A.shape[2:])
+        back = F.conv_transpose2d(
+            flat,
+            self.weight,
+            None,
+            self.stride,
+            self.padding,
+            self.output_padding,
+            self.groups,
+            self.dilation,
+        )
+        return [back.reshape(*lead, *back.shape[1:])], bias
+
+
+@register_rule(nn.AvgPool2d, F.avg_pool2d)
+class AvgPool2dRule(AffineRule):
+    """Average pooling: a depth-wise convolution with a constant kernel (non-negative weights,
+    so IBP is exact). Unusual settings (ceil_mode, padding excluded from the count, a divisor
+    override) go through autograd."""
+
+    def __init__(self, call: Call):
+        super().__init__(call)
+        if isinstance(call.target, nn.Module):
+            m = call.module
+            kernel, stride, padding = m.kernel_size, m.stride, m.padding
+            ceil, include, divisor = m.ceil_mode, m.count_include_pad, m.divisor_override
+        else:
+            kernel = call.constant(1, "kernel_size")
+            stride = call.constant(2, "stride", None)
+            padding = call.constant(3, "padding", 0)
+            ceil = call.constant(4, "ceil_mode", False)
+            include = call.constant(5, "count_include_pad", True)
+            divisor = call.constant(6, "divisor_override", None)
+        self.kernel = _pair(kernel)
+        self.stride = _pair(stride) if stride not in (None, []) else self.kernel
+        self.padding = _pair(padding)
+        self.options = dict(ceil_mode=ceil, count_include_pad=include, divisor_override=divisor)
+        self.simple = not ceil and divisor is None and (include or self.padding == (0, 0))
+
+    def _pool(self, x: Tensor) -> Tensor:
+        return F.avg_pool2d(x, self.kernel, self.stride, self.padding, **self.options)
+
+    def ibp(self, *inputs: Interval) -> Interval:
+        ((lo, hi),) = inputs
+        return self._pool(lo), self._pool(hi)
+
+    def backward(self, A: Tensor) -> tuple[list[Tensor | None], Tensor | None]:
+        if not self.simple:
+            coeffs, _ = _vjp_backward(self._pool, A, self.call.in_shapes)
+            return coeffs, None
+        in_shape = self.call.in_shapes[0]
+        channels = in_shape[-3]
+        weight = A.new_full((channels, 1, *self.kernel), 1.0 / math.prod(self.kernel))
+        pad = _conv_output_padding(
+            in_shape[-2:], self.call.out_shape[-2:], self.kernel, self.stride, self.padding, (1, 1)
+        )
+        lead = A.shape[:2]
+        flat = A.reshape(-1, *A.shape[-3:])
+        back = F.conv_transpose2d(flat, weight, None, self.stride, self.padding, pad, channels)
+        return [back.reshape(*lead, *in_shape)], None
+
+
+@register_rule(nn.AdaptiveAvgPool2d, F.adaptive_avg_pool2d)
+class AdaptiveAvgPool2dRule(AffineRule):
+    """Adaptive average pooling (non-negative weights: IBP is exact; backward by autograd)."""
+
+    def __init__(self, call: Call):
+        super().__init__(call)
+        if isinstance(call.target, nn.Module):
+            self.size = call.module.output_size
+        else:
+            self.size = call.constant(1, "output_size")
+
+    def ibp(self, *inputs: Interval) -> Interval:
+        ((lo, hi),) = inputs
+        return F.adaptive_avg_pool2d(lo, self.size), F.adaptive_avg_pool2d(hi, self.size)
+
+    def backward(self, A: Tensor) -> tuple[list[Tensor | None], Tensor | None]:
+        fn = lambda x: F.adaptive_avg_pool2d(x, self.size)  # noqa: E731
+        coeffs, _ = _vjp_backward(fn, A, self.call.in_shapes)
+        return coeffs, None
+
+
+@register_rule(
+    nn.Flatten,
+    nn.Unflatten,
+    torch.flatten,
+    torch.reshape,
+    torch.squeeze,
+    torch.unsqueeze,
+    "flatten",
+    "view",
+    "reshape",
+    "squeeze",
+    "unsqueeze",
+)
+class ReshapeRule(AffineRule):
+    """Any per-sample reshape (the element order is kept; the batch dimension stays first)."""
+
+    def ibp(self, *inputs: Interval) -> Interval:
+        ((lo, hi),) = inputs
+        shape = (lo.shape[0], *self.call.out_shape)
+        return lo.reshape(shape), hi.reshape(shape)
+
+    def backward(self, A: Tensor) -> tuple[list[Tensor | None], Tensor | None]:
+        return [A.reshape(*A.shape[:2], *self.call.in_shapes[0])], None
+
+
+@register_rule(
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    F.dropout,
+    F.dropout1d,
+    F.dropout2d,
+    F.dropout3d,
+    "contiguous",
+    "clone",
+)
+class IdentityRule(AffineRule):
+    """Identity, and dropout taken as the identity of eval mode (bounds are of the
+    deterministic network, whatever the module's training flag)."""
+
+    def ibp(self, *inputs: Interval) -> Interval:
+        return inputs[0]
+
+    def backward(self, A: Tensor) -> tuple[list[Tensor | None], Tensor | None]:
+        return [A], None
+
+
+class ElementwiseLinearRule(AffineRule):
+    """out = sum_k scale_k * x_k + shift, element-wise with broadcasting; `terms()` returns the
+    scales (one per bounded input, None for 1) and the shift (None for 0), as numbers or tensors
+    that broadcast against one sample."""
+
+    def __init__(self, call: Call):
+        super().__init__(call)
+        if any(len(s) != len(call.out_shape) for s in call.in_shapes):
+            raise UnsupportedLayerError(
+                f"{call.describe()}: broadcasting inputs of shapes "
+                f"{[list(s) for s in call.in_shapes]} to {list(call.out_shape)} mixes the batch "
+                "dimension with the others"
+            )
+        scales, shift = self.terms()
+        self.scales = [None if s is None else self._per_sample(s) for s in scales]
+        self.shift = None if shift is None else self._per_sample(shift)
+
+    @abc.abstractmethod
+    def terms(self) -> tuple[list[Any], Any]:
+        """(scales, shift) of the element-wise affine map."""
+
+    def _per_sample(self, value: Any) -> Tensor:
+        t = self.call.tensor(value) if not isinstance(value, Tensor) else value
+        t = t.to(dtype=self.call.dtype)
+        rank = len(self.call.out_shape)
+        if t.dim() > rank:
+            # A leading batch dimension of 1 is fine; anything else depends on the batch.
+            if any(d != 1 for d in t.shape[: t.dim() - rank]):
+                raise UnsupportedLayerError(
+                    f"{self.call.describe()}: a constant of shape {list(t.shape)} depends on the "
+                    "batch; constants must broadcast against a single sample"
+                )
+            t = t.reshape(t.shape[t.dim() - rank :])
+        return t
+
+    def ibp(self, *inputs: Interval) -> Interval:
+        lo_sum = hi_sum = torch.zeros((), dtype=inputs[0][0].dtype, device=inputs[0][0].device)
+        for scale, (lo, hi) in zip(self.scales, inputs, strict=True):
+            if scale is None:
+                lo_sum, hi_sum = lo_sum + lo, hi_sum + hi
+            else:
+                a, b = lo * scale, hi * scale
+                lo_sum, hi_sum = lo_sum + torch.minimum(a, b), hi_sum + torch.maximum(a, b)
+        if self.shift is not None:
+            lo_sum, hi_sum = lo_sum + self.shift, hi_sum + self.shift
+        shape = (inputs[0][0].shape[0], *self.call.out_shape)
+        return lo_sum.expand(shape), hi_sum.expand(shape)
+
+    def backward(self, A: Tensor) -> tuple[list[Tensor | None], Tensor | None]:
+        coeffs: list[Tensor | None] = []
+        for scale, shape in zip(self.scales, self.call.in_shapes, strict=True):
+            coeffs.append(_sum_to(A if scale is None else A * scale, shape))
+        bias = None if self.shift is None else sum_spec(A * self.shift)
+        return coeffs, bias
+
+
+@register_rule(nn.BatchNorm1d, nn.BatchNorm2d)
+class BatchNormRule(ElementwiseLinearRule):
+    """Batch normalisation in eval mode: a per-channel scale and shift from the running
+    statistics. In training mode the layer depends on the whole batch and has no rule."""
+
+    def terms(self) -> tuple[list[Any], Any]:
+        m = self.call.module
+        if m.training or m.running_mean is None or m.running_var is None:
+            raise UnsupportedLayerError(
+                f"{self.call.describe()} uses batch statistics (training mode or no running "
+                "statistics); bound the model in eval mode: call model.eval() first"
+            )
+        scale = torch.rsqrt(m.running_var + m.eps)
+        if m.weight is not None:
+            scale = scale * m.weight
+        shift = -m.running_mean * scale
+        if m.bias is not None:
+            shift = shift + m.bias
+        channel_shape = (-1, *([1] * (len(self.call.out_shape) - 1)))
+        return [scale.reshape(channel_shape)], shift.reshape(channel_shape)
+
+
+def _is_normalize(module: nn.Module) -> bool:
+    return (
+        type(module).__name__ == "Normalize"
+        and isinstance(getattr(module, "mean", None), Tensor)
+        and isinstance(getattr(module, "std", None), Tensor)
+    )
+
+
+class NormalizeRule(ElementwiseLinearRule):
+    """`(x - mean) / std` of a module named Normalize with `mean` and `std` buffers (found by
+    duck typing, so the model zoo need not be imported)."""
+
+    def terms(self) -> tuple[list[Any], Any]:
+        m = self.call.module
+        scale = 1.0 / m.std
+        return [scale], -m.mean * scale
+
+
+_DUCK_RULES.append((_is_normalize, NormalizeRule))
+
+
+def _split_binary(call: Call) -> tuple[Any, Any, Any]:
+    """(first, second, alpha) of add / sub in any calling form."""
+    alpha = call.kwargs.get("alpha", 1)
+    return call.arg(0, "input"), call.arg(1, "other"), alpha
+
+
+@register_rule(operator.add, operator.iadd, torch.add, "add", "add_")
+class AddRule(ElementwiseLinearRule):
+    """x + y (residual connections) and x + constant, with torch.add's `alpha`."""
+
+    def terms(self) -> tuple[list[Any], Any]:
+        a, b, alpha = _split_binary(self.call)
+        scale_b = None if alpha == 1 else alpha
+        if isinstance(a, BoundArg) and isinstance(b, BoundArg):
+            return [None, scale_b], None
+        if isinstance(a, BoundArg):
+            return [None], b if alpha == 1 else self.call.tensor(b) * alpha
+        return [scale_b], a
+
+
+@register_rule(operator.sub, operator.isub, torch.sub, "sub", "sub_")
+class SubRule(ElementwiseLinearRule):
+    """x - y, x - constant and constant - x."""
+
+    def terms(self) -> tuple[list[Any], Any]:
+        a, b, alpha = _split_binary(self.call)
+        if isinstance(a, BoundArg) and isinstance(b, BoundArg):
+            return [None, -alpha], None
+        if isinstance(a, BoundArg):
+            return [None], -self.call.tensor(b) * alpha
+        return [-alpha], a
+
+
+@register_rule(operator.neg, torch.neg, "neg")
+class NegRule(ElementwiseLinearRule):
+    def terms(self) -> tuple[list[Any], Any]:
+        return [-1.0], None
+
+
+def _product_error(call: Call) -> UnsupportedLayerError:
+    return UnsupportedLayerError(
+        f"{call.describe()}: a product or quotient of two input-dependent tensors has no bound "
+        "rule (only multiplication and division by constants)"
+    )
+
+
+@register_rule(operator.mul, operator.imul, torch.mul, "mul", "mul_")
+class MulRule(ElementwiseLinearRule):
+    """x * constant (either order)."""
+
+    def terms(self) -> tuple[list[Any], Any]:
+        a, b = self.call.arg(0, "input"), self.call.arg(1, "other")
+        if isinstance(a, BoundArg) and isinstance(b, BoundArg):
+            raise _product_error(self.call)
+        return [b if isinstance(a, BoundArg) else a], None
+
+
+@register_rule(operator.truediv, operator.itruediv, torch.div, "div", "div_")
+class DivRule(ElementwiseLinearRule):
+    """x / constant."""
+
+    def terms(self) -> tuple[list[Any], Any]:
+        a, b = self.call.arg(0, "input"), self.call.arg(1, "other")
+        if isinstance(b, BoundArg) or self.call.kwargs.get("rounding_mode") is not None:
+            raise _product_error(self.call)
+        return [1.0 / self.call.tensor(b)], None
+
+
+# -- activations ---------------------------------------------------------------------------------
+
+
+@register_rule(nn.ReLU, torch.relu, F.relu, "relu", "relu_")
+class ReLURule(ActivationRule):
+    """ReLU: the triangle relaxation. Upper line: the chord from (l, 0) to (u, u). Lower line:
+    slope alpha in [0, 1] through the origin; CROWN's adaptive choice is 1 when u >= -l, else 0
+    (the smaller area). Stable neurons are exact."""
+
+    def function(self, x: Tensor) -> Tensor:
+        return torch.relu(x)
+
+    def needs_bounds(self, lower: Tensor, upper: Tensor) -> Tensor:
+        return (lower < 0) & (upper > 0)
+
+    def relax(self, lower: Tensor, upper: Tensor, alpha: Tensor | None = None) -> Relaxation:
+        unstable = (lower < 0) & (upper > 0)
+        active = (lower >= 0).to(lower.dtype)
+        width = torch.where(unstable, upper - lower, torch.ones_like(lower))
+        upper_slope = torch.where(unstable, upper / width, active)
+        upper_bias = torch.where(unstable, -lower * upper_slope, torch.zeros_like(lower))
+        slope = (upper >= -lower).to(lower.dtype) if alpha is None else alpha[0]
+        lower_slope = torch.where(unstable, slope, active)
+        zero = torch.zeros((), dtype=lower.dtype, device=lower.device)
+        return Relaxation(lower_slope, zero, upper_slope, upper_bias)
+
+    def init_alpha(self, lower: Tensor, upper: Tensor) -> Tensor | None:
+        return (upper >= -lower).to(lower.dtype).unsqueeze(0)
+
+
+@register_rule(nn.LeakyReLU, F.leaky_relu)
+class LeakyReLURule(ActivationRule):
+    """leaky_relu(x) = s x + (1 - s) relu(x): the ReLU relaxation, scaled and shifted (its lines
+    swap roles when s > 1, where the function is concave)."""
+
+    def __init__(self, call: Call):
+        super().__init__(call)
+        if isinstance(call.target, nn.Module):
+            self.slope = float(call.module.negative_slope)
+        else:
+            self.slope = float(call.constant(1, "negative_slope", 0.01))
+        self.relu = ReLURule(call)
+
+    def function(self, x: Tensor) -> Tensor:
+        return F.leaky_relu(x, self.slope)
+
+    def ibp(self, *inputs: Interval) -> Interval:
+        # Monotone unless s < 0; either way the extrema are at the ends or at the kink.
+        ((lo, hi),) = inputs
+        kink = torch.minimum(torch.clamp_min(lo, 0.0), hi).clamp_min(lo)
+        values = [self.function(lo), self.function(hi), self.function(kink)]
+        return (
+            torch.minimum(torch.minimum(values[0], values[1]), values[2]),
+            torch.maximum(torch.maximum(values[0], values[1]), values[2]),
+        )
+
+    def needs_bounds(self, lower: Tensor, upper: Tensor) -> Tensor:
+        return (lower < 0) & (upper > 0)
+
+    def relax(self, lower: Tensor, upper: Tensor, alpha: Tensor | None = None) -> Relaxation:
+        r = self.relu.relax(lower, upper, alpha)
+        s, c = self.slope, 1.0 - self.slope
+        lo = (r.lower_slope, r.lower_bias) if c >= 0 else (r.upper_slope, r.upper_bias)
+        hi = (r.upper_slope, r.upper_bias) if c >= 0 else (r.lower_slope, r.lower_bias)
+        return Relaxation(s + c * lo[0], c * lo[1], s + c * hi[0], c * hi[1])
+
+    def init_alpha(self, lower: Tensor, upper: Tensor) -> Tensor | None:
+        return self.relu.init_alpha(lower, upper)
+
+
+def _secant(f_lo: Tensor, f_hi: Tensor, lower: Tensor, upper: Tensor, fallback: Tensor) -> Tensor:
+    width = upper - lower
+    safe = torch.where(width > 0, width, torch.ones_like(width))
+    return torch.where(width > 0, (f_hi - f_lo) / safe, fallback)
+
+
+def _offset(
+    f: Callable[[Tensor], Tensor], slope: Tensor, points: Sequence[Tensor], pick: Callable
+) -> Tensor:
+    """max (pick=torch.maximum) or min of f(x) - slope * x over candidate points in [l, u]; the
+    candidates must include the extremum. A tangency point is found from a detached slope: at an
+    interior extremum the offset's derivative in the slope is -x (envelope theorem)."""
+    first, *rest = points
+    best = f(first) - slope * first
+    for x in rest:
+        best = pick(best, f(x) - slope * x)
+    return best
+
+
+class ConvexActivationRule(ActivationRule):
+    """A smooth convex increasing activation. Upper line: the chord (the tightest). Lower line:
+    any slope a, with the largest valid offset min_x f(x) - a x, reached where f'(x) = a;
+    CROWN uses the tangent at the midpoint, alpha-CROWN optimises a in [f'(l), f'(u)]."""
+
+    @abc.abstractmethod
+    def derivative(self, x: Tensor) -> Tensor: ...
+
+    @abc.abstractmethod
+    def inverse_derivative(self, slope: Tensor) -> Tensor:
+        """The x with f'(x) = slope (clamped into the range of f' before inverting)."""
+
+    def relax(self, lower: Tensor, upper: Tensor, alpha: Tensor | None = None) -> Relaxation:
+        f = self.function
+        f_lo, f_hi = f(lower), f(upper)
+        mid = (lower + upper) / 2
+        chord = _secant(f_lo, f_hi, lower, upper, self.derivative(mid))
+        # Convex: f(x) - chord * x is largest at an end point.
+        upper_bias = torch.maximum(f_lo - chord * lower, f_hi - chord * upper)
+        slope = self.derivative(mid) if alpha is None else alpha[0]
+        touch = torch.minimum(torch.maximum(self.inverse_derivative(slope), lower), upper)
+        lower_bias = _offset(f, slope, (lower, upper, touch), torch.minimum)
+        return Relaxation(slope, lower_bias, chord, upper_bias)
+
+    def init_alpha(self, lower: Tensor, upper: Tensor) -> Tensor | None:
+        return self.derivative((lower + upper) / 2).unsqueeze(0)
+
+    def alpha_range(self, lower: Tensor, upper: Tensor) -> tuple[Tensor | float, Tensor | float]:
+        return self.derivative(lower).unsqueeze(0), self.derivative(upper).unsqueeze(0)
+
+
+@register_rule(nn.Softplus, F.softplus)
+class SoftplusRule(ConvexActivationRule):
+    """softplus(x) = log(1 + exp(beta x)) / beta. The relaxation uses the smooth formula; torch
+    switches to x above `threshold / beta`, a difference below exp(-threshold) / beta."""
+
+    def __init__(self, call: Call):
+        super().__init__(call)
+        if isinstance(call.target, nn.Module):
+            self.beta, self.threshold = call.module.beta, call.module.threshold
+        else:
+            self.beta = call.constant(1, "beta", 1.0)
+            self.threshold = call.constant(2, "threshold", 20.0)
+        if not self.beta > 0:
+            raise UnsupportedLayerError(f"{call.describe()}: softplus needs beta > 0")
+
+    def function(self, x: Tensor) -> Tensor:
+        bx = self.beta * x
+        return (torch.relu(bx) + torch.log1p(torch.exp(-bx.abs()))) / self.beta
+
+    def ibp(self, *inputs: Interval) -> Interval:
+        ((lo, hi),) = inputs
+        return (
+            F.softplus(lo, self.beta, self.threshold),
+            F.softplus(hi, self.beta, self.threshold),
+        )
+
+    def derivative(self, x: Tensor) -> Tensor:
+        return torch.sigmoid(self.beta * x)
+
+    def inverse_derivative(self, slope: Tensor) -> Tensor:
+        tiny = torch.finfo(slope.dtype).tiny
+        s = slope.detach().clamp(tiny, 1.0 - torch.finfo(slope.dtype).eps)
+        return torch.logit(s) / self.beta
+
+
+class SShapedRule(ActivationRule):
+    """A sigmoid-like activation: increasing, odd-symmetric about (0, f(0)), convex for x <= 0
+    and concave for x >= 0.
+
+    Any slope a gives a sound line with the exact offset max / min over [l, u] of f(x) - a x: the
+    extremum sits at an end point, at 0, or where f'(x) = a on the convex (min) or concave (max)
+    branch. CROWN's slopes: for the upper line the chord where it lies above f (u <= 0, or
+    f'(u) >= chord), the tangent at the midpoint when l >= 0, and otherwise the tangent through
+    (l, f(l)) found by bisection; the lower line mirrors this. alpha-CROWN optimises both slopes
+    in [0, max f' on [l, u]].
+    """
+
+    bisection_steps = 24
+
+    @abc.abstractmethod
+    def derivative(self, x: Tensor) -> Tensor: ...
+
+    @abc.abstractmethod
+    def inverse_derivative(self, slope: Tensor) -> Tensor:
+        """The x >= 0 with f'(x) = slope (0 above f'(0), large as slope -> 0)."""
+
+    def _upper_slope(self, lower: Tensor, upper: Tensor) -> Tensor:
+        f, df = self.function, self.derivative
+        f_lo, f_hi = f(lower), f(upper)
+        mid = (lower + upper) / 2
+        chord = _secant(f_lo, f_hi, lower, upper, df(mid))
+        slope = torch.where(upper <= 0, chord, df(mid))
+        crossing = (lower < 0) & (upper > 0)
+        if bool(crossing.any()):
+            # The tangent at d in [0, u] that passes through (l, f(l)): bisection on the sign of
+            # f(d) + f'(d)(l - d) - f(l), increasing in d. The left end's slope is the larger,
+            # so its line through (l, f(l)) stays above the curve.
+            left = torch.zeros_like(upper)
+            right = torch.clamp_min(upper, 0.0)
+            d = (left + right) / 2
+            for _ in range(self.bisection_steps):
+                below = f(d) + df(d) * (lower - d) - f_lo <= 0
+                left = torch.where(below, d, left)
+                right = torch.where(below, right, d)
+                d = (left + right) / 2
+            tangent = torch.where(df(upper) >= chord, chord, df(left))
+            slope = torch.where(crossing, tangent, slope)
+        return slope
+
+    def relax(self, lower: Tensor, upper: Tensor, alpha: Tensor | None = None) -> Relaxation:
+        if alpha is None:
+            up = self._upper_slope(lower, upper)
+            # Odd symmetry: the lower line on [l, u] has the slope of the upper line on [-u, -l].
+            low = self._upper_slope(-upper, -lower)
+        else:
+            low, up = alpha[0], alpha[1]
+        f = self.function
+
+        def clamp(x: Tensor) -> Tensor:
+            return torch.minimum(torch.maximum(x, lower), upper)
+
+        zero = clamp(torch.zeros_like(lower))
+        touch_up = clamp(self.inverse_derivative(up))
+        touch_low = clamp(-self.inverse_derivative(low))
+        upper_bias = _offset(f, up, (lower, upper, zero, touch_up), torch.maximum)
+        lower_bias = _offset(f, low, (lower, upper, zero, touch_low), torch.minimum)
+        return Relaxation(low, lower_bias, up, upper_bias)
+
+    def init_alpha(self, lower: Tensor, upper: Tensor) -> Tensor | None:
+        return torch.stack([self._upper_slope(-upper, -lower), self._upper_slope(lower, upper)])
+
+    def alpha_range(self, lower: Tensor, upper: Tensor) -> tuple[Tensor | float, Tensor | float]:
+        peak = self.derivative(torch.minimum(torch.maximum(torch.zeros_like(lower), lower), upper))
+        return 0.0, peak.unsqueeze(0)
+
+
+@register_rule(nn.Sigmoid, torch.sigmoid, F.sigmoid, "sigmoid")
+class SigmoidRule(SShapedRule):
+    def function(self, x: Tensor) -> Tensor:
+        return torch.sigmoid(x)
+
+    def derivative(self, x: Tensor) -> Tensor:
+        s = torch.sigmoid(x)
+        return s * (1 - s)
+
+    def inverse_derivative(self, slope: Tensor) -> Tensor:
+        # s (1 - s) = a with s >= 1/2: s = (1 + sqrt(1 - 4a)) / 2, x = logit(s).
+        a = slope.detach().clamp(torch.finfo(slope.dtype).tiny, 0.25)
+        root = torch.sqrt(1 - 4 * a)
+        return torch.log1p(root) - torch.log1p(-root).clamp_min(-1e30)
+
+
+@register_rule(nn.Tanh, torch.tanh, F.tanh, "tanh")
+class TanhRule(SShapedRule):
+    def function(self, x: Tensor) -> Tensor:
+        return torch.tanh(x)
+
+    def derivative(self, x: Tensor) -> Tensor:
+        return 1 - torch.tanh(x) ** 2
+
+    def inverse_derivative(self, slope: Tensor) -> Tensor:
+        # 1 - t^2 = a: t = sqrt(1 - a), x = atanh(t).
+        a = slope.detach().clamp(torch.finfo(slope.dtype).tiny, 1.0)
+        return torch.atanh(torch.sqrt(1 - a))
