@@ -95,7 +95,8 @@ def _extend(children):
     )
 
 
-EXPRS = st.recursive(LEAVES, _extend, max_leaves=14)
+# deferred: a short repr (hypothesis otherwise builds a repr of the whole recursive strategy)
+EXPRS = st.deferred(lambda: st.recursive(LEAVES, _extend, max_leaves=14))
 TYPES = _types(st.one_of(st.builds(A.Num, st.integers(0, 64)), EXPRS))
 PARAMS = st.lists(st.builds(A.Param, NAMES, st.one_of(st.none(), TYPES)), max_size=3).map(tuple)
 SETTINGS = st.lists(st.builds(A.Setting, NAMES, EXPRS), max_size=4).map(tuple)
@@ -107,7 +108,7 @@ DECLS = st.one_of(
     st.builds(A.PropertyDecl, NAMES, PARAMS, EXPRS),
     st.builds(A.Block, NAMES, st.sampled_from(["train", "verify"]), EXPRS, SETTINGS),
 )
-MODULES = st.lists(DECLS, max_size=5).map(lambda ds: A.Module(tuple(ds)))
+MODULES = st.deferred(lambda: st.lists(DECLS, max_size=5).map(lambda ds: A.Module(tuple(ds))))
 
 
 def strict(node: object) -> str:

@@ -20,6 +20,8 @@ KEYWORDS = frozenset(
 )
 MAX_SYNTAX_ERRORS = 10
 MAX_DEPTH = 100
+# Longer integers do not fit a float (and Python refuses to convert very long ones).
+_MAX_INT_DIGITS = 308
 
 _TERMINAL_TEXT = {
     "NAME": "a name",
@@ -380,13 +382,14 @@ def _make_builder() -> type:
         def number(self, meta, c):
             text = str(c[0])
             value: int | float
-            if re.fullmatch(r"\d+", text):
+            if re.fullmatch(r"\d+", text) and len(text.lstrip("0")) <= _MAX_INT_DIGITS:
                 value = int(text)
             else:
                 value = float(text)
                 if math.isinf(value):
+                    shown = text if len(text) <= 20 else text[:12] + "..."
                     self.diagnostics.append(
-                        Diagnostic(f"number {text} is too large", _tok_span(c[0]), "use 'inf'")
+                        Diagnostic(f"number {shown} is too large", _tok_span(c[0]), "use 'inf'")
                     )
             return A.Num(value, span=_tok_span(c[0]))
 

@@ -5,6 +5,7 @@ line); groups of networks, params and constant lets stay together, anything else
 blank line; block settings one per line, indented by two spaces, `=` aligned.
 Comments are attached by position: a comment on the last line of a declaration or setting stays
 behind it; any other comment is printed on its own line before the next declaration or setting.
+A blank line that separated a top-level comment from the code before or after it is kept (one).
 """
 
 from __future__ import annotations
@@ -174,7 +175,7 @@ class _Comments:
     def __init__(self, comments: tuple[A.Comment, ...]):
         self.pending = sorted(comments, key=lambda c: (c.span.line, c.span.col))
 
-    def before(self, span, end_line: int | None = None) -> tuple[list[str], str | None]:
+    def before(self, span, end_line: int | None = None) -> tuple[list[A.Comment], str | None]:
         """Comments before or inside `span` (leading) and one on its last line (trailing)."""
         if span is None:
             return [], None
@@ -187,19 +188,36 @@ class _Comments:
             elif c.span.line == last and c.span.col >= span.end_col:
                 trailing = f"{trailing} {c.text[1:].strip()}"
             else:
-                leading.append(c.text)
+                leading.append(c)
         return leading, trailing
 
-    def until(self, line: int) -> list[str]:
+    def until(self, line: int) -> list[A.Comment]:
         out = []
         while self.pending and self.pending[0].span.line <= line:
-            out.append(self.pending.pop(0).text)
+            out.append(self.pending.pop(0))
         return out
 
-    def rest(self) -> list[str]:
-        out = [c.text for c in self.pending]
+    def rest(self) -> list[A.Comment]:
+        out = self.pending
         self.pending = []
         return out
+
+
+def _comment_lines(
+    comments: list[A.Comment], out: list[str], prev_line: int | None, next_line: int | None
+) -> list[str]:
+    """Comments on their own lines, keeping one blank line where the source had a gap between
+    them and the code before (ending on `prev_line`) or after (starting on `next_line`)."""
+    lines: list[str] = []
+    for c in comments:
+        last = lines[-1] if lines else (out[-1] if out else "")
+        if prev_line is not None and c.span.line > prev_line + 1 and last != "":
+            lines.append("")
+        lines.append(c.text)
+        prev_line = c.span.line
+    if comments and next_line is not None and next_line > comments[-1].span.line + 1:
+        lines.append("")
+    return lines
 
 
 def _with_trailing(lines: list[str], trailing: str | None) -> list[str]:
@@ -214,12 +232,12 @@ def _block(b: A.Block, comments: _Comments) -> list[str]:
     width = max((len(s.key) for s in b.settings), default=0)
     for s in b.settings:
         leading, trailing = comments.before(s.span)
-        lines += [INDENT + c for c in leading]
+        lines += [INDENT + c.text for c in leading]
         lines += _with_trailing(
             [f"{INDENT}{s.key.ljust(width)} = {format_expr(s.value)}"], trailing
         )
     if b.span is not None:
-        lines += [INDENT + c for c in comments.until(b.span.end_line - 1)]
+        lines += [INDENT + c.text for c in comments.until(b.span.end_line - 1)]
         # a comment on the closing line, before or after the brace
         _, trailing = comments.before(b.span)
         return _with_trailing(lines + ["}"], trailing)
@@ -230,24 +248,27 @@ def format_module(module: A.Module) -> str:
     """The canonical text of a whole spec (ends with a newline)."""
     comments = _Comments(module.comments)
     out: list[str] = []
-    prev_group: str | None = "start"
+    prev_group: str | None = None
+    prev_line: int | None = 0  # the source line the previous declaration ended on
     for d in module.decls:
         group = _group(d)
         if out and not (group is not None and group == prev_group):
             out.append("")
         prev_group = group
         span = getattr(d, "span", None)
+        start = span.line if span is not None else None
         if isinstance(d, A.Block):
-            header_line = span.line if span is not None else 0
-            out += comments.until(header_line - 1) if span is not None else []
+            leading = comments.until(span.line - 1) if span is not None else []
+            out += _comment_lines(leading, out, prev_line, start)
             out += _block(d, comments)
-            continue
-        leading, trailing = comments.before(span)
-        out += leading
-        out += _with_trailing(_decl_lines(d), trailing)
+        else:
+            leading, trailing = comments.before(span)
+            out += _comment_lines(leading, out, prev_line, start)
+            out += _with_trailing(_decl_lines(d), trailing)
+        prev_line = span.end_line if span is not None else None
     tail = comments.rest()
     if tail:
         if out:
             out.append("")
-        out += tail
+        out += _comment_lines(tail, out, None, None)
     return "\n".join(out) + "\n"
