@@ -173,6 +173,8 @@ class Spec:
         """
         from propdsl.loss.compile import PropertyLoss, resolve_attack, resolve_logic
 
+        if name not in self.properties and not name.isidentifier():
+            return self.formula(name).loss("formula", logic, attack, generator=generator)
         prop = self.property(name)
         return PropertyLoss(
             name,
@@ -183,6 +185,18 @@ class Spec:
             resolve_attack(attack if attack is not None else self.default_attack()),
             generator=generator,
         )
+
+    def formula(self, text: str, params: str = "x, y") -> Spec:
+        """This spec with one more property, `formula(x, y) = text`, checked in its context.
+
+        Lets `spec.loss("forall x' in ball(x, eps, inf): f(x')[0] >= 0")` compile any closed
+        formula over the sample; errors point into the formula's text.
+        """
+        lines = self.source.text.rstrip("\n").split("\n")
+        text_src = self.source.text.rstrip("\n") + f"\nproperty formula({params}) =\n  {text}\n"
+        offset = len(lines) + 2
+        source = Source(text_src, f"{self.source.name} (formula at line {offset})")
+        return Spec(source, self.overrides)
 
     def objective(self, logic: Any = None, attack: Any = None, *, generator: Any = None):
         """The train block's `loss` expression compiled: `objective(model, x, y)` -> scalar.
@@ -207,6 +221,7 @@ class Spec:
             resolve_logic(logic if logic is not None else self.default_logic()),
             resolve_attack(attack if attack is not None else self.default_attack()),
             terms=terms if len(terms) > 1 else (),
+            property_params={n: [q for q, _ in p.params] for n, p in self.properties.items()},
             generator=generator,
         )
 

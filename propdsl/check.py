@@ -106,6 +106,8 @@ class ValueEntry:
 class FunEntry:
     decl: A.LetDecl | A.PropertyDecl
     scope: Scope
+    # Errors were reported in the declaration itself: its expansions stay quiet.
+    broken: bool = False
 
 
 @dataclass
@@ -214,6 +216,9 @@ class Checker:
         self.blocks: list[BlockInfo] = []
         self._fresh = 0
         self._expanding: list[str] = []
+        # Top-level declarations that were rejected (name -> "network", "param", ...): their
+        # uses are not reported again, which would only repeat the first error.
+        self.failed: dict[str, str] = {}
 
     # -- diagnostics -----------------------------------------------------------------------------
     def error(self, message: str, span: Span | None, hint: str | None = None, notes=()) -> Ty:
@@ -244,11 +249,21 @@ class Checker:
                 )
                 continue
             if d.name in BUILTIN_FUNCTIONS or d.name in BUILTIN_NAMES:
-                self.error(f"'{d.name}' is a built-in and cannot be redeclared", d.name_span)
+                self.error(
+                    f"'{d.name}' is a built-in and cannot be redeclared",
+                    d.name_span,
+                    "choose another name",
+                )
+                self.failed[d.name] = _decl_kind(d)
                 continue
+            reported = len(self.diags)
             entry = self.check_decl(d, top)
+            if isinstance(entry, FunEntry) and len(self.diags) > reported:
+                entry.broken = True
             if entry is not None:
                 top.names[d.name] = entry
+            else:
+                self.failed[d.name] = _decl_kind(d)
         declared = {d.name for d in module.decls if isinstance(d, A.ParamDecl)}
         for name in self.overrides:
             if name not in declared:
@@ -407,14 +422,16 @@ class Checker:
 
     def check_fresh(self, name: str, span: Span | None, scope: Scope) -> None:
         if name in BUILTIN_FUNCTIONS or name in BUILTIN_NAMES:
-            self.error(f"'{name}' is a built-in and cannot be rebound", span)
+            self.error(f"'{name}' is a built-in and cannot be rebound", span, "choose another name")
             return
         entry = scope.lookup(name)
         if entry is not None and not _is_prelude(scope, name):
+            first = _entry_span(entry)
             self.error(
                 f"'{name}' is already defined; names may not be shadowed",
                 span,
                 "choose another name",
+                notes=(f"'{name}' is defined at line {first.line}",) if first else (),
             )
 
     def check_property(self, d: A.PropertyDecl, scope: Scope) -> Any:
@@ -450,7 +467,7 @@ class Checker:
                         f"'{p.name}' is a label of {net}'s {k} classes, but is annotated {ty}",
                         p.annotation.span,
                     )
-            if ty is ERR and p.annotation is None:
+            if ty is ERR and p.annotation is None and "network" not in self.failed.values():
                 self.error(
                     f"cannot type parameter '{p.name}': no network is declared before it",
                     p.span,
@@ -515,6 +532,8 @@ class Checker:
         return scope.lookup(name) is not None or name in BUILTIN_NAMES
 
     def unknown_name(self, name: str, span: Span | None, scope: Scope, bound=()) -> Ty:
+        if name in self.failed and scope.lookup(name) is None:
+            return ERR
         if name in self.all_top and scope.lookup(name) is None:
             where = self.all_top[name]
             line = f" (line {where.line})" if where else ""
@@ -581,6 +600,8 @@ class Checker:
 
     def classes_domain(self, span: Span | None, scope: Scope) -> I.Node:
         nets = [n for n in self.networks if isinstance(scope.lookup(n), NetEntry)]
+        if len(nets) != 1 and "network" in self.failed.values():
+            return self.bad(span)
         if len(nets) != 1:
             self.error(
                 "'classes' needs exactly one network to count the classes",
@@ -595,7 +616,8 @@ class Checker:
         if isinstance(x.ty, _ErrTy):
             return x
         if e.op == "not":
-            self.expect_bool(x, e.operand.span)
+            if not self.expect_bool(x, e.operand.span):
+                return self.bad(e.span)
             return I.Not(x, span=e.span)
         if not is_numeric(x.ty):
             self.error(f"cannot negate {x.ty}", e.operand.span)
@@ -649,7 +671,12 @@ class Checker:
         if lt == BOOL and rt == BOOL and op in ("==", "!="):
             return I.Cmp(op, left, right, span=e.span)
         if isinstance(lt, IndexTy) and isinstance(rt, IndexTy) and lt.k != rt.k:
-            self.error(f"cannot compare {lt} with {rt}: they range over different sizes", e.span)
+            label = lt if lt.label else (rt if rt.label else None)
+            self.error(
+                f"cannot compare {lt} with {rt}: they range over different sizes",
+                e.span,
+                f"'classes' ranges over {label}; range(K) gives Index[K]" if label else None,
+            )
             return self.bad(e.span)
         ls, rs = shape_of(lt), shape_of(rt)
         if ls is None or rs is None:
@@ -699,7 +726,8 @@ class Checker:
         b = self.infer(e.orelse, scope)
         if any(isinstance(n.ty, _ErrTy) for n in (c, a, b)):
             return self.bad(e.span)
-        self.expect_bool(c, e.cond.span)
+        if not self.expect_bool(c, e.cond.span):
+            return self.bad(e.span)
         if a.ty == b.ty:
             ty = a.ty
         elif is_numeric(a.ty) and is_numeric(b.ty):
@@ -741,7 +769,11 @@ class Checker:
             elif node.ty == NAT:
                 v = eval_const(node, self.params)
                 if v is not _NOT_CONST and not 0 <= v < dim:
-                    self.error(f"index {v} is out of range for a dimension of size {dim}", ie.span)
+                    self.error(
+                        f"index {v} is out of range for a dimension of size {dim}",
+                        ie.span,
+                        f"indices run from 0 to {dim - 1}",
+                    )
                     return self.bad(e.span)
             else:
                 self.error(f"an index must be Nat, Index or Label, but this is {node.ty}", ie.span)
@@ -766,10 +798,14 @@ class Checker:
             elif isinstance(dom, I.Domain):
                 if dom.shape is None:
                     if b.annotation is None:
+                        nets = [n for n in self.networks if isinstance(scope.lookup(n), NetEntry)]
+                        example = self.networks[nets[0]].inp if len(nets) == 1 else "Tensor[...]"
                         self.error(
-                            f"cannot tell the shape of '{b.name}' from {dom.ty}",
+                            f"cannot tell the shape of '{b.name}': a box with scalar bounds "
+                            "fits tensors of any shape",
                             b.domain.span,
-                            "intersect the box with a ball, or annotate the variable",
+                            "intersect the box with a ball, or annotate the variable, as in "
+                            f"'{e.kind} {b.name} : {example} in ...'",
                         )
                         failed = True
                     ty = ERR
@@ -826,9 +862,17 @@ class Checker:
             return self.bad(e.span)
         if fid in BUILTIN_FUNCTIONS:
             return self.builtin(fid, e, scope)
-        self.unknown_name(fid, e.func.span, scope)
-        for a in e.args:
-            self.infer(a, scope)
+        if fid == "certified":
+            self.error(
+                "'certified' may only be a term of a train block's loss",
+                e.func.span,
+                "loss = cross_entropy + certified(robust)",
+            )
+        else:
+            self.unknown_name(fid, e.func.span, scope)
+        # Only unknown names in the arguments: their types mean nothing without the function.
+        for a in (*e.args, *(k.value for k in e.keywords)):
+            self.resolve_names(a, scope, set())
         return self.bad(e.span)
 
     def apply_network(self, net: NetEntry, e: A.Call, scope: Scope) -> I.Node:
@@ -853,13 +897,18 @@ class Checker:
             self.error(f"'{d.name}' takes positional arguments only", e.keywords[0].span)
             return self.bad(e.span)
         if len(e.args) != len(d.params):
+            where = "in the prelude" if _is_prelude(scope, d.name) else f"at line {_line(d.name_span)}"
             self.error(
-                f"'{d.name}' takes {len(d.params)} argument(s), but {len(e.args)} were given",
+                f"'{d.name}' takes {_count(len(d.params), 'argument')}, "
+                f"but {_given(len(e.args))}",
                 e.span,
+                notes=(f"{d.name}({', '.join(p.name for p in d.params)}) is declared {where}",),
             )
             return self.bad(e.span)
         if d.name in self._expanding:
             self.error(f"'{d.name}' calls itself", e.span)
+            return self.bad(e.span)
+        if entry.broken:
             return self.bad(e.span)
         inner = entry.scope.child()
         for p, a in zip(d.params, e.args, strict=True):
@@ -895,10 +944,14 @@ class Checker:
                 hint = suggest(k.name, list(spec))
                 self.error(
                     f"'{fid}' has no keyword '{k.name}'",
-                    k.span,
+                    _keyword_name_span(k),
                     f"did you mean '{hint}'?"
                     if hint
-                    else (f"its keywords are {', '.join(spec)}" if spec else None),
+                    else (
+                        f"its keywords are {', '.join(spec)}"
+                        if spec
+                        else f"'{fid}' takes positional arguments only"
+                    ),
                 )
                 return self.bad(e.span)
         if fid in EXPLAINERS:
@@ -926,7 +979,8 @@ class Checker:
         if len(args) in counts:
             return True
         want = " or ".join(map(str, counts))
-        self.error(f"'{fid}' takes {want} argument(s), but {len(args)} were given", e.span)
+        noun = "argument" if counts == (1,) else "arguments"
+        self.error(f"'{fid}' takes {want} {noun}, but {_given(len(args))}", e.span)
         return False
 
     def numeric(self, fid: str, node: I.Node, span: Span | None) -> bool:
@@ -1111,7 +1165,11 @@ class Checker:
 
     def grad(self, e: A.Call, scope: Scope) -> I.Node:
         if len(e.args) != 2:
-            self.error(f"'grad' takes 2 arguments, but {len(e.args)} were given", e.span)
+            self.error(
+                f"'grad' takes 2 arguments, but {_given(len(e.args))}",
+                e.span,
+                "grad(expression, variable)",
+            )
             return self.bad(e.span)
         wrt = self.infer(e.args[1], scope)
         if isinstance(wrt.ty, _ErrTy):
@@ -1134,13 +1192,22 @@ class Checker:
     def explainer(self, fid: str, e: A.Call, scope: Scope) -> I.Node:
         if len(e.args) != 3:
             self.error(
-                f"'{fid}' takes (network, input, label), got {len(e.args)} argument(s)", e.span
+                f"'{fid}' takes 3 arguments (network, input, label), but {_given(len(e.args))}",
+                e.span,
             )
             return self.bad(e.span)
         f = e.args[0]
         entry = scope.lookup(f.id) if isinstance(f, A.Name) else None
+        if entry is None and isinstance(f, A.Name) and f.id in self.failed:
+            return self.bad(e.span)
         if not isinstance(entry, NetEntry):
-            self.error(f"the first argument of '{fid}' must be a network", f.span)
+            nets = [n for n in self.networks if isinstance(scope.lookup(n), NetEntry)]
+            net = nets[0] if len(nets) == 1 else "f"
+            self.error(
+                f"the first argument of '{fid}' must be a network",
+                f.span,
+                f"pass the network itself, as in {fid}({net}, x, y)",
+            )
             return self.bad(e.span)
         x = self.infer(e.args[1], scope)
         y = self.infer(e.args[2], scope)
@@ -1207,7 +1274,7 @@ class Checker:
         if b.kind == "verify" and "properties" not in seen:
             self.error(
                 "a verify block needs 'properties = [...]'",
-                b.name_span,
+                _keyword_span(b.span, b.kind) or b.name_span,
                 "list the properties to check",
             )
         self.blocks.append(BlockInfo(b.kind, b.name, data, tuple(settings), b.span))
@@ -1261,7 +1328,7 @@ class Checker:
                 hint = suggest(k.name, list(table))
                 self.error(
                     f"'{fname}' has no option '{k.name}'",
-                    k.span,
+                    _keyword_name_span(k),
                     f"did you mean '{hint}'?"
                     if hint
                     else (
@@ -1390,11 +1457,14 @@ class Checker:
         raise AssertionError(kind)
 
     def property_name_error(self, it: A.Name, scope: Scope) -> None:
-        if it.id in self.templates:
+        entry = scope.lookup(it.id)
+        if isinstance(entry, FunEntry) and isinstance(entry.decl, A.PropertyDecl):
+            # A template (its own or the prelude's): it needs more than one data sample (x, y).
+            params = ", ".join(p.name for p in entry.decl.params)
             self.error(
-                f"'{it.id}' has parameters beyond (x, y); wrap it in a property of (x, y)",
+                f"'{it.id}' is a template of ({params}), not a property of one sample (x, y)",
                 it.span,
-                f"property p(x, y) = {it.id}(...)",
+                f"wrap it: property robust(x, y) = {it.id}({params})",
             )
             return
         hint = suggest(it.id, list(self.properties))
@@ -1419,7 +1489,14 @@ class Checker:
         if isinstance(node.ty, _ErrTy):
             return None
         if not is_scalar(node.ty) or node.ty == BOOL:
-            self.error(f"a loss must be a Real number, but this is {node.ty}", e.span)
+            self.error(
+                f"a loss must be a Real number, but this is {node.ty}",
+                e.span,
+                "state the condition as a property and put its name in the loss "
+                "(the block's logic turns it into a loss)"
+                if node.ty == BOOL
+                else "reduce it to a number, for example with mean(...)",
+            )
             return None
         return node
 
@@ -1473,7 +1550,11 @@ class _LossScope:
         method = "ibp"
         for k in e.keywords:
             if k.name != "method":
-                c.error(f"'certified' has no option '{k.name}'", k.span, "its option is method")
+                c.error(
+                    f"'certified' has no option '{k.name}'",
+                    _keyword_name_span(k),
+                    "its option is method",
+                )
                 return c.bad(e.span)
             v = k.value.id if isinstance(k.value, A.Name) else None
             if v not in O.CERTIFIED_METHODS:
@@ -1617,6 +1698,41 @@ def _assignable(have: Ty, want: Ty) -> bool:
 
 def _respan(node: I.Node, span: Span | None) -> I.Node:
     return node
+
+
+def _keyword_name_span(k: A.Keyword) -> Span | None:
+    """The span of the name in `name = value`."""
+    if k.span is None:
+        return None
+    return Span(k.span.line, k.span.col, k.span.line, k.span.col + len(k.name))
+
+
+def _decl_kind(d: A.Decl) -> str:
+    return {
+        A.NetworkDecl: "network",
+        A.ParamDecl: "param",
+        A.LetDecl: "let",
+        A.PropertyDecl: "property",
+    }.get(type(d), "block")
+
+
+def _keyword_span(span: Span | None, keyword: str) -> Span | None:
+    """The span of the keyword that starts a declaration spanning `span`."""
+    if span is None:
+        return None
+    return Span(span.line, span.col, span.line, span.col + len(keyword))
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _given(n: int) -> str:
+    return f"{n} {'was' if n == 1 else 'were'} given"
+
+
+def _line(span: Span | None) -> str:
+    return str(span.line) if span is not None else "?"
 
 
 def _entry_span(entry: Any) -> Span | None:

@@ -30,7 +30,9 @@ def number(v: object) -> str:
     if isinstance(v, float):
         if math.isinf(v):
             return "∞" if v > 0 else "-∞"
-        return f"{v:g}"
+        # 12 significant digits: a param such as 0.123456789 shows as written (`:g` keeps 6),
+        # while float noise such as 0.1 + 0.2 still shows as 0.3
+        return f"{v:.12g}"
     return str(v)
 
 

@@ -269,8 +269,10 @@ class _NotLinear(Exception):
 def annotate_linear(node: I.Node, bound: frozenset[str], names: _Names) -> I.Node:
     """Wrap each atom that is linear in network outputs at quantified points in `Linear`."""
     if isinstance(node, I.Quant):
-        tensor_vars = {v.name for v in node.vars if shape_of(v.ty) not in (None, ())}
-        inner = bound | tensor_vars
+        # Every quantified variable but a finite index (enumerated by the backend) is bound:
+        # a scalar `t : Real in box(0, 1)` is no more a per-sample value than a tensor `x'`.
+        continuous = {v.name for v in node.vars if not isinstance(v.ty, IndexTy)}
+        inner = bound | continuous
         body = annotate_linear(node.body, inner, names)
         return I.Quant(node.kind, node.vars, node.domains, body, span=node.span)
     if isinstance(node, (I.And, I.Or, I.Implies, I.Not, I.Cond)):
@@ -310,10 +312,9 @@ def linear_forms(atom: I.Cmp, bound: frozenset[str], names: _Names):
     if ls == () and rs == ():
         return _forms_of_pairs([(atom.op, left, right)], bound, names, ())
     if len(ls) <= 1 and len(rs) <= 1:
-        size = (ls or rs)[0]
+        size = max(ls + rs)  # broadcasting: a side of size 1 is compared with every element
         k = I.Var(names.fresh("k"), IndexTy(size))
-        lk = I.Idx(left, (k,), REAL) if ls else left
-        rk = I.Idx(right, (k,), REAL) if rs else right
+        lk, rk = _at(left, k, size), _at(right, k, size)
         return _forms_of_pairs([(atom.op, lk, rk)], bound, names, ((k, I.Range(size)),))
     return None
 
@@ -385,6 +386,9 @@ class _Linearizer:
         if isinstance(node, I.Const) and not isinstance(node.value, bool):
             return _Lin({None: float(node.value)})
         if _free_of(node, self.bound):
+            # a `max`/`min` over a domain is not computable at the data point: not a constant
+            if any(isinstance(n, I.Quant) for n in I.walk(node)):
+                raise _NotLinear
             return _Lin({node: 1.0})
         if isinstance(node, I.Idx) and isinstance(node.base, I.Apply) and len(node.indices) == 1:
             if any(not _free_of(i, self.bound) for i in node.indices):
@@ -438,14 +442,22 @@ class _Linearizer:
         return out if out is not None else I.Const(0.0, REAL)
 
 
+def _at(n: I.Node, idx: I.Node, size: int) -> I.Node:
+    """Element `idx` of `n` broadcast to a vector of `size`: scalars and size-1 vectors repeat."""
+    shape = shape_of(n.ty)
+    if shape == ():
+        return n
+    if shape == (1,) and size != 1:
+        return I.Idx(n, (I.Const(0, NAT),), REAL)
+    return I.Idx(n, (idx,), REAL)
+
+
 def _push_index(base: I.Node, idx: I.Node) -> I.Node | None:
     """`(a op b)[i]` as `a[i] op b[i]` for vector arithmetic (scalars stay as they are)."""
-
-    def at(n: I.Node) -> I.Node:
-        return n if shape_of(n.ty) == () else I.Idx(n, (idx,), REAL)
-
+    shape = shape_of(base.ty)
+    size = shape[0] if shape else 1
     if isinstance(base, I.Arith) and base.op in ("+", "-", "*", "/"):
-        return I.Arith(base.op, at(base.left), at(base.right), REAL)
+        return I.Arith(base.op, _at(base.left, idx, size), _at(base.right, idx, size), REAL)
     if isinstance(base, I.Neg):
-        return I.Neg(at(base.operand))
+        return I.Neg(_at(base.operand, idx, size))
     return None

@@ -39,11 +39,39 @@ class Source:
         return lines[number - 1] if 1 <= number <= len(lines) else ""
 
     def end_span(self) -> Span:
-        """A one-character span just after the last non-blank character (for end-of-file errors)."""
-        lines = self.text.rstrip().split("\n")
+        """A one-character span just after the last code (for end-of-file errors).
+
+        Blank lines and comments at the end are skipped: the caret goes where the missing text
+        belongs.
+        """
+        return self.end_before(len(self.text))
+
+    def end_before(self, offset: int) -> Span:
+        """A one-character span just after the last code before `offset`."""
+        lines = self.text[:offset].split("\n")
+        while len(lines) > 1 and not _strip_comment(lines[-1]).strip():
+            lines.pop()
         line = len(lines)
-        col = len(lines[-1]) + 1
+        col = len(_strip_comment(lines[-1]).rstrip()) + 1
         return Span(line, col, line, col + 1)
+
+
+def _strip_comment(line: str) -> str:
+    """The line without its `#` comment (a `#` inside a string does not start one)."""
+    in_string = escaped = False
+    for i, ch in enumerate(line):
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch == "#":
+            return line[:i]
+    return line
 
 
 @dataclass(frozen=True)
@@ -72,35 +100,62 @@ class Diagnostic:
             text = source.line(sp.line)
             width = len(str(sp.line))
             end = sp.end_col if sp.end_line == sp.line else len(text) + 1
-            carets = max(1, end - sp.col)
+            text, col, end = _window(text, sp.col, end)
+            carets = max(1, end - col)
             out.append(f"  {sp.line} | {text}".rstrip())
-            out.append(f"  {' ' * width} | {' ' * (sp.col - 1)}{'^' * carets}")
+            out.append(f"  {' ' * width} | {' ' * (col - 1)}{'^' * carets}")
         out.extend(f"  note: {n}" for n in self.notes)
         if self.hint:
             out.append(f"  hint: {self.hint}")
         return "\n".join(out)
 
 
+MAX_LINE = 120
+
+
+def _window(text: str, col: int, end: int) -> tuple[str, int, int]:
+    """A long line cut to `MAX_LINE` characters around the span; columns moved to match."""
+    if len(text) <= MAX_LINE:
+        return text, col, end
+    left = max(0, min(col - 1 - 20, len(text) - MAX_LINE))
+    right = left + MAX_LINE
+    shown = ("..." if left else "") + text[left:right] + ("..." if right < len(text) else "")
+    shift = left - (3 if left else 0)
+    return shown, col - shift, min(end, right + 1) - shift
+
+
 def suggest(name: str, candidates: list[str] | set[str] | tuple[str, ...]) -> str | None:
-    """The closest candidate by edit distance, if close enough to be a likely typo."""
-    best: tuple[int, str] | None = None
-    for cand in sorted(set(candidates)):
-        d = _edit_distance(name.lower(), cand.lower())
-        if best is None or d < best[0]:
-            best = (d, cand)
-    if best is None:
+    """The closest candidate, if close enough to be a likely typo or abbreviation.
+
+    >>> suggest("epsilon", ["eps", "delta"]), suggest("pdg", ["pgd", "apgd"])
+    ('eps', 'pgd')
+    """
+    lowered = name.lower()
+    scored = sorted((_edit_distance(lowered, c.lower()), c) for c in set(candidates))
+    if not scored:
         return None
-    limit = max(1, len(name) // 3) if len(name) > 2 else 1
-    if best[0] <= limit or (len(name) > 2 and best[1].lower().startswith(name.lower())):
-        return best[1]
+    # One-letter names are not typos of other one-letter names (`z` is not a misspelt `x`).
+    limit = max(1, len(name) // 3) if len(name) > 1 else 0
+    if scored[0][0] <= limit:
+        return scored[0][1]
+    # An abbreviation of the name, or the name cut short: `epsilon` for `eps`, `adamw` for `adam`.
+    for _, cand in scored:
+        short, long = sorted((lowered, cand.lower()), key=len)
+        if len(short) >= 3 and long.startswith(short):
+            return cand
     return None
 
 
 def _edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance where swapping two neighbouring characters counts as one edit."""
+    prev2: list[int] = []
     prev = list(range(len(b) + 1))
     for i, ca in enumerate(a, 1):
         cur = [i]
         for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
+            d = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb))
+            if i > 1 and j > 1 and ca == b[j - 2] and a[i - 2] == cb:
+                d = min(d, prev2[j - 2] + 1)
+            cur.append(d)
+        prev2, prev = prev, cur
     return prev[-1]

@@ -46,7 +46,36 @@ class Env:
     `parent` is the enclosing environment; `factor` > 1 means this environment's batch is the
     parent's repeated `factor` times (a vectorised finite quantifier), so values computed in the
     parent are `repeat_interleave`d on the way down.
+
+    Two caches: `cache` holds formula values (they depend on the logic), `shared` holds numbers
+    (network outputs, norms, saliency maps), which are the same under every logic and are shared
+    by the logic variants of one evaluation (`with_logic(..., share=True)`): the exact Boolean
+    pass that reports `satisfied` reuses the loss pass's network outputs instead of recomputing
+    them. The attack's variant (`share=False`) computes its own, as it runs the models in eval
+    mode.
+
+    `store` (one per evaluation, shared by every env of it) remembers the envs that quantifiers
+    derive from an env: the attack's points and the finite quantifiers' expanded bindings, so
+    that every logic variant evaluates the body at the same points with the same numbers.
+    Only envs with `remember` set write to it; the attack's objective envs do not (their values
+    are used once, and keeping them would keep every step's graph alive).
     """
+
+    __slots__ = (
+        "models",
+        "values",
+        "batch",
+        "logic",
+        "config",
+        "parent",
+        "factor",
+        "cache",
+        "shared",
+        "store",
+        "found",
+        "grid",
+        "remember",
+    )
 
     def __init__(
         self,
@@ -57,6 +86,9 @@ class Env:
         config: CompileConfig,
         parent: Env | None = None,
         factor: int = 1,
+        *,
+        shared: dict[int, Tensor] | None = None,
+        remember: bool | None = None,
     ):
         self.models = models
         self.values = values
@@ -66,9 +98,21 @@ class Env:
         self.parent = parent
         self.factor = factor
         self.cache: dict[int, Tensor] = {}
-        self.points: dict[int, tuple[Tensor, ...]] = parent.points if parent else {}
+        self.shared: dict[int, Tensor] = {} if shared is None else shared
+        self.store: dict[tuple[int, int], Any] = parent.store if parent is not None else {}
+        # the attack points of this evaluation: (logic, names, points), for counterexamples
+        self.found: list[tuple[Logic, tuple[str, ...], tuple[Tensor, ...]]] = (
+            parent.found if parent is not None else []
+        )
+        # finite quantifier envs: variable -> (its index per parent row [factor], is arange(k))
+        self.grid: dict[str, tuple[Tensor, bool]] | None = None
+        if remember is None:
+            remember = parent.remember if parent is not None else True
+        self.remember = remember
 
-    def child(self, values: dict[str, Tensor], factor: int = 1) -> Env:
+    def child(
+        self, values: dict[str, Tensor], factor: int = 1, *, shared: dict | None = None
+    ) -> Env:
         return Env(
             self.models,
             values,
@@ -77,19 +121,44 @@ class Env:
             self.config,
             parent=self,
             factor=factor,
+            shared=shared,
         )
 
-    def with_logic(self, logic: Logic) -> Env:
-        """The same bindings under another logic (a fresh cache: values depend on the logic)."""
+    def with_logic(self, logic: Logic, *, share: bool = True) -> Env:
+        """The same bindings (the whole chain of parents) under another logic.
+
+        Formula caches are fresh (values depend on the logic). With `share`, numbers are shared
+        with this env's chain; without, the new chain computes its own and remembers nothing.
+        """
+        if logic is self.logic and share:
+            return self
+        parent = self.parent.with_logic(logic, share=share) if self.parent is not None else None
         env = Env(
-            self.models, self.values, self.batch, logic, self.config, self.parent, self.factor
+            self.models,
+            self.values,
+            self.batch,
+            logic,
+            self.config,
+            parent,
+            self.factor,
+            shared=self.shared if share else None,
+            remember=self.remember and share,
         )
-        env.points = self.points
+        if parent is None:
+            env.store, env.found = self.store, self.found
+        env.grid = self.grid
         return env
 
-    def owner(self, names: frozenset[str]) -> Env:
-        """The outermost environment that binds none of `names` below it (for lifting)."""
-        return self
+    def recall(self, key: int) -> Any:
+        """What `remember(key, ...)` stored for an env with the same bindings, or None."""
+        found = self.store.get((key, id(self.shared))) if self.remember else None
+        # The stored env's `shared` dict is kept alive by the record, so its id cannot have been
+        # reused by another dict.
+        return found[1] if found is not None and found[0] is self.shared else None
+
+    def keep(self, key: int, record: Any) -> None:
+        if self.remember:
+            self.store[(key, id(self.shared))] = (self.shared, record)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -100,24 +169,32 @@ class CompileConfig:
 
 # -- compiled closures ---------------------------------------------------------------------------
 class Code:
-    """One compiled node. `run(env)` evaluates it, lifting to the parent env when possible."""
+    """One compiled node. `env -> value`, lifting to the parent env when possible.
 
-    def __init__(self, node: I.Node, free: frozenset[str]):
+    `logical` nodes (formulas, and numbers that contain a property's loss) are cached per logic;
+    the others in the numeric cache that the logic variants of an evaluation share.
+    """
+
+    def __init__(self, node: I.Node, free: frozenset[str], logical: bool = True):
         self.node = node
         self.free = free
+        self.logical = logical
+        self.key = id(self)
 
     def __call__(self, env: Env) -> Tensor:
-        # Lift: a value that does not read this env's own variables is computed in the parent.
-        if env.parent is not None and not (self.free & env.values.keys()):
-            up = self(env.parent)
-            if env.factor > 1 and isinstance(up, Tensor) and up.dim() > 0:
-                return up.repeat_interleave(env.factor, dim=0)
-            return up
-        key = id(self)
-        if key in env.cache:
-            return env.cache[key]
-        out = self.run(env)
-        env.cache[key] = out
+        cache = env.cache if self.logical else env.shared
+        out = cache.get(self.key)
+        if out is not None:
+            return out
+        if env.parent is not None and self.free.isdisjoint(env.values):
+            # Lift: a value that does not read this env's own variables is computed in the
+            # parent (once), and repeated when this env expands the batch.
+            out = self(env.parent)
+            if env.factor > 1 and isinstance(out, Tensor) and out.dim() > 0:
+                out = out.repeat_interleave(env.factor, dim=0)
+        else:
+            out = self.run(env)
+        cache[self.key] = out
         return out
 
     def run(self, env: Env) -> Tensor:
@@ -125,11 +202,21 @@ class Code:
 
 
 class Compiler:
-    """IR -> closures, hash-consed by structural equality of the nodes."""
+    """IR -> closures, hash-consed by structural equality of the nodes.
 
-    def __init__(self, properties: Mapping[str, I.Node] | None = None):
+    `properties` are the formulas that `PropTerm`s (a property named in a train block's loss)
+    refer to; `property_params` their parameter names, bound to the objective's `x` and `y`.
+    """
+
+    def __init__(
+        self,
+        properties: Mapping[str, I.Node] | None = None,
+        *,
+        property_params: Mapping[str, Sequence[str]] | None = None,
+    ):
         self.memo: dict[I.Node, Code] = {}
         self.properties = dict(properties or {})
+        self.property_params = {k: tuple(v) for k, v in (property_params or {}).items()}
         self.prop_codes: dict[str, Code] = {}
 
     def __call__(self, node: I.Node) -> Code:
@@ -146,7 +233,9 @@ class Compiler:
         builder = getattr(self, f"_{type(node).__name__}", None)
         if builder is None:
             raise CompileError(f"cannot compile {type(node).__name__} into a loss")
-        return builder(node, free)
+        code = builder(node, free)
+        code.logical = _logical(node)
+        return code
 
     # -- leaves ----------------------------------------------------------------------------------
     def _Const(self, node: I.Const, free):
@@ -169,16 +258,7 @@ class Compiler:
 
     def _Var(self, node: I.Var, free):
         name = node.name
-
-        def run(env: Env) -> Tensor:
-            e: Env | None = env
-            while e is not None:
-                if name in e.values:
-                    return e.values[name]
-                e = e.parent
-            raise CompileError(f"variable '{name}' is not bound")
-
-        return _Lambda(node, free, run)
+        return _Lambda(node, free, lambda env: _lookup(env, name))
 
     def _ParamRef(self, node: I.ParamRef, free):
         raise CompileError(f"parameter '{node.name}' was not substituted")
@@ -189,7 +269,19 @@ class Compiler:
         if node.name not in self.prop_codes:
             self.prop_codes[node.name] = self(self.properties[node.name])
         body = self.prop_codes[node.name]
-        return _Lambda(node, free | body.free, lambda env: env.logic.loss(body(env)))
+        params = self.property_params.get(node.name, ())
+        data = ("x", "y")[: len(params)]
+        if params == data:
+            return _Lambda(node, free | body.free, lambda env: env.logic.loss(body(env)))
+        # `property p(img, label)` in a loss: bind its parameters to the sample's x and y.
+        # (Binding in an env, not renaming the IR, so that a quantified `x` inside stays itself.)
+        outer = frozenset(data)
+
+        def run(env: Env) -> Tensor:
+            values = {p: _lookup(env, d) for p, d in zip(params, data, strict=True)}
+            return env.logic.loss(body(env.child(values)))
+
+        return _Lambda(node, free | outer, run)
 
     # -- numbers ---------------------------------------------------------------------------------
     def _Apply(self, node: I.Apply, free):
@@ -218,17 +310,30 @@ class Compiler:
 
     def _Idx(self, node: I.Idx, free):
         base = self(node.base)
-        idx = [self(i) for i in node.indices]
+        # A constant index is a Python int (a view, no index tensor); others are per-sample.
+        idx: list[int | Code] = [
+            int(i.value) if isinstance(i, I.Const) else self(i) for i in node.indices
+        ]
+        first = node.indices[0]
+        var = first.name if len(node.indices) == 1 and isinstance(first, I.Var) else None
 
         def run(env: Env) -> Tensor:
+            if var is not None and env.grid is not None and var in env.grid:
+                if base.free.isdisjoint(env.values):
+                    # `f(x')[j]` under `forall j`: select the entries on the parent's batch
+                    # instead of repeating the whole base K-fold and gathering from the copy.
+                    return _select_grid(base(env.parent), *env.grid[var])
             v = base(env)
-            rows = torch.arange(v.shape[0], device=v.device)
             for i in idx:
+                if isinstance(i, int):
+                    v = v[:, i]
+                    continue
                 j = i(env)
                 if j.dim() == 0:
                     v = v[:, int(j)]
-                else:
-                    v = v[rows, j.long()]
+                    continue
+                at = j.long().reshape(-1, *([1] * (v.dim() - 1)))
+                v = v.gather(1, at.expand(v.shape[0], 1, *v.shape[2:])).squeeze(1)
             return v
 
         return _Lambda(node, free, run)
@@ -316,7 +421,7 @@ class Compiler:
         nd = len(shape_of(node.type) or ())
 
         def run(env: Env) -> Tensor:
-            mask = c(env.with_logic(BOOLEAN) if env.logic is not BOOLEAN else env).bool()
+            mask = c(env.with_logic(BOOLEAN)).bool()
             av, bv = a(env), b(env)
             sa = tuple(av.shape[1:])
             m = mask.reshape(-1, *([1] * max(nd, len(sa))))
@@ -436,30 +541,48 @@ class Compiler:
         total = math.prod(sizes)
         names = [v.name for v in node.vars]
         kind = node.kind
+        # The expanded bindings depend only on the batch size and device: built once each.
+        layouts: dict[tuple[int, torch.device], tuple[dict, dict]] = {}
+
+        def layout(batch: int, device: torch.device) -> tuple[dict, dict]:
+            found = layouts.get((batch, device))
+            if found is None:
+                if len(layouts) > 8:
+                    layouts.clear()
+                axes = [torch.arange(k, device=device) for k in sizes]
+                cols = torch.cartesian_prod(*axes).reshape(total, len(sizes)).unbind(1)
+                grid = {n: (c, len(sizes) == 1) for n, c in zip(names, cols, strict=True)}
+                values = {n: c.repeat(batch) for n, c in zip(names, cols, strict=True)}
+                found = layouts[(batch, device)] = (values, grid)
+            return found
 
         def run(env: Env) -> Tensor:
-            device = _device(env)
-            grids = torch.cartesian_prod(*[torch.arange(k, device=device) for k in sizes])
-            grids = grids.reshape(total, len(sizes))
-            values = {n: grids[:, i].repeat(env.batch) for i, n in enumerate(names)}
-            sub = env.child(values, factor=total)
-            if env.logic is BOOLEAN or kind in ("forall", "exists"):
-                out = _b(body(sub), sub).reshape(env.batch, total)
-            else:
-                out = body(sub).reshape(env.batch, total)
-            mask = torch.zeros(env.batch, total, dtype=torch.bool, device=device)
+            # One expanded env per bindings, kept for the other logic variants of this
+            # evaluation (the exact pass reuses the numbers computed on the expanded batch).
+            sub = env.recall(id(run))
+            if sub is None:
+                values, grid = layout(env.batch, _device(env))
+                sub = env.child(dict(values), factor=total)
+                sub.grid = grid
+                env.keep(id(run), sub)
+            elif sub.parent is not env:
+                sub = _rebind(sub, env)
+            out = _b(body(sub), sub).reshape(env.batch, total)
+            mask = None
             for i, ex in enumerate(excludes):
                 if ex is not None:
-                    e = ex(env).long().reshape(-1, 1)
-                    mask |= grids[:, i].reshape(1, -1) == e
+                    hit = sub.grid[names[i]][0].reshape(1, -1) == ex(env).reshape(-1, 1)
+                    mask = hit if mask is None else mask | hit
             if kind == "forall":
-                out = torch.where(mask, env.logic.constant(True, out), out)
+                if mask is not None:
+                    out = torch.where(mask, env.logic.constant(True, out), out)
                 return env.logic.conj(out, -1)
             if kind == "exists":
-                out = torch.where(mask, env.logic.constant(False, out), out)
+                if mask is not None:
+                    out = torch.where(mask, env.logic.constant(False, out), out)
                 return env.logic.disj(out, -1)
-            fill = -math.inf if kind == "max" else math.inf
-            out = out.masked_fill(mask, fill)
+            if mask is not None:
+                out = out.masked_fill(mask, -math.inf if kind == "max" else math.inf)
             return out.amax(-1) if kind == "max" else out.amin(-1)
 
         return _Lambda(node, free, run)
@@ -467,39 +590,37 @@ class Compiler:
     def _continuous(self, node: I.Quant, free):
         body = self(node.body)
         domains = [self._domain(d) for d in node.domains]
-        names = [v.name for v in node.vars]
-        kind = node.kind
-
-        def objective_env(env: Env, points: Sequence[Tensor]) -> Env:
-            return env.child(dict(zip(names, points, strict=True)))
+        names = tuple(v.name for v in node.vars)
+        negate = node.kind in ("exists", "min")  # the attack maximises
 
         def run(env: Env) -> Tensor:
-            key = id(run)
-            points = env.points.get((key, id(env.values)))  # type: ignore[call-overload]
-            if points is None:
+            sub = env.recall(id(run))
+            if sub is None:
                 regions = [d(env) for d in domains]
-                violation_env = env.with_logic(VIOLATION)
-                sign = 1.0 if kind in ("forall", "max") else -1.0
+                # The attack's own chain: the `violation` logic, numbers computed afresh (the
+                # models run in eval mode during the attack), nothing remembered.
+                violation_env = env.with_logic(VIOLATION, share=False)
 
                 def objective(*pts: Tensor) -> Tensor:
-                    sub = objective_env(violation_env, pts)
-                    return sign * body(sub)
+                    value = body(violation_env.child(dict(zip(names, pts, strict=True))))
+                    return -value if negate else value
 
-                attack = env.config.attack
                 result = run_attack(
-                    attack,
+                    env.config.attack,
                     objective,
                     regions,
                     models=list(env.models.values()),
                     generator=env.config.generator,
                 )
-                points = result.points
-                env.points[(key, id(env.values))] = points  # type: ignore[index]
-            return body(objective_env(env, points))
+                sub = env.child(dict(zip(names, result.points, strict=True)))
+                env.keep(id(run), sub)
+                if env.remember:
+                    env.found.append((env.logic, names, result.points))
+            elif sub.parent is not env:
+                sub = _rebind(sub, env)
+            return body(sub)
 
-        code = _Lambda(node, free, run)
-        code.points_of = lambda env: env.points.get((id(run), id(env.values)))  # type: ignore
-        return code
+        return _Lambda(node, free, run)
 
     def _domain(self, d: I.Domain) -> Callable[[Env], Region]:
         parts = d.parts if isinstance(d, I.Inter) else (d,)
@@ -548,6 +669,48 @@ class _Lambda(Code):
 
 
 # -- helpers ------------------------------------------------------------------------------------
+def _lookup(env: Env, name: str) -> Tensor:
+    e: Env | None = env
+    while e is not None:
+        if name in e.values:
+            return e.values[name]
+        e = e.parent
+    raise CompileError(f"variable '{name}' is not bound")
+
+
+def _rebind(sub: Env, env: Env) -> Env:
+    """`sub` (derived from another logic variant of `env`) as a child of `env`."""
+    new = Env(
+        env.models,
+        sub.values,
+        sub.batch,
+        env.logic,
+        env.config,
+        env,
+        sub.factor,
+        shared=sub.shared,
+    )
+    new.grid = sub.grid
+    return new
+
+
+def _logical(node: I.Node) -> bool:
+    """Whether the node's value depends on the logic (formulas, and losses of properties)."""
+    if node.ty == BOOL:
+        return True
+    return any(
+        isinstance(n, I.PropTerm) or (isinstance(n, I.Fn) and n.fn == "certified")
+        for n in I.walk(node)
+    )
+
+
+def _select_grid(v: Tensor, col: Tensor, whole: bool) -> Tensor:
+    """`v[b, col[t]]` for every parent row b and grid point t, flattened to [B * T, ...]."""
+    if not whole or v.shape[1] != col.shape[0]:
+        v = v.index_select(1, col)
+    return v.reshape(-1, *v.shape[2:])
+
+
 def _b(value: Tensor, env: Env) -> Tensor:
     """A Bool value broadcast to the batch."""
     if value.dim() == 0:
@@ -729,8 +892,6 @@ class PropertyLoss(nn.Module):
         generator: torch.Generator | None = None,
     ):
         super().__init__()
-        if not logic.trainable and logic is not BOOLEAN:
-            pass
         self.name = name
         self.formula = formula
         self.params = tuple(params)
@@ -762,13 +923,13 @@ class PropertyLoss(nn.Module):
     def forward(self, model, x: Tensor, y: Tensor | None = None) -> LossOutput:
         env = self.env(model, x, y, self.logic)
         value = _b(self.code(env), env)
-        points = {}
-        for key, pts in env.points.items():
-            run_id, _ = key
-            pts_list = list(pts)
-            for name, p in zip(self.quantified, pts_list, strict=False):
-                points.setdefault(name, p)
+        points: dict[str, Tensor] = {}
+        for logic, names, pts in env.found:
+            if logic is self.logic:  # the points the loss was evaluated at
+                for name, p in zip(names, pts, strict=True):
+                    points.setdefault(name, p)
         with torch.no_grad():
+            # The exact truth at the same points, reusing the numbers of the loss pass.
             exact = env.with_logic(BOOLEAN)
             satisfied = _b(self.code(exact), exact).bool()
         return LossOutput(self.logic.loss(value), satisfied, value, points)
@@ -789,6 +950,7 @@ class Objective(nn.Module):
         attack: Attack,
         *,
         terms: Sequence[tuple[str, I.Node]] = (),
+        property_params: Mapping[str, Sequence[str]] | None = None,
         generator: torch.Generator | None = None,
     ):
         super().__init__()
@@ -797,7 +959,7 @@ class Objective(nn.Module):
         self.logic = logic
         self.attack = attack
         self.generator = generator
-        compiler = Compiler(properties)
+        compiler = Compiler(properties, property_params=property_params)
         self.code = compiler(expr)
         self.term_codes = [(label, compiler(node)) for label, node in terms]
         self.last_terms: dict[str, float] = {}

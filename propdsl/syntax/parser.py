@@ -11,7 +11,7 @@ from typing import Any
 
 from propdsl import ast as A
 from propdsl.errors import ParseError
-from propdsl.source import Diagnostic, Source, Span
+from propdsl.source import Diagnostic, Source, Span, suggest
 
 DECL_KEYWORDS = ("network", "param", "let", "property", "train", "verify")
 KEYWORDS = frozenset(
@@ -69,7 +69,7 @@ def parse(text: str, name: str = "<spec>") -> A.Module:
             diagnostics.append(result)
             if len(diagnostics) >= MAX_SYNTAX_ERRORS or result.span is None:
                 break
-            offset = _next_declaration(text, result.span)
+            offset = _next_declaration(text, result.span, offset)
             if offset < 0:
                 break
             # Blank out what came before (keeping newlines) so that positions stay true.
@@ -98,16 +98,19 @@ def _too_deep(tree: Any) -> Diagnostic | None:
     """
     import lark
 
-    stack = [(tree, 0)]
+    # (node, depth, the outermost expression above it: start -> declaration -> expression)
+    stack: list[tuple[Any, int, Any]] = [(tree, 0, None)]
     while stack:
-        node, depth = stack.pop()
+        node, depth, top = stack.pop()
+        if depth == 2:
+            top = node
         if depth > MAX_DEPTH:
             return Diagnostic(
                 f"this expression is nested too deeply (more than {MAX_DEPTH} levels)",
-                _span(node.meta),
+                _span(top.meta),
                 "split it into smaller parts with 'let'",
             )
-        stack.extend((c, depth + 1) for c in node.children if isinstance(c, lark.Tree))
+        stack.extend((c, depth + 1, top) for c in node.children if isinstance(c, lark.Tree))
     return None
 
 
@@ -120,18 +123,32 @@ def _try_parse(text: str, source: Source) -> Any:
         return _diagnose(err, source)
 
 
-def _next_declaration(text: str, span: Span) -> int:
-    """Offset of the first line after the error that starts a declaration, or -1."""
+def _next_declaration(text: str, span: Span, after: int) -> int:
+    """Offset of the first line after the error that starts a declaration, or -1.
+
+    Only offsets beyond `after` (where the last attempt started) count, so recovery always
+    moves forward.
+    """
     pos = 0
     for number, line in enumerate(text.split("\n"), 1):
-        if number > span.line and re.match(rf"({'|'.join(DECL_KEYWORDS)})\b", line):
+        if (
+            number > span.line
+            and pos > after
+            and re.match(rf"({'|'.join(DECL_KEYWORDS)})\b", line)
+        ):
             return pos
         pos += len(line) + 1
     return -1
 
 
+_DECL_TERMINALS = frozenset(("NETWORK", "PARAM", "LET", "PROPERTY", "BLOCK_KIND"))
+
+
 def _describe_expected(expected: set[str]) -> str:
     names = []
+    if _DECL_TERMINALS <= expected:
+        expected = expected - _DECL_TERMINALS
+        names.append("a new declaration")
     for term in sorted(expected):
         if term in _TERMINAL_TEXT:
             names.append(_TERMINAL_TEXT[term])
@@ -181,8 +198,18 @@ def _diagnose(err: Any, source: Source) -> Diagnostic:
             msg = "unexpected end of file"
             if wanted:
                 msg += f"; expected {wanted}"
-            return Diagnostic(msg, source.end_span(), _eof_hint(source))
+            end = len(source.text)
+            return Diagnostic(msg, source.end_span(), _unfinished_hint(source, end))
         text = str(token)
+        if text in DECL_KEYWORDS and token.column == 1:
+            # A new declaration begins while the previous one is unfinished: the error is where
+            # the previous one stops, not at the keyword.
+            msg = "this declaration is incomplete"
+            if wanted:
+                msg += f"; expected {wanted}"
+            start = token.start_pos
+            hint = _unfinished_hint(source, start) or f"a new declaration starts at line {token.line}"
+            return Diagnostic(msg, source.end_before(start), hint)
         span = Span(
             token.line,
             token.column,
@@ -192,20 +219,109 @@ def _diagnose(err: Any, source: Source) -> Diagnostic:
         msg = f"unexpected {text!r}"
         if wanted:
             msg += f"; expected {wanted}"
-        return Diagnostic(msg, span, _token_hint(text, expected))
+        hint = (
+            _token_hint(text, expected)
+            or _bracket_hint(source, token)
+            or _misspelt_keyword_hint(source, token, expected)
+        )
+        if hint is None and token.type in ("NAME", "NUMBER", "STRING") and "COMMA" in expected:
+            hint = f"is a ',' or an operator missing before {text!r}?"
+        return Diagnostic(msg, span, hint)
     # UnexpectedEOF and other rare cases
-    return Diagnostic("unexpected end of file", source.end_span(), _eof_hint(source))
+    end = len(source.text)
+    return Diagnostic("unexpected end of file", source.end_span(), _unfinished_hint(source, end))
 
 
-def _eof_hint(source: Source) -> str | None:
-    text = source.text
-    if text.count("(") > text.count(")"):
-        return "a '(' is never closed"
-    if text.count("[") > text.count("]"):
-        return "a '[' is never closed"
-    if text.count("{") > text.count("}"):
-        return "a block's '{' is never closed"
+_TRAILING_OPERATOR = re.compile(
+    r"(<=|>=|==|!=|->|[-+*/^&<>=,:]|\b(?:and|or|not|implies|in|if|then|else))\s*$"
+)
+
+
+def _unfinished_hint(source: Source, end: int) -> str | None:
+    """Why the declaration ending at `end` is unfinished: an open bracket or a dangling operator."""
+    hint = _unclosed_hint(source, end)
+    if hint is not None:
+        return hint
+    span = source.end_before(end)
+    code = source.line(span.line)[: span.col - 1]
+    m = _TRAILING_OPERATOR.search(code)
+    if m:
+        return f"something is missing after '{m.group(1)}'"
     return None
+
+
+_CLOSERS = {"(": ")", "[": "]", "{": "}"}
+
+
+def _open_brackets(text: str) -> tuple[list[tuple[str, int]], bool]:
+    """The brackets left open at the end of the last declaration in `text` (innermost last),
+    and whether a closing bracket matched nothing."""
+    start = _declaration_start(text)
+    # Strings and comments blanked out, so that their brackets do not count.
+    code = _COMMENT_RE.sub(lambda m: " " * len(m.group()), text[start:])
+    stack: list[tuple[str, int]] = []
+    unmatched = False
+    for i, ch in enumerate(code):
+        if ch in _CLOSERS:
+            stack.append((ch, start + i))
+        elif ch in ")]}":
+            if stack and ch == _CLOSERS[stack[-1][0]]:
+                stack.pop()
+            else:
+                unmatched = True
+    return stack, unmatched
+
+
+# Keywords long enough that a near miss is recognisable (`foral`, `trainf`, `porperty`).
+_LONG_KEYWORDS = ("network", "param", "property", "train", "verify", "forall", "exists", "implies")
+
+
+def _misspelt_keyword_hint(source: Source, token: Any, expected: set[str]) -> str | None:
+    """`foral x' in ...`: the name before the unexpected token, or the token itself, is a
+    misspelt keyword."""
+    words = []
+    if token.type == "NAME" and _DECL_TERMINALS <= expected:
+        words.append(str(token))
+    m = re.search(r"([A-Za-z_][A-Za-z0-9_]*)\s*$", source.text[: token.start_pos])
+    if m is not None:
+        words.append(m.group(1))
+    for word in words:
+        if word in KEYWORDS or len(word) < 4:
+            continue
+        keyword = suggest(word, _LONG_KEYWORDS)
+        if keyword:
+            return f"did you mean '{keyword}' instead of '{word}'?"
+    return None
+
+
+def _bracket_hint(source: Source, token: Any) -> str | None:
+    """For an unexpected closing bracket: is there no opening one?"""
+    text = str(token)
+    if text not in (")", "]", "}"):
+        return None
+    _, unmatched = _open_brackets(source.text[: token.start_pos + 1])
+    return f"this '{text}' has no matching opening bracket" if unmatched else None
+
+
+def _unclosed_hint(source: Source, end: int) -> str | None:
+    """Where the innermost bracket left open in the declaration that ends at `end` was opened."""
+    text = source.text[:end]
+    stack, _ = _open_brackets(text)
+    if not stack:
+        return None
+    ch, pos = stack[-1]
+    line = text.count("\n", 0, pos) + 1
+    col = pos - (text.rfind("\n", 0, pos) + 1) + 1
+    what = "the block's '{'" if ch == "{" else f"the '{ch}'"
+    return f"{what} at line {line}, column {col} is never closed"
+
+
+def _declaration_start(text: str) -> int:
+    """Offset of the last line of `text` that starts a declaration (0 if none)."""
+    found = 0
+    for m in re.finditer(rf"^({'|'.join(DECL_KEYWORDS)})\b", text, re.MULTILINE):
+        found = m.start()
+    return found
 
 
 def _token_hint(text: str, expected: set[str]) -> str | None:
@@ -215,7 +331,7 @@ def _token_hint(text: str, expected: set[str]) -> str | None:
         return "use '==' to compare"
     if text in ("&&", "&") and "COMP_OP" in expected:
         return "use 'and' for conjunction"
-    if "COLON" in expected and text not in (":",):
+    if {"AMPERSAND", "COLON", "COMMA"} <= expected and len(expected) <= 4:
         return "a quantifier's binders end with ':' before its body"
     return None
 

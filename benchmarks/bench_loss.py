@@ -1,0 +1,191 @@
+"""Cost of the compiled property losses against hand-written PyTorch doing the same work.
+
+One training step (forward + backward + optimizer step) on a batch of 64 digits, on the zoo's
+digits MLP and CNN:
+
+* `compiled`: `spec.loss("classification_robust", logic="dl2", attack=PGD(steps=10))` from
+  specs/digits.prop, `out.loss.mean()` back-propagated.
+* `hand`: the same work written directly in PyTorch: a uniform random start in the ball and box,
+  10 projected sign steps on the signed margin `max_{j != y} f_j - f_y`, the best point visited
+  kept per sample, then the DL2 loss `sum_{j != y} max(f_j - f_y, 0) + [f_j == f_y]` at that
+  point and the exact truth `argmax f = y` there.
+
+The ratio compiled / hand is the compiler's overhead (target <= 1.05). A second table row
+gives the explanation-stability step (DL2, PGD-10 on a softplus surrogate, double
+backpropagation) relative to a plain cross-entropy step, the price of training on explanations.
+
+Run `python benchmarks/bench_loss.py [--quick] [--threads N]` or through `benchmarks/run.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import propdsl
+from propdsl.data import load_dataset
+from propdsl.models import build_model
+
+SPEC = Path(__file__).resolve().parent.parent / "specs" / "digits.prop"
+BATCH = 64
+STEPS = 10
+EPS = 0.1
+
+
+def _timed(step: Callable[[], object], *, warmup: int, repeats: int, inner: int) -> float:
+    """Median over `repeats` of the mean time of `inner` consecutive calls (seconds)."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(inner):
+            step()
+        times.append((time.perf_counter() - start) / inner)
+    return statistics.median(times)
+
+
+def _model(kind: str) -> nn.Module:
+    if kind == "mlp":
+        return build_model("mlp", (1, 8, 8), 10, hidden=[100, 100], seed=0)
+    return build_model("cnn", (1, 8, 8), 10, channels=[16, 32], hidden=100, seed=0)
+
+
+def hand_pgd_dl2(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int, gen):
+    """Hand-written PGD on the signed margin, then DL2 classification robustness at the point.
+
+    Returns the per-sample DL2 loss (with graph into the weights) and the exact truth.
+    """
+    lo = (x - eps).clamp(0, 1)
+    hi = (x + eps).clamp(0, 1)
+    own = F.one_hot(y, 10).bool()
+    alpha = 2.5 * eps / steps
+
+    def margin(v: Tensor) -> Tensor:
+        logits = model(v)
+        return (logits - logits.gather(1, y[:, None])).masked_fill(own, -torch.inf).amax(1)
+
+    was_training = model.training
+    model.eval()
+    start = x + (2 * torch.rand(x.shape, generator=gen, dtype=x.dtype) - 1) * eps
+    point = torch.minimum(torch.maximum(start, lo), hi)
+    best, best_value = point, None
+    for k in range(steps + 1):
+        leaf = point.detach().requires_grad_(True)
+        with torch.enable_grad():
+            value = margin(leaf)
+            if k < steps:
+                (g,) = torch.autograd.grad(value.sum(), leaf)
+        value = value.detach()
+        if best_value is None:
+            best_value = value
+        else:
+            better = value > best_value
+            best = torch.where(better[:, None, None, None], leaf.detach(), best)
+            best_value = torch.where(better, value, best_value)
+        if k < steps:
+            point = torch.minimum(torch.maximum(leaf.detach() + alpha * g.sign(), lo), hi)
+    model.train(was_training)
+    logits = model(best)
+    fy = logits.gather(1, y[:, None])
+    terms = (logits - fy).clamp_min(0) + (logits == fy).to(logits.dtype)
+    loss = terms.masked_fill(own, 0.0).sum(1)
+    with torch.no_grad():
+        satisfied = logits.argmax(1) == y
+    return loss, satisfied
+
+
+def run(quick: bool = False, threads: int | None = 2) -> list[dict]:
+    """Time one training step of each variant; one row per model and comparison."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    warmup, repeats, inner = (2, 5, 3) if quick else (5, 15, 5)
+    data = load_dataset("digits", split="train", seed=0, limit=BATCH)
+    x, y = data.x, data.y
+    spec = propdsl.load(SPEC, params={"eps": EPS})
+    attack = propdsl.PGD(steps=STEPS, restarts=1)
+    robust = spec.loss("classification_robust", logic="dl2", attack=attack)
+    stable = spec.loss(
+        "explanation_stable",
+        logic="dl2",
+        attack=propdsl.PGD(steps=STEPS, restarts=1, surrogate_beta=10.0),
+    )
+    rows = []
+    for kind in ("mlp", "cnn"):
+        model = _model(kind)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+        gen_c = torch.Generator().manual_seed(0)
+        gen_h = torch.Generator().manual_seed(0)
+        robust.generator = gen_c
+
+        def compiled_step(model=model, opt=opt) -> None:
+            opt.zero_grad(set_to_none=True)
+            out = robust(model, x, y)
+            out.loss.mean().backward()
+            opt.step()
+
+        def hand_step(model=model, opt=opt, gen=gen_h) -> None:
+            opt.zero_grad(set_to_none=True)
+            loss, _ = hand_pgd_dl2(model, x, y, EPS, STEPS, gen)
+            loss.mean().backward()
+            opt.step()
+
+        def ce_step(model=model, opt=opt) -> None:
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+
+        def stable_step(model=model, opt=opt) -> None:
+            opt.zero_grad(set_to_none=True)
+            stable(model, x, y).loss.mean().backward()
+            opt.step()
+
+        # Interleave the two timings so that machine noise hits both alike.
+        t_hand, t_comp = [], []
+        for _ in range(3 if quick else 5):
+            t_hand.append(_timed(hand_step, warmup=warmup, repeats=repeats, inner=inner))
+            t_comp.append(_timed(compiled_step, warmup=warmup, repeats=repeats, inner=inner))
+        hand, comp = min(t_hand), min(t_comp)
+        rows.append(
+            {
+                "benchmark": f"loss/{kind}: CR, DL2, PGD-{STEPS}, batch {BATCH}",
+                "baseline": "hand-written PGD + DL2",
+                "ms": round(1e3 * comp, 2),
+                "baseline_ms": round(1e3 * hand, 2),
+                "ratio": round(comp / hand, 3),
+                "target": "<= 1.05",
+            }
+        )
+        t_ce = _timed(ce_step, warmup=warmup, repeats=repeats, inner=inner)
+        t_st = _timed(stable_step, warmup=1, repeats=max(3, repeats // 2), inner=1)
+        rows.append(
+            {
+                "benchmark": f"loss/{kind}: explanation stability, DL2, PGD-{STEPS} (surrogate)",
+                "baseline": "plain cross-entropy step",
+                "ms": round(1e3 * t_st, 2),
+                "baseline_ms": round(1e3 * t_ce, 2),
+                "ratio": round(t_st / t_ce, 1),
+                "target": "report",
+            }
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    for row in run(quick=args.quick, threads=args.threads):
+        print(row)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,245 @@
+"""The `propdsl` command: help, summaries, formatting, and exit codes (0, 1, 2, 70)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import propdsl
+from propdsl import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "specs" / "digits.prop"
+
+GOOD = """\
+network f : Tensor[2] -> Tensor[3]
+
+param eps : Real = 0.1
+
+property robust(x, y) =
+  forall x' in ball(x, eps, inf):
+    argmax(f(x')) == y
+"""
+
+
+def run(*args: str):
+    return CliRunner().invoke(cli.app, list(args))
+
+
+def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """Through the console-script entry point, as a shell would see it."""
+    monkeypatch.setattr(sys, "argv", ["propdsl", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    out, err = capsys.readouterr()
+    code = exit_info.value.code
+    return (0 if code is None else code), out, err
+
+
+@pytest.fixture
+def spec_file(tmp_path: Path) -> Path:
+    path = tmp_path / "robust.prop"
+    path.write_text(GOOD, encoding="utf-8")
+    return path
+
+
+# -- help and version ----------------------------------------------------------------------------
+def test_version():
+    result = run("--version")
+    assert result.exit_code == 0
+    assert result.stdout.strip() == f"propdsl {propdsl.__version__}"
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--help"], ["check", "fmt", "--version", "--debug"]),
+        (["check", "--help"], ["check", "--param", "spec"]),
+        (["fmt", "--help"], ["fmt", "--check"]),
+    ],
+)
+def test_help(args, words):
+    result = run(*args)
+    assert result.exit_code == 0
+    for word in words:
+        assert word in result.stdout, word
+
+
+# -- check ---------------------------------------------------------------------------------------
+def test_check_prints_the_summary():
+    result = run("check", str(DIGITS))
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert out.startswith(f"spec {DIGITS}: ok\n")
+    assert "networks:\n  f : Tensor[1, 8, 8] -> Tensor[10]\n" in out
+    assert "params:\n  eps : Real = 0.1\n  delta : Real = 2\n  L : Real = 10\n" in out
+    assert "properties:\n  classification_robust(x : Tensor[1, 8, 8], y : Label[10])\n" in out
+    assert (
+        "    formula: ∀ x' ∈ B∞(x, 0.1) ∩ [0, 1]. ∀ j ∈ classes \\ {y}. f(x')[y] > f(x')[j]\n"
+        in out
+    )
+    assert "      f(x')[y] - f(x')[j] > 0\n" in out
+    for name in ("standard_robust", "lipschitz_robust", "explanation_stable"):
+        assert f"  {name}(x : Tensor[1, 8, 8]" in out
+    assert 'train f on digits(split = "train"):' in out
+    assert 'verify f on digits(split = "test"):' in out
+    assert result.stderr == ""
+
+
+def test_param_override_changes_the_printed_value():
+    result = run("check", str(DIGITS), "--param", "eps=0.05", "-p", "delta=3")
+    assert result.exit_code == 0, result.output
+    assert "  eps : Real = 0.05  (overridden)\n" in result.stdout
+    assert "  delta : Real = 3  (overridden)\n" in result.stdout
+    assert "B∞(x, 0.05)" in result.stdout and "B∞(x, 0.1)" not in result.stdout
+
+
+def test_spec_error_exits_1_with_a_positioned_message(tmp_path: Path):
+    bad = tmp_path / "bad.prop"
+    bad.write_text(GOOD.replace("ball(x, eps, inf)", "ball(x, epsilon, inf)"), encoding="utf-8")
+    result = run("check", str(bad))
+    assert result.exit_code == 1
+    assert result.stderr == (
+        f"{bad}:6:24: error: unknown name 'epsilon'\n"
+        "  6 |   forall x' in ball(x, epsilon, inf):\n"
+        "    |                        ^^^^^^^\n"
+        "  hint: did you mean 'eps'?\n"
+    )
+    assert "Traceback" not in result.output
+
+
+def test_syntax_error_exits_1(tmp_path: Path):
+    bad = tmp_path / "bad.prop"
+    bad.write_text("network f : Tensor[2] -> \n", encoding="utf-8")
+    result = run("check", str(bad))
+    assert result.exit_code == 1
+    assert f"{bad}:1:" in result.stderr and "error:" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_bad_override_value_exits_1():
+    result = run("check", str(DIGITS), "--param", "eps=abc")
+    assert result.exit_code == 1
+    assert "parameter 'eps' is Real" in result.stderr
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["check", "no/such/file.prop"], "no such spec file"),
+        (["check", str(DIGITS), "--param", "foo"], "--param expects name=value"),
+        (["check", str(DIGITS), "--param", "=1"], "--param expects name=value"),
+        (["check", str(DIGITS), "--bogus-flag"], "--bogus-flag"),
+        (["frobnicate"], "frobnicate"),
+        (["check"], "spec"),
+        (["fmt", "no/such/file.prop"], "no such spec file"),
+    ],
+)
+def test_usage_errors_exit_2(args, message):
+    result = run(*args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_exit_codes_through_the_entry_point(monkeypatch, capsys, spec_file):
+    assert run_main(monkeypatch, capsys, "check", str(spec_file))[0] == 0
+    code, _, err = run_main(monkeypatch, capsys, "check", "missing.prop")
+    assert code == 2 and "no such spec file" in err
+    code, _, err = run_main(monkeypatch, capsys, "nope")
+    assert code == 2 and "Traceback" not in err
+    spec_file.write_text("let = 1\n", encoding="utf-8")
+    code, _, err = run_main(monkeypatch, capsys, "check", str(spec_file))
+    assert code == 1 and "error:" in err and "Traceback" not in err
+
+
+def _boom(self):
+    raise RuntimeError("boom")
+
+
+def test_internal_error_exits_70_without_traceback(monkeypatch):
+    monkeypatch.setattr(propdsl.api.Spec, "summary", _boom)
+    result = run("check", str(DIGITS))
+    assert result.exit_code == 70
+    assert "internal error: RuntimeError: boom" in result.stderr
+    assert "please report it" in result.stderr and "--debug" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_debug_shows_the_traceback(monkeypatch):
+    monkeypatch.setattr(propdsl.api.Spec, "summary", _boom)
+    result = run("--debug", "check", str(DIGITS))
+    assert result.exit_code == 70
+    assert "Traceback (most recent call last)" in result.stderr
+    assert "RuntimeError: boom" in result.stderr
+    # the flag does not stick to later commands in the same process
+    result = run("check", str(DIGITS))
+    assert result.exit_code == 70 and "Traceback" not in result.output
+
+
+# -- fmt -----------------------------------------------------------------------------------------
+MESSY = "network f:Tensor[2]->Tensor[3]\nparam eps:Real=0.1   # radius\n"
+TIDY = "network f : Tensor[2] -> Tensor[3]\n\nparam eps : Real = 0.1  # radius\n"
+
+
+def test_fmt_rewrites_in_place(tmp_path: Path):
+    path = tmp_path / "messy.prop"
+    path.write_text(MESSY, encoding="utf-8")
+    result = run("fmt", str(path))
+    assert result.exit_code == 0, result.output
+    assert f"reformatted {path}" in result.stdout
+    assert path.read_text(encoding="utf-8") == TIDY
+    result = run("fmt", str(path))
+    assert result.exit_code == 0 and "1 file(s) already formatted" in result.stdout
+    assert path.read_text(encoding="utf-8") == TIDY
+
+
+def test_fmt_check_reports_without_writing(tmp_path: Path):
+    messy, tidy = tmp_path / "messy.prop", tmp_path / "tidy.prop"
+    messy.write_text(MESSY, encoding="utf-8")
+    tidy.write_text(TIDY, encoding="utf-8")
+    result = run("fmt", "--check", str(messy), str(tidy))
+    assert result.exit_code == 1
+    assert f"would reformat {messy}" in result.stdout and str(tidy) not in result.stdout
+    assert messy.read_text(encoding="utf-8") == MESSY
+    result = run("fmt", "--check", str(tidy))
+    assert result.exit_code == 0, result.output
+
+
+def test_fmt_on_a_spec_with_a_syntax_error_exits_1(tmp_path: Path):
+    path = tmp_path / "bad.prop"
+    path.write_text("let a = (1 +\n", encoding="utf-8")
+    result = run("fmt", str(path))
+    assert result.exit_code == 1
+    assert "error: unexpected end of file" in result.stderr
+    assert "Traceback" not in result.output
+    assert path.read_text(encoding="utf-8") == "let a = (1 +\n"
+
+
+def test_fmt_keeps_the_digits_example_parseable(tmp_path: Path):
+    path = tmp_path / "digits.prop"
+    shutil.copy(DIGITS, path)
+    assert run("fmt", str(path)).exit_code == 0
+    assert run("fmt", "--check", str(path)).exit_code == 0
+    assert propdsl.load(path).summary() == propdsl.load(DIGITS).summary().replace(
+        str(DIGITS), str(path)
+    )
+
+
+# -- the installed console script ----------------------------------------------------------------
+@pytest.mark.skipif(
+    shutil.which("propdsl", path=str(Path(sys.executable).parent)) is None,
+    reason="console script not installed",
+)
+def test_console_script(spec_file):
+    exe = shutil.which("propdsl", path=str(Path(sys.executable).parent))
+    ok = subprocess.run([exe, "check", str(spec_file)], capture_output=True, text=True)
+    assert ok.returncode == 0 and "robust(x : Tensor[2], y : Label[3])" in ok.stdout
+    bad = subprocess.run([exe, "check", "--param"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
