@@ -10,6 +10,8 @@ argument types, so they are shape-polymorphic.
 from __future__ import annotations
 
 import math
+import numbers
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +41,8 @@ from propdsl.types import (
     tensor,
 )
 
-MAX_DIAGNOSTICS = 50
+# Only the first errors are shown (errors.MAX_REPORTED); this bounds the work on hopeless input.
+MAX_DIAGNOSTICS = 1000
 
 
 class _ErrTy(Ty):
@@ -219,6 +222,7 @@ class Checker:
         # Top-level declarations that were rejected (name -> "network", "param", ...): their
         # uses are not reported again, which would only repeat the first error.
         self.failed: dict[str, str] = {}
+        self._declaring: str | None = None  # the top-level declaration being checked
 
     # -- diagnostics -----------------------------------------------------------------------------
     def error(self, message: str, span: Span | None, hint: str | None = None, notes=()) -> Ty:
@@ -257,7 +261,9 @@ class Checker:
                 self.failed[d.name] = _decl_kind(d)
                 continue
             reported = len(self.diags)
+            self._declaring = d.name
             entry = self.check_decl(d, top)
+            self._declaring = None
             if isinstance(entry, FunEntry) and len(self.diags) > reported:
                 entry.broken = True
             if entry is not None:
@@ -268,7 +274,7 @@ class Checker:
         for name in self.overrides:
             if name not in declared:
                 known = sorted(declared)
-                hint = suggest(name, known)
+                hint = suggest(str(name), known)
                 msg = f"unknown parameter '{name}' in an override"
                 self.error(
                     msg,
@@ -371,8 +377,9 @@ class Checker:
             raw = self.overrides[d.name]
             value = coerce_param(raw, ty)
             if value is None:
+                shown = repr(raw) if len(repr(raw)) <= 40 else repr(raw)[:37] + "..."
                 self.error(
-                    f"parameter '{d.name}' is {ty}, but the override gives {raw!r}",
+                    f"parameter '{d.name}' is {ty}, but the override gives {shown}",
                     None,
                     f"declared at line {d.name_span.line}" if d.name_span else None,
                 )
@@ -457,6 +464,7 @@ class Checker:
                         f"'{p.name}' is bound to {net}'s inputs, {expect}, but is annotated {ty}",
                         p.annotation.span,
                     )
+                    ty = expect
             if i == 1 and net is not None:
                 k = self.networks[net].out.shape[0]
                 expect = IndexTy(k, True)
@@ -467,12 +475,15 @@ class Checker:
                         f"'{p.name}' is a label of {net}'s {k} classes, but is annotated {ty}",
                         p.annotation.span,
                     )
+                    ty = expect
             if ty is ERR and p.annotation is None and "network" not in self.failed.values():
                 self.error(
                     f"cannot type parameter '{p.name}': no network is declared before it",
                     p.span,
                     "declare a network first or annotate the parameter",
                 )
+            if p.name in inner.names:
+                continue  # a repeated parameter, reported by check_params_fresh
             inner.names[p.name] = ValueEntry(I.Var(p.name, ty, span=p.span), p.span)
             params.append((p.name, ty))
         body = self.infer(d.body, inner)
@@ -534,6 +545,8 @@ class Checker:
     def unknown_name(self, name: str, span: Span | None, scope: Scope, bound=()) -> Ty:
         if name in self.failed and scope.lookup(name) is None:
             return ERR
+        if name == self._declaring:
+            return self.error(f"'{name}' refers to itself; definitions cannot be recursive", span)
         if name in self.all_top and scope.lookup(name) is None:
             where = self.all_top[name]
             line = f" (line {where.line})" if where else ""
@@ -897,10 +910,11 @@ class Checker:
             self.error(f"'{d.name}' takes positional arguments only", e.keywords[0].span)
             return self.bad(e.span)
         if len(e.args) != len(d.params):
-            where = "in the prelude" if _is_prelude(scope, d.name) else f"at line {_line(d.name_span)}"
+            where = (
+                "in the prelude" if _is_prelude(scope, d.name) else f"at line {_line(d.name_span)}"
+            )
             self.error(
-                f"'{d.name}' takes {_count(len(d.params), 'argument')}, "
-                f"but {_given(len(e.args))}",
+                f"'{d.name}' takes {_count(len(d.params), 'argument')}, but {_given(len(e.args))}",
                 e.span,
                 notes=(f"{d.name}({', '.join(p.name for p in d.params)}) is declared {where}",),
             )
@@ -1382,6 +1396,10 @@ class Checker:
                     return _NOT_CONST
                 return OptionValue(name, tuple(sorted(kw.items())))
             return OptionValue(name)
+        if isinstance(e, (A.Str, A.ListExpr)):
+            what = "a string" if isinstance(e, A.Str) else "a list"
+            self.error(f"'{key}' must be {want}, not {what}", e.span)
+            return _NOT_CONST
         node = self.infer(e, self._top_scope_for_options)
         if isinstance(node.ty, _ErrTy):
             return _NOT_CONST
@@ -1559,8 +1577,9 @@ class _LossScope:
             v = k.value.id if isinstance(k.value, A.Name) else None
             if v not in O.CERTIFIED_METHODS:
                 c.error(
-                    f"certified training methods are {', '.join(O.CERTIFIED_METHODS)}",
+                    "unknown certified training method" + (f" '{v}'" if v is not None else ""),
                     k.value.span,
+                    f"methods are {', '.join(O.CERTIFIED_METHODS)}",
                 )
                 return c.bad(e.span)
             method = v
@@ -1665,7 +1684,7 @@ def coerce_param(value: Any, ty: Ty) -> Any:
         try:
             if text == "inf":
                 value = math.inf
-            elif ty == NAT:
+            elif ty == NAT and re.fullmatch(r"[+-]?\d+", text):
                 value = int(text)
             else:
                 value = float(text)
@@ -1675,12 +1694,23 @@ def coerce_param(value: Any, ty: Ty) -> Any:
         return value if isinstance(value, bool) else None
     if isinstance(value, bool):
         return None
+    # numbers.Real / Integral, so that numpy scalars from a user's script are accepted too
     if ty == NAT:
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        return value if isinstance(value, int) and value >= 0 else None
+        if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral):
+            real = float(value)
+            value = int(real) if real.is_integer() else real
+        if not isinstance(value, numbers.Integral):
+            return None
+        value = int(value)
+        return value if 0 <= value and value.bit_length() <= _MAX_INT_BITS else None
     if ty == REAL:
-        return float(value) if isinstance(value, (int, float)) and not math.isnan(value) else None
+        if not isinstance(value, numbers.Real):
+            return None
+        try:
+            real = float(value)
+        except OverflowError:
+            return None
+        return None if math.isnan(real) else real
     if ty == STRING:
         return value if isinstance(value, str) else None
     return None

@@ -82,7 +82,8 @@ def _show(n: I.Node, ctx: int) -> str:
         p = _PREC["or"]
         return _wrap(" ∨ ".join(_show(i, p + 1) for i in n.items), p, ctx)
     if isinstance(n, I.Not):
-        return _wrap(f"¬{_show(n.operand, _PREC['not'])}", _PREC["not"], ctx)
+        # `¬` binds tightest in mathematical notation: `¬(v ≥ 0)`, never `¬v ≥ 0`
+        return _wrap(f"¬{_show(n.operand, _PREC['^'] + 1)}", _PREC["not"], ctx)
     if isinstance(n, I.Implies):
         p = _PREC["implies"]
         return _wrap(f"{_show(n.left, p + 1)} ⇒ {_show(n.right, p)}", p, ctx)

@@ -97,7 +97,8 @@ class Diagnostic:
         else:
             sp = self.span
             out = [f"{name}:{sp.line}:{sp.col}: {self.severity}: {self.message}"]
-            text = source.line(sp.line)
+            # A tab would move the text but not the caret: shown as one space.
+            text = source.line(sp.line).replace("\t", " ")
             width = len(str(sp.line))
             end = sp.end_col if sp.end_line == sp.line else len(text) + 1
             text, col, end = _window(text, sp.col, end)

@@ -137,7 +137,8 @@ def test_bad_override_value_exits_1():
         (["check", str(DIGITS), "--param", "=1"], "--param expects name=value"),
         (["check", str(DIGITS), "--bogus-flag"], "--bogus-flag"),
         (["frobnicate"], "frobnicate"),
-        (["check"], "spec"),
+        (["check"], "Missing argument"),
+        (["fmt"], "Missing argument"),
         (["fmt", "no/such/file.prop"], "no such spec file"),
     ],
 )

@@ -41,11 +41,13 @@ let lo = 0.5 * eps
 property robust(x, y) = classification_robustness(f, x, y, eps)
 property near(x, y) =
   forall z in ball(x, eps, 2) & region: exists j in range(2): f(z)[j] >= f(z)[y] - 1
-property calm(x) = forall z : Tensor[30] in ball(x, lo, 1): norm(softmax(f(z)) - softmax(f(x)), 1) <= 0.5
+property calm(x) =
+  forall z : Tensor[30] in ball(x, lo, 1): norm(softmax(f(z)) - softmax(f(x)), 1) <= 0.5
 property pick(x, y) = if strict then argmax(f(x)) == y else margin(f(x), y) > -1
 property grads(x, y) =
   forall z in ball(x, eps, inf) & region:
-    topk_overlap(integrated_gradients(f, z, y, steps = 8), smoothgrad(f, x, y, noise = 0.1, samples = 4), k) >= 1
+    topk_overlap(integrated_gradients(f, z, y, steps = 8),
+                 smoothgrad(f, x, y, noise = 0.1, samples = 4), k) >= 1
 train f on breast_cancer(split = "train", seed = 1) {
   model = mlp(hidden = [8, 8], activation = softplus(beta = 5))
   epochs = 1
@@ -56,7 +58,8 @@ train f on breast_cancer(split = "train", seed = 1) {
   attack = apgd(steps = 5, restarts = 2, rho = 0.75)
   seed = 3
   device = cpu
-  loss = cross_entropy + (max z in ball(x, eps, inf) & region: cross_entropy(f(z), y)) + certified(robust, method = crown_ibp)
+  loss = cross_entropy + (max z in ball(x, eps, inf) & region: cross_entropy(f(z), y))
+         + certified(robust, method = crown_ibp)
 }
 verify f on breast_cancer(split = "test", limit = 10) {
   properties = [robust, near, calm]
@@ -78,10 +81,14 @@ property tmpl(net, x, c) = forall z in ball(x, c, inf) & unit: argmax(net(z)) ==
 property g_ok(x : Tensor[1, 2, 2], y : Label[2]) = tmpl(g, x, 0.1) and small(x)
 property h_ok(x) = forall i in range(4): sq(h(x)[i]) <= 100 or not (h(x)[i] < 0)
 property h_lin(x) =
-  forall a in ball(x, 0.1) & box(0, 1), b in ball(x, 0.2, 2): norm(h(a) - h(b), 2) <= 3 * norm(a - b, 2)
+  forall a in ball(x, 0.1) & box(0, 1), b in ball(x, 0.2, 2):
+    norm(h(a) - h(b), 2) <= 3 * norm(a - b, 2)
 property g_grad(x, y) =
-  forall z in ball(x, 0.1): norm(grad(g(z)[y], z), inf) <= 2 implies cosine(saliency(g, z, y), gradient_x_input(g, x, y)) > 0.5
-property g_classes(x, y) = forall j in classes: j != y implies g(x)[y] - g(x)[j] >= (min z in ball(x, 0.1): -g(z)[j])
+  forall z in ball(x, 0.1):
+    norm(grad(g(z)[y], z), inf) <= 2
+      implies cosine(saliency(g, z, y), gradient_x_input(g, x, y)) > 0.5
+property g_margins(x, y) =
+  forall j in range(2): j != y implies g(x)[y] - g(x)[j] >= (min z in ball(x, 0.1): -g(z)[j])
 train g on tensors(path = "data.npz", split = "train") {
   model = user
   epochs = 2
@@ -91,7 +98,7 @@ train g on tensors(path = "data.npz", split = "train") {
 }
 """,
     # a tiny one: mutations of it reach the edges of the grammar quickly
-    'network f : Tensor[2] -> Tensor[3]\nparam eps : Real = 1e-2\n'
+    "network f : Tensor[2] -> Tensor[3]\nparam eps : Real = 1e-2\n"
     "property p(x, y) = forall z in ball(x, eps): argmax(f(z)) == y\n"
     'verify f on tensors(path = "d.npz") { properties = [p] }\n',
 ]
@@ -113,12 +120,31 @@ _VOCABULARY = (
 _CHARACTERS = "()[]{},:=<>+-*/^&!|#\"'. \n\tabcxyfz0123456789eE_λ∀\r\x00\\"
 
 
+_ATOM = re.compile(r"(?:[A-Za-z_][A-Za-z0-9_]*'*|\d[\d.eE+-]*)$")
+_KEYWORDS = frozenset(
+    "network param let property train verify on forall exists in if then else and or not "
+    "implies inf true false max min".split()
+)
+_ATOMS = [
+    *(t for t in _VOCABULARY if _ATOM.match(t) and t not in _KEYWORDS),
+    *"relu softplus sigmoid tanh exp log sqrt dot pearson mse argmin gradient_x_input".split(),
+    *"0 2.5 -0 1e308 7 64 1000 classes range dl2 godel yager crown ibp cpu user mlp".split(),
+]
+
+
 def mutate(text: str, rng: random.Random) -> str:
-    """One to three random edits of tokens or characters."""
+    """One to three random edits: of tokens, of characters, or of names and numbers only (these
+    mostly keep the syntax and so reach the checker)."""
     tokens = _TOKEN.findall(text)
     for _ in range(rng.choice((1, 1, 1, 2, 3))):
-        op = rng.randrange(8)
-        if op < 5:
+        op = rng.randrange(10)
+        if op >= 8:
+            atoms = [i for i, t in enumerate(tokens) if _ATOM.match(t) and t not in _KEYWORDS]
+            if not atoms:
+                break
+            i = rng.choice(atoms)
+            tokens[i] = tokens[rng.choice(atoms)] if op == 8 else rng.choice(_ATOMS)
+        elif op < 5:
             solid = [i for i, t in enumerate(tokens) if not t.isspace()]
             if not solid:
                 break
@@ -162,8 +188,15 @@ def excerpts(text: str) -> list[str]:
     out = []
     for d in decls:
         if d.startswith(("property", "train", "verify")):
-            named = [p for n, p in props.items() if p != d and re.search(rf"\b{n}\b", d)]
-            out.append("".join([*preamble, *named, d]))
+            needed = {d}
+            while True:  # the properties it names, and theirs
+                more = {
+                    p for n, p in props.items() if any(re.search(rf"\b{n}\b", q) for q in needed)
+                }
+                if more <= needed:
+                    break
+                needed |= more
+            out.append("".join([*preamble, *(q for q in decls if q in needed)]))
     return out
 
 
@@ -176,15 +209,23 @@ def corpus() -> tuple[str, ...]:
 
 
 def _attempt(text: str) -> str | None:
-    """None when `text` loads (and prints) or raises a PropdslError; else the traceback."""
+    """None when `text` raises a PropdslError, or loads, prints, and its canonical text loads back
+    to the same spec; else what went wrong."""
     try:
         spec = propdsl.load(text)
         spec.summary()
-        spec.format()
+        formatted = spec.format()
     except PropdslError as err:
         str(err)
+        return None
     except Exception:  # noqa: BLE001 - anything else is the bug this test looks for
         return traceback.format_exc()
+    try:
+        again = propdsl.load(formatted)
+    except Exception:  # noqa: BLE001
+        return f"its canonical text does not load:\n{formatted}\n{traceback.format_exc()}"
+    if again.module != spec.module:
+        return f"its canonical text means something else:\n{formatted}"
     return None
 
 

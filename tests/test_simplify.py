@@ -17,7 +17,7 @@ import propdsl
 from propdsl import ir as I
 from propdsl.pretty import linear_form, show
 from propdsl.simplify import fold
-from propdsl.types import BOOL, NAT, REAL, IndexTy, TensorTy
+from propdsl.types import BOOL, NAT, REAL, IndexTy, TensorTy, shape_of
 
 sympy = pytest.importorskip("sympy")
 
@@ -172,11 +172,30 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("body", "formula", "expected_forms"), CASES)
+@pytest.mark.parametrize(
+    ("body", "formula", "expected_forms"), CASES, ids=[c[0].removeprefix(BALL) for c in CASES]
+)
 def test_normal_form_and_linear_forms(body, formula, expected_forms):
     p = prop(body)
     assert show(p.formula) == formula
     assert forms(p) == expected_forms
+
+
+def test_negated_vector_comparison_stays_an_atom():
+    """`not` cannot flip an element-wise comparison; the loss compiler negates it instead."""
+    p = prop(BALL + "not (f(x') >= 0) and f(x')[0] > 1")
+    assert show(p.formula) == FX + "¬(f(x') ≥ 0) ∧ f(x')[0] > 1"
+    (negated, _) = p.formula.body.items
+    assert isinstance(negated, I.Not)
+
+
+def test_constants_show_with_their_digits():
+    p = prop(BALL + "f(x')[0] >= big", HEAD + "param big : Real = 1234567.0\n", eps="1e-7")
+    assert show(p.formula) == "∀ x' ∈ B∞(x, 1e-07). f(x')[0] ≥ 1234567"
+    p = prop(BALL + "f(x')[0] >= eps", eps="0.123456789")
+    assert show(p.formula) == "∀ x' ∈ B∞(x, 0.123456789). f(x')[0] ≥ 0.123456789"
+    p = prop(BALL + "f(x')[0] >= 0.1 + 0.2")  # float noise is not shown
+    assert show(p.formula) == FX + "f(x')[0] ≥ 0.3"
 
 
 def test_prelude_property_is_inlined_and_normalised():
@@ -208,9 +227,8 @@ def test_no_negation_above_a_scalar_atom():
             if isinstance(n, I.Not):
                 atom = n.operand.atom if isinstance(n.operand, I.Linear) else n.operand
                 assert isinstance(atom, I.Cmp), body
-                assert not all(
-                    getattr(s.ty, "shape", ()) == () for s in (atom.left, atom.right)
-                ), body
+                shapes = {shape_of(atom.left.ty), shape_of(atom.right.ty)}
+                assert shapes != {()}, body
 
 
 # -- the fields of a linear form -------------------------------------------------------------------

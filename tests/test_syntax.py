@@ -34,7 +34,9 @@ _IDENT = st.builds(
     st.integers(0, 2),
 ).filter(lambda s: s not in KEYWORDS)  # `inf'` is a name, `inf` a keyword
 NAMES = st.one_of(
-    st.sampled_from(["x", "x'", "x''", "y", "f", "eps", "in_", "notx", "iff", "inf'", "max'", "_a"]),
+    st.sampled_from(
+        ["x", "x'", "x''", "y", "f", "eps", "in_", "notx", "iff", "inf'", "max'", "_a"]
+    ),
     _IDENT,
 )
 FUNC_NAMES = st.one_of(NAMES, st.sampled_from(["max", "min", "norm", "argmax"]))
@@ -51,7 +53,7 @@ NUMBERS = st.one_of(
 )
 STRINGS = st.text(
     alphabet=st.one_of(
-        st.sampled_from('\\"\n\t#\'{}'),
+        st.sampled_from("\\\"\n\t#'{}"),
         st.characters(blacklist_categories=("Cs",)),
     ),
     max_size=8,
@@ -151,6 +153,8 @@ def test_comments_survive_and_keep_their_order(module, data):
     out, expected = [], []
     for line in [*lines, ""]:
         if data.draw(st.integers(0, 3)) == 0:
+            out.append("")  # blank lines next to comments are kept; elsewhere they are free
+        if data.draw(st.integers(0, 3)) == 0:
             expected.append(f"# c{len(expected)}")
             out.append(expected[-1])
         if line and data.draw(st.integers(0, 3)) == 0:
@@ -163,6 +167,7 @@ def test_comments_survive_and_keep_their_order(module, data):
     assert re.findall(r"# c\d+", formatted) == expected
     assert format_text(formatted) == formatted
     assert parse(formatted) == module
+    assert "\n\n\n" not in formatted and (formatted == "\n" or formatted[0] != "\n")
 
 
 def test_every_ast_node_kind_is_generated_and_printed():
@@ -285,10 +290,10 @@ def test_names_with_primes_and_keyword_prefixes():
 
 
 def test_quantifier_with_several_binders_and_annotations():
-    text = "forall x : Tensor[1, 8, 8] in ball(c, eps, inf) & box(0, 1), j : Label[10] in classes: p"
+    text = "forall x : Tensor[1, 8] in ball(c, eps, inf) & box(0, 1), j : Label[10] in classes: p"
     tree = expr_of(text)
     assert isinstance(tree, A.Quantified) and [b.name for b in tree.binders] == ["x", "j"]
-    assert tree.binders[0].annotation == A.TypeExpr("Tensor", (A.Num(1), A.Num(8), A.Num(8)))
+    assert tree.binders[0].annotation == A.TypeExpr("Tensor", (A.Num(1), A.Num(8)))
     assert tree.binders[1].domain == n("classes")
     assert format_expr(tree) == text
 

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from propdsl import explain
 from propdsl import ir as I
 from propdsl.errors import UsageError
-from propdsl.logics import Cmp, Logic, get_logic
+from propdsl.logics import Cmp, Logic, get_logic, stack
 from propdsl.loss.attacks import APGD, PGD, run_attack
 from propdsl.region import Region, lp_norm
 from propdsl.simplify import nnf
@@ -332,8 +332,10 @@ class Compiler:
                 if j.dim() == 0:
                     v = v[:, int(j)]
                     continue
-                at = j.long().reshape(-1, *([1] * (v.dim() - 1)))
-                v = v.gather(1, at.expand(v.shape[0], 1, *v.shape[2:])).squeeze(1)
+                at = j.reshape(-1, *([1] * (v.dim() - 1)))
+                if v.dim() > 2:
+                    at = at.expand(v.shape[0], 1, *v.shape[2:])
+                v = v.gather(1, at).squeeze(1)
             return v
 
         return _Lambda(node, free, run)
@@ -534,13 +536,17 @@ class Compiler:
         return self._continuous(node, free)
 
     def _finite(self, node: I.Quant, free):
-        body = self(node.body)
         ranges: list[I.Range] = list(node.domains)  # type: ignore[arg-type]
         excludes = [self(r.exclude) if r.exclude is not None else None for r in ranges]
         sizes = [r.k for r in ranges]
         total = math.prod(sizes)
         names = [v.name for v in node.vars]
         kind = node.kind
+        if len(names) == 1:
+            along = self._along(node.body, names[0], sizes[0])
+            if along is not None:
+                return self._finite_along(node, free, along, excludes[0])
+        body = self(node.body)
         # The expanded bindings depend only on the batch size and device: built once each.
         layouts: dict[tuple[int, torch.device], tuple[dict, dict]] = {}
 
@@ -586,6 +592,123 @@ class Compiler:
             return out.amax(-1) if kind == "max" else out.amin(-1)
 
         return _Lambda(node, free, run)
+
+    def _finite_along(self, node: I.Quant, free, along, exclude: Code | None):
+        """`forall j in range(k): body` with the body evaluated along a trailing axis of size k.
+
+        The batch is not expanded: `f(x')[j]` is `f(x')` itself ([B, k]), values that do not
+        depend on `j` broadcast as [B, 1]. Same values as the expansion, far fewer operations.
+        """
+        kind, k = node.kind, node.domains[0].k  # type: ignore[attr-defined]
+        fills: dict[tuple[Logic, torch.dtype, torch.device], Tensor] = {}
+        excluded = None
+        if exclude is not None:
+            # [B, k] mask of the excluded value, computed (and cached) where the excluded value
+            # is bound: once per batch, not once per attack step.
+            cols: dict[torch.device, Tensor] = {}
+
+            def make_mask(env: Env) -> Tensor:
+                e = exclude(env)
+                col = cols.get(e.device)
+                if col is None:
+                    col = cols[e.device] = torch.arange(k, device=e.device)
+                return col == e.reshape(-1, 1)
+
+            excluded = _Lambda(node, exclude.free, make_mask)
+            excluded.logical = False
+
+        def run(env: Env) -> Tensor:
+            out = along(env)
+            out = out.expand(env.batch, k) if out.shape != (env.batch, k) else out
+            if excluded is not None:
+                mask = excluded(env)
+                if kind in ("forall", "exists"):
+                    # the unit of the connective, as a 0-dim tensor made once per logic
+                    at = (env.logic, out.dtype, out.device)
+                    fill = fills.get(at)
+                    if fill is None:
+                        fill = fills[at] = env.logic.constant(kind == "forall", out.new_zeros(()))
+                    out = torch.where(mask, fill, out)
+                else:
+                    out = out.masked_fill(mask, -math.inf if kind == "max" else math.inf)
+            if kind == "forall":
+                return env.logic.conj(out, -1)
+            if kind == "exists":
+                return env.logic.disj(out, -1)
+            return out.amax(-1) if kind == "max" else out.amin(-1)
+
+        return _Lambda(node, free, run)
+
+    def _along(self, node: I.Node, var: str, k: int) -> Callable[[Env], Tensor] | None:
+        """An evaluator of `node` for every value of `var` in range(k) at once: env -> [B, k],
+        or [B, 1] / a 0-dim tensor where the value does not depend on `var`. None when `node`
+        is not made of scalar arithmetic, comparisons and connectives over `base[var]` entries.
+        """
+        if isinstance(node, I.Linear):
+            node = node.atom
+        if var not in I.free_vars(node):
+            if node.ty != BOOL and (isinstance(node.ty, IndexTy) or shape_of(node.ty) != ()):
+                return None
+            code = self(node)
+
+            def const(env: Env) -> Tensor:
+                v = code(env)
+                return v.unsqueeze(-1) if v.dim() > 0 else v
+
+            return const
+        if isinstance(node, I.Idx):
+            (index,) = node.indices if len(node.indices) == 1 else (None,)
+            base_shape = shape_of(node.base.ty)
+            if (
+                isinstance(index, I.Var)
+                and index.name == var
+                and var not in I.free_vars(node.base)
+                and base_shape is not None
+                and len(base_shape) == 1
+                and base_shape[0] >= k
+            ):
+                base = self(node.base)
+                if base_shape[0] == k:
+                    return base
+                return lambda env: base(env)[:, :k]
+            return None
+        if isinstance(node, I.Neg):
+            x = self._along(node.operand, var, k)
+            return None if x is None else (lambda env: -x(env))
+        if isinstance(node, I.Arith) and shape_of(node.type) == ():
+            a, b = self._along(node.left, var, k), self._along(node.right, var, k)
+            if a is None or b is None:
+                return None
+            op = _ARITH[node.op]
+            return lambda env: op(a(env), b(env))
+        if isinstance(node, I.Fn) and node.fn in _ELEMENTWISE and shape_of(node.type) == ():
+            x = self._along(node.args[0], var, k)
+            fn = _ELEMENTWISE[node.fn]
+            return None if x is None else (lambda env: fn(x(env)))
+        negate = isinstance(node, I.Not) and isinstance(node.operand, I.Cmp | I.Linear)
+        atom = node.operand if negate else node  # type: ignore[attr-defined]
+        if isinstance(atom, I.Linear):
+            atom = atom.atom
+        if isinstance(atom, I.Cmp):
+            if shape_of(atom.left.ty) != () or shape_of(atom.right.ty) != ():
+                return None
+            a, b = self._along(atom.left, var, k), self._along(atom.right, var, k)
+            if a is None or b is None:
+                return None
+            op = Cmp(atom.op).negated if negate else Cmp(atom.op)
+            return lambda env: env.logic.atom(op, a(env), b(env))
+        if isinstance(node, I.And | I.Or):
+            items = [self._along(i, var, k) for i in node.items]
+            if any(i is None for i in items):
+                return None
+            conj = isinstance(node, I.And)
+
+            def connective(env: Env) -> Tensor:
+                values = stack([i(env) for i in items], -1)  # type: ignore[misc]
+                return env.logic.conj(values, -1) if conj else env.logic.disj(values, -1)
+
+            return connective
+        return None
 
     def _continuous(self, node: I.Quant, free):
         body = self(node.body)
@@ -784,6 +907,16 @@ def _norm(args, shapes, opts):
         return v.abs()
     return lp_norm(v, float(opts["p"]))
 
+
+_ELEMENTWISE: dict[str, Callable[[Tensor], Tensor]] = {
+    "abs": torch.abs,
+    "exp": torch.exp,
+    "log": torch.log,
+    "sqrt": torch.sqrt,
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+    "relu": torch.relu,
+}
 
 _FUNCTIONS: dict[str, Callable[[list[Tensor], list[tuple[int, ...]], dict], Tensor]] = {
     "abs": lambda a, s, o: a[0].abs(),

@@ -131,11 +131,7 @@ def _next_declaration(text: str, span: Span, after: int) -> int:
     """
     pos = 0
     for number, line in enumerate(text.split("\n"), 1):
-        if (
-            number > span.line
-            and pos > after
-            and re.match(rf"({'|'.join(DECL_KEYWORDS)})\b", line)
-        ):
+        if number > span.line and pos > after and re.match(rf"({'|'.join(DECL_KEYWORDS)})\b", line):
             return pos
         pos += len(line) + 1
     return -1
@@ -208,7 +204,9 @@ def _diagnose(err: Any, source: Source) -> Diagnostic:
             if wanted:
                 msg += f"; expected {wanted}"
             start = token.start_pos
-            hint = _unfinished_hint(source, start) or f"a new declaration starts at line {token.line}"
+            hint = (
+                _unfinished_hint(source, start) or f"a new declaration starts at line {token.line}"
+            )
             return Diagnostic(msg, source.end_before(start), hint)
         span = Span(
             token.line,
@@ -325,6 +323,8 @@ def _declaration_start(text: str) -> int:
 
 
 def _token_hint(text: str, expected: set[str]) -> str | None:
+    if text in ("train", "test", "val", "all") and "STRING" in expected:
+        return f'write "{text}" in double quotes'
     if text in KEYWORDS and "NAME" in expected:
         return f"'{text}' is a keyword and cannot be used as a name"
     if text == "=" and "COMP_OP" in expected:

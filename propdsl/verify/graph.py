@@ -276,7 +276,7 @@ def build_graph(model: nn.Module, example: Tensor) -> BoundGraph:
             continue
         rule_cls = _rule_class(n.op, target)
         if rule_cls is None:
-            raise _unsupported(n.op, target, n.name)
+            raise _unsupported(n.op, target, str(n.target) if n.op == "call_module" else n.name)
         with torch.no_grad():
             if n.op == "call_module":
                 with _eval_mode(target):

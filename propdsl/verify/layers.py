@@ -134,7 +134,7 @@ def describe_target(target: Any) -> str:
     if isinstance(target, str):
         return f"tensor method .{target}()"
     module = getattr(target, "__module__", None) or ""
-    name = getattr(target, "__qualname__", None) or getattr(target, "__name__", repr(target))
+    name = getattr(target, "__name__", None) or repr(target)
     if module.startswith("torch.nn.functional") or module == "torch._C._nn":
         return f"F.{name}"
     if module.startswith("torch"):
