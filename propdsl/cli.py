@@ -132,6 +132,57 @@ def fmt_cmd(
         typer.echo(f"{len(files)} file(s) already formatted")
 
 
+@app.command("train")
+@guarded
+def train_cmd(
+    spec: SpecArg,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Run folder (default runs/SPEC_NAME).")
+    ] = None,
+    param: ParamOpt = None,
+    epochs: Annotated[int | None, typer.Option(help="Override the block's epochs.", min=1)] = None,
+    batch: Annotated[
+        int | None, typer.Option(help="Override the block's batch size.", min=1)
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option(help="auto (GPU when present), cpu, cuda or cuda:N.")
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="Torch CPU threads (default: the usable cores, <= 8).", min=1)
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Override the block's seed.", min=0)] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")
+    ] = False,
+    model: Annotated[
+        str | None, typer.Option("--model", help="A user model: pkg.module:factory or file.py:f.")
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+) -> None:
+    """Train the spec's network as its train block says; write a run folder."""
+    from propdsl.api import load, parse_overrides
+    from propdsl.train import TrainOptions, train
+
+    loaded = load(spec, parse_overrides(param or []))
+    options = TrainOptions(
+        out=out,
+        epochs=epochs,
+        batch=batch,
+        device=device,
+        threads=threads,
+        seed=seed,
+        resume=resume,
+        model=model,
+        quiet=quiet,
+    )
+    result = train(loaded, options)
+    last = result.metrics[-1] if result.metrics else {}
+    if not quiet:
+        acc = last.get("val_accuracy")
+        acc_text = f"; val accuracy {acc:.3f}" if acc is not None else ""
+        typer.echo(f"run folder: {result.run}{acc_text}")
+
+
 def main() -> None:
     """Console-script entry point."""
     try:

@@ -165,6 +165,7 @@ class Env:
 class CompileConfig:
     attack: Attack = PGD()
     generator: torch.Generator | None = None
+    radius_scale: float = 1.0  # the eps ramp-up of training multiplies every ball's radius
 
 
 # -- compiled closures ---------------------------------------------------------------------------
@@ -760,7 +761,7 @@ class Compiler:
             if ball_code is not None:
                 assert ball is not None
                 centre = ball_code[0](env).detach()
-                radius = ball_code[1](env).detach()
+                radius = ball_code[1](env).detach() * env.config.radius_scale
                 region = Region.ball(centre, radius.reshape(-1) if radius.dim() else radius, ball.p)
             for lo_c, hi_c in box_codes:
                 lo, hi = lo_c(env).detach(), hi_c(env).detach()
@@ -1032,6 +1033,7 @@ class PropertyLoss(nn.Module):
         self.logic = logic
         self.attack = attack
         self.generator = generator
+        self.radius_scale = 1.0
         self.code = Compiler()(formula)
         self.quantified = [
             v.name
@@ -1050,7 +1052,9 @@ class PropertyLoss(nn.Module):
                 if y is None:
                     raise UsageError(f"property '{self.name}' needs labels y")
                 values[p] = y
-        config = CompileConfig(attack=self.attack, generator=self.generator)
+        config = CompileConfig(
+            attack=self.attack, generator=self.generator, radius_scale=self.radius_scale
+        )
         return Env(_models(model, self.networks), values, x.shape[0], logic, config)
 
     def forward(self, model, x: Tensor, y: Tensor | None = None) -> LossOutput:
@@ -1096,9 +1100,12 @@ class Objective(nn.Module):
         self.code = compiler(expr)
         self.term_codes = [(label, compiler(node)) for label, node in terms]
         self.last_terms: dict[str, float] = {}
+        self.radius_scale = 1.0
 
     def forward(self, model, x: Tensor, y: Tensor) -> Tensor:
-        config = CompileConfig(attack=self.attack, generator=self.generator)
+        config = CompileConfig(
+            attack=self.attack, generator=self.generator, radius_scale=self.radius_scale
+        )
         env = Env(_models(model, self.networks), {"x": x, "y": y}, x.shape[0], self.logic, config)
         per_sample = _b(self.code(env), env)
         self.last_terms = {

@@ -19,6 +19,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -32,7 +33,6 @@ from propdsl.verify.layers import (
     Relaxation,
     UnsupportedLayerError,
     concretize_box,
-    sum_spec,
 )
 
 __all__ = ["AlphaOptions", "Method", "bounds"]
@@ -310,7 +310,7 @@ class _Propagation:
         assert isinstance(rule, ActivationRule)  # the caller dispatches on the rule's kind
         lo, hi = self.bounds[node.inputs[0]]
         if alphas is not None and (start, i) in alphas:
-            return rule.relax(lo.unsqueeze(1), hi.unsqueeze(1), alphas[(start, i)])
+            return rule.relax(lo.unsqueeze(1), hi.unsqueeze(1), self._full_alpha(i, alphas[(start, i)]))
         cached = self.relaxations.get(i)
         if cached is None:
             r = rule.relax(lo, hi)
@@ -336,9 +336,11 @@ class _Propagation:
                     bias = bias + b
             elif isinstance(rule, ActivationRule):
                 r = self._relaxation(i, start, alphas)
-                pos, neg = A.clamp(min=0), A.clamp(max=0)
-                ins = [pos * r.lower_slope + neg * r.upper_slope]
-                bias = bias + sum_spec(pos * r.lower_bias + neg * r.upper_bias)
+                # A lower bound of A . f(z) takes f's lower line where A >= 0 and its upper
+                # line where A < 0: A u + relu(A) (l - u), for the slopes and the offsets alike.
+                pos = A.clamp(min=0)
+                ins = [torch.addcmul(A * r.upper_slope, pos, r.lower_slope - r.upper_slope)]
+                bias = bias + _dot(A, r.upper_bias) + _dot(pos, r.lower_bias - r.upper_bias)
             else:
                 assert rule is not None
                 raise UnsupportedLayerError(
@@ -386,32 +388,58 @@ class _Propagation:
 
     # -- alpha-CROWN -------------------------------------------------------------------------
     def _init_alphas(self, spec: Tensor, intermediate: bool) -> dict[tuple[int, int], Tensor]:
+        """One parameter set per (start node, activation): [k, B, S_start, m_j], over the m_j
+        neurons of activation j whose relaxation is not exact (unstable in some sample)."""
         starts = [(self.graph.output, spec.shape[1])]
         if intermediate:
             starts += [(i, 2 * rows.numel()) for i, rows in self.rows.items() if rows.numel()]
+        self.alpha_base: dict[int, Tensor] = {}
+        self.alpha_index: dict[int, Tensor] = {}
         alphas: dict[tuple[int, int], Tensor] = {}
         for start, size in starts:
             for j in self.graph.activations_before(start):
-                node = self.graph.nodes[j]
-                rule = node.rule
-                assert isinstance(rule, ActivationRule)  # activations_before filters on it
-                lo, hi = (b.detach() for b in self.bounds[node.inputs[0]])
-                init = rule.init_alpha(lo, hi)
-                if init is None or not bool(rule.needs_bounds(lo, hi).any()):
+                if j not in self.alpha_base and not self._alpha_support(j):
                     continue
-                shape = (init.shape[0], self.batch, size, *init.shape[2:])
-                alphas[(start, j)] = init.unsqueeze(2).expand(shape).clone().requires_grad_()
+                base, index = self.alpha_base[j], self.alpha_index[j]
+                init = base.flatten(2)[:, :, index].unsqueeze(2)
+                shape = (init.shape[0], self.batch, size, index.numel())
+                alphas[(start, j)] = init.expand(shape).clone().requires_grad_()
         return alphas
+
+    def _alpha_support(self, j: int) -> bool:
+        """Record CROWN's slopes of activation j and which neurons get parameters."""
+        node = self.graph.nodes[j]
+        rule = cast(ActivationRule, node.rule)
+        lo, hi = (b.detach() for b in self.bounds[node.inputs[0]])
+        init = rule.init_alpha(lo, hi)
+        if init is None:
+            return False
+        index = rule.needs_bounds(lo, hi).reshape(self.batch, -1).any(0).nonzero().flatten()
+        if not index.numel():
+            return False
+        self.alpha_base[j], self.alpha_index[j] = init, index
+        return True
+
+    def _full_alpha(self, j: int, alpha: Tensor) -> Tensor:
+        """[k, B, S, m_j] parameters -> [k, B, S, *shape_j], CROWN's slopes elsewhere."""
+        base, index = self.alpha_base[j], self.alpha_index[j]
+        k, batch, size = alpha.shape[:3]
+        if index.numel() == base[0, 0].numel():
+            return alpha.reshape(k, batch, size, *base.shape[2:])
+        full = base.flatten(2).unsqueeze(2).expand(k, batch, size, -1)
+        return full.index_copy(3, index, alpha).reshape(k, batch, size, *base.shape[2:])
 
     def _project(self, alphas: dict[tuple[int, int], Tensor]) -> None:
         with torch.no_grad():
             for (_, j), alpha in alphas.items():
                 node = self.graph.nodes[j]
-                rule = node.rule
-                assert isinstance(rule, ActivationRule)
+                rule = cast(ActivationRule, node.rule)
                 lo, hi = (b.detach() for b in self.bounds[node.inputs[0]])
+                index = self.alpha_index[j]
                 low, high = (
-                    b.unsqueeze(2) if isinstance(b, Tensor) else torch.tensor(b).to(alpha)
+                    b.flatten(2)[:, :, index].unsqueeze(2)
+                    if isinstance(b, Tensor)
+                    else torch.tensor(b).to(alpha)
                     for b in rule.alpha_range(lo, hi)
                 )
                 alpha.copy_(torch.maximum(torch.minimum(alpha, high), low))
@@ -446,6 +474,16 @@ class _Propagation:
                 optimiser.step()
                 self._project(alphas)
         return best
+
+
+def _dot(A: Tensor, c: Tensor) -> Tensor:
+    """sum over the neurons of A * c -> [B, S], for c [B, 1, *shape] (one line per neuron),
+    [B, S, *shape] (one per spec row) or a scalar; without materialising A * c when possible."""
+    if c.dim() == 0:
+        return A.flatten(2).sum(-1) * c
+    if c.shape[1] == 1:
+        return (A.flatten(2) @ c.flatten(2).transpose(1, 2)).squeeze(-1)
+    return (A * c).flatten(2).sum(-1)
 
 
 def _fields(r: Relaxation) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -366,6 +366,10 @@ class LinearRule(AffineRule):
         return [A @ self.weight], bias
 
 
+# Convolutions with at most this many (input, output) pairs run backwards as one dense matrix.
+DENSE_CONV_LIMIT = 1 << 21
+
+
 def _conv_output_padding(
     in_hw: Sequence[int], out_hw: Sequence[int], kernel, stride, padding, dilation
 ) -> tuple[int, ...]:
@@ -414,6 +418,7 @@ class Conv2dRule(AffineRule):
         else:
             self.padding = _pair(padding)
         self.conv_padding = self.padding if self.padding is not None else padding
+        self._matrix: Tensor | None = None
         if self.padding is not None:
             self.output_padding = _conv_output_padding(
                 call.in_shapes[0][-2:],
@@ -433,14 +438,30 @@ class Conv2dRule(AffineRule):
         radius = self._conv((hi - lo) / 2, self.weight.abs(), None)
         return centre - radius, centre + radius
 
+    def _dense(self) -> Tensor | None:
+        """The convolution as a matrix [N_in, N_out] when small: for small images one matrix
+        product beats a transposed convolution over B * S tiny images by an order of magnitude."""
+        if self._matrix is None:
+            n_in, n_out = math.prod(self.call.in_shapes[0]), math.prod(self.call.out_shape)
+            if n_in * n_out > DENSE_CONV_LIMIT:
+                return None
+            basis = torch.eye(n_in, dtype=self.weight.dtype, device=self.weight.device)
+            images = self._conv(basis.reshape(n_in, *self.call.in_shapes[0]), self.weight, None)
+            self._matrix = images.reshape(n_in, n_out)
+        return self._matrix
+
     def backward(self, A: Tensor) -> tuple[list[Tensor | None], Tensor | None]:
         bias = None if self.bias is None else A.sum((-1, -2)) @ self.bias
+        lead = A.shape[:2]
+        dense = self._dense()
+        if dense is not None:
+            back = A.reshape(*lead, -1) @ dense.T
+            return [back.reshape(*lead, *self.call.in_shapes[0])], bias
         if self.padding is None:
             coeffs, _ = _vjp_backward(
                 lambda x: self._conv(x, self.weight, None), A, self.call.in_shapes
             )
             return coeffs, bias
-        lead = A.shape[:2]
         flat = A.reshape(-1, *A.shape[2:])
         back = F.conv_transpose2d(
             flat,
