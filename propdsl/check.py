@@ -470,17 +470,26 @@ class Checker:
                 expect = IndexTy(k, True)
                 if p.annotation is None:
                     ty = expect
-                elif isinstance(ty, IndexTy) and ty.k != k:
+                elif not isinstance(ty, _ErrTy) and (not isinstance(ty, IndexTy) or ty.k != k):
                     self.error(
                         f"'{p.name}' is a label of {net}'s {k} classes, but is annotated {ty}",
                         p.annotation.span,
+                        f"annotate it Label[{k}] or leave the annotation out",
                     )
                     ty = expect
             if ty is ERR and p.annotation is None and "network" not in self.failed.values():
+                several = sum(isinstance(scope.lookup(n), NetEntry) for n in self.networks) > 1
                 self.error(
-                    f"cannot type parameter '{p.name}': no network is declared before it",
+                    f"cannot type parameter '{p.name}': "
+                    + (
+                        f"property '{d.name}' applies none of the networks"
+                        if several
+                        else "no network is declared before it"
+                    ),
                     p.span,
-                    "declare a network first or annotate the parameter",
+                    "annotate the parameter"
+                    if several
+                    else "declare a network first or annotate the parameter",
                 )
             if p.name in inner.names:
                 continue  # a repeated parameter, reported by check_params_fresh
@@ -513,6 +522,9 @@ class Checker:
         for node in _walk_ast(d.body):
             if isinstance(node, A.Call) and node.func.id in visible:
                 return node.func.id
+            # a network passed to a template or an explanation: f in robust(f, x, y)
+            if isinstance(node, A.Name) and node.id in visible:
+                return node.id
         return None
 
     # -- name resolution for templates -----------------------------------------------------------
@@ -670,6 +682,19 @@ class Checker:
                 self.error(f"'&' intersects balls and boxes, but this is {node.ty}", side.span)
                 return self.bad(e.span)
         assert isinstance(left, I.Domain) and isinstance(right, I.Domain)
+        balls = [
+            p
+            for d in (left, right)
+            for p in (d.parts if isinstance(d, I.Inter) else (d,))
+            if isinstance(p, I.Ball)
+        ]
+        if len(balls) > 1:
+            self.error(
+                "an intersection of two balls is not supported",
+                e.span,
+                "intersect one ball with boxes",
+            )
+            return self.bad(e.span)
         ls, rs = left.shape, right.shape
         if ls is not None and rs is not None and ls != rs:
             self.error(f"cannot intersect {left.ty} with {right.ty}: shapes differ", e.span)
@@ -691,6 +716,14 @@ class Checker:
                 f"'classes' ranges over {label}; range(K) gives Index[K]" if label else None,
             )
             return self.bad(e.span)
+        for idx_ty, other, side in ((lt, right, e.right), (rt, left, e.left)):
+            if isinstance(idx_ty, IndexTy) and other.ty == NAT:
+                v = eval_const(other, self.params)
+                if v is not _NOT_CONST and not 0 <= v < idx_ty.k:
+                    self.error(
+                        f"{v} is not an element of {idx_ty} (0 to {idx_ty.k - 1})", side.span
+                    )
+                    return self.bad(e.span)
         ls, rs = shape_of(lt), shape_of(rt)
         if ls is None or rs is None:
             bad = e.left if ls is None else e.right
@@ -839,7 +872,9 @@ class Checker:
                         f"'{b.name}' is annotated {ann}, but its domain holds {ty}",
                         b.annotation.span,
                     )
-            var = I.Var(b.name, ty, span=b.span)
+            # Inlined arguments may carry variables of the caller with this very name (a
+            # template's `x'` applied to the caller's `x'`): rename to keep them apart.
+            var = I.Var(_fresh_name(b.name, _names_in_scope(inner)), ty, span=b.span)
             inner.names[b.name] = ValueEntry(var, b.span)
             vars_.append(var)
             domains.append(dom if isinstance(dom, I.Domain) else I.Box(dom, dom))
@@ -942,10 +977,18 @@ class Checker:
                     return self.bad(e.span)
             inner.names[p.name] = ValueEntry(node, a.span)
         self._expanding.append(d.name)
+        before = len(self.diags)
         try:
             body = self.infer(d.body, inner)
         finally:
             self._expanding.pop()
+        if _is_prelude_scope(entry.scope) and len(self.diags) > before:
+            # The prelude's text is not the user's: point at the call, quote the definition.
+            moved = []
+            for diag in self.diags[before:]:
+                where = f"in the prelude's definition of '{d.name}': {diag.message}"
+                moved.append(Diagnostic(where, e.span, diag.hint, notes=diag.notes))
+            self.diags[before:] = moved
         if isinstance(d, A.PropertyDecl) and body.ty not in (BOOL, ERR):
             self.error(f"a property must be Bool, but this is {body.ty}", d.body.span)
             return self.bad(e.span)
@@ -1253,6 +1296,7 @@ class Checker:
 
     # -- blocks ----------------------------------------------------------------------------------
     def check_block(self, b: A.Block, scope: Scope) -> None:
+        self._top_scope_for_options = scope
         net = scope.lookup(b.name)
         if not isinstance(net, NetEntry):
             if net is None:
@@ -1500,8 +1544,8 @@ class Checker:
         x = I.Var("x", net.ty.inp)
         y = I.Var("y", IndexTy(net.ty.out.shape[0], True))
         for v in (x, y):
-            if scope.lookup(v.name) is None:
-                inner.names[v.name] = ValueEntry(v, None)
+            # In a loss, x and y always name the current sample (documented).
+            inner.names[v.name] = ValueEntry(v, None)
         loss_scope = _LossScope(self, inner, net, x, y)
         node = loss_scope.infer(e)
         if isinstance(node.ty, _ErrTy):
@@ -1724,6 +1768,33 @@ def _assignable(have: Ty, want: Ty) -> bool:
     if want == NAT and isinstance(have, IndexTy):
         return True
     return isinstance(have, IndexTy) and isinstance(want, IndexTy) and have.k == want.k
+
+
+def _is_prelude_scope(scope: Scope) -> bool:
+    s: Scope | None = scope
+    while s is not None:
+        if getattr(s, "is_prelude", False):
+            return s.parent is None and scope is s
+        s = s.parent
+    return False
+
+
+def _names_in_scope(scope: Scope) -> set[str]:
+    """Names of the IR variables reachable from a scope's bindings."""
+    out: set[str] = set()
+    s: Scope | None = scope
+    while s is not None:
+        for entry in s.names.values():
+            if isinstance(entry, ValueEntry):
+                out |= {n.name for n in I.walk(entry.node) if isinstance(n, I.Var)}
+        s = s.parent
+    return out
+
+
+def _fresh_name(name: str, taken: set[str]) -> str:
+    while name in taken:
+        name += "'"
+    return name
 
 
 def _respan(node: I.Node, span: Span | None) -> I.Node:

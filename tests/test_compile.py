@@ -564,13 +564,13 @@ def test_mixed_binders_report_truth_at_the_loss_points():
         "  f(x')[j] <= f(x')[y] + 0.5\n"
     )
     model = digits_mlp()
-    x, y = digits_batch(n=12)
+    x, y = digits_batch(n=32)
     gen = torch.Generator().manual_seed(0)
-    out = spec.loss("p", logic="dl2", attack=propdsl.PGD(steps=4), generator=gen)(model, x, y)
+    out = spec.loss("p", logic="dl2", attack=propdsl.PGD(steps=1), generator=gen)(model, x, y)
     # one attack point per sample and class j, in the order (sample, j)
-    points = out.counterexample["x'"].reshape(12, 10, 1, 8, 8)
-    f = model(points.flatten(0, 1)).reshape(12, 10, 10)
-    own = f.gather(2, y[:, None, None].expand(12, 10, 1))[..., 0]  # f(x'_{b,j})[y_b]
+    points = out.counterexample["x'"].reshape(32, 10, 1, 8, 8)
+    f = model(points.flatten(0, 1)).reshape(32, 10, 10)
+    own = f.gather(2, y[:, None, None].expand(32, 10, 1))[..., 0]  # f(x'_{b,j})[y_b]
     at_j = f.diagonal(dim1=1, dim2=2)  # f(x'_{b,j})[j]
     torch.testing.assert_close(out.loss, (at_j - own - 0.5).clamp_min(0).sum(1))
     assert torch.equal(out.satisfied, (at_j <= own + 0.5).all(1))

@@ -220,9 +220,28 @@ def _split(lb: Tensor, shape: torch.Size | None) -> tuple[Tensor, Tensor]:
 # -- propagation ---------------------------------------------------------------------------------
 
 
-def _put(t: Tensor, rows: Tensor, values: Tensor) -> Tensor:
-    """t with the flat per-sample entries `rows` replaced by `values` (out of place)."""
-    return t.reshape(t.shape[0], -1).index_copy(1, rows, values).reshape(t.shape)
+def _first_needed(need: Tensor) -> Tensor:
+    """Per sample, indices [B, m] of the neurons flagged in need [B, N], m the largest count;
+    samples with fewer are padded with distinct unflagged neurons. With every neuron flagged:
+    all indices in order."""
+    m = int(need.sum(1).max()) if need.numel() else 0
+    if m == need.shape[1]:
+        return torch.arange(m, device=need.device).expand(need.shape[0], m)
+    return torch.topk(need.to(torch.float32), m, dim=1).indices
+
+
+def _gather_neurons(t: Tensor, index: Tensor) -> Tensor:
+    """[k, B, N] -> [k, B, m] at per-sample neuron indices [B, m]."""
+    if index.shape[1] == t.shape[2]:
+        return t.expand(-1, index.shape[0], -1)  # every neuron, in order
+    return t.gather(2, index.unsqueeze(0).expand(t.shape[0], -1, -1))
+
+
+def _tighten(t: Tensor, rows: Tensor, values: Tensor, pick) -> Tensor:
+    """t [B, *shape] with the per-sample flat entries rows [B, m] replaced by
+    pick(current, values) (out of place)."""
+    flat = t.reshape(t.shape[0], -1)
+    return flat.scatter(1, rows, pick(flat.gather(1, rows), values)).reshape(t.shape)
 
 
 def _keep_best(new: Tensor, best: Tensor, pick) -> Tensor:
@@ -242,7 +261,8 @@ class _Propagation:
         self.ball = region.centre is not None and region.p != INF
         self.bounds: list[Interval] = [self.box] * len(graph.nodes)
         self.relaxations: dict[int, Relaxation] = {}
-        self.rows: dict[int, Tensor] = {}  # per pre-activation node: neurons CROWN bounds
+        # Per pre-activation node, per sample: the neurons CROWN bounds ([B, m]).
+        self.rows: dict[int, Tensor] = {}
 
     # -- concretisation ----------------------------------------------------------------------
     def concretize(self, A: Tensor | None, bias: Tensor) -> Tensor:
@@ -261,12 +281,18 @@ class _Propagation:
             lb = torch.maximum(lb, at_centre - radius.reshape(-1, 1).to(lb) * norm)
         return lb + bias
 
-    def _unit_spec(self, i: int, rows: Tensor) -> Tensor:
+    def _unit_spec(self, i: int, rows: Tensor | None) -> Tensor:
+        """Rows [e_k; -e_k] selecting node i's neurons: all of them, shared by the batch
+        ([1, 2N, *shape]) when rows is None, else per sample ([B, 2m, *shape] for rows [B, m])."""
         shape = self.graph.nodes[i].shape
+        n = math.prod(shape)
         lo = self.box[0]
-        eye = torch.zeros(rows.numel(), math.prod(shape), dtype=lo.dtype, device=lo.device)
-        eye[torch.arange(rows.numel(), device=lo.device), rows] = 1.0
-        return torch.cat([eye, -eye]).reshape(1, 2 * rows.numel(), *shape)
+        if rows is None:
+            eye = torch.eye(n, dtype=lo.dtype, device=lo.device).unsqueeze(0)
+        else:
+            eye = torch.zeros(*rows.shape, n, dtype=lo.dtype, device=lo.device)
+            eye.scatter_(2, rows.unsqueeze(-1), 1.0)
+        return torch.cat([eye, -eye], dim=1).reshape(eye.shape[0], -1, *shape)
 
     # -- IBP ---------------------------------------------------------------------------------
     def ibp_node(self, i: int) -> Interval:
@@ -276,8 +302,7 @@ class _Propagation:
         if self.ball and self.graph.is_direct(i):
             # One affine layer over a ball: the dual norm can beat the bounding box.
             n = math.prod(node.shape)
-            rows = torch.arange(n, device=lo.device)
-            lb = self.concretize(*self.backward(i, self._unit_spec(i, rows)))
+            lb = self.concretize(*self.backward(i, self._unit_spec(i, None)))
             lo = torch.maximum(lo, lb[:, :n].reshape(lo.shape))
             hi = torch.minimum(hi, -lb[:, n:].reshape(hi.shape))
         return lo, hi
@@ -363,12 +388,11 @@ class _Propagation:
                 if rows is None:
                     rows = self._rows_needing_bounds(i, lo, hi)
                     self.rows[i] = rows
-                if rows.numel():
-                    m = rows.numel()
+                if rows.shape[1]:
+                    m = rows.shape[1]
                     lb = self.concretize(*self.backward(i, self._unit_spec(i, rows), alphas))
-                    flat_lo, flat_hi = lo.reshape(self.batch, -1), hi.reshape(self.batch, -1)
-                    lo = _put(lo, rows, torch.maximum(flat_lo[:, rows], lb[:, :m]))
-                    hi = _put(hi, rows, torch.minimum(flat_hi[:, rows], -lb[:, m:]))
+                    lo = _tighten(lo, rows, lb[:, :m], torch.maximum)
+                    hi = _tighten(hi, rows, -lb[:, m:], torch.minimum)
             if best is not None:
                 lo = _keep_best(lo, best[i][0], torch.maximum)
                 hi = _keep_best(hi, best[i][1], torch.minimum)
@@ -381,18 +405,18 @@ class _Propagation:
             rule = self.graph.nodes[c].rule
             if isinstance(rule, ActivationRule):
                 need |= rule.needs_bounds(lo, hi)
-        return need.reshape(self.batch, -1).any(0).nonzero().flatten()
+        return _first_needed(need.reshape(self.batch, -1))
 
     def spec_bound(self, spec: Tensor, alphas: dict | None = None) -> Tensor:
         return self.concretize(*self.backward(self.graph.output, spec, alphas))
 
     # -- alpha-CROWN -------------------------------------------------------------------------
     def _init_alphas(self, spec: Tensor, intermediate: bool) -> dict[tuple[int, int], Tensor]:
-        """One parameter set per (start node, activation): [k, B, S_start, m_j], over the m_j
-        neurons of activation j whose relaxation is not exact (unstable in some sample)."""
+        """One parameter set per (start node, activation): [k, B, S_start, m_j], over m_j
+        neurons per sample of activation j (those whose relaxation is not exact)."""
         starts = [(self.graph.output, spec.shape[1])]
         if intermediate:
-            starts += [(i, 2 * rows.numel()) for i, rows in self.rows.items() if rows.numel()]
+            starts += [(i, 2 * rows.shape[1]) for i, rows in self.rows.items() if rows.shape[1]]
         self.alpha_base: dict[int, Tensor] = {}
         self.alpha_index: dict[int, Tensor] = {}
         alphas: dict[tuple[int, int], Tensor] = {}
@@ -401,8 +425,8 @@ class _Propagation:
                 if j not in self.alpha_base and not self._alpha_support(j):
                     continue
                 base, index = self.alpha_base[j], self.alpha_index[j]
-                init = base.flatten(2)[:, :, index].unsqueeze(2)
-                shape = (init.shape[0], self.batch, size, index.numel())
+                init = _gather_neurons(base.flatten(2), index).unsqueeze(2)
+                shape = (init.shape[0], self.batch, size, index.shape[1])
                 alphas[(start, j)] = init.expand(shape).clone().requires_grad_()
         return alphas
 
@@ -414,8 +438,8 @@ class _Propagation:
         init = rule.init_alpha(lo, hi)
         if init is None:
             return False
-        index = rule.needs_bounds(lo, hi).reshape(self.batch, -1).any(0).nonzero().flatten()
-        if not index.numel():
+        index = _first_needed(rule.needs_bounds(lo, hi).reshape(self.batch, -1))
+        if not index.shape[1]:
             return False
         self.alpha_base[j], self.alpha_index[j] = init, index
         return True
@@ -423,11 +447,14 @@ class _Propagation:
     def _full_alpha(self, j: int, alpha: Tensor) -> Tensor:
         """[k, B, S, m_j] parameters -> [k, B, S, *shape_j], CROWN's slopes elsewhere."""
         base, index = self.alpha_base[j], self.alpha_index[j]
-        k, batch, size = alpha.shape[:3]
-        if index.numel() == base[0, 0].numel():
-            return alpha.reshape(k, batch, size, *base.shape[2:])
+        k, batch, size, m = alpha.shape
+        shape = (k, batch, size, *base.shape[2:])
+        if m == base[0, 0].numel():
+            return alpha.reshape(shape)  # every neuron, in order
         full = base.flatten(2).unsqueeze(2).expand(k, batch, size, -1)
-        return full.index_copy(3, index, alpha).reshape(k, batch, size, *base.shape[2:])
+        return full.scatter(3, index[None, :, None, :].expand(k, batch, size, m), alpha).reshape(
+            shape
+        )
 
     def _project(self, alphas: dict[tuple[int, int], Tensor]) -> None:
         with torch.no_grad():
@@ -437,7 +464,7 @@ class _Propagation:
                 lo, hi = (b.detach() for b in self.bounds[node.inputs[0]])
                 index = self.alpha_index[j]
                 low, high = (
-                    b.flatten(2)[:, :, index].unsqueeze(2)
+                    _gather_neurons(b.flatten(2), index).unsqueeze(2)
                     if isinstance(b, Tensor)
                     else torch.tensor(b).to(alpha)
                     for b in rule.alpha_range(lo, hi)
