@@ -82,7 +82,9 @@ def run(quick: bool = False) -> list[dict[str, object]]:
         model = factory().eval()
         with torch.no_grad():
             forward = _median_time(lambda model=model: model(x), 5 * repeats)
-            rows.append(dict(model=name, method="forward", seconds=forward, ratio=1.0, verified=None))
+            rows.append(
+                dict(model=name, method="forward", seconds=forward, ratio=1.0, verified=None)
+            )
             for method in Method:
                 reps = max(1, repeats // 5) if method is Method.ALPHA_CROWN else repeats
 

@@ -697,7 +697,11 @@ class Checker:
             return self.bad(e.span)
         ls, rs = left.shape, right.shape
         if ls is not None and rs is not None and ls != rs:
-            self.error(f"cannot intersect {left.ty} with {right.ty}: shapes differ", e.span)
+            self.error(
+                f"cannot intersect {_domain_words(left)} with {_domain_words(right)}: "
+                "the shapes differ",
+                e.span,
+            )
             return self.bad(e.span)
         parts: list[I.Domain] = []
         for d in (left, right):
@@ -1523,6 +1527,21 @@ class Checker:
         if isinstance(entry, FunEntry) and isinstance(entry.decl, A.PropertyDecl):
             # A template (its own or the prelude's): it needs more than one data sample (x, y).
             params = ", ".join(p.name for p in entry.decl.params)
+            if not params:
+                self.error(
+                    f"'{it.id}' has no parameters; a property is about one sample (x) or (x, y)",
+                    it.span,
+                )
+                return
+            nets = _network_params(entry.decl)
+            if len(entry.decl.params) <= 2 and nets:
+                self.error(
+                    f"'{it.id}' uses its parameter '{nets[0]}' as a network, so it is a template, "
+                    "not a property of one sample (x, y)",
+                    it.span,
+                    "apply the network itself in the property's body",
+                )
+                return
             self.error(
                 f"'{it.id}' is a template of ({params}), not a property of one sample (x, y)",
                 it.span,
@@ -1801,6 +1820,25 @@ def _respan(node: I.Node, span: Span | None) -> I.Node:
     return node
 
 
+def _network_params(d: A.PropertyDecl | A.LetDecl) -> list[str]:
+    """The parameters that the body applies as networks (`net(x)`, `saliency(net, x, y)`)."""
+    names = [p.name for p in d.params or ()]
+    used = []
+    for node in _walk_ast(d.body):
+        if isinstance(node, A.Call):
+            if node.func.id in names:
+                used.append(node.func.id)
+            elif node.func.id in EXPLAINERS and node.args and isinstance(node.args[0], A.Name):
+                used.append(node.args[0].id)
+    return [n for n in names if n in used]
+
+
+def _domain_words(d: I.Domain) -> str:
+    """`a ball of Tensor[1, 8, 8]`: a domain as a user would name it."""
+    kind = {I.Ball: "a ball", I.Box: "a box"}.get(type(d), "an intersection")
+    return f"{kind} of {tensor(d.shape)}" if d.shape is not None else kind
+
+
 def _keyword_name_span(k: A.Keyword) -> Span | None:
     """The span of the name in `name = value`."""
     if k.span is None:
@@ -1889,7 +1927,14 @@ def check(
     checker = Checker(source, overrides)
     result = checker.check_module(module, prelude)
     if checker.diags:
-        raise CheckError(checker.diags, source)
+        # A template used twice reports an error in its body once.
+        seen: set[tuple[str, Span | None]] = set()
+        unique = []
+        for d in checker.diags:
+            if (d.message, d.span) not in seen:
+                seen.add((d.message, d.span))
+                unique.append(d)
+        raise CheckError(unique, source)
     return result
 
 

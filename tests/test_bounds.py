@@ -340,7 +340,9 @@ def test_crown_is_tighter_than_ibp_on_relu_mlps(seed: int) -> None:
     assert float((ub_p - lb_p).sum()) < float((ub_i - lb_i).sum())
 
 
-@pytest.mark.parametrize("act", [nn.ReLU(), nn.LeakyReLU(0.2), nn.Tanh(), nn.Sigmoid(), nn.Softplus()])
+@pytest.mark.parametrize(
+    "act", [nn.ReLU(), nn.LeakyReLU(0.2), nn.Tanh(), nn.Sigmoid(), nn.Softplus()]
+)
 def test_alpha_crown_is_never_looser_and_strictly_tighter_when_crown_is_loose(act) -> None:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 16), act, nn.Linear(16, 16), act, nn.Linear(16, 3))
@@ -376,7 +378,9 @@ def test_alpha_options_validation() -> None:
     net = _mlp(nn.ReLU())
     x = torch.rand(2, 3)
     lb_c, ub_c = bounds(net, x - 0.1, x + 0.1, method="crown")
-    lb_0, ub_0 = bounds(net, x - 0.1, x + 0.1, method="alpha_crown", options=AlphaOptions(iterations=0))
+    lb_0, ub_0 = bounds(
+        net, x - 0.1, x + 0.1, method="alpha_crown", options=AlphaOptions(iterations=0)
+    )
     torch.testing.assert_close(lb_0, lb_c.detach())
 
 
@@ -528,7 +532,9 @@ def _oracle_net(act: nn.Module, seed: int, d_in: int = 5) -> nn.Sequential:
     return nn.Sequential(nn.Linear(d_in, 12), act, nn.Linear(12, 12), act, nn.Linear(12, 4))
 
 
-@pytest.mark.parametrize("act", [nn.ReLU(), nn.Tanh(), nn.Sigmoid()], ids=["relu", "tanh", "sigmoid"])
+@pytest.mark.parametrize(
+    "act", [nn.ReLU(), nn.Tanh(), nn.Sigmoid()], ids=["relu", "tanh", "sigmoid"]
+)
 @pytest.mark.parametrize("seed", range(3))
 def test_matches_bound_propagation(bp, act: nn.Module, seed: int, clean_registry) -> None:
     """Same IBP; same CROWN when our S-shape bisection takes its 10 steps, our output bounds are
@@ -579,3 +585,17 @@ def test_spec_matches_bound_propagation_with_c_folded_into_the_last_layer(bp, se
     lb, ub = compute_bounds(net, Region.box(lo, hi), "crown", C=C, intersect_ibp=False)
     torch.testing.assert_close(lb, crown.lower, atol=1e-5, rtol=0)
     torch.testing.assert_close(ub, crown.upper, atol=1e-5, rtol=0)
+
+
+def test_auto_lirpa_backend_agrees_when_installed() -> None:
+    pytest.importorskip("auto_LiRPA")
+    from propdsl.verify.lirpa import lirpa_bounds
+
+    net = _oracle_net(nn.ReLU(), 0)
+    x = torch.rand(3, 5)
+    region = Region.ball(x, 0.1)
+    C = torch.randn(2, 4)
+    for method in ("ibp", "crown"):
+        ours = compute_bounds(net, region, method, C, intersect_ibp=False)
+        theirs = lirpa_bounds(net, region, method, C)
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)

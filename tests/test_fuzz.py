@@ -251,8 +251,8 @@ def test_mutants_load_or_raise_spec_errors(chunk: int) -> None:
     if failures:
         mutant, problem = min(failures, key=lambda f: len(f[0]))
         pytest.fail(
-            f"{len(failures)} of {MUTANTS_PER_CHUNK} mutants raised a non-propdsl exception; "
-            f"the smallest:\n{mutant}\n{problem}"
+            f"{len(failures)} of {MUTANTS_PER_CHUNK} mutants failed (a non-propdsl exception, or "
+            f"a canonical text that does not load back); the smallest:\n{mutant}\n{problem}"
         )
 
 

@@ -335,7 +335,9 @@ class _Propagation:
         assert isinstance(rule, ActivationRule)  # the caller dispatches on the rule's kind
         lo, hi = self.bounds[node.inputs[0]]
         if alphas is not None and (start, i) in alphas:
-            return rule.relax(lo.unsqueeze(1), hi.unsqueeze(1), self._full_alpha(i, alphas[(start, i)]))
+            return rule.relax(
+                lo.unsqueeze(1), hi.unsqueeze(1), self._full_alpha(i, alphas[(start, i)])
+            )
         cached = self.relaxations.get(i)
         if cached is None:
             r = rule.relax(lo, hi)
@@ -475,6 +477,8 @@ class _Propagation:
         """alpha-CROWN: Adam on the relaxation slopes, maximising the sum of the lower bounds of
         the spec rows (both halves of [C; -C], so the widths shrink). Every iterate is sound;
         the elementwise best, CROWN's included, is returned (detached)."""
+        # Neurons CROWN has made stable keep CROWN's bounds: re-bound only the others.
+        self.rows = {i: self._rows_needing_bounds(i, *self.bounds[i]) for i in self.rows}
         alphas = self._init_alphas(spec, options.optimize_intermediate)
         if not alphas or options.iterations == 0:
             return crown

@@ -81,13 +81,23 @@ class BoundGraph:
         return any(isinstance(self.nodes[c].rule, ActivationRule) for c in self.consumers[i])
 
     def is_direct(self, i: int) -> bool:
-        """An affine function of the input alone: interval arithmetic is already exact."""
-        node = self.nodes[i]
-        return isinstance(node.rule, AffineRule) and node.inputs == (0,)
+        """An affine function of the input that interval arithmetic bounds exactly: a chain of
+        single-input affine operations with at most one that mixes elements (Normalize, then a
+        convolution, then BatchNorm, say)."""
+        mixing = 0
+        while i != 0:
+            node = self.nodes[i]
+            if not (isinstance(node.rule, AffineRule) and len(node.inputs) == 1):
+                return False
+            mixing += node.rule.mixes
+            i = node.inputs[0]
+        return mixing <= 1
 
     def activations_before(self, i: int) -> list[int]:
         """The element-wise nonlinearities that node i depends on."""
-        return [j for j in sorted(self.ancestors[i]) if isinstance(self.nodes[j].rule, ActivationRule)]
+        return [
+            j for j in sorted(self.ancestors[i]) if isinstance(self.nodes[j].rule, ActivationRule)
+        ]
 
 
 class _Tracer(fx.Tracer):
@@ -97,9 +107,7 @@ class _Tracer(fx.Tracer):
         return rule_for_module(m) is not None or super().is_leaf_module(m, module_qualified_name)
 
 
-_TRACES: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, fx.Graph]] = (
-    weakref.WeakKeyDictionary()
-)
+_TRACES: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, fx.Graph]] = weakref.WeakKeyDictionary()
 
 
 def _trace(model: nn.Module) -> fx.Graph:
@@ -324,8 +332,13 @@ def _prune(nodes: list[BoundNode], output: int) -> BoundGraph:
     order = sorted(keep)
     new = {old: i for i, old in enumerate(order)}
     kept = [
-        BoundNode(new[old], nodes[old].name, nodes[old].rule, tuple(new[j] for j in nodes[old].inputs),
-                  nodes[old].shape)
+        BoundNode(
+            new[old],
+            nodes[old].name,
+            nodes[old].rule,
+            tuple(new[j] for j in nodes[old].inputs),
+            nodes[old].shape,
+        )
         for old in order
     ]
     return BoundGraph(kept)

@@ -36,7 +36,7 @@ import math
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -97,7 +97,8 @@ class Call:
     device: torch.device
 
     @property
-    def module(self) -> nn.Module:
+    def module(self) -> Any:
+        """The module of a layer call (typed Any: rules read their own layer's attributes)."""
         if not isinstance(self.target, nn.Module):
             raise TypeError(f"{self.describe()} is not a module call")
         return self.target
@@ -160,7 +161,13 @@ class BoundRule(abc.ABC):
 
 
 class AffineRule(BoundRule):
-    """An operation that is affine in its bounded inputs: out = sum_k M_k x_k + c."""
+    """An operation that is affine in its bounded inputs: out = sum_k M_k x_k + c.
+
+    `mixes` is False for maps that act on each element alone (reshapes, element-wise scaling):
+    interval arithmetic through them loses nothing.
+    """
+
+    mixes: ClassVar[bool] = True
 
     @abc.abstractmethod
     def backward(self, A: Tensor) -> tuple[list[Tensor | None], Tensor | None]:
@@ -226,7 +233,8 @@ class ActivationRule(BoundRule):
         return None
 
     def alpha_range(self, lower: Tensor, upper: Tensor) -> tuple[Tensor | float, Tensor | float]:
-        """Where alpha-CROWN projects the parameters after each step (broadcast like alpha)."""
+        """Where alpha-CROWN projects the parameters after each step: numbers, or tensors
+        [k or 1, *lower.shape]."""
         return 0.0, 1.0
 
 
@@ -335,7 +343,9 @@ def _vjp_backward(
         grads = torch.autograd.grad(
             out, zeros, grad_outputs=flat, create_graph=create, allow_unused=True
         )
-    coeffs = [None if g is None else g.reshape(*lead, *g.shape[1:]) for g in grads]
+    coeffs: list[Tensor | None] = [
+        None if g is None else g.reshape(*lead, *g.shape[1:]) for g in grads
+    ]
     bias = (flat * out).flatten(1).sum(-1).reshape(lead)
     return coeffs, bias if create else bias.detach()
 
@@ -561,6 +571,8 @@ class AdaptiveAvgPool2dRule(AffineRule):
 class ReshapeRule(AffineRule):
     """Any per-sample reshape (the element order is kept; the batch dimension stays first)."""
 
+    mixes = False
+
     def ibp(self, *inputs: Interval) -> Interval:
         ((lo, hi),) = inputs
         shape = (lo.shape[0], *self.call.out_shape)
@@ -588,6 +600,8 @@ class IdentityRule(AffineRule):
     """Identity, and dropout taken as the identity of eval mode (bounds are of the
     deterministic network, whatever the module's training flag)."""
 
+    mixes = False
+
     def ibp(self, *inputs: Interval) -> Interval:
         return inputs[0]
 
@@ -599,6 +613,8 @@ class ElementwiseLinearRule(AffineRule):
     """out = sum_k scale_k * x_k + shift, element-wise with broadcasting; `terms()` returns the
     scales (one per bounded input, None for 1) and the shift (None for 0), as numbers or tensors
     that broadcast against one sample."""
+
+    mixes = False
 
     def __init__(self, call: Call):
         super().__init__(call)
@@ -756,7 +772,7 @@ class DivRule(ElementwiseLinearRule):
     """x / constant."""
 
     def terms(self) -> tuple[list[Any], Any]:
-        a, b = self.call.arg(0, "input"), self.call.arg(1, "other")
+        b = self.call.arg(1, "other")
         if isinstance(b, BoundArg) or self.call.kwargs.get("rounding_mode") is not None:
             raise _product_error(self.call)
         return [1.0 / self.call.tensor(b)], None

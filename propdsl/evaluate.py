@@ -1,0 +1,790 @@
+"""Evaluation of a trained run against its spec: what `propdsl eval` computes and writes.
+
+For one split of the spec's data (the verify block's source, else the train block's):
+
+* clean accuracy;
+* per property of one sample (parameters `(x)` or `(x, y)`), **constraint accuracy** (the
+  property holds at a uniformly random point of each of its regions) and **constraint security**
+  (it holds at the point found by a strong attack that does not depend on the training logic);
+* constraint security against the radius, for the properties that depend on a param `eps`;
+* explanation robustness of gradient saliency (Quantus' MaxSensitivity, AvgSensitivity,
+  LocalLipschitzEstimate) and Etmann et al.'s alignment;
+* the accuracy-robustness area of Woods et al. (2019) from per-sample minimal adversarial RMSE
+  distances found by bisection over the radius of an L2 ball.
+
+Everything is written to `eval.json` in the run folder, with PNG plots next to it. The exact
+definitions are in `docs/evaluation.md`.
+
+Why the attack ignores the training logic: a loss under a differentiable logic is a smoothed
+version of the property, and attacking a model with the logic it was trained on measures how
+well it fits that smoothing, not whether the property holds (Flinkow et al. 2025 report 0.963
+security for a DL2-trained model attacked through DL2, 0.260 under a common attack). The attack
+here climbs the compiler's `violation` logic (raw signed margins, the same for every training
+logic), and `satisfied` is the exact Boolean truth at the attack's point.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from propdsl import ir as I
+from propdsl import runs
+from propdsl.api import Spec
+from propdsl.errors import UsageError
+from propdsl.loss.attacks import APGD, PGD, VanishingGradientWarning, run_attack
+from propdsl.region import Region
+
+__all__ = [
+    "DEFAULT_ATTACK",
+    "DEFAULT_EPS_GRID",
+    "EVAL_JSON",
+    "AccuracyRobustness",
+    "EvalResult",
+    "ExplanationMetrics",
+    "PropertyResult",
+    "accuracy_robustness_area",
+    "evaluate",
+    "min_adversarial_rmse",
+    "render_table",
+]
+
+log = logging.getLogger("propdsl.evaluate")
+
+EVAL_JSON = "eval.json"
+DEFAULT_ATTACK = APGD(steps=50, restarts=3)
+RANDOM_POINTS = PGD(steps=0, random_start=True)  # zero steps: the point is the uniform start
+DEFAULT_EPS_GRID = (0.0, 0.025, 0.05, 0.1, 0.15, 0.2)
+SURROGATE_BETA = 10.0
+# The bisection's attack for the accuracy-robustness area (run once per bisection step).
+ARA_ATTACK = APGD(steps=20, restarts=1)
+ARA_BISECTIONS = 12
+ARA_MAX_RMSE = 1.0
+EXPLAIN_PERTURBATIONS = 16
+GRID_SAMPLES = 6
+
+_EXPLAINERS = frozenset({"saliency", "gradient_x_input", "integrated_gradients", "smoothgrad"})
+
+
+# -- results -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PropertyResult:
+    """One property's rates over the `n` evaluated samples.
+
+    `accuracy`: the fraction of samples where the property holds at uniformly random points of
+    its regions; `security`: where it holds at the strong attack's points; `attack`: that
+    attack, as run (with the surrogate it got, if any).
+    """
+
+    name: str
+    accuracy: float
+    security: float
+    n: int
+    attack: str
+
+
+@dataclass(frozen=True)
+class ExplanationMetrics:
+    """Means over the samples of per-sample robustness metrics of gradient saliency.
+
+    Saliency is that of the true label; perturbed inputs are drawn uniformly in the L-inf ball
+    of `radius` (clipped to the data's box), `perturbations` of them per sample. Lower is more
+    robust, except `alignment` (higher is more robust). None where a mean is not finite.
+    """
+
+    radius: float
+    perturbations: int
+    n: int
+    max_sensitivity: float | None
+    avg_sensitivity: float | None
+    local_lipschitz_estimate: float | None
+    alignment: float | None
+
+
+@dataclass(frozen=True)
+class AccuracyRobustness:
+    """Woods et al.'s accuracy-robustness area from per-sample adversarial RMSE distances.
+
+    `distances[i]`: 0 for a misclassified sample, else the RMSE of the smallest decision-changing
+    perturbation found, or `max_rmse` where none was found within it (then the area is the
+    integral up to `max_rmse`).
+    """
+
+    area: float
+    num_classes: int
+    max_rmse: float
+    n: int
+    not_broken: int
+    median: float
+    distances: tuple[float, ...] = field(repr=False)
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """What `evaluate` computed and where it wrote it."""
+
+    run: Path
+    split: str
+    n: int
+    clean_accuracy: float
+    properties: Mapping[str, PropertyResult]
+    attack: str
+    random_attack: str
+    seed: int
+    eps_grid: tuple[float, ...]
+    security_curve: Mapping[str, tuple[float, ...]]
+    explanation: ExplanationMetrics | None
+    robustness: AccuracyRobustness | None
+    skipped: Mapping[str, str]
+    json_path: Path
+    plots: tuple[Path, ...]
+
+
+# -- the evaluation ------------------------------------------------------------------------------
+
+
+def evaluate(
+    spec: Spec,
+    run: str | os.PathLike[str],
+    *,
+    split: str = "test",
+    model_ref: str | None = None,
+    device: str | None = None,
+    samples: int | None = None,
+    attack: PGD | APGD | None = None,
+    eps_grid: Sequence[float] | None = None,
+    plots: bool = True,
+    seed: int | None = None,
+    batch: int = 256,
+    explain_radius: float | None = None,
+) -> EvalResult:
+    """Evaluate a run's best checkpoint on one split of the spec's data; write `eval.json`.
+
+    Args:
+        spec: the loaded spec (normally the run's own `spec.prop`).
+        run: the run folder written by `propdsl train`.
+        split: `test`, `val`, `train` or `all` of the verify block's data source (else the
+            train block's, else the run's); the split is drawn with the run's seed, so it is the
+            split the run was trained against.
+        model_ref: `pkg.module:factory` for a run of a user model.
+        device: `auto`, `cpu`, `cuda`, `cuda:N` (None: auto).
+        samples: evaluate the first `samples` samples of the split (it comes shuffled by seed).
+        attack: the strong attack of constraint security (default `APGD(steps=50, restarts=3)`);
+            explanation properties on ReLU networks get `surrogate_beta=10` unless it is set.
+        eps_grid: radii of the security curve (default 0, 0.025, 0.05, 0.1, 0.15, 0.2); only
+            for specs with a param `eps`; `()` skips the curve.
+        plots: write PNG plots into the run folder (matplotlib).
+        seed: seeds the random points and the attacks' starts (None: the run's seed).
+        batch: samples per forward pass.
+        explain_radius: L-inf radius of the explanation metrics (None: the spec's `eps`, else
+            0.1).
+
+    Returns:
+        `EvalResult` with every number and the paths written.
+
+    >>> import propdsl                                              # doctest: +SKIP
+    >>> spec = propdsl.load("runs/digits/spec.prop")                # doctest: +SKIP
+    >>> result = evaluate(spec, "runs/digits", samples=200)         # doctest: +SKIP
+    >>> print(render_table(result))                                 # doctest: +SKIP
+    """
+    from propdsl.train import resolve_device
+
+    opened = runs.Run.open(run)
+    run_path = opened.path
+    if opened.config.get("spec_sha256") not in (None, runs.spec_hash(spec.source.text)):
+        log.warning("the spec differs from the one %s was trained with", run_path)
+    run_seed = int(opened.config.get("seed", 0))
+    seed = run_seed if seed is None else int(seed)
+    strong = attack if attack is not None else DEFAULT_ATTACK
+    if not isinstance(strong, PGD | APGD):
+        raise UsageError(f"attack must be PGD(...) or APGD(...), got {type(strong).__name__}")
+    if batch < 1:
+        raise UsageError(f"batch must be positive, got {batch}")
+    dev = resolve_device(device)
+
+    model = opened.load_model("best", model_ref, dev)
+    ds = _load_split(spec, opened, split, run_seed)
+    x, y = ds.x, ds.y
+    if samples is not None:
+        if samples < 1:
+            raise UsageError(f"samples must be positive, got {samples}")
+        x, y = x[:samples], y[:samples]
+    x, y = x.to(dev), y.to(dev)
+    n = int(x.shape[0])
+    if n == 0:
+        raise UsageError(f"the {split} split is empty")
+    box = (0.0, 1.0) if bool(x.min() >= 0) and bool(x.max() <= 1) else None
+    relu = any(isinstance(m, nn.ReLU) for m in model.modules())
+    log.info("evaluating %s on %d %s samples", run_path, n, split)
+
+    with torch.no_grad():
+        predicted = _predict(model, x, batch)
+    clean = float((predicted == y).float().mean())
+
+    props: dict[str, PropertyResult] = {}
+    skipped: dict[str, str] = {}
+    grid_points: dict[str, tuple[str, Tensor]] = {}
+    attacks: dict[str, PGD | APGD] = {}
+    for name, prop in spec.properties.items():
+        if len(prop.params) not in (1, 2):
+            skipped[name] = "not a property of one sample (x) or (x, y)"
+            continue
+        prop_attack = strong
+        if relu and _explains(prop.formula) and strong.surrogate_beta is None:
+            prop_attack = dataclasses.replace(strong, surrogate_beta=SURROGATE_BETA)
+        try:
+            at_random, _ = _holds(spec, name, RANDOM_POINTS, model, x, y, batch, seed, dev)
+            secure, points = _holds(
+                spec, name, prop_attack, model, x, y, batch, seed, dev, keep=GRID_SAMPLES
+            )
+        except UsageError as err:  # CompileError: a property this backend cannot attack
+            skipped[name] = str(err)
+            warnings.warn(f"property '{name}' skipped: {err}", stacklevel=2)
+            continue
+        attacks[name] = prop_attack
+        props[name] = PropertyResult(
+            name, _mean(at_random), _mean(secure), n, show_attack(prop_attack)
+        )
+        for var, pts in points.items():
+            if tuple(pts.shape[1:]) == tuple(x.shape[1:]):
+                grid_points[name] = (var, pts)
+                break
+
+    grid = tuple(float(e) for e in (DEFAULT_EPS_GRID if eps_grid is None else eps_grid))
+    curve: dict[str, tuple[float, ...]] = {}
+    if grid and "eps" in spec.params:
+        for name in props:
+            if _curve_property(spec, name):
+                curve[name] = _security_curve(
+                    spec, name, attacks[name], grid, model, x, y, batch, seed, dev
+                )
+
+    radius = explain_radius
+    if radius is None:
+        radius = float(spec.params["eps"]) if "eps" in spec.params else 0.1
+    explanation = _explanation_metrics(model, x, y, float(radius), box, batch, seed, dev)
+    robustness = _robustness(model, x, y, predicted, box, batch, seed, dev)
+
+    json_path = run_path / EVAL_JSON
+    written: list[Path] = []
+    if plots:
+        written = _plots(
+            run_path,
+            opened,
+            spec,
+            x,
+            y,
+            predicted,
+            model,
+            grid,
+            curve,
+            robustness,
+            grid_points,
+            clean,
+        )
+    result = EvalResult(
+        run=run_path,
+        split=split,
+        n=n,
+        clean_accuracy=clean,
+        properties=props,
+        attack=show_attack(strong),
+        random_attack="uniform random point of each region",
+        seed=seed,
+        eps_grid=grid if curve else (),
+        security_curve=curve,
+        explanation=explanation,
+        robustness=robustness,
+        skipped=skipped,
+        json_path=json_path,
+        plots=tuple(written),
+    )
+    runs.write_json(json_path, _to_json(result, opened, ds.name))
+    return result
+
+
+def _load_split(spec: Spec, opened: runs.Run, split: str, seed: int):
+    from propdsl.data import DataError, load_dataset
+    from propdsl.train import load_split
+
+    block = spec.verify_block or spec.train_block
+    if block is not None:
+        return load_split(spec, block, split, seed=seed, root=Path(spec.name).parent)
+    data = dict(opened.config.get("data") or {})
+    name = data.pop("name", None)
+    if name is None:
+        raise UsageError("the spec has no train or verify block and the run names no data")
+    data.pop("split", None)
+    data.setdefault("seed", seed)
+    try:
+        return load_dataset(name, split=split, **data)
+    except DataError as err:
+        raise UsageError(str(err)) from None
+
+
+def _predict(model: nn.Module, x: Tensor, batch: int) -> Tensor:
+    return torch.cat([model(x[i : i + batch]).argmax(1) for i in range(0, x.shape[0], batch)])
+
+
+def _mean(v: Tensor) -> float:
+    return float(v.float().mean())
+
+
+def _explains(formula: I.Node) -> bool:
+    """Whether the formula differentiates a network (saliency maps and `grad`)."""
+    return any(
+        isinstance(n, I.Fn) and (n.fn in _EXPLAINERS or n.fn == "grad") for n in I.walk(formula)
+    )
+
+
+def _curve_property(spec: Spec, name: str) -> bool:
+    """Robustness-like: quantifies over a region whose size reads `eps`; no input gradients.
+
+    (Explanation properties are left out: their attack differentiates a gradient and is many
+    times dearer, and their security against the radius is not what the curve is read for.)
+    """
+    prop = spec.properties[name]
+    reads_eps = any(isinstance(n, I.ParamRef) and n.name == "eps" for n in I.walk(prop.body))
+    region = any(
+        isinstance(n, I.Quant) and not all(isinstance(d, I.Range) for d in n.domains)
+        for n in I.walk(prop.formula)
+    )
+    return reads_eps and region and not _explains(prop.formula)
+
+
+def _holds(
+    spec: Spec,
+    name: str,
+    attack: PGD | APGD,
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    batch: int,
+    seed: int,
+    device: torch.device,
+    *,
+    keep: int = 0,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """[N] exact truth of the property at the attack's points, and the first `keep` points.
+
+    The logic only shapes the loss, which is not used: `satisfied` is the Boolean truth, and
+    the attack climbs the logic-independent signed violation.
+    """
+    generator = torch.Generator(device=device).manual_seed(seed)
+    loss = spec.loss(name, logic="dl2", attack=attack, generator=generator)
+    truth: list[Tensor] = []
+    points: dict[str, Tensor] = {}
+    with torch.no_grad():
+        for i in range(0, x.shape[0], batch):
+            out = loss(model, x[i : i + batch], y[i : i + batch])
+            truth.append(out.satisfied.detach().reshape(-1))
+            if i == 0 and keep:
+                points = {k: v[:keep].detach() for k, v in out.counterexample.items()}
+    return torch.cat(truth), points
+
+
+def _security_curve(spec, name, attack, grid, model, x, y, batch, seed, device):
+    values = []
+    for eps in grid:
+        with warnings.catch_warnings():
+            if eps == 0:  # nothing to climb in a point-sized region: a flat start is expected
+                warnings.simplefilter("ignore", VanishingGradientWarning)
+            truth, _ = _holds(
+                spec.with_params(eps=eps), name, attack, model, x, y, batch, seed, device
+            )
+        values.append(_mean(truth))
+    return tuple(values)
+
+
+# -- explanation metrics -------------------------------------------------------------------------
+
+
+def _finite_mean(v: Tensor) -> float | None:
+    m = float(v.double().mean())
+    return m if math.isfinite(m) else None
+
+
+def _explanation_metrics(model, x, y, radius, box, batch, seed, device) -> ExplanationMetrics:
+    from propdsl import explain
+
+    lo, hi = box if box is not None else (None, None)
+    parts: dict[str, list[Tensor]] = {k: [] for k in ("max", "avg", "lip", "align")}
+    metrics = {
+        "max": explain.max_sensitivity,
+        "avg": explain.avg_sensitivity,
+        "lip": explain.local_lipschitz_estimate,
+    }
+    for i in range(0, x.shape[0], batch):
+        xb, yb = x[i : i + batch], y[i : i + batch]
+
+        def saliency(v: Tensor, yb: Tensor = yb) -> Tensor:
+            return explain.saliency(model, v, yb, create_graph=False)
+
+        for key, metric in metrics.items():
+            # The same perturbations for every metric: one generator state per batch.
+            generator = torch.Generator(device=device).manual_seed(seed + i)
+            parts[key].append(
+                metric(
+                    saliency,
+                    xb,
+                    radius=radius,
+                    samples=EXPLAIN_PERTURBATIONS,
+                    lo=lo,
+                    hi=hi,
+                    generator=generator,
+                ).detach()
+            )
+        parts["align"].append(explain.alignment(model, xb).detach())
+    values = {k: _finite_mean(torch.cat(v)) for k, v in parts.items()}
+    return ExplanationMetrics(
+        radius=radius,
+        perturbations=EXPLAIN_PERTURBATIONS,
+        n=int(x.shape[0]),
+        max_sensitivity=values["max"],
+        avg_sensitivity=values["avg"],
+        local_lipschitz_estimate=values["lip"],
+        alignment=values["align"],
+    )
+
+
+# -- accuracy-robustness area --------------------------------------------------------------------
+
+
+def accuracy_robustness_area(distances: Tensor | Sequence[float], num_classes: int) -> float:
+    """`integral over e >= 0 of max(0, A(e) - 1/K)`, `A(e)` the fraction of distances > e.
+
+    `A` is a step function, so the integral is exact: with the distances sorted,
+    `d_(1) <= ... <= d_(N)` and `d_(0) = 0`, `A(e) = (N - i + 1) / N` on `[d_(i-1), d_(i))`.
+
+    >>> accuracy_robustness_area([0.0, 0.1, 0.3], num_classes=2)  # 0.1 * (2/3 - 1/2)
+    0.016666666666666663
+    """
+    d = torch.as_tensor(distances, dtype=torch.float64).flatten().sort().values
+    n = d.numel()
+    if n == 0:
+        return 0.0
+    widths = torch.diff(d, prepend=d.new_zeros(1))
+    share = (n - torch.arange(n, dtype=torch.float64)) / n
+    return float((widths * (share - 1.0 / num_classes).clamp_min(0)).sum())
+
+
+def min_adversarial_rmse(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    attack: PGD | APGD = ARA_ATTACK,
+    max_rmse: float = ARA_MAX_RMSE,
+    bisections: int = ARA_BISECTIONS,
+    box: tuple[float, float] | None = (0.0, 1.0),
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Per sample, the RMSE of the smallest decision-changing perturbation an attack finds.
+
+    RMSE is `||x' - x||_2 / sqrt(d)` (d input entries), so the RMSE ball of radius `e` is the L2
+    ball of radius `e * sqrt(d)`. A misclassified sample gets 0. For the others the attack
+    maximises the margin `max_{j != y} f(x')_j - f(x')_y` over `ball(x, r, 2) & box`; first at
+    `max_rmse` (samples it does not break get `max_rmse`), then `bisections` times at the middle
+    of `[lo, hi]`, where `hi` is the smallest RMSE of a decision-changing point found so far and
+    `lo` the largest radius at which the attack failed. The result is that smallest RMSE found:
+    an upper bound on the true minimum (tight as far as the attack is), within
+    `max_rmse / 2**bisections` of the attack's own threshold. Returns [B] (float64, on CPU).
+
+    >>> import torch
+    >>> model = torch.nn.Linear(2, 2)  # class 0 where x_0 > 0.5
+    >>> _ = model.weight.data.copy_(torch.tensor([[1.0, 0.0], [-1.0, 0.0]]))
+    >>> _ = model.bias.data.copy_(torch.tensor([-0.5, 0.5]))
+    >>> d = min_adversarial_rmse(model, torch.tensor([[0.6, 0.5]]), torch.tensor([0]))
+    >>> round(d.item(), 3)  # move x_0 by 0.1: RMSE 0.1 / sqrt(2)
+    0.071
+    """
+    n = x.shape[0]
+    scale = math.sqrt(x[0].numel())
+    out = torch.zeros(n, dtype=torch.float64)
+    with torch.no_grad():
+        correct = (model(x).argmax(1) == y).cpu()
+    idx = torch.nonzero(correct).flatten()
+    if idx.numel() == 0:
+        return out
+    xs, ys = x[idx.to(x.device)], y[idx.to(y.device)]
+
+    def margin(v: Tensor, labels: Tensor) -> Tensor:
+        logits = model(v).flatten(1)
+        true = logits.gather(1, labels.reshape(-1, 1)).squeeze(1)
+        others = logits.scatter(1, labels.reshape(-1, 1), -math.inf)
+        return others.amax(1) - true
+
+    def breaks(sel: Tensor, radius: Tensor) -> tuple[Tensor, Tensor]:
+        """Attack the samples `sel` at RMSE radius [m]: (broken [m], RMSE of the point [m])."""
+        centre, labels = xs[sel], ys[sel]
+        lo, hi = box if box is not None else (None, None)
+        region = Region.ball(centre, (radius * scale).to(centre), 2, lo=lo, hi=hi)
+        found = run_attack(
+            attack,
+            lambda v: margin(v, labels),
+            [region],
+            models=[model],
+            generator=generator,
+        )
+        (point,) = found.points
+        with torch.no_grad():
+            broken = (model(point).argmax(1) != labels).cpu()
+        rmse = ((point - centre).flatten(1).norm(dim=1) / scale).double().cpu()
+        return broken, rmse
+
+    m = idx.numel()
+    everyone = torch.arange(m, device=x.device)
+    broken, rmse = breaks(everyone, torch.full((m,), float(max_rmse), dtype=torch.float64))
+    best = torch.where(broken, rmse, torch.full_like(rmse, float(max_rmse)))
+    lo_r = torch.zeros(m, dtype=torch.float64)
+    active = broken.clone()
+    for _ in range(bisections):
+        sel = torch.nonzero(active).flatten()
+        if sel.numel() == 0:
+            break
+        mid = (lo_r[sel] + best[sel]) / 2
+        hit, dist = breaks(sel.to(x.device), mid)
+        best[sel] = torch.where(hit, torch.minimum(best[sel], dist), best[sel])
+        lo_r[sel] = torch.where(hit, lo_r[sel], mid)
+    out[idx] = best
+    return out
+
+
+def _robustness(model, x, y, predicted, box, batch, seed, device) -> AccuracyRobustness:
+    generator = torch.Generator(device=device).manual_seed(seed)
+    parts = [
+        min_adversarial_rmse(
+            model, x[i : i + batch], y[i : i + batch], box=box, generator=generator
+        )
+        for i in range(0, x.shape[0], batch)
+    ]
+    d = torch.cat(parts)
+    k = _num_classes(model, x)
+    correct = (predicted == y).cpu()
+    return AccuracyRobustness(
+        area=accuracy_robustness_area(d, k),
+        num_classes=k,
+        max_rmse=ARA_MAX_RMSE,
+        n=int(d.numel()),
+        not_broken=int((correct & (d >= ARA_MAX_RMSE)).sum()),
+        median=float(d.median()),
+        distances=tuple(float(v) for v in d),
+    )
+
+
+def _num_classes(model: nn.Module, x: Tensor) -> int:
+    with torch.no_grad():
+        return int(model(x[:1]).flatten(1).shape[1])
+
+
+# -- output --------------------------------------------------------------------------------------
+
+
+def show_attack(attack: PGD | APGD) -> str:
+    """`apgd(steps=50, restarts=3)`: the kind, steps and restarts, and options off default.
+
+    >>> show_attack(APGD(steps=50, restarts=3, surrogate_beta=10.0))
+    'apgd(steps=50, restarts=3, surrogate_beta=10.0)'
+    """
+    default = type(attack)()
+    shown = []
+    for f in dataclasses.fields(attack):
+        value = getattr(attack, f.name)
+        if f.name in ("steps", "restarts") or value != getattr(default, f.name):
+            shown.append(f"{f.name}={value}")
+    return f"{type(attack).__name__.lower()}({', '.join(shown)})"
+
+
+def _num(v: float | None) -> float | None:
+    return v if v is not None and math.isfinite(v) else None
+
+
+def _to_json(result: EvalResult, opened: runs.Run, data: str) -> dict[str, Any]:
+    ex, ara = result.explanation, result.robustness
+    return {
+        "run": str(result.run),
+        "spec_sha256": opened.config.get("spec_sha256"),
+        "data": data,
+        "split": result.split,
+        "n": result.n,
+        "seed": result.seed,
+        "checkpoint": "best" if (result.run / "best.safetensors").exists() else "last",
+        "clean_accuracy": result.clean_accuracy,
+        "attack": result.attack,
+        "random_points": result.random_attack,
+        "properties": {
+            p.name: {"accuracy": p.accuracy, "security": p.security, "n": p.n, "attack": p.attack}
+            for p in result.properties.values()
+        },
+        "skipped": dict(result.skipped),
+        "security_vs_eps": {
+            "eps": list(result.eps_grid),
+            "properties": {k: list(v) for k, v in result.security_curve.items()},
+        },
+        "explanations": None
+        if ex is None
+        else {
+            "attribution": "saliency of the true label",
+            "radius": ex.radius,
+            "perturbations": ex.perturbations,
+            "n": ex.n,
+            "max_sensitivity": _num(ex.max_sensitivity),
+            "avg_sensitivity": _num(ex.avg_sensitivity),
+            "local_lipschitz_estimate": _num(ex.local_lipschitz_estimate),
+            "alignment": _num(ex.alignment),
+        },
+        "accuracy_robustness": None
+        if ara is None
+        else {
+            "area": ara.area,
+            "distance": "rmse",
+            "attack": show_attack(ARA_ATTACK),
+            "bisections": ARA_BISECTIONS,
+            "max_rmse": ara.max_rmse,
+            "num_classes": ara.num_classes,
+            "n": ara.n,
+            "not_broken": ara.not_broken,
+            "median_distance": ara.median,
+            "distances": list(ara.distances),
+        },
+        "plots": [p.name for p in result.plots],
+    }
+
+
+def _plots(
+    run_path, opened, spec, x, y, predicted, model, grid, curve, robustness, grid_points, clean
+) -> list[Path]:
+    from propdsl import explain, plots
+
+    written: list[Path] = []
+    rows = runs.read_metrics(run_path)
+    if rows:
+        written.append(plots.training_curves(rows, run_path / "training_curves.png"))
+    if curve:
+        nominal = float(spec.params["eps"]) if "eps" in spec.params else None
+        written.append(
+            plots.security_curve(
+                grid, curve, run_path / "security_vs_eps.png", nominal=nominal, clean=clean
+            )
+        )
+    if robustness is not None:
+        written.append(
+            plots.robustness_curve(
+                robustness.distances,
+                robustness.num_classes,
+                robustness.area,
+                run_path / "accuracy_robustness.png",
+            )
+        )
+    if plots.is_image(tuple(x.shape[1:])):
+        k = min(GRID_SAMPLES, x.shape[0])
+        xs, ys = x[:k], y[:k]
+        sal = explain.saliency(model, xs, ys, create_graph=False)
+        name, points = _grid_choice(grid_points, curve)
+        pts, point_pred = None, None
+        if points is not None:
+            pts = points[:k]
+            with torch.no_grad():
+                point_pred = model(pts).argmax(1)
+        written.append(
+            plots.sample_grid(
+                xs,
+                ys,
+                predicted[:k],
+                sal,
+                run_path / "samples.png",
+                points=pts,
+                point_pred=point_pred,
+                title=f"counterexample: {name}" if name else None,
+            )
+        )
+    return written
+
+
+def _grid_choice(grid_points, curve) -> tuple[str | None, Tensor | None]:
+    for name in [*curve, *grid_points]:
+        if name in grid_points:
+            var, pts = grid_points[name]
+            return f"{name} ({var})", pts
+    return None, None
+
+
+def _fmt(v: float | None, digits: int = 4) -> str:
+    if v is None:
+        return "n/a"
+    if math.isinf(v):
+        return "inf"
+    return f"{v:.{digits}f}"
+
+
+def render_table(result: EvalResult) -> str:
+    """The evaluation as plain text: clean accuracy, then one row per property with its
+    constraint accuracy, constraint security and sample count, then the security curve, the
+    explanation metrics and the accuracy-robustness area. No brackets, so rich prints it as is
+    (an example is in docs/evaluation.md).
+    """
+    lines = [
+        f"run {result.run}  split {result.split}  samples {result.n}  seed {result.seed}",
+        f"clean accuracy  {_fmt(result.clean_accuracy)}",
+        "",
+    ]
+    heads = ("property", "constraint accuracy", "constraint security", "n")
+    names = list(result.properties)
+    w = max([len(heads[0]), *(len(n) for n in names)])
+    lines.append(f"{heads[0]:<{w}}  {heads[1]:>19}  {heads[2]:>19}  {heads[3]:>6}")
+    lines.append("-" * (w + 2 + 19 + 2 + 19 + 2 + 6))
+    for p in result.properties.values():
+        lines.append(
+            f"{p.name:<{w}}  {_fmt(p.accuracy):>19}  {_fmt(p.security):>19}  {p.n:>6}"
+        )
+    for name, why in result.skipped.items():
+        lines.append(f"{name:<{w}}  skipped: {why}")
+    lines.append("")
+    lines.append("constraint accuracy: holds at a uniformly random point of each region")
+    surrogates = sorted({p.attack for p in result.properties.values()} - {result.attack})
+    extra = f" (explanation properties: {', '.join(surrogates)})" if surrogates else ""
+    lines.append(f"constraint security: holds at the point of {result.attack}{extra}")
+    if result.security_curve:
+        lines.append("")
+        cols = [f"{e:g}" for e in result.eps_grid]
+        cw = max(6, *(len(c) for c in cols))
+        title = "security at eps"
+        w2 = max(len(title), *(len(n) for n in result.security_curve))
+        lines.append(f"{title:<{w2}}  " + "  ".join(f"{c:>{cw}}" for c in cols))
+        for name, values in result.security_curve.items():
+            lines.append(
+                f"{name:<{w2}}  " + "  ".join(f"{_fmt(v, 3):>{cw}}" for v in values)
+            )
+    ex = result.explanation
+    if ex is not None:
+        lines.append("")
+        lines.append(
+            f"saliency robustness (L-inf radius {ex.radius:g}, {ex.perturbations} draws): "
+            f"max sensitivity {_fmt(ex.max_sensitivity)}  "
+            f"avg sensitivity {_fmt(ex.avg_sensitivity)}  "
+            f"local Lipschitz {_fmt(ex.local_lipschitz_estimate)}  "
+            f"alignment {_fmt(ex.alignment)}"
+        )
+    ara = result.robustness
+    if ara is not None:
+        lines.append(
+            f"accuracy-robustness area {_fmt(ara.area, 5)} (RMSE; median distance "
+            f"{_fmt(ara.median)}; {ara.not_broken} not broken within RMSE {ara.max_rmse:g})"
+        )
+    if result.plots:
+        lines.append(f"wrote {result.json_path.name}, " + ", ".join(p.name for p in result.plots))
+    else:
+        lines.append(f"wrote {result.json_path.name}")
+    return "\n".join(lines)

@@ -1,0 +1,213 @@
+"""PNG plots of a run: training curves, security against the radius, robustness curve, samples.
+
+matplotlib is imported inside the functions, and only its object-oriented API with the Agg
+canvas is used (no `pyplot`): plotting never opens a window, needs no display, and leaves the
+process's matplotlib backend alone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["is_image", "robustness_curve", "sample_grid", "security_curve", "training_curves"]
+
+
+def _figure(width: float, height: float) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Any, path: Path) -> Path:
+    path = Path(path)
+    fig.savefig(path, format="png", dpi=100)
+    return path
+
+
+def is_image(shape: Sequence[int]) -> bool:
+    """Inputs that can be drawn as images: [H, W], or [C, H, W] with 1 or 3 channels.
+
+    >>> is_image((1, 8, 8)), is_image((30,))
+    (True, False)
+    """
+    shape = tuple(shape)
+    return (len(shape) == 2 and min(shape) > 1) or (
+        len(shape) == 3 and shape[0] in (1, 3) and min(shape[1:]) > 1
+    )
+
+
+def training_curves(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
+    """Loss terms, validation accuracy and property satisfaction per epoch (metrics.jsonl rows).
+
+    >>> import tempfile, pathlib
+    >>> rows = [{"epoch": 1, "loss": 2.0, "val_accuracy": 0.5, "satisfied[p]": 0.1}]
+    >>> training_curves(rows, pathlib.Path(tempfile.mkdtemp()) / "c.png").name
+    'c.png'
+    """
+    epochs = [r.get("epoch", i + 1) for i, r in enumerate(rows)]
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    losses = [k for k in keys if k == "loss" or k.startswith("loss[")]
+    sats = [k for k in keys if k.startswith("satisfied[")]
+    fig = _figure(13, 3.8)
+    ax_loss, ax_acc, ax_sat = fig.subplots(1, 3)
+    for k in losses:
+        label = "total" if k == "loss" else k[len("loss[") : -1]
+        ax_loss.plot(epochs, _column(rows, k), marker="o", ms=3, label=_short(label))
+    ax_loss.set(title="training loss", xlabel="epoch")
+    ax_acc.plot(epochs, _column(rows, "val_accuracy"), marker="o", ms=3, color="black")
+    ax_acc.set(title="validation accuracy", xlabel="epoch", ylim=(0, 1.02))
+    for k in sats:
+        ax_sat.plot(epochs, _column(rows, k), marker="o", ms=3, label=k[len("satisfied[") : -1])
+    ax_sat.set(title="satisfied at the training attack", xlabel="epoch", ylim=(0, 1.02))
+    for ax, has in ((ax_loss, losses), (ax_sat, sats)):
+        if has:
+            ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def _column(rows: Sequence[Mapping[str, Any]], key: str) -> list[float]:
+    return [float(r[key]) if r.get(key) is not None else math.nan for r in rows]
+
+
+def _short(text: str, width: int = 40) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def security_curve(
+    eps: Sequence[float],
+    curves: Mapping[str, Sequence[float]],
+    path: Path,
+    *,
+    nominal: float | None = None,
+    clean: float | None = None,
+) -> Path:
+    """Constraint security against the radius, one line per property.
+
+    >>> import tempfile, pathlib
+    >>> p = pathlib.Path(tempfile.mkdtemp()) / "s.png"
+    >>> security_curve([0, 0.1], {"robust": [0.9, 0.4]}, p, nominal=0.1).name
+    's.png'
+    """
+    fig = _figure(6, 4)
+    ax = fig.subplots()
+    for name, values in curves.items():
+        ax.plot(list(eps), list(values), marker="o", ms=4, label=name)
+    if clean is not None:
+        ax.axhline(clean, color="grey", ls="--", lw=1, label="clean accuracy")
+    if nominal is not None:
+        ax.axvline(nominal, color="grey", ls=":", lw=1, label=f"spec eps = {nominal:g}")
+    ax.set(
+        title="constraint security against the radius",
+        xlabel="eps",
+        ylabel="fraction of samples where it holds",
+        ylim=(0, 1.02),
+    )
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def robustness_curve(
+    distances: Sequence[float], num_classes: int, area: float, path: Path
+) -> Path:
+    """Woods et al.'s accuracy-robustness curve A(e): the fraction of samples whose smallest
+    adversarial RMSE exceeds e, with the chance level 1/K; the area between them is the ARA.
+
+    >>> import tempfile, pathlib
+    >>> p = pathlib.Path(tempfile.mkdtemp()) / "a.png"
+    >>> robustness_curve([0.0, 0.1, 0.3], 2, 0.0167, p).name
+    'a.png'
+    """
+    from bisect import bisect_right
+
+    d = sorted(float(v) for v in distances)
+    n = max(1, len(d))
+    # The exact step function, drawn from each distance on: A(e) = #{d > e} / n.
+    xs = [0.0, *d]
+    ys = [(len(d) - bisect_right(d, e)) / n for e in xs]
+    fig = _figure(6, 4)
+    ax = fig.subplots()
+    ax.step(xs, ys, where="post", color="black")
+    ax.axhline(1 / num_classes, color="grey", ls="--", lw=1, label=f"chance 1/{num_classes}")
+    ax.set(
+        title=f"accuracy-robustness curve (area {area:.4g})",
+        xlabel="RMSE of the perturbation e",
+        ylabel="A(e)",
+        ylim=(0, 1.02),
+    )
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _image(t: Any) -> tuple[Any, str | None]:
+    """A [C, H, W] or [H, W] tensor as an array imshow takes, and its colormap."""
+    a = t.detach().float().cpu()
+    if a.dim() == 3 and a.shape[0] == 3:
+        return a.permute(1, 2, 0).clamp(0, 1).numpy(), None
+    if a.dim() == 3:
+        a = a[0]
+    return a.numpy(), "gray"
+
+
+def _heat(t: Any) -> Any:
+    a = t.detach().float().cpu()
+    return (a.sum(0) if a.dim() == 3 else a).numpy()
+
+
+def sample_grid(
+    x: Any,
+    y: Any,
+    predicted: Any,
+    saliency: Any,
+    path: Path,
+    *,
+    points: Any = None,
+    point_pred: Any = None,
+    title: str | None = None,
+) -> Path:
+    """One row per sample: the input, the attack's point and its difference to the input (when
+    given), and the saliency map (summed over channels; red positive, blue negative).
+
+    >>> import tempfile, pathlib, torch
+    >>> x = torch.rand(2, 1, 4, 4)
+    >>> p = pathlib.Path(tempfile.mkdtemp()) / "g.png"
+    >>> sample_grid(x, [0, 1], [0, 0], torch.randn(2, 1, 4, 4), p, points=x).name
+    'g.png'
+    """
+    k = int(x.shape[0])
+    cols = 4 if points is not None else 2
+    fig = _figure(2.2 * cols, 2.2 * k + (0.4 if title else 0))
+    axes = fig.subplots(k, cols, squeeze=False)
+    for i in range(k):
+        yi, pi = int(y[i]), int(predicted[i])
+        img, cmap = _image(x[i])
+        axes[i][0].imshow(img, cmap=cmap, vmin=0, vmax=1)
+        axes[i][0].set_title(f"input: label {yi}, pred {pi}", fontsize=8)
+        c = 1
+        if points is not None:
+            img, cmap = _image(points[i])
+            axes[i][1].imshow(img, cmap=cmap, vmin=0, vmax=1)
+            shown = "" if point_pred is None else f": pred {int(point_pred[i])}"
+            axes[i][1].set_title(f"attack point{shown}", fontsize=8)
+            diff = _heat(points[i] - x[i])
+            bound = float(abs(diff).max()) or 1.0
+            axes[i][2].imshow(diff, cmap="RdBu_r", vmin=-bound, vmax=bound)
+            axes[i][2].set_title(f"difference (max {bound:.3g})", fontsize=8)
+            c = 3
+        heat = _heat(saliency[i])
+        bound = float(abs(heat).max()) or 1.0
+        axes[i][c].imshow(heat, cmap="RdBu_r", vmin=-bound, vmax=bound)
+        axes[i][c].set_title("saliency of the label", fontsize=8)
+        for ax in axes[i]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return _save(fig, path)

@@ -1,0 +1,360 @@
+"""Properties -> verification queries: an input region and linear output constraints.
+
+`to_query` turns a property's normal form, for a batch of samples, into a `Query`: the region of
+its quantified input (a ball intersected with boxes) and a tree of linear constraints
+`C f(x') + d >= 0` (`> 0` for strict atoms) combined by all / any. Finite quantifiers are
+expanded (a Python loop over class indices, never over samples); the rows of every leaf are
+bounded together in one bound-propagation call that starts from their matrix C.
+
+A disjunction is proved when one disjunct is proved over the whole region (sound, incomplete).
+Formulas outside this fragment raise `Unsupported` with the position of the offending part.
+Strong classification robustness, `softmax(f(x'))[y] >= eta`, is handled through a sufficient
+linear condition: `f(x')[y] - f(x')[j] >= log((K - 1) * eta / (1 - eta))` for every j != y.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from propdsl import ir as I
+from propdsl.errors import PropdslError
+from propdsl.logics import get_logic
+from propdsl.loss.compile import CompileConfig, Compiler, Env
+from propdsl.region import Region
+from propdsl.source import Span
+from propdsl.types import shape_of
+
+
+class Unsupported(PropdslError):
+    """The property is outside what the verifier can decide (with a positioned reason)."""
+
+    def __init__(self, reason: str, span: Span | None = None):
+        self.reason = reason
+        self.span = span
+        super().__init__(reason)
+
+
+# -- the constraint tree -------------------------------------------------------------------------
+@dataclass
+class Rows:
+    """`C f + d >= 0` (or `> 0` where strict) for every row; C [B, S, O], d [B, S]."""
+
+    C: Tensor
+    d: Tensor
+    strict: Tensor  # [S] bool
+
+
+@dataclass
+class All:
+    children: list[Any]
+
+
+@dataclass
+class AnyOf:
+    children: list[Any]
+
+
+@dataclass
+class Masked:
+    """Where `mask` holds, the clause's truth is `value` regardless of the child."""
+
+    child: Any
+    mask: Tensor
+    value: bool
+
+
+@dataclass
+class Query:
+    """One property's verification query for a batch of samples."""
+
+    network: str
+    region: Region | None
+    root: Any
+    variable: str | None
+    rows: list[Rows] = field(default_factory=list)
+
+    def matrix(self) -> tuple[Tensor, Tensor, Tensor]:
+        """All leaves' rows stacked: C [B, S, O], d [B, S], strict [S]."""
+        C = torch.cat([r.C for r in self.rows], dim=1)
+        d = torch.cat([r.d for r in self.rows], dim=1)
+        strict = torch.cat([r.strict for r in self.rows])
+        return C, d, strict
+
+    def decide(self, lower: Tensor) -> Tensor:
+        """Per sample: is the property proved, given lower bounds [B, S] of `C f` over the region?"""
+        proved: dict[int, Tensor] = {}
+        start = 0
+        for r in self.rows:
+            s = r.C.shape[1]
+            m = lower[:, start : start + s] + r.d
+            ok = torch.where(r.strict, m > 0, m >= 0)
+            proved[id(r)] = ok.all(dim=1) if s else torch.ones_like(m[:, 0], dtype=torch.bool)
+            start += s
+        return _evaluate(self.root, proved, lower.shape[0], lower.device)
+
+    def margins(self, lower: Tensor) -> Tensor:
+        """The smallest bounded row margin per sample (a diagnostic: >= 0 where rows hold)."""
+        _, d, _ = self.matrix()
+        if d.shape[1] == 0:
+            return torch.full((lower.shape[0],), math.inf, device=lower.device)
+        finite = torch.where(torch.isfinite(d), lower + d, torch.full_like(d, math.inf))
+        return finite.amin(dim=1)
+
+
+def _evaluate(node: Any, proved: dict[int, Tensor], batch: int, device) -> Tensor:
+    if isinstance(node, Rows):
+        return proved[id(node)]
+    if isinstance(node, All):
+        out = torch.ones(batch, dtype=torch.bool, device=device)
+        for c in node.children:
+            out &= _evaluate(c, proved, batch, device)
+        return out
+    if isinstance(node, AnyOf):
+        out = torch.zeros(batch, dtype=torch.bool, device=device)
+        for c in node.children:
+            out |= _evaluate(c, proved, batch, device)
+        return out
+    if isinstance(node, Masked):
+        inner = _evaluate(node.child, proved, batch, device)
+        return torch.where(node.mask, torch.full_like(inner, node.value), inner)
+    raise TypeError(type(node).__name__)
+
+
+# -- building ------------------------------------------------------------------------------------
+def to_query(
+    formula: I.Node,
+    params: Sequence[str],
+    networks: dict[str, int],
+    x: Tensor,
+    y: Tensor | None,
+    models: dict[str, Any],
+) -> Query | None:
+    """The query of `formula` for samples (x, y); None when it has no quantified input.
+
+    Args:
+        formula: a property's normal form (`Property.formula`).
+        params: the property's parameter names, bound to x and y.
+        networks: output size of each network by name.
+        x, y: the batch.
+        models: the networks (to evaluate constants such as `f(x)` at the data point).
+    """
+    values = {params[0]: x}
+    if len(params) > 1 and y is not None:
+        values[params[1]] = y
+    env = Env(models, values, x.shape[0], get_logic("boolean"), CompileConfig())
+    builder = _Builder(Compiler(), networks, env)
+    node = formula
+    outer_finite: list[I.Quant] = []
+    while isinstance(node, I.Quant) and all(isinstance(d, I.Range) for d in node.domains):
+        outer_finite.append(node)
+        node = node.body
+    if not (isinstance(node, I.Quant) and node.kind == "forall"):
+        if any(
+            isinstance(n, I.Quant)
+            and n.kind in ("forall", "exists")
+            and not all(isinstance(d, I.Range) for d in n.domains)
+            for n in I.walk(formula)
+        ):
+            raise Unsupported(
+                "the verifier handles properties of the form 'forall v in region: ...'",
+                getattr(formula, "span", None),
+            )
+        return None
+    if outer_finite:
+        raise Unsupported(
+            "put the quantifier over the input region outermost", getattr(formula, "span", None)
+        )
+    tensor_vars = [
+        (v, d) for v, d in zip(node.vars, node.domains, strict=True) if not isinstance(d, I.Range)
+    ]
+    if len(tensor_vars) != 1:
+        raise Unsupported(
+            "the linear verifier handles one quantified input; properties over pairs of points "
+            "(Lipschitz) need Jacobian bounds",
+            node.span,
+        )
+    var, dom = tensor_vars[0]
+    finite = [
+        (v, d) for v, d in zip(node.vars, node.domains, strict=True) if isinstance(d, I.Range)
+    ]
+    body = node.body
+    if finite:
+        body = I.Quant("forall", tuple(v for v, _ in finite), tuple(d for _, d in finite), body)
+    builder.binder = var.name
+    for n in I.walk(body):
+        if isinstance(n, I.Quant) and not all(isinstance(d, I.Range) for d in n.domains):
+            raise Unsupported("nested quantifiers over regions are not supported", n.span)
+    region = builder.compiler._domain(dom)(env)  # noqa: SLF001 - shared domain evaluation
+    root = builder.clause(body, env)
+    return Query(builder.network or next(iter(networks)), region, root, var.name, builder.rows)
+
+
+class _Builder:
+    def __init__(self, compiler: Compiler, networks: dict[str, int], env: Env):
+        self.compiler = compiler
+        self.networks = networks
+        self.env = env
+        self.binder = ""
+        self.network: str | None = None
+        self.rows: list[Rows] = []
+
+    def eval(self, node: I.Node, env: Env) -> Tensor:
+        return self.compiler(node)(env)
+
+    def clause(self, node: I.Node, env: Env) -> Any:
+        if isinstance(node, I.Linear):
+            return All([self.form_rows(f, env) for f in node.forms])
+        if isinstance(node, I.Cmp):
+            sufficient = self.strong_classification(node, env)
+            if sufficient is not None:
+                return sufficient
+            raise Unsupported(
+                "this comparison is not linear in the network's outputs at the quantified point",
+                node.span,
+            )
+        if isinstance(node, I.And):
+            return All([self.clause(c, env) for c in node.items])
+        if isinstance(node, I.Or):
+            return AnyOf([self.clause(c, env) for c in node.items])
+        if isinstance(node, I.Const) and isinstance(node.value, bool):
+            return All([]) if node.value else AnyOf([])
+        if isinstance(node, I.Quant) and all(isinstance(d, I.Range) for d in node.domains):
+            return self.finite(node, env)
+        if isinstance(node, I.Implies):
+            raise Unsupported(
+                "implications are verified only when their premise is free of the quantified "
+                "input; rewrite as a disjunction",
+                node.span,
+            )
+        raise Unsupported(
+            f"'{type(node).__name__}' is outside the verifier's linear fragment",
+            getattr(node, "span", None),
+        )
+
+    def finite(self, node: I.Quant, env: Env) -> Any:
+        children = []
+        ranges: list[I.Range] = list(node.domains)  # type: ignore[arg-type]
+        for combo in _product([r.k for r in ranges]):
+            values = {
+                v.name: torch.full((env.batch,), c, dtype=torch.long, device=_device(env))
+                for v, c in zip(node.vars, combo, strict=True)
+            }
+            sub = env.child(values)
+            child = self.clause(node.body, sub)
+            mask = torch.zeros(env.batch, dtype=torch.bool, device=_device(env))
+            for r, c in zip(ranges, combo, strict=True):
+                if r.exclude is not None:
+                    mask |= self.eval(r.exclude, env).long() == c
+            if bool(mask.any()):
+                child = Masked(child, mask, node.kind == "forall")
+            children.append(child)
+        return All(children) if node.kind == "forall" else AnyOf(children)
+
+    def form_rows(self, form: I.LinearForm, env: Env) -> Any:
+        if form.over:
+            (var, rng), *rest = form.over
+            inner = I.LinearForm(form.terms, form.const, form.op, tuple(rest))
+            parts = []
+            for c in range(rng.k):
+                sub = env.child(
+                    {var.name: torch.full((env.batch,), c, dtype=torch.long, device=_device(env))}
+                )
+                parts.append(self.form_rows(inner, sub))
+            return All(parts)
+        batch = env.batch
+        C = None
+        for term in form.terms:
+            if not (isinstance(term.arg, I.Var) and term.arg.name == self.binder):
+                raise Unsupported(
+                    "the network must be applied to the quantified variable itself",
+                    getattr(term.arg, "span", None),
+                )
+            if self.network not in (None, term.net):
+                raise Unsupported("a property about two networks at once", None)
+            self.network = term.net
+            size = self.networks[term.net]
+            if C is None:
+                C = torch.zeros(batch, 1, size, dtype=_dtype(env), device=_device(env))
+            idx = self.eval(term.index[0], env).long().reshape(-1)
+            idx = idx.expand(batch) if idx.numel() == 1 else idx
+            C[torch.arange(batch, device=C.device), 0, idx] += term.coef
+        if C is None:
+            size = self.networks[self.network or next(iter(self.networks))]
+            C = torch.zeros(batch, 1, size, dtype=_dtype(env), device=_device(env))
+        d = self.eval(form.const, env).to(C.dtype).reshape(-1)
+        d = d.expand(batch) if d.numel() == 1 else d
+        d = d.reshape(batch, 1)
+        if form.op == "==":
+            both = Rows(torch.cat([C, -C], 1), torch.cat([d, -d], 1), torch.tensor([False, False]))
+            self.rows.append(both)
+            return both
+        rows = Rows(C, d, torch.tensor([form.op == ">"]))
+        self.rows.append(rows)
+        return rows
+
+    def strong_classification(self, node: I.Cmp, env: Env) -> Any:
+        """`softmax(f(x'))[y] >= eta` via margins >= log((K-1) eta / (1 - eta)) (sufficient)."""
+        left, right = node.left, node.right
+        if node.op not in (">=", ">") or not isinstance(left, I.Idx):
+            return None
+        sm = left.base
+        if not (isinstance(sm, I.Fn) and sm.fn == "softmax" and isinstance(sm.args[0], I.Apply)):
+            return None
+        app = sm.args[0]
+        if not (isinstance(app.arg, I.Var) and app.arg.name == self.binder):
+            return None
+        if not isinstance(right, I.Const) or not 0 < float(right.value) < 1:
+            return None
+        eta = float(right.value)
+        k = self.networks[app.net]
+        if k < 2:
+            return None
+        bound = math.log((k - 1) * eta / (1 - eta))
+        self.network = app.net
+        batch = env.batch
+        y = self.eval(left.indices[0], env).long().reshape(-1).expand(batch)
+        C = torch.zeros(batch, k, k, dtype=_dtype(env), device=_device(env))
+        rows = torch.arange(batch, device=C.device)
+        for j in range(k):
+            C[rows, j, y] += 1.0
+            C[rows, j, j] -= 1.0
+        d = torch.full((batch, k), -bound, dtype=C.dtype, device=C.device)
+        # row j == y is 0 >= -bound: meaningless; make it trivially true
+        d[rows, y] = math.inf
+        strict = torch.full((k,), node.op == ">" or False)
+        r = Rows(C, d, strict)
+        self.rows.append(r)
+        return r
+
+
+def _product(sizes: list[int]) -> list[tuple[int, ...]]:
+    out: list[tuple[int, ...]] = [()]
+    for k in sizes:
+        out = [(*p, c) for p in out for c in range(k)]
+    return out
+
+
+def _device(env: Env):
+    for v in env.values.values():
+        return v.device
+    return env.parent.values and _device(env.parent) if env.parent else torch.device("cpu")
+
+
+def _dtype(env: Env):
+    e: Env | None = env
+    while e is not None:
+        for v in e.values.values():
+            if v.is_floating_point():
+                return v.dtype
+        e = e.parent
+    return torch.get_default_dtype()
+
+
+def _unused() -> None:
+    _ = shape_of

@@ -1,0 +1,190 @@
+"""Verify properties on samples: falsify first, then prove with bound propagation.
+
+For each property and batch of samples:
+1. the falsifier (a strong APGD attack on the logic-independent signed violation) looks for a
+   point of the region where the property is false; where it finds one, the exact Boolean
+   semantics confirms it, the verdict is `falsified` and the point is kept;
+2. for the other samples the property becomes a query (`to_query`) whose linear rows are
+   bounded over the region in one call (IBP, CROWN or alpha-CROWN); `verified` only where the
+   bounds prove every needed row, `unknown` elsewhere.
+A sample is never `verified` when a counterexample was found: falsification comes first.
+Properties outside the linear fragment get `unsupported` (with a positioned reason) unless the
+falsifier refutes them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from propdsl.errors import UsageError
+from propdsl.loss.attacks import APGD
+from propdsl.verify.bounds import AlphaOptions, Method, bounds
+from propdsl.verify.query import Unsupported, to_query
+
+VERIFIED = "verified"
+FALSIFIED = "falsified"
+UNKNOWN = "unknown"
+TIMEOUT = "unknown (timeout)"
+UNSUPPORTED = "unsupported"
+STATUSES = (VERIFIED, FALSIFIED, UNKNOWN, TIMEOUT, UNSUPPORTED)
+
+
+@dataclass
+class PropertyVerdicts:
+    """Per-sample verdicts of one property.
+
+    Attributes:
+        status: one of `verified`, `falsified`, `unknown`, `unknown (timeout)`, `unsupported`.
+        margin: the smallest certified row margin per sample (>= 0 where verified; NaN where no
+            bound was computed).
+        counterexamples: {variable: Tensor[B, ...]} points (valid where status is falsified).
+        seconds: wall time spent on this property.
+        reason: why the property is unsupported, with its position, if it is.
+    """
+
+    name: str
+    status: list[str]
+    margin: Tensor
+    counterexamples: dict[str, Tensor] = field(default_factory=dict)
+    seconds: float = 0.0
+    reason: str | None = None
+
+    def rate(self, status: str) -> float:
+        return sum(s == status for s in self.status) / max(1, len(self.status))
+
+
+def default_falsifier(steps: int = 50, restarts: int = 2) -> APGD:
+    return APGD(steps=steps, restarts=restarts)
+
+
+def verify_property(
+    spec: Any,
+    name: str,
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor | None,
+    *,
+    method: Method | str = Method.CROWN,
+    falsifier: Any = None,
+    timeout: float | None = None,
+    alpha: AlphaOptions | None = None,
+    generator: torch.Generator | None = None,
+) -> PropertyVerdicts:
+    """Verdicts of property `name` for each sample of (x, y); see the module docstring."""
+    t0 = time.perf_counter()
+    prop = spec.property(name)
+    batch = x.shape[0]
+    status = [UNKNOWN] * batch
+    margin = torch.full((batch,), float("nan"))
+    deadline = None if timeout is None else t0 + timeout * batch
+    was = model.training
+    model.eval()
+    try:
+        attack = falsifier or default_falsifier()
+        if _needs_surrogate(prop.formula) and getattr(attack, "surrogate_beta", None) is None:
+            attack = dataclasses.replace(attack, surrogate_beta=10.0)
+        loss = spec.loss(name, logic="dl2", attack=attack, generator=generator)
+        out = loss(model, x, y)
+        satisfied = out.satisfied.detach().cpu()
+        counterexamples = {k: v.detach() for k, v in out.counterexample.items()}
+        open_idx = [i for i in range(batch) if bool(satisfied[i])]
+        for i in range(batch):
+            if not bool(satisfied[i]):
+                status[i] = FALSIFIED
+        reason = None
+        if open_idx and deadline is not None and time.perf_counter() > deadline:
+            for i in open_idx:
+                status[i] = TIMEOUT
+            open_idx = []
+        if open_idx:
+            idx = torch.tensor(open_idx, device=x.device)
+            sub_x = x[idx]
+            sub_y = y[idx] if y is not None else None
+            try:
+                networks = {n: t.out.shape[0] for n, t in spec.networks.items()}
+                models = {n: model for n in spec.networks}
+                params = [p for p, _ in prop.params]
+                with torch.no_grad():
+                    query = to_query(prop.formula, params, networks, sub_x, sub_y, models)
+                if query is None:
+                    # no quantified input: the exact evaluation above decided it
+                    for i in open_idx:
+                        status[i] = VERIFIED
+                else:
+                    proved, margins = _prove(query, model, method, alpha)
+                    for j, i in enumerate(open_idx):
+                        margin[i] = float(margins[j])
+                        status[i] = VERIFIED if bool(proved[j]) else UNKNOWN
+                    if deadline is not None and time.perf_counter() > deadline:
+                        for j, i in enumerate(open_idx):
+                            if status[i] == UNKNOWN:
+                                status[i] = TIMEOUT
+            except Unsupported as err:
+                reason = _positioned(spec, err)
+                for i in open_idx:
+                    status[i] = UNSUPPORTED
+    finally:
+        model.train(was)
+    return PropertyVerdicts(name, status, margin, counterexamples, time.perf_counter() - t0, reason)
+
+
+def _prove(query, model, method, alpha) -> tuple[Tensor, Tensor]:
+    C, d, strict = query.matrix()
+    method = Method(method) if not isinstance(method, Method) else method
+    if C.shape[1] == 0:
+        lower = torch.zeros(C.shape[0], 0, dtype=C.dtype, device=C.device)
+    else:
+        with torch.no_grad() if method is not Method.ALPHA_CROWN else torch.enable_grad():
+            lower, _ = bounds(model, region=query.region, method=method, C=C, options=alpha)
+        lower = lower.detach()
+    proved = query.decide(lower)
+    margins = query.margins(lower).cpu()
+    return proved.cpu(), margins
+
+
+def _needs_surrogate(formula) -> bool:
+    from propdsl import ir as I
+
+    return any(
+        isinstance(n, I.Fn)
+        and n.fn in ("saliency", "gradient_x_input", "integrated_gradients", "smoothgrad", "grad")
+        for n in I.walk(formula)
+    )
+
+
+def _positioned(spec: Any, err: Unsupported) -> str:
+    if err.span is None:
+        return err.reason
+    return f"{spec.name}:{err.span.line}:{err.span.col}: {err.reason}"
+
+
+def verify(
+    spec: Any,
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor | None = None,
+    properties: list[str] | None = None,
+    method: Method | str = Method.CROWN,
+    **options: Any,
+) -> dict[str, PropertyVerdicts]:
+    """Verdicts per property and sample (see `verify_property` for the options)."""
+    names = properties if properties is not None else _default_properties(spec)
+    for n in names:
+        spec.property(n)  # a clear error for unknown names
+    return {n: verify_property(spec, n, model, x, y, method=method, **options) for n in names}
+
+
+def _default_properties(spec: Any) -> list[str]:
+    block = spec.verify_block
+    if block is not None and block.get("properties"):
+        return list(block.get("properties"))
+    names = list(spec.properties)
+    if not names:
+        raise UsageError("the spec has no properties to verify")
+    return names
