@@ -87,7 +87,7 @@ class Query:
         return C, d, strict
 
     def decide(self, lower: Tensor) -> Tensor:
-        """Per sample: is the property proved, given lower bounds [B, S] of `C f` over the region?"""
+        """Per sample: is the property proved, given lower bounds [B, S] of `C f`?"""
         proved: dict[int, Tensor] = {}
         start = 0
         for r in self.rows:

@@ -122,7 +122,7 @@ def verify_property(
                         margin[i] = float(margins[j])
                         status[i] = VERIFIED if bool(proved[j]) else UNKNOWN
                     if deadline is not None and time.perf_counter() > deadline:
-                        for j, i in enumerate(open_idx):
+                        for i in open_idx:
                             if status[i] == UNKNOWN:
                                 status[i] = TIMEOUT
             except Unsupported as err:
