@@ -225,6 +225,26 @@ class Spec:
             generator=generator,
         )
 
+    def verify(
+        self,
+        model: Any,
+        x: Any,
+        y: Any = None,
+        properties: list[str] | None = None,
+        method: str = "crown",
+        **options: Any,
+    ) -> dict[str, Any]:
+        """Verdicts per property and sample: `verified`, `falsified`, `unknown`, `unsupported`.
+
+        A strong attack runs first (a counterexample makes the verdict `falsified`); the other
+        samples are checked with bound propagation (`method`: "ibp", "crown", "alpha_crown").
+        Options: `falsifier` (attack), `timeout` (seconds per sample), `alpha` (AlphaOptions).
+        Returns {property: PropertyVerdicts} with `.status`, `.margin`, `.counterexamples`.
+        """
+        from propdsl.verify.run import verify
+
+        return verify(self, model, x, y, properties, method=method, **options)
+
     def with_params(self, **params: Any) -> Spec:
         """The same spec with some parameters overridden."""
         return Spec(self.source, {**self.overrides, **params})

@@ -183,6 +183,59 @@ def train_cmd(
         typer.echo(f"run folder: {result.run}{acc_text}")
 
 
+RunOpt = Annotated[Path, typer.Option("--run", help="The run folder written by propdsl train.")]
+
+
+@app.command("verify")
+@guarded
+def verify_cmd(
+    spec: SpecArg,
+    run: RunOpt,
+    method: Annotated[
+        str | None,
+        typer.Option(help="ibp, crown or alpha_crown (default: the verify block's, else crown)."),
+    ] = None,
+    param: ParamOpt = None,
+    split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
+    samples: Annotated[int | None, typer.Option(help="How many samples (default 100).")] = None,
+    timeout: Annotated[
+        float | None, typer.Option(help="Seconds per sample before unknown.")
+    ] = None,
+    prop: Annotated[
+        list[str] | None, typer.Option("--property", help="Verify only these (repeatable).")
+    ] = None,
+    model: Annotated[str | None, typer.Option("--model", help="The run's user model.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
+    threads: Annotated[int | None, typer.Option(help="Torch CPU threads.", min=1)] = None,
+) -> None:
+    """Verify a trained run: falsify with a strong attack, then prove with bound propagation."""
+    from propdsl.api import load, parse_overrides
+    from propdsl.train import set_threads
+    from propdsl.verify.report import verify_run
+
+    if method is not None and method not in ("ibp", "crown", "alpha_crown"):
+        raise UsageError(f"--method must be ibp, crown or alpha_crown, got {method!r}")
+    if split not in ("train", "val", "test"):
+        raise UsageError(f"--split must be train, val or test, got {split!r}")
+    set_threads(threads)
+    loaded = load(spec, parse_overrides(param or []))
+    report = verify_run(
+        loaded,
+        run,
+        method=method,
+        split=split,
+        samples=samples,
+        timeout=timeout,
+        properties=prop or None,
+        model_ref=model,
+        device=device,
+    )
+    typer.echo(report.table())
+    typer.echo(f"verdicts: {report.json_path}")
+    for path in report.counterexample_paths:
+        typer.echo(f"counterexamples: {path}")
+
+
 def main() -> None:
     """Console-script entry point."""
     try:

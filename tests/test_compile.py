@@ -434,6 +434,7 @@ property all_below(x, y) = forall j in classes: f(x)[j] <= f(x)[y] + 0.5
 property some_high(x) = exists j in range(4): f(x)[j] >= 0.3
 property pairs(x) = forall i in range(4), j in range(4): f(x)[i] - f(x)[j] <= 1
 property top(x) = (max j in range(4): f(x)[j]) <= 0.2
+property band(x) = forall j in range(4): f(x)[j] <= 0.5 and -0.5 <= 2 * f(x)[j]
 property bottom(x) = (min j in range(4): f(x)[j]) >= -0.2
 property not_y(x, y) = argmax(f(x)) != y
 property implication(x) = f(x)[0] >= f(x)[1] implies f(x)[2] <= f(x)[3]
@@ -497,6 +498,22 @@ def test_exists_and_two_variable_forall_match_python_loops(small):
     total = sum((f[:, i] - f[:, j] - 1).clamp_min(0) for i in range(4) for j in range(4))
     torch.testing.assert_close(out.loss, total)
     assert torch.equal(out.satisfied, (f.amax(1) - f.amin(1)) <= 1)
+    assert 0 < int(out.satisfied.sum()) < len(x)
+
+
+@pytest.mark.parametrize("logic", ["dl2", "godel"])
+def test_conjunctions_under_a_finite_quantifier_match_a_python_loop(small, logic):
+    spec, net, x, _ = small
+    f = net(x)
+    out = spec.loss("band", logic=logic)(net, x)
+    atoms = [(f[:, j], torch.full_like(f[:, j], 0.5)) for j in range(4)]
+    atoms += [(torch.full_like(f[:, j], -0.5), 2 * f[:, j]) for j in range(4)]
+    if logic == "dl2":
+        expected = sum((a - b).clamp_min(0) for a, b in atoms)
+    else:
+        expected = 1 - torch.stack([truth_le(a, b) for a, b in atoms]).amin(0)
+    torch.testing.assert_close(out.loss, expected)
+    assert torch.equal(out.satisfied, torch.stack([a <= b for a, b in atoms]).all(0))
     assert 0 < int(out.satisfied.sum()) < len(x)
 
 

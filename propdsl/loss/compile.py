@@ -349,8 +349,12 @@ class Compiler:
         if fn in ("saliency", "gradient_x_input", "integrated_gradients", "smoothgrad"):
             return self._explainer(node, free, args)
         if fn == "certified":
-            from propdsl.loss.certified import compile_certified
-
+            try:
+                from propdsl.loss.certified import compile_certified
+            except ModuleNotFoundError as err:
+                if err.name != "propdsl.loss.certified":
+                    raise
+                raise CompileError("certified training is not available in this build") from None
             return _Lambda(node, free, compile_certified(node, self))
         impl = _FUNCTIONS.get(fn)
         if impl is None:

@@ -29,6 +29,7 @@ from propdsl.verify.graph import BoundGraph, build_graph
 from propdsl.verify.layers import (
     ActivationRule,
     AffineRule,
+    BoundRule,
     Interval,
     Relaxation,
     UnsupportedLayerError,
@@ -263,17 +264,17 @@ class _Propagation:
         self.relaxations: dict[int, Relaxation] = {}
         # Per pre-activation node, per sample: the neurons CROWN bounds ([B, m]).
         self.rows: dict[int, Tensor] = {}
+        # alpha-CROWN, per activation: CROWN's parameters [k, B, *shape] and, per sample, the
+        # neurons that get their own parameters ([B, m]).
+        self.alpha_base: dict[int, Tensor] = {}
+        self.alpha_index: dict[int, Tensor] = {}
 
     # -- concretisation ----------------------------------------------------------------------
-    def concretize(self, A: Tensor | None, bias: Tensor) -> Tensor:
+    def concretize(self, A: Tensor, bias: Tensor) -> Tensor:
         """Lower bound [B, S] of A . x + bias over the input region."""
-        lo, hi = self.box
-        if A is None:
-            return bias.expand(self.batch, -1)
-        lb = concretize_box(A, lo, hi)
+        lb = concretize_box(A, *self.box)
         if self.ball:
-            centre, radius = self.region.centre, self.region.radius
-            assert centre is not None and radius is not None  # guaranteed by self.ball
+            centre, radius = cast(Tensor, self.region.centre), cast(Tensor, self.region.radius)
             flat = A.flatten(2)
             dual = INF if self.region.p == 1 else 2.0
             norm = torch.linalg.vector_norm(flat, ord=dual, dim=-1)
@@ -297,10 +298,9 @@ class _Propagation:
     # -- IBP ---------------------------------------------------------------------------------
     def ibp_node(self, i: int) -> Interval:
         node = self.graph.nodes[i]
-        assert node.rule is not None  # only the input (index 0) has no rule
-        lo, hi = node.rule.ibp(*(self.bounds[j] for j in node.inputs))
+        lo, hi = cast(BoundRule, node.rule).ibp(*(self.bounds[j] for j in node.inputs))
         if self.ball and self.graph.is_direct(i):
-            # One affine layer over a ball: the dual norm can beat the bounding box.
+            # An affine map of a ball: the dual norm can beat the bounding box.
             n = math.prod(node.shape)
             lb = self.concretize(*self.backward(i, self._unit_spec(i, None)))
             lo = torch.maximum(lo, lb[:, :n].reshape(lo.shape))
@@ -331,8 +331,7 @@ class _Propagation:
     # -- CROWN -------------------------------------------------------------------------------
     def _relaxation(self, i: int, start: int, alphas: dict | None) -> Relaxation:
         node = self.graph.nodes[i]
-        rule = node.rule
-        assert isinstance(rule, ActivationRule)  # the caller dispatches on the rule's kind
+        rule = cast(ActivationRule, node.rule)  # the caller dispatched on the rule's kind
         lo, hi = self.bounds[node.inputs[0]]
         if alphas is not None and (start, i) in alphas:
             return rule.relax(
@@ -347,7 +346,7 @@ class _Propagation:
 
     def backward(
         self, start: int, spec: Tensor, alphas: dict | None = None
-    ) -> tuple[Tensor | None, Tensor]:
+    ) -> tuple[Tensor, Tensor]:
         """Linear lower bound A . x + bias of spec . node[start], in terms of the input."""
         coeffs: dict[int, Tensor] = {start: spec}
         bias = torch.zeros((), dtype=spec.dtype, device=spec.device)
@@ -369,7 +368,7 @@ class _Propagation:
                 ins = [torch.addcmul(A * r.upper_slope, pos, r.lower_slope - r.upper_slope)]
                 bias = bias + _dot(A, r.upper_bias) + _dot(pos, r.lower_bias - r.upper_bias)
             else:
-                assert rule is not None
+                rule = cast(BoundRule, rule)
                 raise UnsupportedLayerError(
                     f"{rule.call.describe()}: its rule {type(rule).__name__} has interval "
                     "bounds only; use method='ibp' or give it an AffineRule / ActivationRule"
@@ -377,7 +376,9 @@ class _Propagation:
             for j, coeff in zip(node.inputs, ins, strict=True):
                 if coeff is not None:
                     coeffs[j] = coeff if j not in coeffs else coeffs[j] + coeff
-        return coeffs.get(0), bias
+        if 0 not in coeffs:  # every path was cut by a rule returning no coefficients
+            return spec.new_zeros(*spec.shape[:2], *self.graph.nodes[0].shape), bias
+        return coeffs[0], bias
 
     def run_crown(self, alphas: dict | None = None, best: list[Interval] | None = None) -> None:
         """Bounds of every node: interval arithmetic from the tightened inputs, intersected,
@@ -419,8 +420,6 @@ class _Propagation:
         starts = [(self.graph.output, spec.shape[1])]
         if intermediate:
             starts += [(i, 2 * rows.shape[1]) for i, rows in self.rows.items() if rows.shape[1]]
-        self.alpha_base: dict[int, Tensor] = {}
-        self.alpha_index: dict[int, Tensor] = {}
         alphas: dict[tuple[int, int], Tensor] = {}
         for start, size in starts:
             for j in self.graph.activations_before(start):
