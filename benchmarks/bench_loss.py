@@ -135,7 +135,8 @@ def run(quick: bool = False, threads: int | None = 2) -> list[dict]:
     """Time one training step of each variant; one row per model and comparison."""
     if threads is not None:
         torch.set_num_threads(threads)
-    warmup, repeats, inner = (2, 5, 3) if quick else (5, 15, 5)
+    warmup, repeats, inner = (2, 3, 3) if quick else (3, 7, 3)
+    rounds = 2 if quick else 3
     data = load_dataset("digits", split="train", seed=0, limit=BATCH)
     x, y = data.x, data.y
     spec = propdsl.load(SPEC, params={"eps": EPS})
@@ -185,7 +186,7 @@ def run(quick: bool = False, threads: int | None = 2) -> list[dict]:
 
         # Interleave the timings so that machine noise hits all alike; keep each one's best.
         t_hand, t_comp, t_att = [], [], []
-        for _ in range(3 if quick else 5):
+        for _ in range(rounds):
             t_hand.append(_timed(hand_step, warmup=warmup, repeats=repeats, inner=inner))
             t_comp.append(_timed(compiled_step, warmup=warmup, repeats=repeats, inner=inner))
             t_att.append(_timed(attack_step, warmup=warmup, repeats=repeats, inner=inner))
@@ -212,7 +213,7 @@ def run(quick: bool = False, threads: int | None = 2) -> list[dict]:
             }
         )
         t_ce = _timed(ce_step, warmup=warmup, repeats=repeats, inner=inner)
-        t_st = _timed(stable_step, warmup=1, repeats=max(3, repeats // 2), inner=1)
+        t_st = _timed(stable_step, warmup=1, repeats=2 if quick else 3, inner=1)
         rows.append(
             {
                 "benchmark": f"loss/{kind}: explanation stability, DL2, PGD-{STEPS} (surrogate)",

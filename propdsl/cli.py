@@ -159,9 +159,13 @@ def train_cmd(
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:
-    """Train the spec's network as its train block says; write a run folder."""
+    """Train the spec's network as its train block says; write a run folder.
+
+    Ctrl-C (or SIGTERM) stops the run; its folder keeps the last finished epoch, and `--resume`
+    continues from there to the same weights an uninterrupted run ends with.
+    """
     from propdsl.api import load, parse_overrides
-    from propdsl.train import TrainOptions, train
+    from propdsl.train import TrainOptions, run_folder, train
 
     loaded = load(spec, parse_overrides(param or []))
     options = TrainOptions(
@@ -175,7 +179,15 @@ def train_cmd(
         model=model,
         quiet=quiet,
     )
-    result = train(loaded, options)
+    try:
+        result = train(loaded, options)
+    except KeyboardInterrupt:
+        folder = run_folder(loaded, options)
+        _fail(
+            f"interrupted; {folder} keeps the last finished epoch: continue with\n"
+            f"  propdsl train {spec} --out {folder} --resume",
+            130,
+        )
     last = result.metrics[-1] if result.metrics else {}
     if not quiet:
         acc = last.get("val_accuracy")
@@ -184,6 +196,35 @@ def train_cmd(
 
 
 RunOpt = Annotated[Path, typer.Option("--run", help="The run folder written by propdsl train.")]
+
+
+@app.command("eval")
+@guarded
+def eval_cmd(
+    spec: SpecArg,
+    run: RunOpt,
+    param: ParamOpt = None,
+    split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
+    samples: Annotated[int | None, typer.Option(help="Evaluate the first N samples only.")] = None,
+    plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write PNG plots.")] = True,
+    model: Annotated[str | None, typer.Option("--model", help="The run's user model.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
+    threads: Annotated[int | None, typer.Option(help="Torch CPU threads.", min=1)] = None,
+) -> None:
+    """Evaluate a trained run: clean accuracy, constraint accuracy and security, plots."""
+    from propdsl.api import load, parse_overrides
+    from propdsl.train import set_threads
+
+    if split not in ("train", "val", "test"):
+        raise UsageError(f"--split must be train, val or test, got {split!r}")
+    set_threads(threads)
+    from propdsl.evaluate import evaluate, render_table
+
+    loaded = load(spec, parse_overrides(param or []))
+    result = evaluate(
+        loaded, run, split=split, samples=samples, plots=plots, model_ref=model, device=device
+    )
+    typer.echo(render_table(result))
 
 
 @app.command("verify")

@@ -29,6 +29,7 @@ import dataclasses
 import logging
 import math
 import os
+import time
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -57,6 +58,7 @@ __all__ = [
     "evaluate",
     "min_adversarial_rmse",
     "render_table",
+    "show_attack",
 ]
 
 log = logging.getLogger("propdsl.evaluate")
@@ -169,6 +171,7 @@ def evaluate(
     seed: int | None = None,
     batch: int = 256,
     explain_radius: float | None = None,
+    curve_properties: Sequence[str] | None = None,
 ) -> EvalResult:
     """Evaluate a run's best checkpoint on one split of the spec's data; write `eval.json`.
 
@@ -185,6 +188,9 @@ def evaluate(
             explanation properties on ReLU networks get `surrogate_beta=10` unless it is set.
         eps_grid: radii of the security curve (default 0, 0.025, 0.05, 0.1, 0.15, 0.2); only
             for specs with a param `eps`; `()` skips the curve.
+        curve_properties: the properties of the curve (None: the classification-robustness-
+            like ones: of `(x, y)`, reading the label, over a region sized by `eps`, no
+            gradients; where there are none, every such property of `x` or `(x, y)`).
         plots: write PNG plots into the run folder (matplotlib).
         seed: seeds the random points and the attacks' starts (None: the run's seed).
         batch: samples per forward pass.
@@ -212,6 +218,8 @@ def evaluate(
         raise UsageError(f"attack must be PGD(...) or APGD(...), got {type(strong).__name__}")
     if batch < 1:
         raise UsageError(f"batch must be positive, got {batch}")
+    for name in curve_properties or ():
+        spec.property(name)  # a clear error for an unknown name, before any work
     dev = resolve_device(device)
 
     model = opened.load_model("best", model_ref, dev)
@@ -244,6 +252,7 @@ def evaluate(
         prop_attack = strong
         if relu and _explains(prop.formula) and strong.surrogate_beta is None:
             prop_attack = dataclasses.replace(strong, surrogate_beta=SURROGATE_BETA)
+        t0 = time.perf_counter()
         try:
             at_random, _ = _holds(spec, name, RANDOM_POINTS, model, x, y, batch, seed, dev)
             secure, points = _holds(
@@ -254,6 +263,7 @@ def evaluate(
             warnings.warn(f"property '{name}' skipped: {err}", stacklevel=2)
             continue
         attacks[name] = prop_attack
+        log.info("property %s: %.1fs", name, time.perf_counter() - t0)
         props[name] = PropertyResult(
             name, _mean(at_random), _mean(secure), n, show_attack(prop_attack)
         )
@@ -264,25 +274,31 @@ def evaluate(
 
     grid = tuple(float(e) for e in (DEFAULT_EPS_GRID if eps_grid is None else eps_grid))
     curve: dict[str, tuple[float, ...]] = {}
-    if grid and "eps" in spec.params:
-        for name in props:
-            if _curve_property(spec, name):
-                curve[name] = _security_curve(
-                    spec, name, attacks[name], grid, model, x, y, batch, seed, dev
-                )
+    if grid and getattr(spec.param_types.get("eps"), "kind", None) == "Real":
+        for name in _curve_choice(spec, props, curve_properties):
+            t0 = time.perf_counter()
+            known = {float(spec.params["eps"]): props[name].security}
+            curve[name] = _security_curve(
+                spec, name, attacks[name], grid, known, model, x, y, batch, seed, dev
+            )
+            log.info("security curve of %s: %.1fs", name, time.perf_counter() - t0)
 
     radius = explain_radius
     if radius is None:
-        radius = float(spec.params["eps"]) if "eps" in spec.params else 0.1
+        eps = spec.params.get("eps")
+        radius = float(eps) if isinstance(eps, int | float) and not isinstance(eps, bool) else 0.1
+    t0 = time.perf_counter()
     explanation = _explanation_metrics(model, x, y, float(radius), box, batch, seed, dev)
+    log.info("explanation metrics: %.1fs", time.perf_counter() - t0)
+    t0 = time.perf_counter()
     robustness = _robustness(model, x, y, predicted, box, batch, seed, dev)
+    log.info("accuracy-robustness area: %.1fs", time.perf_counter() - t0)
 
     json_path = run_path / EVAL_JSON
     written: list[Path] = []
     if plots:
         written = _plots(
             run_path,
-            opened,
             spec,
             x,
             y,
@@ -349,19 +365,45 @@ def _explains(formula: I.Node) -> bool:
     )
 
 
-def _curve_property(spec: Spec, name: str) -> bool:
-    """Robustness-like: quantifies over a region whose size reads `eps`; no input gradients.
+def _sized_by_eps(spec: Spec) -> set[str]:
+    """The properties whose formula changes with `eps` (also through defaults such as
+    `param delta : Real = 2 * eps`)."""
+    a, b = spec.with_params(eps=0.125), spec.with_params(eps=0.25)
+    return {n for n in spec.properties if a.properties[n].formula != b.properties[n].formula}
+
+
+def _curve_choice(
+    spec: Spec, props: Mapping[str, PropertyResult], asked: Sequence[str] | None
+) -> list[str]:
+    if asked is not None:
+        return [name for name in asked if name in props]
+    sized = _sized_by_eps(spec)
+    candidates = [name for name in props if name in sized]
+    chosen = [name for name in candidates if _curve_property(spec, name)]
+    if not chosen:  # no classification-like property: every robustness property of the spec
+        chosen = [name for name in candidates if _curve_property(spec, name, label=False)]
+    return chosen
+
+
+def _curve_property(spec: Spec, name: str, *, label: bool = True) -> bool:
+    """Classification-robustness-like: a property of `(x, y)` whose formula reads the label
+    (with `label`), quantifies over a region, and takes no input gradients.
 
     (Explanation properties are left out: their attack differentiates a gradient and is many
-    times dearer, and their security against the radius is not what the curve is read for.)
+    times dearer; where a spec has classification-like properties, output properties of `x`
+    alone are left out to keep `eval` fast: pass `curve_properties` to have them.)
     """
     prop = spec.properties[name]
-    reads_eps = any(isinstance(n, I.ParamRef) and n.name == "eps" for n in I.walk(prop.body))
+    if label and len(prop.params) != 2:
+        return False
+    reads_label = not label or any(
+        isinstance(n, I.Var) and n.name == prop.params[1][0] for n in I.walk(prop.formula)
+    )
     region = any(
         isinstance(n, I.Quant) and not all(isinstance(d, I.Range) for d in n.domains)
         for n in I.walk(prop.formula)
     )
-    return reads_eps and region and not _explains(prop.formula)
+    return reads_label and region and not _explains(prop.formula)
 
 
 def _holds(
@@ -395,9 +437,12 @@ def _holds(
     return torch.cat(truth), points
 
 
-def _security_curve(spec, name, attack, grid, model, x, y, batch, seed, device):
+def _security_curve(spec, name, attack, grid, known, model, x, y, batch, seed, device):
     values = []
     for eps in grid:
+        if eps in known:  # the spec's own radius: the same attack with the same seed, done
+            values.append(known[eps])
+            continue
         with warnings.catch_warnings():
             if eps == 0:  # nothing to climb in a point-sized region: a flat start is expected
                 warnings.simplefilter("ignore", VanishingGradientWarning)
@@ -664,7 +709,7 @@ def _to_json(result: EvalResult, opened: runs.Run, data: str) -> dict[str, Any]:
 
 
 def _plots(
-    run_path, opened, spec, x, y, predicted, model, grid, curve, robustness, grid_points, clean
+    run_path, spec, x, y, predicted, model, grid, curve, robustness, grid_points, clean
 ) -> list[Path]:
     from propdsl import explain, plots
 
@@ -746,16 +791,15 @@ def render_table(result: EvalResult) -> str:
     lines.append(f"{heads[0]:<{w}}  {heads[1]:>19}  {heads[2]:>19}  {heads[3]:>6}")
     lines.append("-" * (w + 2 + 19 + 2 + 19 + 2 + 6))
     for p in result.properties.values():
-        lines.append(
-            f"{p.name:<{w}}  {_fmt(p.accuracy):>19}  {_fmt(p.security):>19}  {p.n:>6}"
-        )
+        lines.append(f"{p.name:<{w}}  {_fmt(p.accuracy):>19}  {_fmt(p.security):>19}  {p.n:>6}")
     for name, why in result.skipped.items():
         lines.append(f"{name:<{w}}  skipped: {why}")
     lines.append("")
     lines.append("constraint accuracy: holds at a uniformly random point of each region")
-    surrogates = sorted({p.attack for p in result.properties.values()} - {result.attack})
-    extra = f" (explanation properties: {', '.join(surrogates)})" if surrogates else ""
-    lines.append(f"constraint security: holds at the point of {result.attack}{extra}")
+    lines.append(f"constraint security: holds at the point of {result.attack}")
+    for other in sorted({p.attack for p in result.properties.values()} - {result.attack}):
+        users = [p.name for p in result.properties.values() if p.attack == other]
+        lines.append(f"  with {other} for {', '.join(users)}")
     if result.security_curve:
         lines.append("")
         cols = [f"{e:g}" for e in result.eps_grid]
@@ -764,18 +808,18 @@ def render_table(result: EvalResult) -> str:
         w2 = max(len(title), *(len(n) for n in result.security_curve))
         lines.append(f"{title:<{w2}}  " + "  ".join(f"{c:>{cw}}" for c in cols))
         for name, values in result.security_curve.items():
-            lines.append(
-                f"{name:<{w2}}  " + "  ".join(f"{_fmt(v, 3):>{cw}}" for v in values)
-            )
+            lines.append(f"{name:<{w2}}  " + "  ".join(f"{_fmt(v, 3):>{cw}}" for v in values))
     ex = result.explanation
     if ex is not None:
         lines.append("")
         lines.append(
-            f"saliency robustness (L-inf radius {ex.radius:g}, {ex.perturbations} draws): "
-            f"max sensitivity {_fmt(ex.max_sensitivity)}  "
-            f"avg sensitivity {_fmt(ex.avg_sensitivity)}  "
-            f"local Lipschitz {_fmt(ex.local_lipschitz_estimate)}  "
+            f"saliency robustness, L-inf radius {ex.radius:g}, {ex.perturbations} draws: "
             f"alignment {_fmt(ex.alignment)}"
+        )
+        lines.append(
+            f"  max sensitivity {_fmt(ex.max_sensitivity)}  "
+            f"avg sensitivity {_fmt(ex.avg_sensitivity)}  "
+            f"local Lipschitz {_fmt(ex.local_lipschitz_estimate)}"
         )
     ara = result.robustness
     if ara is not None:

@@ -50,6 +50,8 @@ def training_curves(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
     >>> training_curves(rows, pathlib.Path(tempfile.mkdtemp()) / "c.png").name
     'c.png'
     """
+    from matplotlib.ticker import MaxNLocator
+
     epochs = [r.get("epoch", i + 1) for i, r in enumerate(rows)]
     keys: list[str] = []
     for r in rows:
@@ -70,6 +72,8 @@ def training_curves(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
     for ax, has in ((ax_loss, losses), (ax_sat, sats)):
         if has:
             ax.legend(fontsize=7)
+    for ax in (ax_loss, ax_acc, ax_sat):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return _save(fig, path)
 
 
@@ -114,9 +118,7 @@ def security_curve(
     return _save(fig, path)
 
 
-def robustness_curve(
-    distances: Sequence[float], num_classes: int, area: float, path: Path
-) -> Path:
+def robustness_curve(distances: Sequence[float], num_classes: int, area: float, path: Path) -> Path:
     """Woods et al.'s accuracy-robustness curve A(e): the fraction of samples whose smallest
     adversarial RMSE exceeds e, with the chance level 1/K; the area between them is the ARA.
 

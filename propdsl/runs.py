@@ -30,6 +30,18 @@ CONFIG = "config.json"
 SPEC = "spec.prop"
 METRICS_JSONL = "metrics.jsonl"
 METRICS_CSV = "metrics.csv"
+# Everything `train` writes; a fresh run in an old folder removes these first.
+RUN_FILES = (
+    CONFIG,
+    SPEC,
+    METRICS_JSONL,
+    METRICS_CSV,
+    "last.safetensors",
+    "last.json",
+    "last.state.pt",
+    "best.safetensors",
+    "best.json",
+)
 
 
 def spec_hash(text: str) -> str:
@@ -43,6 +55,12 @@ def _atomic_write(path: Path, data: bytes) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def clear(run: Path) -> None:
+    """Remove a run's files from its folder (other files are left alone)."""
+    for name in RUN_FILES:
+        (run / name).unlink(missing_ok=True)
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -168,7 +186,16 @@ class Run:
         shape, classes = tuple(m["input_shape"]), int(m["num_classes"])
         if ref:
             return load_user_model(ref, input_shape=shape, num_classes=classes)
-        return build_model(m["name"], shape, classes, **m.get("kwargs", {}))
+        if m["name"] == "user":
+            what = f" ({m['class']})" if m.get("class") else ""
+            raise UsageError(
+                f"{self.path} was trained with a model object from the API{what}: "
+                "pass the model reference (--model pkg.module:factory)"
+            )
+        kwargs: dict[str, Any] = {
+            k: tuple(v) if k == "activation" else v for k, v in m.get("kwargs", {}).items()
+        }
+        return build_model(m["name"], shape, classes, **kwargs)
 
     def load_model(self, tag: str = "best", model_ref: str | None = None, device: Any = "cpu"):
         model = self.build_model(model_ref).to(device)

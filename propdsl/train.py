@@ -91,6 +91,14 @@ def resolve_device(name: str | None) -> torch.device:
         raise UsageError(f"unknown device '{name}': use auto, cpu, cuda or cuda:N") from None
 
 
+def run_folder(spec: Spec, options: TrainOptions) -> Path:
+    """Where `train` writes: `options.out`, else `runs/<spec file stem>` (`runs/spec` for text)."""
+    if options.out is not None:
+        return Path(options.out)
+    stem = Path(spec.name).stem if spec.name.endswith(".prop") else "spec"
+    return Path("runs") / (stem or "spec")
+
+
 def _block(spec: Spec) -> BlockInfo:
     block = spec.train_block
     if block is None:
@@ -143,8 +151,22 @@ def load_split(spec: Spec, block: BlockInfo, split: str, *, seed: int, root: Pat
     return ds
 
 
-def model_config(spec: Spec, block: BlockInfo, user_ref: str | None) -> dict[str, Any]:
+def model_config(
+    spec: Spec, block: BlockInfo, user_ref: str | None, given: nn.Module | None = None
+) -> dict[str, Any]:
     net = spec.networks[block.network]
+    if given is not None:
+        # A model object from the API: the run can only be reopened with the same code, so the
+        # config names its class (and the --model reference, when there is one).
+        cls = type(given)
+        return {
+            "name": "user",
+            "kwargs": {},
+            "user": user_ref,
+            "class": f"{cls.__module__}.{cls.__qualname__}",
+            "input_shape": list(net.inp.shape),
+            "num_classes": net.out.shape[0],
+        }
     option = block.get("model", OptionValue("mlp"))
     kwargs = {}
     for key, value in option.kwargs:
@@ -248,15 +270,51 @@ def train(
 ) -> TrainResult:
     """Train the spec's network as its train block says; write a run folder.
 
+    Every epoch ends with a checkpoint (`last.safetensors`, and `best.safetensors` when the
+    validation accuracy improved) and a metrics row: the batch means of the loss and of each of
+    its additive terms, the validation accuracy and each property's satisfaction rate at the
+    training attack's points. A loss that becomes NaN or infinite stops the run with
+    `TrainingDiverged`; the checkpoint of the last finished epoch stays as it was.
+
     Args:
         spec: a loaded spec with a train block.
         options: overrides (epochs, device, threads, seed, output folder, resume, user model).
         model: a ready model to train instead of the zoo's (its weights are the start).
-        on_epoch: called with each epoch's metrics row.
+        on_epoch: called with each epoch's metrics row, after its checkpoint is written.
 
     Returns:
         `TrainResult` with the run folder, the trained model (last epoch) and the metrics rows.
+
+    Raises:
+        TrainingDiverged: the loss became NaN or infinite.
+        CheckError: the data source does not fit the network (positioned at the train block).
+        UsageError: no train block, an unavailable device, a run folder that cannot be resumed.
+
+    >>> import propdsl, tempfile
+    >>> spec = propdsl.load('''
+    ... network f : Tensor[1, 8, 8] -> Tensor[10]
+    ... train f on digits(split = "train", limit = 100) {
+    ...   model  = mlp(hidden = [16])
+    ...   epochs = 2
+    ...   loss   = cross_entropy
+    ... }''')
+    >>> result = train(spec, TrainOptions(out=tempfile.mkdtemp(), quiet=True))
+    >>> [row["epoch"] for row in result.metrics]
+    [1, 2]
     """
+    previous_threads = torch.get_num_threads()
+    try:
+        return _train(spec, options, model, on_epoch)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _train(
+    spec: Spec,
+    options: TrainOptions,
+    model: nn.Module | None,
+    on_epoch: Callable[[dict[str, Any]], None] | None,
+) -> TrainResult:
     block = _block(spec)
     seed = options.seed if options.seed is not None else int(block.get("seed", 0))
     epochs = options.epochs if options.epochs is not None else int(block.get("epochs", 10))
@@ -264,12 +322,11 @@ def train(
     threads = set_threads(options.threads or block.get("threads"))
     device = resolve_device(options.device or block.get("device"))
     ramp = int(block.get("ramp", 0))
-    run = Path(options.out) if options.out else Path("runs") / Path(spec.name).stem
-    run.mkdir(parents=True, exist_ok=True)
+    run = run_folder(spec, options)
 
     train_ds = load_split(spec, block, "train", seed=seed, root=Path(spec.name).parent)
     val_ds = load_split(spec, block, "val", seed=seed, root=Path(spec.name).parent)
-    mconf = model_config(spec, block, options.model)
+    mconf = model_config(spec, block, options.model, model)
     if model is None:
         model = build_from_config(mconf, seed)
     model = model.to(device)
@@ -298,17 +355,20 @@ def train(
         "schedule": block.get("schedule", OptionValue("none")).show(),
         "logic": _show(block.get("logic", "dl2")),
         "attack": _show(block.get("attack", "pgd")),
+        "loss": _show_loss(objective),
         "versions": _versions(),
     }
+    run.mkdir(parents=True, exist_ok=True)
     start_epoch = 0
     best_acc = -1.0
     if options.resume:
         start_epoch, best_acc = _resume(run, config, model, optimizer, schedule)
     else:
-        runs.write_json(run / runs.CONFIG, config)
+        if any((run / name).exists() for name in runs.RUN_FILES):
+            log.warning("%s holds an earlier run; starting afresh (its files are replaced)", run)
+            runs.clear(run)
         (run / runs.SPEC).write_text(spec.source.text, encoding="utf-8")
-        for name in (runs.METRICS_JSONL, runs.METRICS_CSV):
-            (run / name).unlink(missing_ok=True)
+    runs.write_json(run / runs.CONFIG, config)
 
     x_all, y_all = train_ds.x.to(device), train_ds.y.to(device)
     n = x_all.shape[0]
@@ -331,38 +391,45 @@ def train(
                 idx = order[start : start + batch]
                 xb, yb = x_all[idx], y_all[idx]
                 loss = objective(model, xb, yb)
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(_diverged_message(objective, epoch, run))
+                loss_value = float(loss.detach())
+                if not math.isfinite(loss_value):
+                    raise TrainingDiverged(_diverged_message(objective, epoch, steps + 1, run))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 steps += 1
-                sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+                sums["loss"] = sums.get("loss", 0.0) + loss_value
                 for k, v in objective.last_terms.items():
                     sums[f"loss[{k}]"] = sums.get(f"loss[{k}]", 0.0) + v
                 seen += len(idx)
-                progress.batch(epoch, seen, n, float(loss.detach()))
+                progress.batch(epoch, seen, n, loss_value)
             if schedule is not None:
                 schedule.step()
+            train_seconds = time.perf_counter() - t0
             row: dict[str, Any] = {"epoch": epoch}
             row.update({k: v / max(1, steps) for k, v in sums.items()})
             row.update(evaluate_epoch(model, val_ds, prop_losses, device, options.eval_samples))
             row["radius_scale"] = scale
             row["lr"] = optimizer.param_groups[0]["lr"]
+            row["train_seconds"] = round(train_seconds, 3)
             row["seconds"] = round(time.perf_counter() - t0, 3)
             meta = {"epoch": epoch, "metrics": row}
             runs.save_checkpoint(run, "last", model, meta)
+            # Without validation data there is nothing to choose by: best is last.
+            acc = row["val_accuracy"]
+            improved = acc is None or acc > best_acc
+            if acc is not None:
+                best_acc = max(best_acc, acc)
             runs.save_state(
                 run,
                 {
                     "epoch": epoch,
                     "optimizer": optimizer.state_dict(),
                     "schedule": schedule.state_dict() if schedule is not None else {},
-                    "best_acc": max(best_acc, row["val_accuracy"]),
+                    "best_acc": best_acc,
                 },
             )
-            if row["val_accuracy"] > best_acc:
-                best_acc = row["val_accuracy"]
+            if improved:
                 runs.save_checkpoint(run, "best", model, meta)
             runs.append_metrics(run, row)
             metrics.append(row)
@@ -385,13 +452,28 @@ def _set_radius_scale(modules, scale: float) -> None:
         m.radius_scale = scale
 
 
-def _diverged_message(objective, epoch: int, run: Path) -> str:
+def _show_loss(objective) -> str:
+    from propdsl.pretty import show
+
+    return show(objective.expr)
+
+
+def _diverged_message(objective, epoch: int, step: int, run: Path) -> str:
     bad = [k for k, v in objective.last_terms.items() if not math.isfinite(v)]
-    which = f" in term {', '.join(repr(b) for b in bad)}" if bad else ""
+    if bad:
+        which = f"term {', '.join(repr(b) for b in bad)} of the loss"
+    else:
+        which = f"loss {_show_loss(objective)!r}"
+    last = run / "last.safetensors"
+    kept = (
+        f"the checkpoint of the last finished epoch is kept: {last}"
+        if last.exists()
+        else "no epoch had finished, so there is no checkpoint"
+    )
     return (
-        f"the loss became NaN or infinite{which} during epoch {epoch}; training stopped. "
-        f"The last good checkpoint is {run / 'last.safetensors'} "
-        "(try a smaller learning rate or a different logic)"
+        f"the {which} became NaN or infinite in epoch {epoch}, batch {step}; training stopped "
+        f"and {kept} (try a smaller learning rate, a smaller weight on that term, or another "
+        "logic)"
     )
 
 
@@ -404,6 +486,8 @@ def _resume(run: Path, config: dict[str, Any], model, optimizer, schedule) -> tu
                 "(start a new run with another --out)"
             )
     if not (run / "last.safetensors").exists():
+        # Interrupted before its first epoch ended: start from scratch in the same folder.
+        runs.truncate_metrics(run, 0)
         return 0, -1.0
     runs.load_weights(run, "last", model)
     state = runs.load_state(run)
@@ -428,16 +512,24 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch: int = 512) -> float:
     return correct / max(1, x.shape[0])
 
 
-def evaluate_epoch(model, val_ds, prop_losses, device, samples: int) -> dict[str, float]:
-    """Validation accuracy and each property's satisfaction rate at the training attack's point."""
+def evaluate_epoch(model, val_ds, prop_losses, device, samples: int) -> dict[str, Any]:
+    """Validation accuracy and each property's satisfaction rate at the training attack's point.
+
+    Without validation data (`val_fraction = 0`) both are None.
+    """
+    if len(val_ds) == 0:
+        return {"val_accuracy": None, **{f"satisfied[{name}]": None for name in prop_losses}}
     x, y = val_ds.x.to(device), val_ds.y.to(device)
-    out = {"val_accuracy": accuracy(model, x, y)}
+    out: dict[str, Any] = {"val_accuracy": accuracy(model, x, y)}
     xs, ys = x[:samples], y[:samples]
     was = model.training
     model.eval()
-    for name, loss in prop_losses.items():
-        res = loss(model, xs, ys)
-        out[f"satisfied[{name}]"] = float(res.satisfied.float().mean())
+    # The attacks (and explanations) take their input gradients under enable_grad; no graph
+    # into the weights is needed here.
+    with torch.no_grad():
+        for name, loss in prop_losses.items():
+            res = loss(model, xs, ys)
+            out[f"satisfied[{name}]"] = float(res.satisfied.float().mean())
     model.train(was)
     return out
 
@@ -481,11 +573,12 @@ class _Progress:
         sat = "  ".join(
             f"{k[len('satisfied[') : -1]} {v:.3f}"
             for k, v in row.items()
-            if k.startswith("satisfied[")
+            if k.startswith("satisfied[") and v is not None
         )
+        acc = row["val_accuracy"]
         line = (
             f"epoch {row['epoch']}/{self.epochs}  loss {row['loss']:.4f}  "
-            f"val acc {row['val_accuracy']:.3f}  {sat}  ({row['seconds']:.1f}s)"
+            f"val acc {'-' if acc is None else f'{acc:.3f}'}  {sat}  ({row['seconds']:.1f}s)"
         )
         if self.bar is not None:
             self.bar.update(self.task, advance=1, epoch=row["epoch"], info="")

@@ -108,7 +108,7 @@ class Env:
         self.grid: dict[str, tuple[Tensor, bool]] | None = None
         if remember is None:
             remember = parent.remember if parent is not None else True
-        self.remember = remember
+        self.remember: bool = remember
 
     def child(
         self, values: dict[str, Tensor], factor: int = 1, *, shared: dict | None = None
@@ -320,7 +320,7 @@ class Compiler:
 
         def run(env: Env) -> Tensor:
             if var is not None and env.grid is not None and var in env.grid:
-                if base.free.isdisjoint(env.values):
+                if env.parent is not None and base.free.isdisjoint(env.values):
                     # `f(x')[j]` under `forall j`: select the entries on the parent's batch
                     # instead of repeating the whole base K-fold and gathering from the copy.
                     return _select_grid(base(env.parent), *env.grid[var])
@@ -374,7 +374,7 @@ class Compiler:
         name = var_node.name
 
         def run(env: Env) -> Tensor:
-            owner = env
+            owner: Env | None = env
             while owner is not None and name not in owner.values:
                 owner = owner.parent
             assert owner is not None
@@ -396,7 +396,7 @@ class Compiler:
         x, y = args
         net = str(node.option("net"))
         fn = node.fn
-        opts = {k: v for k, v in node.options if k != "net"}
+        opts: dict[str, Any] = {k: v for k, v in node.options if k != "net"}
 
         def run(env: Env) -> Tensor:
             model = env.models[net]
@@ -678,38 +678,38 @@ class Compiler:
                 return lambda env: base(env)[:, :k]
             return None
         if isinstance(node, I.Neg):
-            x = self._along(node.operand, var, k)
-            return None if x is None else (lambda env: -x(env))
+            return _map1(self._along(node.operand, var, k), torch.neg)
         if isinstance(node, I.Arith) and shape_of(node.type) == ():
-            a, b = self._along(node.left, var, k), self._along(node.right, var, k)
-            if a is None or b is None:
-                return None
             op = _ARITH[node.op]
-            return lambda env: op(a(env), b(env))
+            return _map2(
+                self._along(node.left, var, k),
+                self._along(node.right, var, k),
+                lambda env, lhs, rhs: op(lhs, rhs),
+            )
         if isinstance(node, I.Fn) and node.fn in _ELEMENTWISE and shape_of(node.type) == ():
-            x = self._along(node.args[0], var, k)
-            fn = _ELEMENTWISE[node.fn]
-            return None if x is None else (lambda env: fn(x(env)))
+            return _map1(self._along(node.args[0], var, k), _ELEMENTWISE[node.fn])
         negate = isinstance(node, I.Not) and isinstance(node.operand, I.Cmp | I.Linear)
-        atom = node.operand if negate else node  # type: ignore[attr-defined]
+        atom = node.operand if isinstance(node, I.Not) and negate else node
         if isinstance(atom, I.Linear):
             atom = atom.atom
         if isinstance(atom, I.Cmp):
             if shape_of(atom.left.ty) != () or shape_of(atom.right.ty) != ():
                 return None
-            a, b = self._along(atom.left, var, k), self._along(atom.right, var, k)
-            if a is None or b is None:
-                return None
-            op = Cmp(atom.op).negated if negate else Cmp(atom.op)
-            return lambda env: env.logic.atom(op, a(env), b(env))
+            cmp = Cmp(atom.op).negated if negate else Cmp(atom.op)
+            return _map2(
+                self._along(atom.left, var, k),
+                self._along(atom.right, var, k),
+                lambda env, lhs, rhs: env.logic.atom(cmp, lhs, rhs),
+            )
         if isinstance(node, I.And | I.Or):
-            items = [self._along(i, var, k) for i in node.items]
-            if any(i is None for i in items):
+            found = [self._along(i, var, k) for i in node.items]
+            items = [i for i in found if i is not None]
+            if len(items) < len(found):
                 return None
             conj = isinstance(node, I.And)
 
             def connective(env: Env) -> Tensor:
-                values = stack([i(env) for i in items], -1)  # type: ignore[misc]
+                values = stack([i(env) for i in items], -1)
                 return env.logic.conj(values, -1) if conj else env.logic.disj(values, -1)
 
             return connective
@@ -830,6 +830,24 @@ def _logical(node: I.Node) -> bool:
         isinstance(n, I.PropTerm) or (isinstance(n, I.Fn) and n.fn == "certified")
         for n in I.walk(node)
     )
+
+
+def _map1(
+    x: Callable[[Env], Tensor] | None, fn: Callable[[Tensor], Tensor]
+) -> Callable[[Env], Tensor] | None:
+    if x is None:
+        return None
+    return lambda env: fn(x(env))
+
+
+def _map2(
+    a: Callable[[Env], Tensor] | None,
+    b: Callable[[Env], Tensor] | None,
+    fn: Callable[[Env, Tensor, Tensor], Tensor],
+) -> Callable[[Env], Tensor] | None:
+    if a is None or b is None:
+        return None
+    return lambda env: fn(env, a(env), b(env))
 
 
 def _select_grid(v: Tensor, col: Tensor, whole: bool) -> Tensor:

@@ -221,14 +221,27 @@ def _split(lb: Tensor, shape: torch.Size | None) -> tuple[Tensor, Tensor]:
 # -- propagation ---------------------------------------------------------------------------------
 
 
-def _first_needed(need: Tensor) -> Tensor:
-    """Per sample, indices [B, m] of the neurons flagged in need [B, N], m the largest count;
-    samples with fewer are padded with distinct unflagged neurons. With every neuron flagged:
-    all indices in order."""
+def _first_needed(need: Tensor, shared: bool = False) -> Tensor:
+    """Indices of the neurons flagged in need [B, N].
+
+    Per sample ([B, m], m the largest count; samples with fewer are padded with distinct
+    unflagged neurons), or, with `shared` and when the batch's union is not much larger than m,
+    the union ([u], shared by the batch: the rows then start without a batch dimension, which
+    makes the first backward step B times cheaper). Every neuron flagged: all, in order.
+    """
+    n = need.shape[1]
     m = int(need.sum(1).max()) if need.numel() else 0
-    if m == need.shape[1]:
-        return torch.arange(m, device=need.device).expand(need.shape[0], m)
+    if m == n:
+        return torch.arange(n, device=need.device) if shared else _all(need.shape[0], n, need)
+    if shared:
+        union = need.any(0)
+        if int(union.sum()) <= 1.5 * m:
+            return union.nonzero().flatten()
     return torch.topk(need.to(torch.float32), m, dim=1).indices
+
+
+def _all(batch: int, n: int, like: Tensor) -> Tensor:
+    return torch.arange(n, device=like.device).expand(batch, n)
 
 
 def _gather_neurons(t: Tensor, index: Tensor) -> Tensor:
@@ -239,9 +252,10 @@ def _gather_neurons(t: Tensor, index: Tensor) -> Tensor:
 
 
 def _tighten(t: Tensor, rows: Tensor, values: Tensor, pick) -> Tensor:
-    """t [B, *shape] with the per-sample flat entries rows [B, m] replaced by
+    """t [B, *shape] with the flat entries rows ([B, m] per sample, or [m] shared) replaced by
     pick(current, values) (out of place)."""
     flat = t.reshape(t.shape[0], -1)
+    rows = rows.expand(t.shape[0], -1)
     return flat.scatter(1, rows, pick(flat.gather(1, rows), values)).reshape(t.shape)
 
 
@@ -283,14 +297,16 @@ class _Propagation:
         return lb + bias
 
     def _unit_spec(self, i: int, rows: Tensor | None) -> Tensor:
-        """Rows [e_k; -e_k] selecting node i's neurons: all of them, shared by the batch
-        ([1, 2N, *shape]) when rows is None, else per sample ([B, 2m, *shape] for rows [B, m])."""
+        """Rows [e_k; -e_k] selecting node i's neurons: all of them when rows is None, those in
+        rows [m] (both [1, 2m, *shape], shared by the batch), or per sample ([B, 2m, *shape] for
+        rows [B, m])."""
         shape = self.graph.nodes[i].shape
         n = math.prod(shape)
         lo = self.box[0]
         if rows is None:
             eye = torch.eye(n, dtype=lo.dtype, device=lo.device).unsqueeze(0)
         else:
+            rows = rows if rows.dim() == 2 else rows.unsqueeze(0)
             eye = torch.zeros(*rows.shape, n, dtype=lo.dtype, device=lo.device)
             eye.scatter_(2, rows.unsqueeze(-1), 1.0)
         return torch.cat([eye, -eye], dim=1).reshape(eye.shape[0], -1, *shape)
@@ -391,8 +407,8 @@ class _Propagation:
                 if rows is None:
                     rows = self._rows_needing_bounds(i, lo, hi)
                     self.rows[i] = rows
-                if rows.shape[1]:
-                    m = rows.shape[1]
+                if rows.shape[-1]:
+                    m = rows.shape[-1]
                     lb = self.concretize(*self.backward(i, self._unit_spec(i, rows), alphas))
                     lo = _tighten(lo, rows, lb[:, :m], torch.maximum)
                     hi = _tighten(hi, rows, -lb[:, m:], torch.minimum)
@@ -408,7 +424,7 @@ class _Propagation:
             rule = self.graph.nodes[c].rule
             if isinstance(rule, ActivationRule):
                 need |= rule.needs_bounds(lo, hi)
-        return _first_needed(need.reshape(self.batch, -1))
+        return _first_needed(need.reshape(self.batch, -1), shared=True)
 
     def spec_bound(self, spec: Tensor, alphas: dict | None = None) -> Tensor:
         return self.concretize(*self.backward(self.graph.output, spec, alphas))
@@ -419,7 +435,7 @@ class _Propagation:
         neurons per sample of activation j (those whose relaxation is not exact)."""
         starts = [(self.graph.output, spec.shape[1])]
         if intermediate:
-            starts += [(i, 2 * rows.shape[1]) for i, rows in self.rows.items() if rows.shape[1]]
+            starts += [(i, 2 * rows.shape[-1]) for i, rows in self.rows.items() if rows.shape[-1]]
         alphas: dict[tuple[int, int], Tensor] = {}
         for start, size in starts:
             for j in self.graph.activations_before(start):

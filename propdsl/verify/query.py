@@ -7,9 +7,12 @@ expanded (a Python loop over class indices, never over samples); the rows of eve
 bounded together in one bound-propagation call that starts from their matrix C.
 
 A disjunction is proved when one disjunct is proved over the whole region (sound, incomplete).
+Parts of the body that do not mention the quantified input (`j != y`, `y == 3`, a premise about
+the label) are evaluated exactly per sample; an implication `a implies b` becomes `not a or b`.
 Formulas outside this fragment raise `Unsupported` with the position of the offending part.
-Strong classification robustness, `softmax(f(x'))[y] >= eta`, is handled through a sufficient
-linear condition: `f(x')[y] - f(x')[j] >= log((K - 1) * eta / (1 - eta))` for every j != y.
+Strong classification robustness, `softmax(f(x'))[y] >= eta` (or `log_softmax(f(x'))[y] >=
+log(eta)`), is handled through a sufficient linear condition:
+`f(x')[y] - f(x')[j] >= log((K - 1) * eta / (1 - eta))` for every j != y.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 from torch import Tensor
 
 from propdsl import ir as I
+from propdsl import simplify
 from propdsl.errors import PropdslError
 from propdsl.logics import get_logic
 from propdsl.loss.compile import CompileConfig, Compiler, Env
@@ -99,12 +103,40 @@ class Query:
         return _evaluate(self.root, proved, lower.shape[0], lower.device)
 
     def margins(self, lower: Tensor) -> Tensor:
-        """The smallest bounded row margin per sample (a diagnostic: >= 0 where rows hold)."""
-        _, d, _ = self.matrix()
-        if d.shape[1] == 0:
-            return torch.full((lower.shape[0],), math.inf, device=lower.device)
-        finite = torch.where(torch.isfinite(d), lower + d, torch.full_like(d, math.inf))
-        return finite.amin(dim=1)
+        """The certified margin per sample: the tree's value with rows worth `lower + d`,
+        `all` = min, `any` = max, clauses decided exactly = +inf / -inf.
+
+        It is >= 0 where `decide` proves the property (> 0 where the deciding rows are strict),
+        and measures how far the bounds are from a proof elsewhere.
+        """
+        values: dict[int, Tensor] = {}
+        start = 0
+        for r in self.rows:
+            s = r.C.shape[1]
+            m = lower[:, start : start + s] + r.d
+            values[id(r)] = (
+                m.amin(dim=1) if s else torch.full_like(lower[:, 0], math.inf, dtype=lower.dtype)
+            )
+            start += s
+        return _margin(self.root, values, lower.shape[0], lower)
+
+
+def _margin(node: Any, values: dict[int, Tensor], batch: int, like: Tensor) -> Tensor:
+    if isinstance(node, Rows):
+        return values[id(node)]
+    if isinstance(node, All | AnyOf):
+        conj = isinstance(node, All)
+        out = torch.full((batch,), math.inf if conj else -math.inf, dtype=like.dtype)
+        out = out.to(like.device)
+        for c in node.children:
+            m = _margin(c, values, batch, like)
+            out = torch.minimum(out, m) if conj else torch.maximum(out, m)
+        return out
+    if isinstance(node, Masked):
+        inner = _margin(node.child, values, batch, like)
+        fixed = torch.full_like(inner, math.inf if node.value else -math.inf)
+        return torch.where(node.mask, fixed, inner)
+    raise TypeError(type(node).__name__)
 
 
 def _evaluate(node: Any, proved: dict[int, Tensor], batch: int, device) -> Tensor:
@@ -134,6 +166,8 @@ def to_query(
     x: Tensor,
     y: Tensor | None,
     models: dict[str, Any],
+    *,
+    config: CompileConfig | None = None,
 ) -> Query | None:
     """The query of `formula` for samples (x, y); None when it has no quantified input.
 
@@ -143,11 +177,16 @@ def to_query(
         networks: output size of each network by name.
         x, y: the batch.
         models: the networks (to evaluate constants such as `f(x)` at the data point).
+        config: compile settings; its `radius_scale` (the training eps ramp-up) scales every
+            ball's radius. Default: radii as written.
+
+    Raises:
+        Unsupported: the formula is outside the linear fragment (with the offending position).
     """
     values = {params[0]: x}
     if len(params) > 1 and y is not None:
         values[params[1]] = y
-    env = Env(models, values, x.shape[0], get_logic("boolean"), CompileConfig())
+    env = Env(models, values, x.shape[0], get_logic("boolean"), config or CompileConfig())
     builder = _Builder(Compiler(), networks, env)
     node = formula
     outer_finite: list[I.Quant] = []
@@ -155,12 +194,8 @@ def to_query(
         outer_finite.append(node)
         node = node.body
     if not (isinstance(node, I.Quant) and node.kind == "forall"):
-        if any(
-            isinstance(n, I.Quant)
-            and n.kind in ("forall", "exists")
-            and not all(isinstance(d, I.Range) for d in n.domains)
-            for n in I.walk(formula)
-        ):
+        # `max` / `min` over a region count too: the attack only bounds them from one side.
+        if any(_over_region(n) for n in I.walk(formula)):
             raise Unsupported(
                 "the verifier handles properties of the form 'forall v in region: ...'",
                 getattr(formula, "span", None),
@@ -188,7 +223,7 @@ def to_query(
         body = I.Quant("forall", tuple(v for v, _ in finite), tuple(d for _, d in finite), body)
     builder.binder = var.name
     for n in I.walk(body):
-        if isinstance(n, I.Quant) and not all(isinstance(d, I.Range) for d in n.domains):
+        if _over_region(n):
             raise Unsupported("nested quantifiers over regions are not supported", n.span)
     region = builder.compiler._domain(dom)(env)  # noqa: SLF001 - shared domain evaluation
     root = builder.clause(body, env)
@@ -208,12 +243,19 @@ class _Builder:
         return self.compiler(node)(env)
 
     def clause(self, node: I.Node, env: Env) -> Any:
+        if isinstance(node, I.Const) and isinstance(node.value, bool):
+            return All([]) if node.value else AnyOf([])
+        if self.binder not in I.free_vars(node):
+            return self.exact(node, env)
         if isinstance(node, I.Linear):
             return All([self.form_rows(f, env) for f in node.forms])
         if isinstance(node, I.Cmp):
             sufficient = self.strong_classification(node, env)
             if sufficient is not None:
                 return sufficient
+            rewritten = self.elementwise(node)
+            if rewritten is not None:
+                return self.clause(rewritten, env)
             raise Unsupported(
                 "this comparison is not linear in the network's outputs at the quantified point",
                 node.span,
@@ -222,20 +264,57 @@ class _Builder:
             return All([self.clause(c, env) for c in node.items])
         if isinstance(node, I.Or):
             return AnyOf([self.clause(c, env) for c in node.items])
-        if isinstance(node, I.Const) and isinstance(node.value, bool):
-            return All([]) if node.value else AnyOf([])
         if isinstance(node, I.Quant) and all(isinstance(d, I.Range) for d in node.domains):
             return self.finite(node, env)
         if isinstance(node, I.Implies):
-            raise Unsupported(
-                "implications are verified only when their premise is free of the quantified "
-                "input; rewrite as a disjunction",
-                node.span,
+            if self.binder not in I.free_vars(node.left):
+                # A premise about the sample alone: where it is false the implication holds.
+                premise = self.truth(node.left, env)
+                return Masked(self.clause(node.right, env), ~premise, True)
+            return AnyOf([self.clause(self.negated(node.left), env), self.clause(node.right, env)])
+        if isinstance(node, I.Cond) and self.binder not in I.free_vars(node.cond):
+            cond = self.truth(node.cond, env)
+            return AnyOf(
+                [
+                    Masked(self.clause(node.then, env), ~cond, False),
+                    Masked(self.clause(node.orelse, env), cond, False),
+                ]
             )
         raise Unsupported(
             f"'{type(node).__name__}' is outside the verifier's linear fragment",
             getattr(node, "span", None),
         )
+
+    def truth(self, node: I.Node, env: Env) -> Tensor:
+        """The exact truth [B] of a formula free of the quantified input."""
+        value = self.eval(node, env).bool().reshape(-1)
+        return value.expand(env.batch) if value.numel() == 1 else value
+
+    def exact(self, node: I.Node, env: Env) -> Any:
+        """A clause decided per sample without bounds: true where it holds, false elsewhere."""
+        return Masked(AnyOf([]), self.truth(node, env), True)
+
+    def negated(self, node: I.Node) -> I.Node:
+        """`not node` in negation normal form, its atoms annotated with linear forms again."""
+        out = simplify.nnf(_strip_linear(node), negate=True)
+        return simplify.annotate_linear(out, frozenset({self.binder}), simplify._Names(out))
+
+    def elementwise(self, node: I.Cmp) -> I.Node | None:
+        """`abs(v) <= c` for a vector v: `v <= c and -v <= c`, element by element."""
+        op, left, right = node.op, node.left, node.right
+        if op in (">=", ">"):
+            op, left, right = {">=": "<=", ">": "<"}[op], right, left
+        if op not in ("<=", "<") or not (isinstance(left, I.Fn) and left.fn == "abs"):
+            return None
+        v = left.args[0]
+        if len(shape_of(v.ty) or ()) != 1:
+            return None
+        parts = (I.Cmp(op, v, right, span=node.span), I.Cmp(op, I.Neg(v), right, span=node.span))
+        out = simplify.annotate_linear(
+            I.And(parts, span=node.span), frozenset({self.binder}), simplify._Names(node)
+        )
+        assert isinstance(out, I.And)
+        return out if all(isinstance(p, I.Linear) for p in out.items) else None
 
     def finite(self, node: I.Quant, env: Env) -> Any:
         children = []
@@ -291,27 +370,39 @@ class _Builder:
         d = d.expand(batch) if d.numel() == 1 else d
         d = d.reshape(batch, 1)
         if form.op == "==":
-            both = Rows(torch.cat([C, -C], 1), torch.cat([d, -d], 1), torch.tensor([False, False]))
+            strict = torch.tensor([False, False], device=C.device)
+            both = Rows(torch.cat([C, -C], 1), torch.cat([d, -d], 1), strict)
             self.rows.append(both)
             return both
-        rows = Rows(C, d, torch.tensor([form.op == ">"]))
+        rows = Rows(C, d, torch.tensor([form.op == ">"], device=C.device))
         self.rows.append(rows)
         return rows
 
     def strong_classification(self, node: I.Cmp, env: Env) -> Any:
-        """`softmax(f(x'))[y] >= eta` via margins >= log((K-1) eta / (1 - eta)) (sufficient)."""
-        left, right = node.left, node.right
-        if node.op not in (">=", ">") or not isinstance(left, I.Idx):
+        """`softmax(f(x'))[y] >= eta` (or `log_softmax(f(x'))[y] >= log(eta)`) via the margins
+        `f[y] - f[j] >= log((K-1) eta / (1 - eta))` for every j != y (sufficient)."""
+        op, left, right = node.op, node.left, node.right
+        if op in ("<=", "<"):
+            op, left, right = {"<=": ">=", "<": ">"}[op], right, left
+        if op not in (">=", ">") or not isinstance(left, I.Idx) or len(left.indices) != 1:
             return None
         sm = left.base
-        if not (isinstance(sm, I.Fn) and sm.fn == "softmax" and isinstance(sm.args[0], I.Apply)):
+        if not (
+            isinstance(sm, I.Fn)
+            and sm.fn in ("softmax", "log_softmax")
+            and isinstance(sm.args[0], I.Apply)
+        ):
             return None
         app = sm.args[0]
         if not (isinstance(app.arg, I.Var) and app.arg.name == self.binder):
             return None
-        if not isinstance(right, I.Const) or not 0 < float(right.value) < 1:
+        if not isinstance(right, I.Const) or isinstance(right.value, bool):
             return None
         eta = float(right.value)
+        if sm.fn == "log_softmax":
+            eta = math.exp(eta)  # log p >= c  <=>  p >= exp(c)
+        if not 0 < eta < 1:
+            return None
         k = self.networks[app.net]
         if k < 2:
             return None
@@ -327,7 +418,7 @@ class _Builder:
         d = torch.full((batch, k), -bound, dtype=C.dtype, device=C.device)
         # row j == y is 0 >= -bound: meaningless; make it trivially true
         d[rows, y] = math.inf
-        strict = torch.full((k,), node.op == ">" or False)
+        strict = torch.full((k,), op == ">", device=C.device)
         r = Rows(C, d, strict)
         self.rows.append(r)
         return r
@@ -340,10 +431,24 @@ def _product(sizes: list[int]) -> list[tuple[int, ...]]:
     return out
 
 
+def _over_region(node: I.Node) -> bool:
+    """A quantifier (forall, exists, max, min) over a ball or a box."""
+    return isinstance(node, I.Quant) and not all(isinstance(d, I.Range) for d in node.domains)
+
+
+def _strip_linear(node: I.Node) -> I.Node:
+    if isinstance(node, I.Linear):
+        return node.atom
+    return simplify._rebuild(node, _strip_linear)
+
+
 def _device(env: Env):
-    for v in env.values.values():
-        return v.device
-    return env.parent.values and _device(env.parent) if env.parent else torch.device("cpu")
+    e: Env | None = env
+    while e is not None:
+        for v in e.values.values():
+            return v.device
+        e = e.parent
+    return torch.device("cpu")
 
 
 def _dtype(env: Env):
@@ -354,7 +459,3 @@ def _dtype(env: Env):
                 return v.dtype
         e = e.parent
     return torch.get_default_dtype()
-
-
-def _unused() -> None:
-    _ = shape_of

@@ -10,6 +10,13 @@ For each property and batch of samples:
 A sample is never `verified` when a counterexample was found: falsification comes first.
 Properties outside the linear fragment get `unsupported` (with a positioned reason) unless the
 falsifier refutes them.
+
+A point refutes a property only when every quantifier over a region is universal (a `forall` in
+a positive position of the normal form): then the point is an assignment of the quantified
+variables under which the body is false. Where a region quantifier is existential (an `exists`,
+or a `forall` in the premise of an implication) or a `max` / `min` over a region, a failed search
+proves nothing and the sample stays open. Dually, a property whose region quantifiers are all
+existential is `verified` by the attack's point when the body holds there (a witness).
 """
 
 from __future__ import annotations
@@ -22,9 +29,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from propdsl import ir as I
 from propdsl.errors import UsageError
 from propdsl.loss.attacks import APGD
 from propdsl.verify.bounds import AlphaOptions, Method, bounds
+from propdsl.verify.layers import UnsupportedLayerError
 from propdsl.verify.query import Unsupported, to_query
 
 VERIFIED = "verified"
@@ -92,11 +101,23 @@ def verify_property(
         loss = spec.loss(name, logic="dl2", attack=attack, generator=generator)
         out = loss(model, x, y)
         satisfied = out.satisfied.detach().cpu()
-        counterexamples = {k: v.detach() for k, v in out.counterexample.items()}
-        open_idx = [i for i in range(batch) if bool(satisfied[i])]
+        # points per sample only (a region quantifier under a finite one has K points per sample)
+        counterexamples = {
+            k: v.detach() for k, v in out.counterexample.items() if v.shape[0] == batch
+        }
+        kinds = _region_quantifiers(prop.formula)
+        refutable = kinds <= {"forall"}
+        witnessed = bool(kinds) and kinds <= {"exists"}
+        open_idx = []
         for i in range(batch):
-            if not bool(satisfied[i]):
+            if not bool(satisfied[i]) and refutable:
                 status[i] = FALSIFIED
+            elif bool(satisfied[i]) and witnessed:
+                status[i] = VERIFIED
+            else:
+                open_idx.append(i)
+        if not refutable:
+            counterexamples = {}
         reason = None
         if open_idx and deadline is not None and time.perf_counter() > deadline:
             for i in open_idx:
@@ -115,7 +136,7 @@ def verify_property(
                 if query is None:
                     # no quantified input: the exact evaluation above decided it
                     for i in open_idx:
-                        status[i] = VERIFIED
+                        status[i] = VERIFIED if bool(satisfied[i]) else FALSIFIED
                 else:
                     proved, margins = _prove(query, model, method, alpha)
                     for j, i in enumerate(open_idx):
@@ -127,6 +148,10 @@ def verify_property(
                                 status[i] = TIMEOUT
             except Unsupported as err:
                 reason = _positioned(spec, err)
+                for i in open_idx:
+                    status[i] = UNSUPPORTED
+            except UnsupportedLayerError as err:
+                reason = f"the bound engine does not cover the model: {err}"
                 for i in open_idx:
                     status[i] = UNSUPPORTED
     finally:
@@ -148,9 +173,42 @@ def _prove(query, model, method, alpha) -> tuple[Tensor, Tensor]:
     return proved.cpu(), margins
 
 
-def _needs_surrogate(formula) -> bool:
-    from propdsl import ir as I
+def _region_quantifiers(formula: I.Node) -> set[str]:
+    """The effective kinds of the quantifiers over regions: `forall` / `exists` after polarity
+    (the premise of an implication and the operand of a `not` flip it), `both` for a `max` /
+    `min` over a region or a quantifier inside a condition."""
+    kinds: set[str] = set()
 
+    def visit(node: I.Node, positive: bool | None) -> None:
+        if isinstance(node, I.Quant) and not all(isinstance(d, I.Range) for d in node.domains):
+            if node.kind in ("forall", "exists") and positive is not None:
+                universal = (node.kind == "forall") == positive
+                kinds.add("forall" if universal else "exists")
+            else:
+                kinds.add("both")
+        if isinstance(node, I.Not):
+            visit(node.operand, None if positive is None else not positive)
+            return
+        if isinstance(node, I.Implies):
+            visit(node.left, None if positive is None else not positive)
+            visit(node.right, positive)
+            return
+        if isinstance(node, I.Cond):
+            visit(node.cond, None)
+            visit(node.then, positive)
+            visit(node.orelse, positive)
+            return
+        if isinstance(node, I.Linear):
+            node = node.atom
+        boolean = isinstance(node, I.And | I.Or | I.Quant)
+        for c in node.children():
+            visit(c, positive if boolean else None)
+
+    visit(formula, True)
+    return kinds
+
+
+def _needs_surrogate(formula) -> bool:
     return any(
         isinstance(n, I.Fn)
         and n.fn in ("saliency", "gradient_x_input", "integrated_gradients", "smoothgrad", "grad")
@@ -177,6 +235,11 @@ def verify(
     names = properties if properties is not None else _default_properties(spec)
     for n in names:
         spec.property(n)  # a clear error for unknown names
+    try:
+        method = method if isinstance(method, Method) else Method(method)
+    except ValueError:
+        known = ", ".join(m.value for m in Method)
+        raise UsageError(f"unknown verification method {method!r}; use {known}") from None
     return {n: verify_property(spec, n, model, x, y, method=method, **options) for n in names}
 
 

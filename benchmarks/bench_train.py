@@ -1,0 +1,217 @@
+"""Cost of `propdsl.train.train` per epoch against a hand-written PyTorch loop doing the same work.
+
+Both train the zoo's digits MLP (64-100-100-10, the same seeded initial weights) on the digits
+train split (1258 images) with Adam (lr 0.003), batches of 64 in the same seeded order, and end
+every epoch as `train` does: validation accuracy, the classification-robustness property's
+satisfaction on 256 validation images at a PGD-10 point, and a checkpoint of the weights and the
+optimizer state.
+
+* `property-driven`: specs/methods/property_dl2.prop, `loss = cross_entropy + 0.5 * robust`
+  under DL2 with PGD-10; by hand: clean cross-entropy plus 0.5 times the DL2 loss
+  `sum_{j != y} max(f_j - f_y, 0) + [f_j == f_y]` at the most violating point of a PGD-10 ascent
+  on the signed margin `max_{j != y} f_j - f_y` (uniform random start in the ball and box, step
+  2.5 eps / 10, the best point visited kept per sample).
+* `standard`: specs/methods/standard.prop, `loss = cross_entropy`; by hand: the plain loop.
+
+The ratio propdsl / hand is the cost of the compiler and the trainer (target <= 1.05). An epoch
+of standard training on 1258 digits is so short that the epoch-end work (the validation attack)
+is most of it; the `training only` rows compare the batches alone (the `train_seconds` of
+`train`'s metrics against the same span of the hand loop).
+
+Run `python benchmarks/bench_train.py [--quick] [--threads N]` or through `benchmarks/run.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import propdsl
+from propdsl.data import load_dataset
+from propdsl.models import build_model
+from propdsl.train import TrainOptions, train
+
+METHODS = Path(__file__).resolve().parent.parent / "specs" / "methods"
+EPS = 0.1
+STEPS = 10
+BATCH = 64
+LR = 0.003
+WEIGHT = 0.5
+VAL_SAMPLES = 256
+
+
+def _pgd_point(model: nn.Module, x: Tensor, y: Tensor, gen: torch.Generator) -> Tensor:
+    """The most violating point of a PGD ascent on the signed margin (eval mode, as in train)."""
+    lo, hi = (x - EPS).clamp(0, 1), (x + EPS).clamp(0, 1)
+    own = F.one_hot(y, 10).bool()
+    alpha = 2.5 * EPS / STEPS
+
+    def margin(v: Tensor) -> Tensor:
+        logits = model(v)
+        return (logits - logits.gather(1, y[:, None])).masked_fill(own, -torch.inf).amax(1)
+
+    was = model.training
+    model.eval()
+    start = x + (2 * torch.rand(x.shape, generator=gen, dtype=x.dtype) - 1) * EPS
+    point = torch.minimum(torch.maximum(start, lo), hi)
+    best, best_value = point, None
+    for k in range(STEPS + 1):
+        leaf = point.detach().requires_grad_(True)
+        with torch.enable_grad():
+            value = margin(leaf)
+            if k < STEPS:
+                (g,) = torch.autograd.grad(value.sum(), leaf)
+        value = value.detach()
+        if best_value is None:
+            best_value = value
+        else:
+            better = value > best_value
+            best = torch.where(better[:, None, None, None], leaf.detach(), best)
+            best_value = torch.where(better, value, best_value)
+        if k < STEPS:
+            point = torch.minimum(torch.maximum(leaf.detach() + alpha * g.sign(), lo), hi)
+    model.train(was)
+    return best
+
+
+def _dl2(logits: Tensor, y: Tensor) -> Tensor:
+    own = F.one_hot(y, 10).bool()
+    fy = logits.gather(1, y[:, None])
+    terms = (logits - fy).clamp_min(0) + (logits == fy).to(logits.dtype)
+    return terms.masked_fill(own, 0.0).sum(1)
+
+
+def hand_loop(epochs: int, weight: float, data, out: Path, seed: int = 0) -> list[tuple]:
+    """The hand-written loop; per epoch (total seconds, training seconds, mean loss)."""
+    (x, y), (xv, yv) = data
+    model = build_model("mlp", (1, 8, 8), 10, hidden=[100, 100], seed=seed)
+    opt = torch.optim.Adam(model.parameters(), lr=LR)
+    gen = torch.Generator()
+    n = x.shape[0]
+    times = []
+    for epoch in range(1, epochs + 1):
+        t0 = time.perf_counter()
+        torch.manual_seed(seed * 100_003 + epoch)
+        gen.manual_seed(seed * 100_003 + epoch)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        model.train()
+        total = 0.0
+        for start in range(0, n, BATCH):
+            idx = order[start : start + BATCH]
+            xb, yb = x[idx], y[idx]
+            loss = F.cross_entropy(model(xb), yb)
+            if weight:
+                loss = loss + weight * _dl2(model(_pgd_point(model, xb, yb, gen)), yb).mean()
+            value = loss.item()
+            if value != value:
+                raise FloatingPointError("NaN loss")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += value
+        t_train = time.perf_counter() - t0
+        model.eval()
+        with torch.no_grad():
+            accuracy = (model(xv).argmax(1) == yv).float().mean().item()
+            xs, ys = xv[:VAL_SAMPLES], yv[:VAL_SAMPLES]
+            satisfied = (model(_pgd_point(model, xs, ys, gen)).argmax(1) == ys).float().mean()
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, out / "h.pt")
+        times.append((time.perf_counter() - t0, t_train, total, accuracy, float(satisfied)))
+    return times
+
+
+def propdsl_loop(spec_path: Path, epochs: int, out: Path) -> list[tuple]:
+    """`propdsl.train.train` on the spec; per epoch after the first (seconds, training seconds,
+    mean loss, validation accuracy, satisfaction): an epoch spans callback to callback."""
+    spec = propdsl.load(spec_path, params={"eps": EPS})
+    marks: list[float] = []
+    rows: list[dict] = []
+
+    def on_epoch(row: dict) -> None:
+        marks.append(time.perf_counter())
+        rows.append(row)
+
+    options = TrainOptions(out=out, epochs=epochs, quiet=True, threads=torch.get_num_threads())
+    train(spec, options, on_epoch=on_epoch)
+    return [
+        (
+            end - begin,
+            row["train_seconds"],
+            row["loss"],
+            row["val_accuracy"],
+            row["satisfied[robust]"],
+        )
+        for begin, end, row in zip(marks[:-1], marks[1:], rows[1:], strict=True)
+    ]
+
+
+def _compare(name: str, spec: str, weight: float, epochs: int, repeats: int, data) -> list[dict]:
+    mine_total, mine_train, hand_total, hand_train = [], [], [], []
+    steps = -(-data[0][0].shape[0] // BATCH)
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(repeats):
+            # Alternate the two so that machine noise hits both alike; the first epoch of each
+            # run warms up and is left out.
+            mine = propdsl_loop(METHODS / spec, epochs, Path(tmp) / f"run{r}")
+            hand = hand_loop(epochs, weight, data, Path(tmp))[1:]
+            # The same work: same weights, data order and random starts give the same losses
+            # (up to the rounding of differently ordered float operations).
+            for a, b in zip(mine, hand, strict=True):
+                if abs(a[2] - b[2] / steps) > 1e-3 * max(1.0, abs(a[2])):
+                    raise AssertionError(f"{name}: loss {a[2]} != hand-written {b[2] / steps}")
+            mine_total.append(statistics.median(t[0] for t in mine))
+            mine_train.append(statistics.median(t[1] for t in mine))
+            hand_total.append(statistics.median(t[0] for t in hand))
+            hand_train.append(statistics.median(t[1] for t in hand))
+    rows = []
+    for what, mine_t, hand_t in (
+        ("epoch", min(mine_total), min(hand_total)),
+        ("training only", min(mine_train), min(hand_train)),
+    ):
+        rows.append(
+            {
+                "benchmark": f"train/mlp: {name}, {what}",
+                "baseline": "hand-written loop",
+                "ms": round(1e3 * mine_t, 1),
+                "baseline_ms": round(1e3 * hand_t, 1),
+                "ratio": round(mine_t / hand_t, 3),
+                "epochs_per_s": round(1.0 / mine_t, 2),
+                "target": "<= 1.05",
+            }
+        )
+    return rows
+
+
+def run(quick: bool = False, threads: int | None = 2) -> list[dict]:
+    """One row per method and span (whole epoch, training batches only)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    train_ds = load_dataset("digits", split="train", seed=0)
+    val_ds = load_dataset("digits", split="val", seed=0)
+    data = ((train_ds.x, train_ds.y), (val_ds.x, val_ds.y))
+    epochs, repeats = (3, 2) if quick else (5, 3)
+    rows = _compare(
+        f"CE + {WEIGHT} DL2 CR, PGD-{STEPS}", "property_dl2.prop", WEIGHT, epochs, repeats, data
+    )
+    rows += _compare("standard (CE)", "standard.prop", 0.0, epochs + 2, repeats, data)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    for row in run(quick=args.quick, threads=args.threads):
+        print(row)
+
+
+if __name__ == "__main__":
+    main()

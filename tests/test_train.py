@@ -1,0 +1,544 @@
+"""`propdsl train`: the run folder, every method spec, resume, NaN stops, data sources, user models.
+
+Everything trains tiny seeded models on a few hundred digits (the data source's `limit`), so the
+whole module runs in seconds; the one slow test trains three small models for a dozen epochs
+and checks that robust training methods raise the security that an independent attack measures.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from typer.testing import CliRunner
+
+import propdsl
+from propdsl import cli
+from propdsl.logics import available_logics, logic_class
+from propdsl.models import build_model
+from propdsl.runs import Run
+from propdsl.syntax import format_text
+from propdsl.train import (
+    TrainingDiverged,
+    TrainOptions,
+    load_split,
+    resolve_device,
+    run_folder,
+    set_threads,
+    train,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = sorted((ROOT / "specs" / "methods").glob("*.prop"))
+
+TINY = """\
+network f : Tensor[1, 8, 8] -> Tensor[10]
+
+param eps : Real = 0.1
+
+let pixels = box(0, 1)
+
+property robust(x, y) =
+  classification_robustness(f, x, y, eps)
+
+property stable(x) =
+  standard_robustness(f, x, eps, 2.0)
+
+train f on digits(split = "train", limit = 200) {
+  model     = mlp(hidden = [16])
+  epochs    = 2
+  batch     = 50
+  optimizer = adam(lr = 0.01)
+  logic     = dl2
+  attack    = pgd(steps = 2)
+  loss      = cross_entropy + 0.5 * robust
+}
+"""
+
+# Three epochs with a learning-rate schedule and attack starts: all of it must resume exactly.
+RESUMABLE = (
+    TINY.replace("limit = 200", "limit = 120")
+    .replace("epochs    = 2", "epochs    = 3")
+    .replace("batch     = 50", "batch     = 40\n  schedule  = step(step_size = 1, gamma = 0.5)")
+)
+
+
+def write(tmp_path: Path, text: str, name: str = "tiny.prop") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def options(out: Path, **kwargs) -> TrainOptions:
+    return TrainOptions(**{"quiet": True, "threads": 1, "eval_samples": 64, **kwargs, "out": out})
+
+
+def cli_run(*args: str):
+    return CliRunner().invoke(cli.app, list(args))
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+def without_times(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in rows]
+
+
+# -- the run folder ------------------------------------------------------------------------------
+def test_train_writes_a_complete_run_folder(tmp_path: Path):
+    path = write(tmp_path, TINY)
+    run = tmp_path / "run"
+    result = train(propdsl.load(path), options(run))
+
+    assert result.run == run
+    assert {p.name for p in run.iterdir()} >= {
+        "config.json",
+        "spec.prop",
+        "metrics.jsonl",
+        "metrics.csv",
+        "last.safetensors",
+        "last.json",
+        "last.state.pt",
+        "best.safetensors",
+        "best.json",
+    }
+    assert not list(run.glob("*.tmp"))
+    assert (run / "spec.prop").read_text(encoding="utf-8") == TINY
+
+    config = json.loads((run / "config.json").read_text())
+    assert config["spec_sha256"] == hashlib.sha256(TINY.encode()).hexdigest()
+    assert config["params"] == {"eps": 0.1}
+    assert config["seed"] == 0 and config["epochs"] == 2 and config["batch"] == 50
+    assert config["versions"]["propdsl"] == propdsl.__version__
+    assert config["versions"]["torch"] == torch.__version__
+    assert config["versions"]["python"].count(".") == 2
+    assert config["model"]["name"] == "mlp" and config["model"]["kwargs"] == {"hidden": [16]}
+    assert config["data"] == {"name": "digits", "split": "train", "limit": 200}
+    assert config["logic"] == "dl2" and config["attack"] == "pgd(steps = 2)"
+    assert config["optimizer"] == "adam(lr = 0.01)" and config["device"] == "cpu"
+    assert "cross_entropy" in config["loss"] and "robust" in config["loss"]
+
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert rows == result.metrics
+    for row in rows:
+        terms = {k: v for k, v in row.items() if k.startswith("loss[")}
+        assert len(terms) == 2 and any("robust" in k for k in terms)
+        # the loss is the sum of its terms, batch by batch, so also on average
+        assert row["loss"] == pytest.approx(sum(terms.values()), rel=1e-5)
+        assert 0.0 <= row["val_accuracy"] <= 1.0
+        assert 0.0 <= row["satisfied[robust]"] <= 1.0
+        assert 0.0 <= row["satisfied[stable]"] <= 1.0
+        assert row["radius_scale"] == 1.0 and row["lr"] == 0.01
+        assert 0.0 <= row["train_seconds"] <= row["seconds"]
+    assert rows[1]["loss"] < rows[0]["loss"]
+
+    with open(run / "metrics.csv", newline="", encoding="utf-8") as fh:
+        table = list(csv.DictReader(fh))
+    assert len(table) == 2 and set(table[0]) == set(rows[0])
+    for line, row in zip(table, rows, strict=True):
+        for key, value in row.items():
+            assert float(line[key]) == pytest.approx(value)
+
+    last = json.loads((run / "last.json").read_text())
+    assert last["epoch"] == 2 and last["metrics"] == rows[1]
+    trained = {k: v.detach() for k, v in result.model.state_dict().items()}
+    saved = weights(run / "last.safetensors")
+    assert saved.keys() == trained.keys()
+    assert all(torch.equal(saved[k], trained[k]) for k in saved)
+    best = json.loads((run / "best.json").read_text())
+    accs = [r["val_accuracy"] for r in rows]
+    assert best["epoch"] == accs.index(max(accs)) + 1
+    assert (run / "last.state.pt").exists()  # optimizer state, for --resume
+
+    reopened = Run.open(run).load_model("last")
+    x = torch.rand(5, 1, 8, 8)
+    result.model.eval()
+    with torch.no_grad():
+        assert torch.equal(reopened(x), result.model(x))
+
+
+def test_ramp_grows_the_radius_over_the_first_epochs(tmp_path: Path):
+    text = TINY.replace("epochs    = 2", "epochs    = 3\n  ramp      = 2").replace("200", "60")
+    result = train(propdsl.load(text), options(tmp_path / "run", eval_samples=8))
+    assert [r["radius_scale"] for r in result.metrics] == [0.5, 1.0, 1.0]
+
+
+def test_a_fresh_run_replaces_an_old_one_and_text_specs_get_a_default_folder(tmp_path: Path):
+    spec = propdsl.load(TINY.replace("epochs    = 2", "epochs    = 1").replace("200", "60"))
+    run = tmp_path / "run"
+    (run).mkdir()
+    (run / "best.safetensors").write_bytes(b"stale")
+    (run / "notes.txt").write_text("mine")
+    train(spec, options(run, eval_samples=8))
+    assert len(weights(run / "best.safetensors")) == 4  # two Linear layers: rewritten
+    assert (run / "notes.txt").read_text() == "mine"
+    assert run_folder(spec, TrainOptions()) == Path("runs") / "spec"
+    assert run_folder(propdsl.load(write(tmp_path, TINY)), TrainOptions()) == Path("runs/tiny")
+
+
+def test_threads_are_restored_and_devices_checked(tmp_path: Path):
+    torch.set_num_threads(1)
+    spec = propdsl.load(TINY.replace("epochs    = 2", "epochs    = 1").replace("200", "60"))
+    train(spec, TrainOptions(out=tmp_path / "run", quiet=True, threads=2, eval_samples=8))
+    assert torch.get_num_threads() == 1
+    assert set_threads(1) == 1
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(propdsl.UsageError, match="unknown device"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(propdsl.UsageError, match="CUDA is not available"):
+            resolve_device("cuda:0")
+
+
+def test_a_spec_without_a_train_block_is_a_usage_error(tmp_path: Path):
+    spec = propdsl.load("network f : Tensor[1, 8, 8] -> Tensor[10]\n")
+    with pytest.raises(propdsl.UsageError, match="no train block"):
+        train(spec, options(tmp_path / "run"))
+
+
+# -- the method specs ----------------------------------------------------------------------------
+def test_there_is_a_method_spec_for_each_training_method_and_logic():
+    names = {p.stem for p in METHODS}
+    assert {
+        "standard",
+        "noise_augmentation",
+        "adversarial_pgd",
+        "trades",
+        "gradient_woods",
+        "gradient_etmann",
+        "explanation_sep",
+    } <= names
+    for logic in available_logics():
+        if logic_class(logic).trainable:
+            assert f"property_{logic}" in names
+
+
+@pytest.mark.parametrize("path", METHODS, ids=[p.stem for p in METHODS])
+def test_method_spec_checks_and_is_canonical(path: Path):
+    checked = cli_run("check", str(path))
+    assert checked.exit_code == 0, checked.output
+    assert cli_run("fmt", "--check", str(path)).exit_code == 0, f"run: propdsl fmt {path}"
+    text = path.read_text(encoding="utf-8")
+    assert format_text(text, path.name) == text
+    assert "limit" not in text  # user-facing: the full data
+    block = propdsl.load(path).train_block
+    assert block is not None and block.get("loss") is not None
+
+
+@pytest.mark.parametrize("path", METHODS, ids=[p.stem for p in METHODS])
+def test_method_spec_trains_a_short_epoch_with_a_finite_loss(path: Path, tmp_path: Path):
+    text = path.read_text(encoding="utf-8")
+    source = 'digits(split = "train")'
+    assert source in text
+    spec = propdsl.load(text.replace(source, 'digits(split = "train", limit = 64)'))
+    result = train(spec, options(tmp_path / "run", epochs=1, batch=32, eval_samples=16))
+    (row,) = result.metrics
+    losses = {k: v for k, v in row.items() if k == "loss" or k.startswith("loss[")}
+    assert all(math.isfinite(v) for v in losses.values()), losses
+    assert 0.0 <= row["val_accuracy"] <= 1.0 and 0.0 <= row["satisfied[robust]"] <= 1.0
+
+
+# -- resume --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    """The reference: three epochs of RESUMABLE in one go."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    spec = propdsl.load(write(folder, RESUMABLE, "resumable.prop"))
+    torch.set_num_threads(1)
+    train(spec, options(folder / "run"))
+    return folder / "run"
+
+
+def test_resume_after_an_interruption_ends_with_the_same_weights(tmp_path, uninterrupted):
+    spec = propdsl.load(write(tmp_path, RESUMABLE, "resumable.prop"))
+    run = tmp_path / "run"
+
+    def interrupt(row):
+        if row["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(spec, options(run), on_epoch=interrupt)
+    assert json.loads((run / "last.json").read_text())["epoch"] == 1
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+
+    result = train(spec, options(run, resume=True))
+    assert [r["epoch"] for r in result.metrics] == [1, 2, 3]
+    assert [r["lr"] for r in result.metrics] == [0.005, 0.0025, 0.00125]
+    for tag in ("last", "best"):
+        assert_same_weights(run / f"{tag}.safetensors", uninterrupted / f"{tag}.safetensors")
+    reference = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").open()]
+    assert without_times(result.metrics) == without_times(reference)
+    with open(run / "metrics.csv", newline="", encoding="utf-8") as fh:
+        assert [int(r["epoch"]) for r in csv.DictReader(fh)] == [1, 2, 3]
+
+
+def test_training_on_with_more_epochs_equals_training_at_once(tmp_path, uninterrupted):
+    spec = propdsl.load(write(tmp_path, RESUMABLE, "resumable.prop"))
+    run = tmp_path / "run"
+    train(spec, options(run, epochs=1))
+    train(spec, options(run, epochs=3, resume=True))
+    assert_same_weights(run / "last.safetensors", uninterrupted / "last.safetensors")
+    assert json.loads((run / "config.json").read_text())["epochs"] == 3
+
+
+def test_cli_resume_and_its_refusals(tmp_path, uninterrupted):
+    path = write(tmp_path, RESUMABLE, "resumable.prop")
+    run = tmp_path / "run"
+    first = cli_run("train", str(path), "--epochs", "1", "--out", str(run), "--threads", "1")
+    assert first.exit_code == 0, first.output
+    assert "epoch 1/1" in first.stderr and f"run folder: {run}; val accuracy" in first.stdout
+
+    other_seed = cli_run("train", str(path), "--out", str(run), "--resume", "--seed", "5", "-q")
+    assert other_seed.exit_code == 2 and "its seed differs" in other_seed.stderr
+
+    nowhere = cli_run("train", str(path), "--out", str(tmp_path / "none"), "--resume", "-q")
+    assert nowhere.exit_code == 2 and "config.json is missing" in nowhere.stderr
+
+    args = ("train", str(path), "--out", str(run), "--threads", "1", "--resume", "-q")
+    second = cli_run(*args)
+    assert second.exit_code == 0, second.output
+    assert_same_weights(run / "last.safetensors", uninterrupted / "last.safetensors")
+
+
+def test_cli_interrupt_says_how_to_resume(tmp_path, monkeypatch):
+    path = write(tmp_path, TINY)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("propdsl.train.train", interrupted)
+    result = cli_run("train", str(path), "--out", str(tmp_path / "run"), "-q")
+    assert result.exit_code == 130
+    assert f"--out {tmp_path / 'run'} --resume" in result.stderr
+    assert "Traceback" not in result.output
+
+
+# -- NaN -----------------------------------------------------------------------------------------
+NAN_TERM = TINY.replace("0.5 * robust", "log(cross_entropy(f(x), y) - 100)")
+
+
+def test_a_nan_term_stops_training_naming_the_term(tmp_path: Path):
+    with pytest.raises(TrainingDiverged) as info:
+        train(propdsl.load(NAN_TERM), options(tmp_path / "run"))
+    message = str(info.value)
+    assert "'log(cross_entropy(f(x), y) - 100)'" in message
+    assert "epoch 1, batch 1" in message and "no epoch had finished" in message
+    assert not (tmp_path / "run" / "last.safetensors").exists()
+
+
+def test_nan_after_an_epoch_keeps_the_last_checkpoint_intact(tmp_path: Path):
+    text = TINY.replace(" + 0.5 * robust", "")
+    model = build_model("mlp", (1, 8, 8), 10, hidden=[16], seed=0)
+    run = tmp_path / "run"
+    snapshot = {}
+
+    def poison(row):
+        snapshot.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+        with torch.no_grad():
+            model[1].weight.fill_(math.nan)
+
+    with pytest.raises(TrainingDiverged, match=r"loss 'cross_entropy\(f\(x\), y\)'.*epoch 2"):
+        train(propdsl.load(text), options(run), model=model, on_epoch=poison)
+    saved = weights(run / "last.safetensors")
+    assert all(torch.isfinite(v).all() for v in saved.values())
+    assert all(torch.equal(saved[k], snapshot[k]) for k in saved)
+    assert json.loads((run / "last.json").read_text())["epoch"] == 1
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_cli_divergence_exits_1_with_a_message(tmp_path: Path):
+    exploding = TINY.replace("adam(lr = 0.01)", "sgd(lr = 1e30)")
+    path = write(tmp_path, exploding)
+    result = cli_run("train", str(path), "--out", str(tmp_path / "run"), "-q")
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: the ") and "became NaN or infinite" in result.stderr
+    assert "Traceback" not in result.output
+
+
+# -- data sources --------------------------------------------------------------------------------
+def _torchvision_spec(source: str, root: Path) -> str:
+    image = source in ("cifar10", "svhn")
+    shape = "3, 32, 32" if image else "1, 28, 28"
+    model = "cnn(channels = [4], hidden = [8])" if image else "mlp(hidden = [8])"
+    return f"""\
+network f : Tensor[{shape}] -> Tensor[10]
+
+property robust(x, y) =
+  classification_robustness(f, x, y, 0.05)
+
+train f on {source}(split = "train", root = "{root.as_posix()}", val_fraction = 0.2) {{
+  model  = {model}
+  epochs = 1
+  batch  = 8
+  attack = pgd(steps = 1)
+  loss   = cross_entropy + robust
+}}
+"""
+
+
+@pytest.mark.parametrize("source", ["mnist", "fashion_mnist", "cifar10", "svhn"])
+def test_torchvision_sources_train_from_files_in_their_original_formats(tmp_path, source):
+    from test_data import write_cifar, write_mnist, write_svhn
+
+    root = tmp_path / "data"
+    root.mkdir()
+    if source == "mnist":
+        write_mnist(root, "MNIST")
+    elif source == "fashion_mnist":
+        write_mnist(root, "FashionMNIST", gz=True)
+    elif source == "cifar10":
+        write_cifar(root)
+    else:
+        write_svhn(root)
+    spec = propdsl.load(_torchvision_spec(source, root))
+    result = train(spec, options(tmp_path / "run"))
+    (row,) = result.metrics
+    assert math.isfinite(row["loss"]) and 0.0 <= row["val_accuracy"] <= 1.0
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["data"]["name"] == source
+    model_name = "cnn" if source in ("cifar10", "svhn") else "mlp"
+    assert config["model"]["name"] == model_name
+
+
+def test_a_data_shape_mismatch_is_a_positioned_spec_error(tmp_path: Path):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "data.npz", x=rng.random((20, 5)), y=np.arange(20) % 10)
+    text = TINY.replace('digits(split = "train", limit = 200)', 'tensors(path = "data.npz")')
+    path = write(tmp_path, text)
+    line = text.splitlines().index(next(t for t in text.splitlines() if t.startswith("train")))
+    with pytest.raises(propdsl.CheckError) as info:
+        train(propdsl.load(path), options(tmp_path / "run"))
+    (diag,) = info.value.diagnostics
+    assert diag.span.line == line + 1
+
+    result = cli_run("train", str(path), "--out", str(tmp_path / "run"), "-q")
+    assert result.exit_code == 1
+    first = result.stderr.splitlines()[0]
+    assert first.startswith(f"{path}:{line + 1}:")
+    assert "gives Tensor[5] inputs in 10 classes" in first and "Tensor[1, 8, 8]" in first
+    assert "^" in result.stderr and "Traceback" not in result.output
+
+
+# -- user models ---------------------------------------------------------------------------------
+USER_SPEC = TINY.replace("mlp(hidden = [16])", "user").replace("limit = 200", "limit = 60")
+USER_MODULE = """\
+from torch import nn
+
+
+def make(input_shape, num_classes):
+    size = 1
+    for d in input_shape:
+        size *= d
+    return nn.Sequential(nn.Flatten(), nn.Linear(size, 12), nn.Tanh(), nn.Linear(12, num_classes))
+"""
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    name = f"propdsl_user_nets_{os.getpid()}"
+    (tmp_path / f"{name}.py").write_text(USER_MODULE, encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield name
+    sys.modules.pop(name, None)
+
+
+def test_a_user_model_by_reference(tmp_path, user_module):
+    spec = propdsl.load(write(tmp_path, USER_SPEC))
+    with pytest.raises(propdsl.UsageError, match="--model"):
+        train(spec, options(tmp_path / "none"))
+    run = tmp_path / "run"
+    result = train(spec, options(run, model=f"{user_module}:make", eval_samples=8))
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"]["user"] == f"{user_module}:make"
+    assert isinstance(result.model[2], nn.Tanh)
+    reopened = Run.open(run).load_model("last")
+    x = torch.rand(3, 1, 8, 8)
+    result.model.eval()
+    with torch.no_grad():
+        assert torch.equal(reopened(x), result.model(x))
+
+    cli_out = tmp_path / "cli"
+    args = ("train", str(tmp_path / "tiny.prop"), "--out", str(cli_out), "-q", "--threads", "1")
+    done = cli_run(*args, "--model", f"{user_module}:make")
+    assert done.exit_code == 0, done.output
+    assert_same_weights(cli_out / "last.safetensors", run / "last.safetensors")
+
+
+def test_a_user_model_object_through_the_api(tmp_path: Path):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    start = model[1].weight.detach().clone()
+    result = train(propdsl.load(USER_SPEC), options(tmp_path / "run", eval_samples=8), model=model)
+    assert result.model is model
+    assert not torch.equal(model[1].weight, start)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["model"]["class"] == "torch.nn.modules.container.Sequential"
+    with pytest.raises(propdsl.UsageError, match="model object from the API"):
+        Run.open(tmp_path / "run").load_model()
+
+
+@pytest.mark.slow  # a fresh interpreter: a few seconds of imports
+@pytest.mark.skipif(
+    shutil.which("propdsl", path=str(Path(sys.executable).parent)) is None,
+    reason="console script not installed",
+)
+def test_console_script_trains_a_user_model_from_pythonpath(tmp_path, user_module):
+    exe = shutil.which("propdsl", path=str(Path(sys.executable).parent))
+    path = write(tmp_path, USER_SPEC)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    args = [exe, "train", str(path), "--out", str(tmp_path / "run"), "-q", "--threads", "1"]
+    done = subprocess.run([*args, "--model", f"{user_module}:make"], env=env, capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()
+    assert (tmp_path / "run" / "last.safetensors").exists()
+
+
+# -- robust training works -----------------------------------------------------------------------
+def _security(spec_path: Path, tmp_path: Path, epochs: int) -> tuple[float, float]:
+    """Clean test accuracy and constraint security against APGD-20 (not the training attack)."""
+    spec = propdsl.load(spec_path)
+    result = train(spec, options(tmp_path / spec_path.stem, epochs=epochs))
+    test = load_split(spec, spec.train_block, "test", seed=0)
+    model = result.model.eval()
+    with torch.no_grad():
+        acc = float((model(test.x).argmax(1) == test.y).float().mean())
+    attack = propdsl.APGD(steps=20, restarts=1)
+    check = spec.loss("robust", attack=attack, generator=torch.Generator().manual_seed(0))
+    return acc, float(check(model, test.x, test.y).satisfied.float().mean())
+
+
+@pytest.mark.slow  # about a minute: three MLPs, 12 epochs each, on all of digits
+def test_robust_training_raises_security_far_above_standard_training(tmp_path: Path):
+    methods = ROOT / "specs" / "methods"
+    std_acc, std_sec = _security(methods / "standard.prop", tmp_path, 12)
+    pgd_acc, pgd_sec = _security(methods / "adversarial_pgd.prop", tmp_path, 12)
+    dl2_acc, dl2_sec = _security(methods / "property_dl2.prop", tmp_path, 12)
+    print(
+        f"standard {std_acc:.3f}/{std_sec:.3f}  pgd {pgd_acc:.3f}/{pgd_sec:.3f}  "
+        f"dl2 {dl2_acc:.3f}/{dl2_sec:.3f}"
+    )
+    assert min(std_acc, pgd_acc, dl2_acc) >= 0.9
+    assert std_sec <= 0.55
+    assert pgd_sec >= std_sec + 0.2 and pgd_sec >= 1.5 * std_sec
+    assert dl2_sec >= std_sec + 0.2 and dl2_sec >= 1.5 * std_sec

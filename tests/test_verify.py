@@ -1,0 +1,658 @@
+"""Verification (propdsl.verify.run, query, report): soundness first.
+
+The verdicts are checked against the properties' meaning, written here by hand in plain torch:
+a sample is never `verified` when any search (our APGD from a fresh seed, PGD, dense random
+sampling, a grid that includes the box corners of 2-D inputs, and Marabou, a complete verifier,
+where it is installed) finds a point of the region where the property is false; a `falsified`
+sample always comes with a point inside the region where the property is false. Then: exact
+verdicts on linear networks (bounds are exact there), the order IBP <= CROWN <= alpha-CROWN,
+positioned `unsupported` reasons, timeouts, the API and `propdsl verify`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+from typer.testing import CliRunner
+
+import propdsl
+from propdsl import runs
+from propdsl.loss.attacks import APGD, PGD
+from propdsl.region import Region
+from propdsl.verify import AlphaOptions
+from propdsl.verify.query import Unsupported, to_query
+from propdsl.verify.run import FALSIFIED, STATUSES, TIMEOUT, UNKNOWN, UNSUPPORTED, VERIFIED
+
+INF = math.inf
+METHODS = ("ibp", "crown", "alpha_crown")
+ALPHA = AlphaOptions(iterations=5, lr=0.2)
+# only the ball's centre: the bounds, not the falsifier, must then decide every sample
+CENTRE = PGD(steps=0, random_start=False)
+PARAMS = ("eps", "delta", "a", "b", "c", "c2", "eta")
+
+# The linear fragment: properties of f : Tensor[...] -> Tensor[3] over ball(x, eps, p) & box(0, 1)
+BODIES = {
+    "cr": "argmax(f(x')) == y",
+    "scr": "softmax(f(x'))[y] >= eta",
+    "scr_log": "log_softmax(f(x'))[y] >= log(eta)",
+    "sr": "norm(f(x') - f(x), inf) <= delta",
+    "lin": "a * f(x')[0] - b * f(x')[1] + c >= 0",
+    "disj": "f(x')[0] >= c or f(x')[1] <= c2",
+    "implies": "f(x')[0] >= c implies f(x')[1] <= c2",
+    "margins": "forall j in classes: j != y implies f(x')[y] - f(x')[j] >= c",
+    "elementwise": "abs(f(x') - f(x)) <= delta",
+}
+LABELLED = {"cr", "scr", "scr_log", "margins"}
+
+
+def spec_text(shape: tuple[int, ...], p: float) -> str:
+    norm = "inf" if p == INF else str(int(p))
+    lines = [f"network f : Tensor[{', '.join(map(str, shape))}] -> Tensor[3]"]
+    lines += [f"param {n} : Real = 0.5" for n in PARAMS]
+    for name, body in BODIES.items():
+        args = "x, y" if name in LABELLED else "x"
+        lines.append(
+            f"property {name}({args}) =\n  forall x' in ball(x, eps, {norm}) & box(0, 1):\n"
+            f"    {body}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def holds(name: str, out, centre_out, y, prm: dict) -> torch.Tensor:
+    """The exact truth of property `name` at outputs `out` [N, 3] (by hand, from its text)."""
+    f0, f1 = out[:, 0], out[:, 1]
+    others = torch.ones_like(out, dtype=torch.bool).scatter(1, y[:, None], False)
+    fy = out.gather(1, y[:, None])
+    if name == "cr":
+        return ((fy > out) | ~others).all(1)
+    if name == "scr":
+        return torch.softmax(out, 1).gather(1, y[:, None])[:, 0] >= prm["eta"]
+    if name == "scr_log":
+        return torch.log_softmax(out, 1).gather(1, y[:, None])[:, 0] >= math.log(prm["eta"])
+    if name in ("sr", "elementwise"):
+        return (out - centre_out).abs().amax(1) <= prm["delta"]
+    if name == "lin":
+        return prm["a"] * f0 - prm["b"] * f1 + prm["c"] >= 0
+    if name == "disj":
+        return (f0 >= prm["c"]) | (f1 <= prm["c2"])
+    if name == "implies":
+        return (f0 < prm["c"]) | (f1 <= prm["c2"])
+    if name == "margins":
+        return ((fy - out >= prm["c"]) | ~others).all(1)
+    raise KeyError(name)
+
+
+def make_net(kind: str, seed: int, dtype=torch.float64) -> tuple[nn.Module, tuple[int, ...]]:
+    torch.manual_seed(seed)
+    if kind == "conv":
+        net = nn.Sequential(
+            nn.Conv2d(1, 3, 3, padding=1),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(48, 8),
+            nn.ReLU(),
+            nn.Linear(8, 3),
+        )
+        shape: tuple[int, ...] = (1, 4, 4)
+    else:
+        act = {
+            "relu": nn.ReLU(),
+            "tanh": nn.Tanh(),
+            "sigmoid": nn.Sigmoid(),
+            "leaky_relu": nn.LeakyReLU(0.1),
+        }[kind]
+        net = nn.Sequential(nn.Linear(2, 8), act, nn.Linear(8, 8), act, nn.Linear(8, 3))
+        shape = (2,)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.Linear | nn.Conv2d):
+                m.weight.mul_(2.0)  # outputs of order 1: verdicts of every kind
+    return net.to(dtype).eval(), shape
+
+
+def search_points(spec, name, net, x, y, region, gen, dense: int) -> torch.Tensor:
+    """[B, M, ...] points of the region: APGD and PGD from fresh seeds, uniform samples, and for
+    2-D L-inf regions a 21 x 21 grid of the box (its corners included)."""
+    found = []
+    for attack in (APGD(steps=40, restarts=2), PGD(steps=30)):
+        loss = spec.loss(name, logic="dl2", attack=attack, generator=gen)
+        found.append(loss(net, x, y).counterexample["x'"][:, None])
+    b = x.shape[0]
+    assert region.centre is not None and region.radius is not None
+    many = Region(
+        region.centre.repeat_interleave(dense, 0),
+        region.radius.repeat_interleave(dense, 0),
+        region.p,
+        region.lo,
+        region.hi,
+    )
+    found.append(many.sample(gen).reshape(b, dense, *x.shape[1:]))
+    if x.shape[1:] == (2,) and region.p == INF:
+        lo, hi = region.bounding_box()
+        t = torch.linspace(0, 1, 21, dtype=x.dtype)
+        grid = torch.cartesian_prod(t, t)
+        found.append(lo[:, None] + grid[None] * (hi - lo)[:, None])
+    return torch.cat(found, 1)
+
+
+def violated_at(name, net, x, y, points, prm) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample: does some point violate the property, and the first such point."""
+    b, m = points.shape[:2]
+    with torch.no_grad():
+        out = net(points.reshape(b * m, *x.shape[1:])).reshape(b * m, -1)
+        centre = net(x).repeat_interleave(m, 0)
+    ok = holds(name, out, centre, y.repeat_interleave(m), prm).reshape(b, m)
+    first = (~ok).float().argmax(1)
+    return (~ok).any(1), points[torch.arange(b), first]
+
+
+def check_soundness(kind, seed, eps, p, prm, *, batch=8, dense=256, full_falsifier=False):
+    """Every verdict of every property under every method against the searches; returns the
+    verdict counts."""
+    net, shape = make_net(kind, seed)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(batch, *shape, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        pred = net(x).argmax(1)
+    y = torch.where(
+        torch.rand(batch, generator=gen) < 0.75, pred, torch.randint(0, 3, (batch,), generator=gen)
+    )
+    spec = propdsl.load(spec_text(shape, p), {"eps": eps, **prm})
+    region = Region.ball(x, eps, p, lo=0.0, hi=1.0)
+    counts = dict.fromkeys(STATUSES, 0)
+    falsifiers = [CENTRE, APGD(steps=50, restarts=2) if full_falsifier else APGD(steps=15)]
+    for name in BODIES:
+        points = search_points(spec, name, net, x, y, region, gen, dense)
+        bad, witness = violated_at(name, net, x, y, points, prm)
+        verified = {}
+        for falsifier in falsifiers:
+            for method in METHODS if falsifier is CENTRE else ("crown",):
+                v = spec.verify(
+                    net,
+                    x,
+                    y,
+                    [name],
+                    method=method,
+                    falsifier=falsifier,
+                    alpha=ALPHA,
+                    generator=torch.Generator().manual_seed(seed + 1),
+                )[name]
+                assert v.reason is None, v.reason
+                status = v.status
+                for i, s in enumerate(status):
+                    counts[s] += 1
+                    assert s in (VERIFIED, FALSIFIED, UNKNOWN), s
+                    if s == VERIFIED:
+                        assert not bool(bad[i]), (
+                            f"{name} verified by {method} on sample {i}, but it fails at "
+                            f"{witness[i].tolist()} ({kind}, seed {seed}, eps {eps}, p {p}, {prm})"
+                        )
+                        assert v.margin[i] >= 0
+                    if s == FALSIFIED:
+                        point = v.counterexamples["x'"][i : i + 1]
+                        assert bool(region_of(x[i : i + 1], eps, p).contains(point, tol=1e-9))
+                        with torch.no_grad():
+                            out, centre = net(point), net(x[i : i + 1])
+                        assert not bool(holds(name, out, centre, y[i : i + 1], prm)[0]), (
+                            f"{name}: the counterexample of sample {i} satisfies the property"
+                        )
+                if falsifier is CENTRE:
+                    verified[method] = torch.tensor([s == VERIFIED for s in status])
+        # IBP <= CROWN (CROWN's bounds are intersected with IBP's) <= alpha-CROWN (starts from
+        # CROWN, keeps the best): per sample, with the same falsifier
+        assert bool((verified["crown"] | ~verified["ibp"]).all()), name
+        assert bool((verified["alpha_crown"] | ~verified["crown"]).all()), name
+    return counts
+
+
+def region_of(x, eps, p):
+    return Region.ball(x, eps, p, lo=0.0, hi=1.0)
+
+
+PARAM_STRATEGY = st.fixed_dictionaries(
+    {
+        "delta": st.floats(0.05, 2.0),
+        "a": st.floats(-2.0, 2.0),
+        "b": st.floats(-2.0, 2.0),
+        "c": st.floats(-1.0, 1.0),
+        "c2": st.floats(-1.0, 1.0),
+        "eta": st.floats(0.34, 0.95),
+    }
+)
+EPS_STRATEGY = st.one_of(st.just(0.0), st.floats(0.0, 0.05), st.floats(0.0, 0.4))
+KINDS = ("relu", "tanh", "sigmoid", "leaky_relu", "conv")
+
+
+@pytest.fixture(autouse=True)
+def _quiet_attacks():
+    # flat attack objectives (saturated sigmoids, a constant premise) are expected here
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+# -- soundness: property tests ---------------------------------------------------------------
+@settings(
+    max_examples=12, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
+@given(
+    kind=st.sampled_from(KINDS),
+    seed=st.integers(0, 10_000),
+    eps=EPS_STRATEGY,
+    p=st.sampled_from([INF, INF, 2.0]),
+    prm=PARAM_STRATEGY,
+)
+def test_never_verified_when_a_counterexample_exists(kind, seed, eps, p, prm):
+    # 12 examples x 9 properties x 8 samples x 4 verdicts: ~3,500 verdicts checked
+    check_soundness(kind, seed, eps, p, prm, batch=8, dense=128)
+
+
+@pytest.mark.slow
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    kind=st.sampled_from(KINDS),
+    seed=st.integers(0, 10**6),
+    eps=EPS_STRATEGY,
+    p=st.sampled_from([INF, INF, 2.0, 1.0]),
+    prm=PARAM_STRATEGY,
+)
+def test_never_verified_when_a_counterexample_exists_many(kind, seed, eps, p, prm):
+    # 80 examples x 9 properties x 10 samples x 4 verdicts: ~29,000 verdicts checked
+    check_soundness(kind, seed, eps, p, prm, batch=10, dense=512, full_falsifier=True)
+
+
+def test_the_searches_find_counterexamples():
+    """The soundness test is not vacuous: all verdicts occur, and the searches refute."""
+    counts = dict.fromkeys(STATUSES, 0)
+    for kind, seed, eps in (("relu", 1, 0.1), ("tanh", 2, 0.3), ("conv", 3, 0.05)):
+        prm = dict(delta=0.5, a=1.0, b=0.5, c=0.1, c2=0.2, eta=0.6)
+        for k, v in check_soundness(kind, seed, eps, INF, prm, batch=6, dense=64).items():
+            counts[k] += v
+    assert counts[VERIFIED] > 50 and counts[FALSIFIED] > 50 and counts[UNKNOWN] > 0
+
+
+# -- soundness: a complete verifier as the oracle ---------------------------------------------
+def _marabou_counterexample(onnx_path, lo, hi, conjunction) -> np.ndarray | None:
+    """An input in [lo, hi] whose outputs satisfy every `(coefs, rhs)`: coefs . y <= rhs, found
+    by Marabou (complete), or None when none exists."""
+    from maraboupy import Marabou
+
+    net = Marabou.read_onnx(str(onnx_path))
+    xs = np.array(net.inputVars[0]).flatten()
+    ys = np.array(net.outputVars[0]).flatten()
+    for i, v in enumerate(xs):
+        net.setLowerBound(int(v), float(lo[i]))
+        net.setUpperBound(int(v), float(hi[i]))
+    for coefs, rhs in conjunction:
+        net.addInequality([int(ys[j]) for j in coefs], list(coefs.values()), float(rhs))
+    options = Marabou.createOptions(verbosity=0, timeoutInSeconds=30)
+    result, values, _ = net.solve(options=options, verbose=False)
+    assert result in ("sat", "unsat"), result
+    if result == "unsat":
+        return None
+    return np.array([values[int(v)] for v in xs])
+
+
+def _negations(name: str, y: int, centre_out: np.ndarray, prm: dict) -> list[list]:
+    """The property's negation as a disjunction of conjunctions of `coefs . f <= rhs`."""
+    k = len(centre_out)
+    if name == "cr":  # some f_j >= f_y
+        return [[({y: 1.0, j: -1.0}, 0.0)] for j in range(k) if j != y]
+    if name == "sr":  # some |f_j - f_j(x)| >= delta
+        out = []
+        for j in range(k):
+            out.append([({j: 1.0}, centre_out[j] - prm["delta"])])
+            out.append([({j: -1.0}, -centre_out[j] - prm["delta"])])
+        return out
+    if name == "lin":  # a f0 - b f1 + c <= 0
+        return [[({0: prm["a"], 1: -prm["b"]}, -prm["c"])]]
+    if name == "disj":  # f0 <= c and f1 >= c2
+        return [[({0: 1.0}, prm["c"]), ({1: -1.0}, -prm["c2"])]]
+    raise KeyError(name)
+
+
+@settings(
+    max_examples=6, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
+@given(seed=st.integers(0, 10_000), eps=st.floats(0.01, 0.3), prm=PARAM_STRATEGY)
+def test_agrees_with_marabou(tmp_path_factory, seed, eps, prm):
+    """On 2-8-8-3 ReLU networks: `verified` => Marabou finds no counterexample; `falsified` =>
+    Marabou finds one; every Marabou counterexample (re-checked) => not verified."""
+    pytest.importorskip("maraboupy")
+    from propdsl.export import export_onnx
+
+    net, shape = make_net("relu", seed)
+    path = export_onnx(net, shape, tmp_path_factory.mktemp("marabou") / "f.onnx")
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(6, 2, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        y = net(x).argmax(1)
+        centre = net(x)
+    spec = propdsl.load(spec_text(shape, INF), {"eps": eps, **prm})
+    lo, hi = region_of(x, eps, INF).bounding_box()
+    checked = 0
+    for name in ("cr", "sr", "lin", "disj"):
+        verdicts = spec.verify(net, x, y, [name], method="alpha_crown", alpha=ALPHA)[name]
+        for i, status in enumerate(verdicts.status):
+            found = None
+            for conj in _negations(name, int(y[i]), centre[i].numpy(), prm):
+                found = _marabou_counterexample(path, lo[i].numpy(), hi[i].numpy(), conj)
+                if found is not None:
+                    break
+            real = False
+            if found is not None:  # re-check Marabou's point on our network, exactly
+                point = torch.tensor(found, dtype=torch.float64)[None]
+                point = region_of(x[i : i + 1], eps, INF).project(point)
+                with torch.no_grad():
+                    real = not bool(holds(name, net(point), centre[i : i + 1], y[i : i + 1], prm))
+            if status == VERIFIED:
+                assert not real, f"{name} sample {i}: verified, Marabou refutes it at {found}"
+            if status == FALSIFIED:
+                assert found is not None, f"{name} sample {i}: falsified, Marabou proves it"
+            checked += 1
+    assert checked == 24
+
+
+# -- exact verdicts on linear networks --------------------------------------------------------
+W = [[2.0, -1.0], [0.0, 1.0], [-1.0, 0.0]]
+BIAS = [0.0, 0.5, 0.2]
+LINEAR_SPEC = """
+network f : Tensor[2] -> Tensor[3]
+param eps : Real = 0.1
+param t : Real = 0.0
+param eta : Real = 0.9
+property robust(x, y) =
+  forall x' in ball(x, eps, inf) & box(0, 1): argmax(f(x')) == y
+property above(x) =
+  forall x' in ball(x, eps, inf) & box(0, 1): f(x')[0] >= t
+property strong(x, y) =
+  forall x' in ball(x, eps, inf) & box(0, 1): softmax(f(x'))[y] >= eta
+"""
+
+
+def linear_net() -> nn.Module:
+    net = nn.Linear(2, 3).double()
+    with torch.no_grad():
+        net.weight.copy_(torch.tensor(W))
+        net.bias.copy_(torch.tensor(BIAS))
+    return net
+
+
+def worst_case(c: list[float], d: float, lo: list[float], hi: list[float]) -> float:
+    """min over the box of c . (W x + b) + d: each input at the end its coefficient prefers."""
+    cw = [sum(c[k] * W[k][i] for k in range(3)) for i in range(2)]
+    return (
+        sum(c[k] * BIAS[k] for k in range(3))
+        + d
+        + sum(min(cw[i] * lo[i], cw[i] * hi[i]) for i in range(2))
+    )
+
+
+# f0 = 2 x0 - x1, f1 = x1 + 0.5, f2 = 0.2 - x0. At x = (0.6, 0.2), label 0:
+# f0 - f1 = 2 x0 - 2 x1 - 0.5 is smallest at (0.6 - eps, 0.2 + eps): 0.3 - 4 eps, > 0 iff
+# eps < 0.075; f0 - f2 = 3 x0 - x1 - 0.2 >= 1.6 - 4 eps stays positive.
+# At x = (0.05, 0.05): f0 >= 0 - 0.15 on the clipped box [0, 0.15]^2 (-0.25 without clipping).
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(
+    ("prop", "x", "label", "eps", "t", "expected"),
+    [
+        ("robust", (0.6, 0.2), 0, 0.05, 0.0, VERIFIED),  # 0.3 - 0.2 = 0.1
+        ("robust", (0.6, 0.2), 0, 0.07, 0.0, VERIFIED),  # 0.02
+        ("robust", (0.6, 0.2), 0, 0.08, 0.0, FALSIFIED),  # -0.02
+        ("robust", (0.6, 0.2), 1, 0.0, 0.0, FALSIFIED),  # f1 = 0.7 < f0 = 1.0
+        ("robust", (0.6, 0.2), 0, 0.0, 0.0, VERIFIED),  # a point: 0.3 > 0
+        ("above", (0.05, 0.05), 0, 0.1, -0.2, VERIFIED),  # -0.15 >= -0.2 thanks to the box
+        ("above", (0.05, 0.05), 0, 0.1, -0.1, FALSIFIED),  # -0.15 < -0.1
+        ("above", (0.5, 0.5), 0, 0.25, -0.25, VERIFIED),  # 0.5 - 0.75 = -0.25: on the boundary
+        ("above", (0.5, 0.5), 0, 0.25, -0.2, FALSIFIED),
+    ],
+)
+def test_linear_network_verdicts_are_exact(method, prop, x, label, eps, t, expected):
+    net = linear_net()
+    spec = propdsl.load(LINEAR_SPEC, {"eps": eps, "t": t})
+    xt = torch.tensor([x], dtype=torch.float64)
+    yt = torch.tensor([label])
+    lo = [max(v - eps, 0.0) for v in x]
+    hi = [min(v + eps, 1.0) for v in x]
+    if prop == "robust":
+        rows = [[float(k == label) - float(k == j) for k in range(3)] for j in range(3)]
+        worst = min(worst_case(rows[j], 0.0, lo, hi) for j in range(3) if j != label)
+        exact = VERIFIED if worst > 0 else FALSIFIED
+    else:
+        exact = VERIFIED if worst_case([1.0, 0.0, 0.0], -t, lo, hi) >= 0 else FALSIFIED
+    assert exact == expected
+    v = spec.verify(net, xt, yt, [prop], method=method, alpha=ALPHA)[prop]
+    assert v.status == [expected]
+    if expected == VERIFIED and prop == "above":
+        # the certified margin is the exact worst case: bounds are exact on a linear network
+        assert float(v.margin[0]) == pytest.approx(worst_case([1.0, 0, 0], -t, lo, hi), abs=1e-9)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_strong_classification_uses_the_margin_condition(method):
+    """softmax(f)[y] >= eta is proved through f_y - f_j >= log((K - 1) eta / (1 - eta))."""
+    net = linear_net()
+    x = torch.tensor([[0.9, 0.1]], dtype=torch.float64)  # f = (1.7, 0.6, -0.7): label 0
+    y = torch.tensor([0])
+    # worst margins over the ball of radius 0.02: f0 - f1 = 2 x0 - 2 x1 - 0.5 >= 1.1 - 0.08 = 1.02
+    bound = {eta: math.log(2 * eta / (1 - eta)) for eta in (0.6, 0.8)}
+    assert bound[0.6] < 1.02 < bound[0.8]  # log 3 = 1.0986 ... and log 8 = 2.08
+    for eta, expected in ((0.6, VERIFIED), (0.8, UNKNOWN)):
+        spec = propdsl.load(LINEAR_SPEC, {"eps": 0.02, "eta": eta})
+        # the attack cannot refute eta = 0.8 (the property holds, the condition does not)
+        assert bool(spec.loss("strong", attack=APGD(steps=50))(net, x, y).satisfied[0])
+        v = spec.verify(net, x, y, ["strong"], method=method, alpha=ALPHA)["strong"]
+        assert v.status == [expected]
+
+
+def test_margins_measure_the_distance_to_a_proof():
+    """Classification robustness: the certified margin is the worst bounded logit margin."""
+    net = linear_net()
+    spec = propdsl.load(LINEAR_SPEC, {"eps": 0.05})
+    x = torch.tensor([[0.6, 0.2]], dtype=torch.float64)
+    v = spec.verify(net, x, torch.tensor([0]), ["robust"], method="crown")["robust"]
+    assert v.status == [VERIFIED]
+    assert float(v.margin[0]) == pytest.approx(0.3 - 4 * 0.05, abs=1e-9)
+
+
+# -- unsupported, timeouts ---------------------------------------------------------------------
+UNSUPPORTED_SPEC = """\
+network f : Tensor[2] -> Tensor[3]
+param eps : Real = 0.1
+
+property lipschitz(x) =
+  forall x1 in ball(x, eps, inf), x2 in ball(x, eps, inf):
+    norm(f(x1) - f(x2), 2) <= 10 * norm(x1 - x2, 2)
+
+property curved(x) =
+  forall x' in ball(x, eps, inf):
+    f(x')[0] * f(x')[1] >= -100
+"""
+
+
+def test_unsupported_reasons_are_positioned():
+    spec = propdsl.load(UNSUPPORTED_SPEC)
+    net, _ = make_net("relu", 0)
+    x = torch.rand(3, 2, dtype=torch.float64)
+    out = spec.verify(net, x, None)
+    assert out["lipschitz"].status == [UNSUPPORTED] * 3
+    assert out["lipschitz"].reason.startswith("<spec>:5:3: ")
+    assert "Lipschitz" in out["lipschitz"].reason
+    assert out["curved"].status == [UNSUPPORTED] * 3
+    assert out["curved"].reason.startswith("<spec>:10:5: ")
+    assert "not linear" in out["curved"].reason
+
+
+def test_unsupported_properties_are_still_falsified():
+    spec = propdsl.load(UNSUPPORTED_SPEC.replace("-100", "100"))
+    net, _ = make_net("relu", 0)
+    v = spec.verify(net, torch.rand(3, 2, dtype=torch.float64), None, ["curved"])["curved"]
+    assert v.status == [FALSIFIED] * 3  # f0 * f1 is far below 100 everywhere
+
+
+def test_to_query_raises_unsupported_with_the_span():
+    spec = propdsl.load(UNSUPPORTED_SPEC)
+    prop = spec.property("curved")
+    net, _ = make_net("relu", 0)
+    with pytest.raises(Unsupported) as err:
+        to_query(prop.formula, ["x"], {"f": 3}, torch.rand(2, 2).double(), None, {"f": net})
+    assert (err.value.span.line, err.value.span.col) == (10, 5)
+
+
+def test_existential_properties_are_never_falsified_by_a_failed_search():
+    spec = propdsl.load(
+        """
+        network f : Tensor[2] -> Tensor[3]
+        property reach(x) = exists x' in ball(x, 0.1, inf): f(x')[0] >= 1000
+        property easy(x) = exists x' in ball(x, 0.1, inf): f(x')[0] <= 1000
+        property premise(x) = (forall x' in ball(x, 0.1, inf): f(x')[0] >= 1000) implies false
+        """
+    )
+    net, _ = make_net("relu", 0)
+    x = torch.rand(4, 2, dtype=torch.float64)
+    out = spec.verify(net, x, None)
+    assert out["reach"].status == [UNSUPPORTED] * 4  # not found is no proof of absence
+    assert out["easy"].status == [VERIFIED] * 4  # the attack's point is a witness
+    # a forall in a premise is existential: the attack's point refutes the premise
+    assert out["premise"].status == [VERIFIED] * 4
+
+
+def test_timeout_gives_unknown_timeout():
+    net, shape = make_net("relu", 5)
+    spec = propdsl.load(spec_text(shape, INF), {"eps": 0.2})
+    x = torch.rand(8, 2, dtype=torch.float64)
+    y = net(x).argmax(1)
+    full = spec.verify(net, x, y, ["cr"], falsifier=CENTRE)["cr"]
+    timed = spec.verify(net, x, y, ["cr"], falsifier=CENTRE, timeout=0.0)["cr"]
+    assert set(timed.status) <= {TIMEOUT, FALSIFIED}
+    for a, b in zip(full.status, timed.status, strict=True):
+        assert (b == FALSIFIED) == (a == FALSIFIED)
+    assert TIMEOUT in timed.status
+
+
+# -- the API -------------------------------------------------------------------------------------
+def test_spec_verify_api():
+    net, shape = make_net("relu", 7, dtype=torch.float32)
+    spec = propdsl.load(spec_text(shape, INF), {"eps": 0.05})
+    x = torch.rand(5, 2)
+    y = net(x).argmax(1)
+    out = spec.verify(net, x, y, ["cr", "sr"], method="ibp")
+    assert list(out) == ["cr", "sr"]
+    for v in out.values():
+        assert len(v.status) == 5 and v.margin.shape == (5,)
+        assert sum(v.rate(s) for s in STATUSES) == pytest.approx(1.0)
+        assert v.seconds >= 0
+    assert net.training is False
+    net.train()
+    spec.verify(net, x, y, ["cr"])
+    assert net.training  # the mode is restored
+    with pytest.raises(propdsl.UsageError, match="unknown property"):
+        spec.verify(net, x, y, ["nope"])
+    with pytest.raises(propdsl.UsageError, match="unknown verification method 'exact'"):
+        spec.verify(net, x, y, ["cr"], method="exact")
+
+
+# -- propdsl verify ---------------------------------------------------------------------------
+CLI_SPEC = """\
+network f : Tensor[1, 8, 8] -> Tensor[10]
+
+param eps : Real = 0.1
+
+let pixels = box(0, 1)
+
+property robust(x, y) =
+  forall x' in ball(x, eps, inf) & pixels:
+    argmax(f(x')) == y
+
+property stable(x) =
+  forall x' in ball(x, eps, inf) & pixels:
+    norm(f(x') - f(x), inf) <= 100
+
+property lipschitz(x) =
+  forall x1 in ball(x, eps, inf) & pixels, x2 in ball(x, eps, inf) & pixels:
+    norm(f(x1) - f(x2), 2) <= 10 * norm(x1 - x2, 2)
+
+train f on digits(split = "train", limit = 300) {
+  model  = mlp(hidden = [16])
+  epochs = 2
+  batch  = 64
+  loss   = cross_entropy
+}
+
+verify f on digits(split = "test") {
+  properties = [robust, stable, lipschitz]
+  method     = crown
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> tuple[Path, Path]:
+    from propdsl.train import TrainOptions, train
+
+    folder = tmp_path_factory.mktemp("verify_cli")
+    spec_path = folder / "tiny.prop"
+    spec_path.write_text(CLI_SPEC, encoding="utf-8")
+    train(propdsl.load(spec_path), TrainOptions(out=folder / "run", quiet=True, threads=1))
+    return spec_path, folder / "run"
+
+
+def test_propdsl_verify_end_to_end(trained_run):
+    from propdsl import cli
+    from propdsl.data import load_dataset
+
+    spec_path, run = trained_run
+    result = CliRunner().invoke(
+        cli.app,
+        ["verify", str(spec_path), "--run", str(run), "--samples", "12", "--param", "eps=0.15"],
+    )
+    assert result.exit_code == 0, result.output
+    assert "verification: method crown, split test, 12 samples" in result.output
+    assert "unsupported:" in result.output and "Lipschitz" in result.output
+    data = json.loads((run / "verify.json").read_text())
+    assert data["method"] == "crown" and data["samples"] == 12 and data["params"]["eps"] == 0.15
+    assert set(data["properties"]) == {"robust", "stable", "lipschitz"}
+    robust = data["properties"]["robust"]
+    assert sum(robust["rates"].values()) == pytest.approx(1.0)
+    statuses = [s["status"] for s in robust["per_sample"]]
+    assert len(statuses) == 12 and FALSIFIED in statuses
+    assert data["properties"]["stable"]["rates"][VERIFIED] == 1.0
+    for s in data["properties"]["stable"]["per_sample"]:
+        assert s["margin"] > 0
+    assert data["properties"]["lipschitz"]["rates"][UNSUPPORTED] == 1.0
+    assert data["properties"]["lipschitz"]["reason"].startswith(f"{spec_path}:16:3:")
+
+    # counterexamples: inside the region, misclassified by the run's model
+    npz = np.load(run / "counterexamples" / "robust.npz")
+    index, x, points = npz["index"], npz["x"], npz["point[x']"]
+    assert list(index) == [i for i, s in enumerate(statuses) if s == FALSIFIED]
+    test = load_dataset("digits", split="test", seed=0)
+    assert np.allclose(x, test.x[:12].numpy()[index])
+    assert np.abs(points - x).max() <= 0.15 + 1e-6
+    assert points.min() >= 0 and points.max() <= 1
+    model = runs.Run.open(run).load_model()
+    labels = np.array([robust["per_sample"][i]["label"] for i in index])
+    with torch.no_grad():
+        pred = model(torch.tensor(points)).argmax(1).numpy()
+    assert (pred != labels).all()
+    assert (run / "counterexamples" / "robust.png").exists()
+
+
+def test_propdsl_verify_usage_errors(trained_run):
+    from propdsl import cli
+
+    spec_path, run = trained_run
+    runner = CliRunner()
+    result = runner.invoke(cli.app, ["verify", str(spec_path), "--run", str(run), "--method", "x"])
+    assert result.exit_code == 2 and "--method" in result.output
+    result = runner.invoke(cli.app, ["verify", str(spec_path), "--run", str(run / "nope")])
+    assert result.exit_code == 2 and "no such run folder" in result.output
