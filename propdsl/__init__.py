@@ -38,6 +38,7 @@ __all__ = [
     "SpecError",
     "UsageError",
     "__version__",
+    "bounds",
     "load",
 ]
 
@@ -45,6 +46,7 @@ _LAZY = {
     "PGD": "propdsl.loss.attacks",
     "APGD": "propdsl.loss.attacks",
     "load": "propdsl.api",
+    "bounds": "propdsl.verify.bounds",
     "Spec": "propdsl.api",
     "Property": "propdsl.api",
 }
@@ -52,6 +54,7 @@ _LAZY = {
 if TYPE_CHECKING:
     from propdsl.api import Property, Spec, load
     from propdsl.loss.attacks import APGD, PGD
+    from propdsl.verify.bounds import bounds
 
 
 def __getattr__(name: str) -> Any:
