@@ -396,7 +396,8 @@ def _pair(v: Any) -> tuple[int, int]:
 
 @register_rule(nn.Conv2d, F.conv2d)
 class Conv2dRule(AffineRule):
-    """2-d convolution (zero padding); its backward pass is a transposed convolution."""
+    """2-d convolution (zero padding). Backwards: one dense matrix product for small images,
+    a transposed convolution otherwise (autograd for asymmetric 'same' padding)."""
 
     def __init__(self, call: Call):
         super().__init__(call)
