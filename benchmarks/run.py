@@ -7,7 +7,8 @@
 Each module provides `run(quick: bool) -> list[dict]`, one dict per table row (keys such as
 `benchmark`, `ms`, `baseline_ms`, `ratio`, `target`). A module that is missing, fails to import
 or raises is reported with its error and the others still run; the exit status is 1 when any
-failed. Timings use 2 torch threads unless `--threads` says otherwise.
+failed. Timings use 2 torch threads unless `--threads` says otherwise; `--clock cpu` asks the
+modules that accept a `clock` option for CPU time instead of wall time.
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ def load(name: str, path: Path) -> ModuleType:
     return module
 
 
-def call_run(module: ModuleType, quick: bool, threads: int | None) -> list[dict[str, Any]]:
+def call_run(
+    module: ModuleType, quick: bool, threads: int | None, clock: str | None = None
+) -> list[dict[str, Any]]:
     run = getattr(module, "run", None)
     if not callable(run):
         raise TypeError(f"{module.__name__} has no run(quick) function")
@@ -56,6 +59,8 @@ def call_run(module: ModuleType, quick: bool, threads: int | None) -> list[dict[
         import torch
 
         torch.set_num_threads(threads)
+    if clock is not None and "clock" in params:
+        kwargs["clock"] = clock
     takes_quick = "quick" in params or any(
         p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in kwargs
         for p in params.values()
@@ -78,7 +83,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def _cell(value: Any) -> str:
     if isinstance(value, float):
-        return f"{value:.3g}" if abs(value) < 1e4 else f"{value:.0f}"
+        return f"{value:.4g}" if abs(value) < 1e3 else f"{value:.0f}"
     return str(value)
 
 
@@ -87,6 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("names", nargs="*", help="benchmarks to run (default: all)")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        help="for modules that support it: wall time (default) or process CPU time "
+        "(steadier on a shared machine; use with --threads 1)",
+    )
     args = parser.parse_args(argv)
     sys.path.insert(0, str(HERE))  # benchmark modules may import each other
 
@@ -95,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, path in discover(args.names):
         start = time.perf_counter()
         try:
-            found = call_run(load(name, path), args.quick, args.threads)
+            found = call_run(load(name, path), args.quick, args.threads, args.clock)
         except Exception as err:  # a broken benchmark must not hide the others
             failed.append((name, f"{type(err).__name__}: {err}"))
             print(f"[{name}] failed:\n{traceback.format_exc()}", file=sys.stderr)

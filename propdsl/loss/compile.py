@@ -2,11 +2,15 @@
 
 The IR is compiled once into a tree of closures (equal sub-expressions share one closure), then
 run per batch. Every value carries the batch as its first dimension; finite quantifiers
-(`forall j in classes`) are vectorised by expanding the batch K-fold, and sub-expressions that do
-not mention the expanded variable are computed once on the smaller batch and repeated.
+(`forall j in classes`) are vectorised: along a trailing axis of size K when the body is scalar
+arithmetic and comparisons over entries `v[j]` (`f(x')[j]` is then `f(x')` itself), otherwise
+by expanding the batch K-fold, where sub-expressions that do not mention the expanded variable
+are computed once on the smaller batch and repeated.
 Quantifiers over balls and boxes are solved by an attack (PGD / APGD) that maximises the body's
 signed violation (logic `violation`: raw margins, so it keeps gradients where the property
-holds); the chosen logic then evaluates the body at the attack's points.
+holds); the chosen logic then evaluates the body at the attack's points, and the exact
+(`boolean`) pass that reports `satisfied` reuses the same points and network outputs.
+See docs/losses.md.
 """
 
 from __future__ import annotations
@@ -652,6 +656,9 @@ class Compiler:
         if isinstance(node, I.Linear):
             node = node.atom
         if var not in I.free_vars(node):
+            entry = self._entry(node)
+            if entry is not None:
+                return entry
             if node.ty != BOOL and (isinstance(node.ty, IndexTy) or shape_of(node.ty) != ()):
                 return None
             code = self(node)
@@ -714,6 +721,23 @@ class Compiler:
 
             return connective
         return None
+
+    def _entry(self, node: I.Node) -> Callable[[Env], Tensor] | None:
+        """`v[i]` for a vector `v` and a per-sample index `i` (such as `f(x')[y]`), as [B, 1]."""
+        if not (isinstance(node, I.Idx) and len(node.indices) == 1):
+            return None
+        index, shape = node.indices[0], shape_of(node.base.ty)
+        if isinstance(index, I.Const) or not isinstance(index.ty, IndexTy) or shape is None:
+            return None
+        if len(shape) != 1:
+            return None
+        base, at = self(node.base), self(index)
+
+        def run(env: Env) -> Tensor:
+            i = at(env)
+            return base(env).gather(1, i.reshape(-1, 1)) if i.dim() > 0 else base(env)[:, i, None]
+
+        return run
 
     def _continuous(self, node: I.Quant, free):
         body = self(node.body)
