@@ -186,7 +186,19 @@ class Violation(_SignedLogic):
     trainable = False
 
     def atom(self, op: Cmp, lhs: Tensor, rhs: Tensor) -> Tensor:
-        return -robustness(op, lhs, rhs)
+        if not (isinstance(lhs, Tensor) and isinstance(rhs, Tensor)):
+            lhs, rhs = operands(lhs, rhs)
+        # The attack's hot path: a plain difference, no host sync; equal operands (two equal
+        # infinities included) differ by exactly 0.
+        d = lhs - rhs
+        d = torch.where(lhs == rhs, torch.zeros_like(d), d)
+        if op in (Cmp.LE, Cmp.LT):
+            return d
+        if op in (Cmp.GE, Cmp.GT):
+            return -d
+        if op is Cmp.EQ:
+            return d.abs()
+        return -d.abs()
 
     def _and(self, values: Tensor, dim: int) -> Tensor:
         return values.amax(dim)
