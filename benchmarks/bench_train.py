@@ -6,17 +6,20 @@ every epoch as `train` does: validation accuracy, the classification-robustness 
 satisfaction on 256 validation images at a PGD-10 point, and a checkpoint of the weights and the
 optimizer state.
 
-* `property-driven`: specs/methods/property_dl2.prop, `loss = cross_entropy + 0.5 * robust`
-  under DL2 with PGD-10; by hand: clean cross-entropy plus 0.5 times the DL2 loss
-  `sum_{j != y} max(f_j - f_y, 0) + [f_j == f_y]` at the most violating point of a PGD-10 ascent
-  on the signed margin `max_{j != y} f_j - f_y` (uniform random start in the ball and box, step
-  2.5 eps / 10, the best point visited kept per sample).
+* `property-driven`: specs/methods/property_dl2.prop with `weight = 0.5`, so
+  `loss = cross_entropy + 0.5 * robust` under DL2 with PGD-10; by hand: clean cross-entropy
+  plus 0.5 times the DL2 loss `sum_{j != y} max(f_j - f_y, 0) + [f_j == f_y]` at the most
+  violating point of a PGD-10 ascent on the signed margin `max_{j != y} f_j - f_y` (uniform
+  random start in the ball and box, step 2.5 eps / 10, the best point visited kept per sample).
 * `standard`: specs/methods/standard.prop, `loss = cross_entropy`; by hand: the plain loop.
 
-The ratio propdsl / hand is the cost of the compiler and the trainer (target <= 1.05). An epoch
-of standard training on 1258 digits is so short that the epoch-end work (the validation attack)
-is most of it; the `training only` rows compare the batches alone (the `train_seconds` of
-`train`'s metrics against the same span of the hand loop).
+The two draw the same random starts in the same order, so they compute the same losses: every
+run checks that the first epoch's mean loss agrees to 1e-4 (later ones to 2%, as rounding
+differences grow) and raises otherwise. The ratio propdsl / hand is the cost of the compiler and
+the trainer (target <= 1.05). An epoch of standard training on 1258 digits is so short that the
+epoch-end work (the validation attack) is most of it; the `training only` rows compare the
+batches alone (the `train_seconds` of `train`'s metrics against the same span of the hand loop).
+The first epoch of every run is left out (warm-up).
 
 Run `python benchmarks/bench_train.py [--quick] [--threads N]` or through `benchmarks/run.py`.
 """
@@ -127,10 +130,12 @@ def hand_loop(epochs: int, weight: float, data, out: Path, seed: int = 0) -> lis
     return times
 
 
-def propdsl_loop(spec_path: Path, epochs: int, out: Path) -> list[tuple]:
-    """`propdsl.train.train` on the spec; per epoch after the first (seconds, training seconds,
-    mean loss, validation accuracy, satisfaction): an epoch spans callback to callback."""
-    spec = propdsl.load(spec_path, params={"eps": EPS})
+def propdsl_loop(spec_path: Path, epochs: int, out: Path, params: dict) -> list[tuple]:
+    """`propdsl.train.train` on the spec; per epoch (seconds, training seconds, mean loss).
+
+    An epoch spans callback to callback, so the first epoch has no total (None).
+    """
+    spec = propdsl.load(spec_path, params=params)
     marks: list[float] = []
     rows: list[dict] = []
 
@@ -140,15 +145,9 @@ def propdsl_loop(spec_path: Path, epochs: int, out: Path) -> list[tuple]:
 
     options = TrainOptions(out=out, epochs=epochs, quiet=True, threads=torch.get_num_threads())
     train(spec, options, on_epoch=on_epoch)
+    totals = [None, *(end - begin for begin, end in zip(marks, marks[1:], strict=False))]
     return [
-        (
-            end - begin,
-            row["train_seconds"],
-            row["loss"],
-            row["val_accuracy"],
-            row["satisfied[robust]"],
-        )
-        for begin, end, row in zip(marks[:-1], marks[1:], rows[1:], strict=True)
+        (total, row["train_seconds"], row["loss"]) for total, row in zip(totals, rows, strict=True)
     ]
 
 
@@ -157,19 +156,23 @@ def _compare(name: str, spec: str, weight: float, epochs: int, repeats: int, dat
     steps = -(-data[0][0].shape[0] // BATCH)
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(repeats):
-            # Alternate the two so that machine noise hits both alike; the first epoch of each
-            # run warms up and is left out.
-            mine = propdsl_loop(METHODS / spec, epochs, Path(tmp) / f"run{r}")
-            hand = hand_loop(epochs, weight, data, Path(tmp))[1:]
-            # The same work: same weights, data order and random starts give the same losses
-            # (up to the rounding of differently ordered float operations).
-            for a, b in zip(mine, hand, strict=True):
-                if abs(a[2] - b[2] / steps) > 1e-3 * max(1.0, abs(a[2])):
-                    raise AssertionError(f"{name}: loss {a[2]} != hand-written {b[2] / steps}")
-            mine_total.append(statistics.median(t[0] for t in mine))
-            mine_train.append(statistics.median(t[1] for t in mine))
-            hand_total.append(statistics.median(t[0] for t in hand))
-            hand_train.append(statistics.median(t[1] for t in hand))
+            # Alternate the two so that machine noise hits both alike.
+            params = {"eps": EPS, **({"weight": weight} if weight else {})}
+            mine = propdsl_loop(METHODS / spec, epochs, Path(tmp) / f"run{r}", params)
+            hand = hand_loop(epochs, weight, data, Path(tmp))
+            # The same work: same weights, data order and random starts give the same losses, up
+            # to the rounding of differently ordered float operations, which grows over epochs.
+            for epoch, (a, b) in enumerate(zip(mine, hand, strict=True), 1):
+                tolerance = 1e-4 if epoch == 1 else 2e-2
+                if abs(a[2] - b[2] / steps) > tolerance * max(1.0, abs(a[2])):
+                    raise AssertionError(
+                        f"{name}: epoch {epoch} loss {a[2]} != hand-written {b[2] / steps}"
+                    )
+            # The first epoch of every run warms up and is left out.
+            mine_total.append(statistics.median(t[0] for t in mine[1:]))
+            mine_train.append(statistics.median(t[1] for t in mine[1:]))
+            hand_total.append(statistics.median(t[0] for t in hand[1:]))
+            hand_train.append(statistics.median(t[1] for t in hand[1:]))
     rows = []
     for what, mine_t, hand_t in (
         ("epoch", min(mine_total), min(hand_total)),

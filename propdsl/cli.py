@@ -277,6 +277,56 @@ def verify_cmd(
         typer.echo(f"counterexamples: {path}")
 
 
+@app.command("export")
+@guarded
+def export_cmd(
+    spec: SpecArg,
+    out: Annotated[
+        Path,
+        typer.Argument(help="Folder to write: onnx/, vnnlib/, instances.csv.", show_default=False),
+    ],
+    run: RunOpt,
+    to: Annotated[
+        str, typer.Option("--to", help="vnnlib (VNN-LIB 1.0, as in VNN-COMP) or vnnlib2.")
+    ] = "vnnlib",
+    param: ParamOpt = None,
+    split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
+    samples: Annotated[int | None, typer.Option(help="How many samples (default 100).")] = None,
+    timeout: Annotated[
+        float | None, typer.Option(help="Seconds per instance in instances.csv (default 60).")
+    ] = None,
+    prop: Annotated[
+        list[str] | None, typer.Option("--property", help="Export only these (repeatable).")
+    ] = None,
+    model: Annotated[str | None, typer.Option("--model", help="The run's user model.")] = None,
+) -> None:
+    """Export a trained run: the network as ONNX, each (sample, property) as a VNN-LIB file."""
+    from propdsl.api import load, parse_overrides
+    from propdsl.export import export_run
+
+    if to not in ("vnnlib", "vnnlib2"):
+        raise UsageError(f"--to must be vnnlib or vnnlib2, got {to!r}")
+    if split not in ("train", "val", "test"):
+        raise UsageError(f"--split must be train, val or test, got {split!r}")
+    loaded = load(spec, parse_overrides(param or []))
+    report = export_run(
+        loaded,
+        run,
+        out,
+        fmt=to,
+        split=split,
+        samples=samples,
+        properties=prop or None,
+        timeout=timeout,
+        model_ref=model,
+    )
+    typer.echo(f"network: {report.onnx}")
+    typer.echo(f"{len(report.files)} VNN-LIB files in {report.out / 'vnnlib'}")
+    typer.echo(f"instances: {report.instances}")
+    for name, reason in report.skipped.items():
+        typer.echo(f"skipped {name}: {reason}")
+
+
 def main() -> None:
     """Console-script entry point."""
     try:

@@ -11,7 +11,7 @@ Layout of a run folder::
     best.safetensors     weights of the epoch with the best validation accuracy, with best.json
 
 Checkpoints are written to a temporary file and renamed, so an interruption never leaves a
-half-written checkpoint behind.
+half-written checkpoint behind (a power cut may lose the newest epoch: files are not fsynced).
 """
 
 from __future__ import annotations
@@ -49,11 +49,12 @@ def spec_hash(text: str) -> str:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
+    # Written aside and renamed: readers and an interrupted run see the old file or the new one,
+    # never half of one. No fsync: it made every epoch end 3-4 times slower (five files), and
+    # what it adds is only protection of the newest epoch against a power cut.
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as fh:
         fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
     os.replace(tmp, path)
 
 
@@ -133,7 +134,14 @@ def read_metrics(run: Path) -> list[dict[str, Any]]:
     path = run / METRICS_JSONL
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            # a row cut short by an interruption mid-append; --resume rewrites it
+            continue
+    return rows
 
 
 def truncate_metrics(run: Path, epochs: int) -> None:

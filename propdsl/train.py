@@ -400,7 +400,8 @@ def _train(
                 steps += 1
                 sums["loss"] = sums.get("loss", 0.0) + loss_value
                 for k, v in objective.last_terms.items():
-                    sums[f"loss[{k}]"] = sums.get(f"loss[{k}]", 0.0) + v
+                    column = _term_column(k)
+                    sums[column] = sums.get(column, 0.0) + v
                 seen += len(idx)
                 progress.batch(epoch, seen, n, loss_value)
             if schedule is not None:
@@ -441,6 +442,14 @@ def _train(
 
 def _closed_over_data(spec: Spec, name: str) -> bool:
     return len(spec.properties[name].params) in (1, 2)
+
+
+def _term_column(label: str) -> str:
+    """The metrics column of a loss term: `loss[TERM]`; a bare property term is already
+    `loss[name]`."""
+    if label.startswith("loss[") and label.endswith("]") and label.count("[") == 1:
+        return label
+    return f"loss[{label}]"
 
 
 def _show(value: Any) -> str:

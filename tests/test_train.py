@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -197,6 +198,17 @@ def test_a_fresh_run_replaces_an_old_one_and_text_specs_get_a_default_folder(tmp
     assert run_folder(propdsl.load(write(tmp_path, TINY)), TrainOptions()) == Path("runs/tiny")
 
 
+def test_without_validation_data_best_is_last(tmp_path: Path):
+    text = TINY.replace("limit = 200", "limit = 60, val_fraction = 0.0")
+    result = train(propdsl.load(text), options(tmp_path / "run"))
+    assert [r["val_accuracy"] for r in result.metrics] == [None, None]
+    assert result.metrics[-1]["satisfied[robust]"] is None
+    assert json.loads((tmp_path / "run" / "best.json").read_text())["epoch"] == 2
+    assert_same_weights(
+        tmp_path / "run" / "best.safetensors", tmp_path / "run" / "last.safetensors"
+    )
+
+
 def test_threads_are_restored_and_devices_checked(tmp_path: Path):
     torch.set_num_threads(1)
     spec = propdsl.load(TINY.replace("epochs    = 2", "epochs    = 1").replace("200", "60"))
@@ -229,6 +241,8 @@ def test_there_is_a_method_spec_for_each_training_method_and_logic():
         "gradient_woods",
         "gradient_etmann",
         "explanation_sep",
+        "certified_ibp",
+        "certified_crown_ibp",
     } <= names
     for logic in available_logics():
         if logic_class(logic).trainable:
@@ -258,6 +272,17 @@ def test_method_spec_trains_a_short_epoch_with_a_finite_loss(path: Path, tmp_pat
     losses = {k: v for k, v in row.items() if k == "loss" or k.startswith("loss[")}
     assert all(math.isfinite(v) for v in losses.values()), losses
     assert 0.0 <= row["val_accuracy"] <= 1.0 and 0.0 <= row["satisfied[robust]"] <= 1.0
+    if path.stem.startswith("property_"):
+        assert "loss[robust]" in row or any("· loss[robust]]" in k for k in row)
+
+
+def test_the_training_guide_specs_load_and_are_canonical():
+    text = (ROOT / "docs" / "training.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"^```prop\n(.*?)^```", text, re.DOTALL | re.MULTILINE)
+    assert blocks
+    for body in blocks:
+        assert propdsl.load(body).train_block is not None
+        assert format_text(body, "training.md") == body
 
 
 # -- resume --------------------------------------------------------------------------------------
@@ -283,6 +308,8 @@ def test_resume_after_an_interruption_ends_with_the_same_weights(tmp_path, unint
         train(spec, options(run), on_epoch=interrupt)
     assert json.loads((run / "last.json").read_text())["epoch"] == 1
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+    with open(run / "metrics.jsonl", "a", encoding="utf-8") as fh:
+        fh.write('{"epoch": 2, "lo')  # a row cut short by the interruption
 
     result = train(spec, options(run, resume=True))
     assert [r["epoch"] for r in result.metrics] == [1, 2, 3]

@@ -396,26 +396,25 @@ class _Builder:
         app = sm.args[0]
         if not (isinstance(app.arg, I.Var) and app.arg.name == self.binder):
             return None
-        if not isinstance(right, I.Const) or isinstance(right.value, bool):
-            return None
-        eta = float(right.value)
-        if sm.fn == "log_softmax":
-            eta = math.exp(eta)  # log p >= c  <=>  p >= exp(c)
-        if not 0 < eta < 1:
-            return None
         k = self.networks[app.net]
-        if k < 2:
+        if self.binder in I.free_vars(right) or k < 2 or self.network not in (None, app.net):
             return None
-        bound = math.log((k - 1) * eta / (1 - eta))
         self.network = app.net
         batch = env.batch
+        # the threshold per sample (a constant, or computed from the sample), in float64
+        eta = self.eval(right, env).detach().double().reshape(-1).expand(batch)
+        if sm.fn == "log_softmax":
+            eta = eta.exp()  # log p >= c  <=>  p >= exp(c)
+        # eta <= 0: always true (bound -inf); eta >= 1: never provable (bound +inf)
+        bound = torch.log((k - 1) * eta / (1 - eta)).nan_to_num(nan=math.inf)
+        bound = torch.where(eta <= 0, -math.inf, torch.where(eta >= 1, math.inf, bound))
         y = self.eval(left.indices[0], env).long().reshape(-1).expand(batch)
         C = torch.zeros(batch, k, k, dtype=_dtype(env), device=_device(env))
         rows = torch.arange(batch, device=C.device)
         for j in range(k):
             C[rows, j, y] += 1.0
             C[rows, j, j] -= 1.0
-        d = torch.full((batch, k), -bound, dtype=C.dtype, device=C.device)
+        d = (-bound).to(C).reshape(batch, 1).expand(batch, k).clone()
         # row j == y is 0 >= -bound: meaningless; make it trivially true
         d[rows, y] = math.inf
         strict = torch.full((k,), op == ">", device=C.device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ class VerifyReport:
     counterexample_paths: tuple[Path, ...]
 
     def table(self) -> str:
-        head = f"{'property':28} {'verified':>9} {'falsified':>10} {'unknown':>8} {'time (s)':>9}"
+        head = f"{'property':28} {'verified':>9} {'falsified':>10} {'unknown':>11} {'time (s)':>9}"
         lines = [
             f"verification: method {self.method}, split {self.split}, {self.samples} samples",
             head,
@@ -38,13 +39,13 @@ class VerifyReport:
             if v.rate("unsupported") > 0:
                 lines.append(
                     f"{name:28} {v.rate('verified'):9.1%} {v.rate('falsified'):10.1%} "
-                    f"{'unsupported':>8} {v.seconds:9.2f}"
+                    f"{'unsupported':>11} {v.seconds:9.2f}"
                 )
                 lines.append(f"  unsupported: {v.reason}")
                 continue
             lines.append(
                 f"{name:28} {v.rate('verified'):9.1%} {v.rate('falsified'):10.1%} "
-                f"{unknown:8.1%} {v.seconds:9.2f}"
+                f"{unknown:11.1%} {v.seconds:9.2f}"
             )
         return "\n".join(lines)
 
@@ -125,8 +126,9 @@ def verify_run(
 
 
 def _num(v: Any) -> float | None:
+    """A JSON number, or null for NaN and infinities (which JSON cannot write)."""
     f = float(v)
-    return None if f != f else f
+    return f if math.isfinite(f) else None
 
 
 def _save_counterexamples(run: Path, verdicts: dict[str, PropertyVerdicts], x) -> list[Path]:

@@ -90,7 +90,7 @@ def verify_property(
     prop = spec.property(name)
     batch = x.shape[0]
     status = [UNKNOWN] * batch
-    margin = torch.full((batch,), float("nan"))
+    margin = torch.full((batch,), float("nan"), dtype=torch.float64)
     deadline = None if timeout is None else t0 + timeout * batch
     was = model.training
     model.eval()
