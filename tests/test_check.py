@@ -83,3 +83,30 @@ def test_loss_x_and_y_are_the_sample_even_with_a_param_named_y():
     )
     loss = propdsl.load(text).train_block.get("loss")
     assert isinstance(loss, I.Fn) and isinstance(loss.args[1], I.Var)
+
+
+def test_index_comparisons_are_crisp_in_every_logic():
+    # `j != y implies ...` must not grade |j - y|: the implication idiom and the argmax form
+    # agree on satisfaction and the attack climbs both (no vanishing gradient).
+    import warnings
+
+    import torch
+
+    text = (
+        "network f : Tensor[2] -> Tensor[3]\n"
+        "property p(x, y) = forall x' in ball(x, 0.5, inf): "
+        "forall j in classes: j != y implies f(x')[y] > f(x')[j]\n"
+        "property q(x, y) = forall x' in ball(x, 0.5, inf): argmax(f(x')) == y\n"
+    )
+    spec = propdsl.load(text)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    x = torch.rand(32, 2)
+    y = model(x).argmax(1)
+    ref = spec.loss("q", attack=propdsl.APGD(steps=20))(model, x, y).satisfied
+    for logic in ("dl2", "godel", "reichenbach", "stl", "qll"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            out = spec.loss("p", logic=logic, attack=propdsl.APGD(steps=20))(model, x, y)
+        assert torch.equal(out.satisfied, ref)
+        assert bool((out.loss[~out.satisfied] > 0).all())

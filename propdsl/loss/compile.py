@@ -448,6 +448,17 @@ class Compiler:
         if sa is None or sb is None:
             raise CompileError("only numbers and tensors can be compared in a loss")
         nd = max(len(sa), len(sb))
+        if isinstance(node.left.ty, IndexTy) or isinstance(node.right.ty, IndexTy):
+            # Class indices compare crisply: `j != y` is plainly true or false under every
+            # logic (a graded |j - y| would cap the attack's objective and the loss).
+            def crisp(env: Env) -> Tensor:
+                holds = op.holds(a(env), b(env))
+                holds = holds.expand(env.batch) if holds.dim() == 0 else holds
+                like = torch.zeros(holds.shape, dtype=_dtype(env), device=holds.device)
+                true, false = env.logic.constant(True, like), env.logic.constant(False, like)
+                return torch.where(holds, true, false)
+
+            return _Lambda(node, free, crisp)
 
         def run(env: Env) -> Tensor:
             lv, rv = a(env), b(env)
