@@ -74,11 +74,9 @@ def _model(kind: str) -> nn.Module:
     return build_model("cnn", (1, 8, 8), 10, channels=[16, 32], hidden=100, seed=0)
 
 
-def hand_pgd_dl2(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int, gen):
-    """Hand-written PGD on the signed margin, then DL2 classification robustness at the point.
-
-    Returns the per-sample DL2 loss (with graph into the weights) and the exact truth.
-    """
+def hand_pgd_point(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int, gen) -> Tensor:
+    """Hand-written PGD (sign steps of 2.5 eps / steps) on the signed margin, in eval mode;
+    the most violating iterate per sample over the L-inf ball clipped to [0, 1]."""
     lo = (x - eps).clamp(0, 1)
     hi = (x + eps).clamp(0, 1)
     own = F.one_hot(y, 10).bool()
@@ -109,7 +107,16 @@ def hand_pgd_dl2(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int,
         if k < steps:
             point = torch.minimum(torch.maximum(leaf.detach() + alpha * g.sign(), lo), hi)
     model.train(was_training)
-    logits = model(best)
+    return best
+
+
+def hand_pgd_dl2(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int, gen):
+    """Hand-written PGD on the signed margin, then DL2 classification robustness at the point.
+
+    Returns the per-sample DL2 loss (with graph into the weights) and the exact truth.
+    """
+    own = F.one_hot(y, 10).bool()
+    logits = model(hand_pgd_point(model, x, y, eps, steps, gen))
     fy = logits.gather(1, y[:, None])
     terms = (logits - fy).clamp_min(0) + (logits == fy).to(logits.dtype)
     loss = terms.masked_fill(own, 0.0).sum(1)

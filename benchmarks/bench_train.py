@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from bench_loss import hand_pgd_point  # the benchmarks folder is on the path (run.py, scripts)
 from torch import Tensor, nn
 
 import propdsl
@@ -52,36 +53,7 @@ VAL_SAMPLES = 256
 
 def _pgd_point(model: nn.Module, x: Tensor, y: Tensor, gen: torch.Generator) -> Tensor:
     """The most violating point of a PGD ascent on the signed margin (eval mode, as in train)."""
-    lo, hi = (x - EPS).clamp(0, 1), (x + EPS).clamp(0, 1)
-    own = F.one_hot(y, 10).bool()
-    alpha = 2.5 * EPS / STEPS
-
-    def margin(v: Tensor) -> Tensor:
-        logits = model(v)
-        return (logits - logits.gather(1, y[:, None])).masked_fill(own, -torch.inf).amax(1)
-
-    was = model.training
-    model.eval()
-    start = x + (2 * torch.rand(x.shape, generator=gen, dtype=x.dtype) - 1) * EPS
-    point = torch.minimum(torch.maximum(start, lo), hi)
-    best, best_value = point, None
-    for k in range(STEPS + 1):
-        leaf = point.detach().requires_grad_(True)
-        with torch.enable_grad():
-            value = margin(leaf)
-            if k < STEPS:
-                (g,) = torch.autograd.grad(value.sum(), leaf)
-        value = value.detach()
-        if best_value is None:
-            best_value = value
-        else:
-            better = value > best_value
-            best = torch.where(better[:, None, None, None], leaf.detach(), best)
-            best_value = torch.where(better, value, best_value)
-        if k < STEPS:
-            point = torch.minimum(torch.maximum(leaf.detach() + alpha * g.sign(), lo), hi)
-    model.train(was)
-    return best
+    return hand_pgd_point(model, x, y, EPS, STEPS, gen)
 
 
 def _dl2(logits: Tensor, y: Tensor) -> Tensor:

@@ -400,19 +400,9 @@ def export_run(
     model_ref: str | None = None,
 ) -> ExportReport:
     """`propdsl export`: a run's best model and the first `samples` of a split (as `verify`)."""
-    from propdsl import runs
-    from propdsl.train import load_split
-    from propdsl.verify.report import DEFAULT_SAMPLES
+    from propdsl.verify.report import open_run_data
 
-    r = runs.Run.open(run)
-    model = r.load_model("best", model_ref=model_ref, device="cpu")
-    block = spec.verify_block or spec.train_block
-    if block is None:
-        raise UsageError(f"{spec.name} has neither a verify nor a train block to take data from")
-    seed = int(r.config.get("seed", 0))
-    ds = load_split(spec, block, split, seed=seed, root=Path(spec.name).parent)
-    n = samples or (block.get("samples") if spec.verify_block else None) or DEFAULT_SAMPLES
-    x, y = ds.x[:n], ds.y[:n]
+    _, model, x, y = open_run_data(spec, run, split, samples, model_ref, "cpu")
     vb = spec.verify_block
     if timeout is None:
         timeout = float(vb.get("timeout")) if vb is not None and vb.get("timeout") else 60.0

@@ -63,18 +63,11 @@ def verify_run(
     device: str | None = None,
 ) -> VerifyReport:
     """Verify a run's best model on a split of the spec's verify (else train) data source."""
-    from propdsl.train import load_split, resolve_device
+    from propdsl.train import resolve_device
 
-    r = runs.Run.open(run)
     dev = resolve_device(device)
-    model = r.load_model("best", model_ref=model_ref, device=dev)
-    block = spec.verify_block or spec.train_block
-    if block is None:
-        raise UsageError(f"{spec.name} has neither a verify nor a train block to take data from")
+    r, model, x, y = open_run_data(spec, run, split, samples, model_ref, dev)
     seed = int(r.config.get("seed", 0))
-    ds = load_split(spec, block, split, seed=seed, root=Path(spec.name).parent)
-    n = samples or (block.get("samples") if spec.verify_block else None) or DEFAULT_SAMPLES
-    x, y = ds.x[:n].to(dev), ds.y[:n].to(dev)
     vb = spec.verify_block
     method = method or (vb.get("method").name if vb is not None and vb.get("method") else "crown")
     if timeout is None and vb is not None:
@@ -123,6 +116,22 @@ def verify_run(
     path = r.path / "verify.json"
     runs.write_json(path, json.loads(json.dumps(data, default=str)))
     return VerifyReport(method, split, int(x.shape[0]), verdicts, path, tuple(paths))
+
+
+def open_run_data(spec: Any, run: str | Path, split: str, samples: int | None, model_ref, device):
+    """A run's best model and the first samples of a split of the spec's verify (else train)
+    data source, drawn with the run's seed: what `verify` and `export` work on."""
+    from propdsl.train import load_split
+
+    r = runs.Run.open(run)
+    model = r.load_model("best", model_ref=model_ref, device=device)
+    block = spec.verify_block or spec.train_block
+    if block is None:
+        raise UsageError(f"{spec.name} has neither a verify nor a train block to take data from")
+    seed = int(r.config.get("seed", 0))
+    ds = load_split(spec, block, split, seed=seed, root=Path(spec.name).parent)
+    n = samples or (block.get("samples") if spec.verify_block else None) or DEFAULT_SAMPLES
+    return r, model, ds.x[:n].to(device), ds.y[:n].to(device)
 
 
 def _num(v: Any) -> float | None:
