@@ -39,6 +39,7 @@ __all__ = [
     "UsageError",
     "__version__",
     "bounds",
+    "jacobian_bounds",
     "load",
 ]
 
@@ -47,6 +48,7 @@ _LAZY = {
     "APGD": "propdsl.loss.attacks",
     "load": "propdsl.api",
     "bounds": "propdsl.verify.bounds",
+    "jacobian_bounds": "propdsl.verify.jacobian",
     "Spec": "propdsl.api",
     "Property": "propdsl.api",
 }
@@ -55,6 +57,7 @@ if TYPE_CHECKING:
     from propdsl.api import Property, Spec, load
     from propdsl.loss.attacks import APGD, PGD
     from propdsl.verify.bounds import bounds
+    from propdsl.verify.jacobian import jacobian_bounds
 
 
 def __getattr__(name: str) -> Any:

@@ -210,8 +210,8 @@ def to_query(
     ]
     if len(tensor_vars) != 1:
         raise Unsupported(
-            "the linear verifier handles one quantified input; properties over pairs of points "
-            "(Lipschitz) need Jacobian bounds",
+            "the verifier handles one quantified input, or two in a Lipschitz bound "
+            "'norm(f(x1) - f(x2), p) <= L * norm(x1 - x2, q)'",
             node.span,
         )
     var, dom = tensor_vars[0]

@@ -6,7 +6,9 @@ For each property and batch of samples:
    semantics confirms it, the verdict is `falsified` and the point is kept;
 2. for the other samples the property becomes a query (`to_query`) whose linear rows are
    bounded over the region in one call (IBP, CROWN or alpha-CROWN); `verified` only where the
-   bounds prove every needed row, `unknown` elsewhere.
+   bounds prove every needed row, `unknown` elsewhere. Lipschitz and explanation-stability
+   properties, outside the linear fragment, are decided from Jacobian bounds instead
+   (`propdsl.verify.jacobian`, docs/jacobian.md).
 A sample is never `verified` when a counterexample was found: falsification comes first.
 Properties outside the linear fragment get `unsupported` (with a positioned reason) unless the
 falsifier refutes them.
@@ -33,8 +35,9 @@ from propdsl import ir as I
 from propdsl.errors import UsageError
 from propdsl.loss.attacks import APGD
 from propdsl.verify.bounds import AlphaOptions, Method, bounds
+from propdsl.verify.jacobian import JacobianQuery, to_jacobian_query
 from propdsl.verify.layers import UnsupportedLayerError
-from propdsl.verify.query import Unsupported, to_query
+from propdsl.verify.query import Query, Unsupported, to_query
 
 VERIFIED = "verified"
 FALSIFIED = "falsified"
@@ -132,7 +135,7 @@ def verify_property(
                 models = {n: model for n in spec.networks}
                 params = [p for p, _ in prop.params]
                 with torch.no_grad():
-                    query = to_query(prop.formula, params, networks, sub_x, sub_y, models)
+                    query = _to_query(prop.formula, params, networks, sub_x, sub_y, models)
                 if query is None:
                     # no quantified input: the exact evaluation above decided it
                     for i in open_idx:
@@ -159,7 +162,22 @@ def verify_property(
     return PropertyVerdicts(name, status, margin, counterexamples, time.perf_counter() - t0, reason)
 
 
+def _to_query(formula, params, networks, x, y, models) -> Query | JacobianQuery | None:
+    """The linear query of the formula; outside the linear fragment, the Jacobian query of a
+    Lipschitz or explanation-stability property; else the linear verifier's Unsupported."""
+    try:
+        return to_query(formula, params, networks, x, y, models)
+    except Unsupported:
+        query = to_jacobian_query(formula, params, networks, x, y, models)
+        if query is None:
+            raise
+        return query
+
+
 def _prove(query, model, method, alpha) -> tuple[Tensor, Tensor]:
+    if isinstance(query, JacobianQuery):
+        proved, margins = query.prove(model, method)
+        return proved.cpu(), margins.detach().cpu()
     C, d, strict = query.matrix()
     method = Method(method) if not isinstance(method, Method) else method
     if C.shape[1] == 0:

@@ -1,0 +1,772 @@
+"""Jacobian bounds (propdsl.verify.jacobian): soundness first, then exactness and tightness.
+
+Soundness: on random small networks with every supported activation (and a CNN, a residual user
+module) over random regions, the Jacobians autograd computes at sampled points and box corners lie
+within [lo, hi]; the Lipschitz bounds derived from them exceed every sampled difference quotient.
+Exactness: affine models get lo == hi == their matrix. Tightness: on ReLU networks the local
+bound never exceeds the global product of the layers' norms.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import Tensor, nn
+
+import propdsl
+from propdsl.models import Normalize
+from propdsl.region import Region
+from propdsl.verify import ActivationRule, UnsupportedLayerError, register_rule
+from propdsl.verify.jacobian import (
+    DERIVATIVES,
+    jacobian_bounds,
+    lipschitz_bound,
+    lipschitz_constant,
+    register_derivative,
+)
+from propdsl.verify.run import FALSIFIED, UNSUPPORTED, VERIFIED
+
+INF = math.inf
+SLACK = 1e-9  # float64 throughout
+NORMS = (1.0, 2.0, INF)
+
+
+# -- models ----------------------------------------------------------------------------------
+
+
+class Residual(nn.Module):
+    """A user module: a skip connection, functional activations, a view."""
+
+    def __init__(self, d_in: int = 3, width: int = 6):
+        super().__init__()
+        self.inp = nn.Linear(d_in, width)
+        self.fc = nn.Linear(width, width)
+        self.out = nn.Linear(width, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.leaky_relu(self.inp(x), 0.2)
+        h = h + torch.tanh(self.fc(h))
+        return self.out(F.softplus(h, beta=2.0).view(h.size(0), -1) * 0.5 - 1.0)
+
+
+ACTIVATIONS = {
+    "relu": lambda: nn.ReLU(),
+    "leaky_relu": lambda: nn.LeakyReLU(0.1),
+    "leaky_relu_negative": lambda: nn.LeakyReLU(-0.5),
+    "tanh": lambda: nn.Tanh(),
+    "sigmoid": lambda: nn.Sigmoid(),
+    "softplus": lambda: nn.Softplus(beta=2.0),
+    "softplus_threshold": lambda: nn.Softplus(beta=1.0, threshold=1.0),  # the linear branch too
+}
+KINDS = (*ACTIVATIONS, "mixed", "cnn", "residual")
+# torch's softplus jumps by log1p(exp(-threshold)) / beta where it switches to x: with
+# threshold 1 the function is not continuous, and no Lipschitz bound holds across the jump.
+CONTINUOUS = tuple(k for k in KINDS if k != "softplus_threshold")
+
+
+def make_net(kind: str, seed: int) -> tuple[nn.Module, tuple[int, ...]]:
+    torch.manual_seed(seed)
+    if kind == "cnn":
+        net: nn.Module = nn.Sequential(
+            Normalize(0.5, 0.25),
+            nn.Conv2d(1, 3, 3, padding=1),
+            nn.ReLU(),
+            nn.AvgPool2d(2),
+            nn.Dropout(0.3),
+            nn.Conv2d(3, 4, 3, stride=2, padding=1),
+            nn.Tanh(),
+            nn.Flatten(),
+            nn.Identity(),
+            nn.Linear(4, 3),
+        )
+        shape: tuple[int, ...] = (1, 4, 4)
+    elif kind == "residual":
+        net, shape = Residual(), (3,)
+    else:
+        acts = list(ACTIVATIONS.values())[:3] if kind == "mixed" else [ACTIVATIONS[kind]] * 3
+        net = nn.Sequential(
+            nn.Linear(3, 7), acts[0](), nn.Linear(7, 7), acts[1](), nn.Linear(7, 5), acts[2](),
+            nn.Linear(5, 3),
+        )  # fmt: skip
+        shape = (3,)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.Linear | nn.Conv2d):
+                m.weight.mul_(1.5)  # pre-activations of order 1: every derivative case occurs
+    return net.double().eval(), shape
+
+
+def make_region(kind: str, x: Tensor, eps: float) -> Region:
+    if kind == "box":
+        return Region.box(x - eps, x + 0.5 * eps)
+    if kind == "linf":
+        return Region.ball(x, eps, INF)
+    if kind == "linf_box":
+        return Region.ball(x, eps, INF, lo=0.0, hi=1.0)
+    return Region.ball(x, eps, 2.0 if kind == "l2" else 1.0, lo=0.0, hi=1.0)
+
+
+REGIONS = ("box", "linf", "linf_box", "l2", "l1")
+
+
+def jacobian(net: nn.Module, x: Tensor) -> Tensor:
+    """Per-sample Jacobians [B, O, *input_shape] by autograd."""
+
+    def one(v: Tensor) -> Tensor:
+        return net(v.unsqueeze(0)).squeeze(0)
+
+    return torch.func.vmap(torch.func.jacrev(one))(x)
+
+
+def sample_points(region: Region, count: int, gen: torch.Generator) -> list[Tensor]:
+    """Uniform points of the region and random corners of its bounding box."""
+    points = [region.sample(gen) for _ in range(count)]
+    lo, hi = region.bounding_box()
+    for _ in range(count // 4):
+        corner = torch.where(torch.rand(lo.shape, generator=gen, dtype=lo.dtype) < 0.5, lo, hi)
+        if region.centre is None or region.p == INF:
+            points.append(corner)
+    return points
+
+
+def assert_inside(J: Tensor, lo: Tensor, hi: Tensor) -> None:
+    below = float((lo - J).clamp_min(0).max().detach())
+    above = float((J - hi).clamp_min(0).max().detach())
+    assert below <= SLACK and above <= SLACK, (below, above)
+
+
+# -- soundness -------------------------------------------------------------------------------
+
+
+def _check_soundness(kind: str, region_kind: str, seed: int, eps: float, method: str) -> None:
+    if kind == "softplus_threshold":
+        # CROWN relaxes the smooth softplus (docs/bounds.md), which differs from torch's by up
+        # to log1p(exp(-threshold)) / beta: 0.31 here. IBP uses torch's own function.
+        method = "ibp"
+    net, shape = make_net(kind, seed)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(3, *shape, generator=gen, dtype=torch.float64)
+    region = make_region(region_kind, x, eps)
+    lo, hi = jacobian_bounds(net, region=region, method=method)
+    assert lo.shape == (3, 3, *shape) and bool((lo <= hi).all())
+    for point in sample_points(region, 24, gen):
+        assert_inside(jacobian(net, point), lo, hi)
+
+
+@settings(
+    max_examples=100, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
+@given(
+    kind=st.sampled_from(KINDS),
+    region_kind=st.sampled_from(REGIONS),
+    seed=st.integers(0, 10_000),
+    eps=st.sampled_from([0.0, 0.01, 0.1, 0.5, 2.0]),
+    method=st.sampled_from(["ibp", "crown"]),
+)
+def test_sampled_jacobians_lie_within_the_bounds(kind, region_kind, seed, eps, method):
+    _check_soundness(kind, region_kind, seed, eps, method)
+
+
+@pytest.mark.slow
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    kind=st.sampled_from(KINDS),
+    region_kind=st.sampled_from(REGIONS),
+    seed=st.integers(0, 10**6),
+    eps=st.floats(0.0, 3.0),
+    method=st.sampled_from(["ibp", "crown"]),
+)
+def test_sampled_jacobians_lie_within_the_bounds_many(kind, region_kind, seed, eps, method):
+    _check_soundness(kind, region_kind, seed, eps, method)
+
+
+@pytest.mark.parametrize("kind", list(ACTIVATIONS))
+def test_every_activation_covers_its_kinks_and_plateaus(kind):
+    """Points exactly at ReLU kinks (pre-activation 0) and deep in saturation still lie inside:
+    the derivative interval must hold autograd's value at the kink."""
+    net = nn.Sequential(nn.Linear(2, 4), ACTIVATIONS[kind](), nn.Linear(4, 2)).double().eval()
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [30.0, 0.0], [-1.0, 1.0]]))
+        net[0].bias.zero_()
+    x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, -1.0], [0.5, 0.5]], dtype=torch.float64)
+    for eps in (0.0, 0.5):
+        lo, hi = jacobian_bounds(net, x - eps, x + eps)
+        assert_inside(jacobian(net, x), lo, hi)
+
+
+def test_crown_is_at_least_as_tight_as_ibp():
+    net, shape = make_net("relu", 3)
+    x = torch.rand(4, *shape, dtype=torch.float64)
+    ibp = jacobian_bounds(net, x - 0.2, x + 0.2, method="ibp")
+    crown = jacobian_bounds(net, x - 0.2, x + 0.2, method="crown")
+    width = [float((hi - lo).sum().detach()) for lo, hi in (ibp, crown)]
+    assert width[1] <= width[0] + 1e-12
+
+
+def test_bounds_shrink_to_the_jacobian_at_a_point():
+    net, shape = make_net("tanh", 1)
+    x = torch.rand(4, *shape, dtype=torch.float64)
+    lo, hi = jacobian_bounds(net, x, x)
+    torch.testing.assert_close(lo, jacobian(net, x))
+    torch.testing.assert_close(hi, jacobian(net, x))
+
+
+# -- exactness on affine models ----------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+@pytest.mark.parametrize("eps", [0.0, 0.3, 5.0])
+def test_affine_models_are_exact(eps):
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(6, 4), nn.Dropout(0.5), nn.Linear(4, 3))
+    cnn = nn.Sequential(
+        Normalize(0.5, 0.2),
+        nn.Conv2d(1, 2, 3, padding=1),
+        nn.AvgPool2d(2),
+        nn.Conv2d(2, 3, 2, padding="same"),  # asymmetric padding: the autograd fallback
+        nn.Flatten(),
+        nn.Linear(12, 3),
+    )
+    for net, shape in ((mlp, (1, 2, 3)), (cnn, (1, 4, 4))):
+        net = net.double().eval()
+        x = torch.rand(2, *shape, dtype=torch.float64)
+        lo, hi = jacobian_bounds(net, x - eps, x + eps)
+        assert torch.equal(lo, hi)
+        torch.testing.assert_close(lo, jacobian(net, x))
+        J = jacobian(net, x).flatten(2)
+        torch.testing.assert_close(lipschitz_bound(lo, hi, 2, 2), torch.linalg.matrix_norm(J, 2))
+        torch.testing.assert_close(lipschitz_bound(lo, hi, INF, INF), J.abs().sum(-1).amax(-1))
+        torch.testing.assert_close(lipschitz_bound(lo, hi, 1, 1), J.abs().sum(1).amax(-1))
+
+
+# -- tightness against the global bound ------------------------------------------------------
+
+
+def _layer_norm_product(net: nn.Sequential, p: float, absolute: bool = False) -> float:
+    out = 1.0
+    for m in net:
+        if isinstance(m, nn.Linear):
+            W = m.weight.detach().abs() if absolute else m.weight.detach()
+            out *= float(torch.linalg.matrix_norm(W, ord=p))
+    return out
+
+
+@settings(
+    max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
+@given(seed=st.integers(0, 10_000), eps=st.sampled_from([0.0, 0.05, 0.5, 5.0, 100.0]))
+def test_relu_local_bound_never_exceeds_the_global_product(seed, eps):
+    net, shape = make_net("relu", seed)
+    x = torch.rand(4, *shape, dtype=torch.float64)
+    lo, hi = jacobian_bounds(net, x - eps, x + eps)
+    # inf -> inf and 1 -> 1 norms depend on |W| alone: the element-wise bound is below the
+    # product of the layers' norms.
+    for p in (1, INF):
+        assert bool((lipschitz_bound(lo, hi, p, p) <= _layer_norm_product(net, p) + 1e-9).all())
+    # 2 -> 2: below the product of the norms of |W| (M <= |W_3| |W_2| |W_1| element-wise) ...
+    bound = lipschitz_bound(lo, hi, 2, 2)
+    assert bool((bound <= _layer_norm_product(net, 2, absolute=True) + 1e-9).all())
+    # ... and below the plain spectral product wherever every neuron is stable (lo == hi).
+    exact = (lo == hi).flatten(1).all(1)
+    assert bool((bound[exact] <= _layer_norm_product(net, 2) + 1e-9).all())
+    if eps == 0.0:
+        assert bool(exact.all())
+    # lipschitz_constant cuts the chain: below the global product in every norm, and below the
+    # element-wise bound
+    for p in NORMS:
+        L = lipschitz_constant(net, x - eps, x + eps, p=p, q=p)
+        assert bool((L <= _layer_norm_product(net, p) * (1 + 1e-9)).all()), p
+        assert bool((L <= lipschitz_bound(lo, hi, p, p) + 1e-12).all())
+
+
+# -- Lipschitz bounds ------------------------------------------------------------------------
+
+
+def test_lipschitz_bound_table_on_a_fixed_matrix():
+    J = torch.tensor([[[1.0, -2.0], [3.0, 0.5]]], dtype=torch.float64)
+    M = J.abs()[0]
+    expected = {
+        (INF, INF): 3.5,
+        (1, 1): 4.0,
+        (2, 2): float(torch.linalg.matrix_norm(J[0], 2)),
+        (2, 1): float(torch.linalg.vector_norm(M, dim=0).max()),  # p = 2 out, q = 1 in
+        (INF, 1): 3.0,
+        (INF, 2): float(torch.linalg.vector_norm(M, dim=1).max()),
+        (1, INF): 6.5,
+        (2, INF): float(torch.linalg.vector_norm(M.sum(1))),
+        (1, 2): float(torch.linalg.vector_norm(M.sum(0))),
+    }
+    for (p, q), value in expected.items():
+        assert float(lipschitz_bound(J, J, p, q)) == pytest.approx(value), (p, q)
+    with pytest.raises(ValueError, match="1, 2 or inf"):
+        lipschitz_bound(J, J, 3, 2)
+
+
+@settings(
+    max_examples=30, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
+@given(
+    lo=st.lists(st.floats(-2, 2), min_size=6, max_size=6),
+    width=st.lists(st.floats(0, 1), min_size=6, max_size=6),
+    seed=st.integers(0, 1000),
+)
+def test_lipschitz_bound_covers_every_matrix_in_the_box(lo, width, seed):
+    """Random matrices J of the box and random vectors v: ||J v||_p <= L ||v||_q."""
+    low = torch.tensor(lo, dtype=torch.float64).reshape(1, 2, 3)
+    high = low + torch.tensor(width, dtype=torch.float64).reshape(1, 2, 3)
+    gen = torch.Generator().manual_seed(seed)
+    J = low + (high - low) * torch.rand(200, 2, 3, generator=gen, dtype=torch.float64)
+    J[:8] = torch.where(torch.rand(8, 2, 3, generator=gen) < 0.5, low, high)  # corners
+    v = torch.randn(200, 3, 1, generator=gen, dtype=torch.float64)
+    v[:8] = torch.sign(v[:8])
+    for p in NORMS:
+        for q in NORMS:
+            L = float(lipschitz_bound(low, high, p, q))
+            out = torch.linalg.vector_norm((J @ v).squeeze(-1), ord=p, dim=-1)
+            inp = torch.linalg.vector_norm(v.squeeze(-1), ord=q, dim=-1)
+            assert bool((out <= L * inp + 1e-9).all()), (p, q)
+
+
+def _difference_quotients(net, region, gen, p, q, count=64) -> Tensor:
+    """max over sampled pairs (and nearby pairs: the local slope) of ||f(a) - f(b)||_p /
+    ||a - b||_q, per sample."""
+    best = torch.zeros(region.shape[0], dtype=torch.float64)
+    with torch.no_grad():
+        for i in range(count):
+            a = region.sample(gen)
+            b = region.sample(gen) if i % 2 else region.project(a + 1e-4 * torch.randn_like(a))
+            num = torch.linalg.vector_norm((net(a) - net(b)).flatten(1), ord=p, dim=1)
+            den = torch.linalg.vector_norm((a - b).flatten(1), ord=q, dim=1)
+            best = torch.maximum(best, torch.where(den > 0, num / den.clamp_min(1e-300), 0.0))
+    return best
+
+
+@settings(
+    max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
+@given(
+    kind=st.sampled_from(CONTINUOUS),
+    region_kind=st.sampled_from(REGIONS),
+    seed=st.integers(0, 10_000),
+    eps=st.sampled_from([0.05, 0.3, 1.0]),
+    p=st.sampled_from(NORMS),
+    q=st.sampled_from(NORMS),
+)
+def test_lipschitz_bound_exceeds_sampled_difference_quotients(kind, region_kind, seed, eps, p, q):
+    net, shape = make_net(kind, seed)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(3, *shape, generator=gen, dtype=torch.float64)
+    region = make_region(region_kind, x, eps)
+    lo, hi = jacobian_bounds(net, region=region)
+    quotients = _difference_quotients(net, region, gen, p, q)
+    for L in (lipschitz_bound(lo, hi, p, q), lipschitz_constant(net, region=region, p=p, q=q)):
+        assert bool((quotients <= L * (1 + 1e-9) + 1e-12).all()), (quotients, L)
+
+
+def test_lipschitz_constant_of_a_chain_ending_in_an_activation():
+    torch.manual_seed(5)
+    net = nn.Sequential(
+        nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2), nn.Sigmoid()
+    ).double()  # fmt: skip
+    x = torch.rand(4, 3, dtype=torch.float64)
+    region = Region.ball(x, 0.3, INF)
+    gen = torch.Generator().manual_seed(0)
+    for p in NORMS:
+        for q in NORMS:
+            L = lipschitz_constant(net, region=region, p=p, q=q, method="ibp")
+            assert bool((_difference_quotients(net, region, gen, p, q) <= L * (1 + 1e-9)).all())
+
+
+# -- options, errors, devices --------------------------------------------------------------
+
+
+def test_outputs_and_C_select_rows():
+    net, shape = make_net("sigmoid", 7)
+    x = torch.rand(4, *shape, dtype=torch.float64)
+    lo, hi = jacobian_bounds(net, x - 0.1, x + 0.1)
+    sub = jacobian_bounds(net, x - 0.1, x + 0.1, outputs=[2, 0])
+    assert torch.equal(sub[0], lo[:, [2, 0]]) and torch.equal(sub[1], hi[:, [2, 0]])
+    y = torch.tensor([0, 1, 2, 1])
+    per = jacobian_bounds(net, x - 0.1, x + 0.1, outputs=y[:, None])
+    rows = torch.arange(4)
+    assert torch.equal(per[0][:, 0], lo[rows, y]) and torch.equal(per[1][:, 0], hi[rows, y])
+    # C: the Jacobian of a margin, tighter than the difference of two intervals
+    C = torch.tensor([[1.0, -1.0, 0.0]], dtype=torch.float64)
+    c_lo, c_hi = jacobian_bounds(net, x - 0.1, x + 0.1, C=C)
+    assert c_lo.shape == (4, 1, *shape)
+    assert bool((c_lo[:, 0] >= lo[:, 0] - hi[:, 1] - 1e-12).all())
+    assert bool((c_hi[:, 0] <= hi[:, 0] - lo[:, 1] + 1e-12).all())
+    J = jacobian(net, x)
+    assert_inside((J[:, 0] - J[:, 1]).unsqueeze(1), c_lo, c_hi)
+    with pytest.raises(ValueError, match="outputs or C"):
+        jacobian_bounds(net, x, x, outputs=[0], C=C)
+    with pytest.raises(ValueError, match="outputs must lie"):
+        jacobian_bounds(net, x, x, outputs=[3])
+    with pytest.raises(ValueError, match="'ibp' or 'crown'"):
+        jacobian_bounds(net, x, x, method="alpha_crown")
+
+
+def test_public_entry_point_and_float32():
+    net = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2)).eval()
+    x = torch.rand(2, 3)
+    lo, hi = propdsl.jacobian_bounds(net, x - 0.05, x + 0.05)
+    assert lo.dtype == torch.float32 and lo.shape == (2, 2, 3)
+    J = jacobian(net, x)
+    assert bool(((lo - 1e-6 <= J) & (J <= hi + 1e-6)).all())
+
+
+def test_unsupported_layers_are_named():
+    net = nn.Sequential(nn.Linear(3, 3), nn.Hardtanh(), nn.Linear(3, 2)).double()
+    x = torch.rand(2, 3, dtype=torch.float64)
+    with pytest.raises(UnsupportedLayerError, match="Hardtanh"):
+        jacobian_bounds(net, x, x)
+
+    class Square(nn.Module):
+        def forward(self, v):
+            return v * v
+
+    @register_rule(Square)
+    class SquareRule(ActivationRule):
+        def function(self, v):
+            return v * v
+
+        def ibp(self, *inputs):
+            ((lo, hi),) = inputs
+            low = torch.where(
+                (lo <= 0) & (hi >= 0), torch.zeros_like(lo), torch.minimum(lo**2, hi**2)
+            )
+            return low, torch.maximum(lo**2, hi**2)
+
+        def relax(self, lower, upper, alpha=None):
+            raise NotImplementedError
+
+    from propdsl.verify import REGISTRY
+
+    try:
+        net = nn.Sequential(nn.Linear(3, 3), Square(), nn.Linear(3, 2)).double()
+        with pytest.raises(UnsupportedLayerError, match="register_derivative\\(SquareRule\\)"):
+            jacobian_bounds(net, x - 0.1, x + 0.1, method="ibp")
+
+        @register_derivative(SquareRule)
+        def square_derivative(rule, lower, upper):
+            return 2 * lower, 2 * upper
+
+        lo, hi = jacobian_bounds(net, x - 0.1, x + 0.1, method="ibp")
+        assert_inside(jacobian(net, x), lo, hi)
+    finally:
+        REGISTRY.pop(Square, None)
+        DERIVATIVES.pop(SquareRule, None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_matches_the_cpu():
+    net, shape = make_net("mixed", 2)
+    x = torch.rand(5, *shape, dtype=torch.float64)
+    cpu = jacobian_bounds(net, region=Region.ball(x, 0.2, INF, lo=0.0, hi=1.0))
+    gpu = jacobian_bounds(net.cuda(), region=Region.ball(x.cuda(), 0.2, INF, lo=0.0, hi=1.0))
+    torch.testing.assert_close(gpu[0].cpu(), cpu[0])
+    torch.testing.assert_close(gpu[1].cpu(), cpu[1])
+
+
+# -- explanation bounds ----------------------------------------------------------------------
+
+
+@settings(
+    max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
+@given(seed=st.integers(0, 10_000), spread=st.sampled_from([0.0, 0.05, 0.5, 3.0]))
+def test_explanation_bounds_cover_every_map_in_the_box(seed, spread):
+    """distance, mse, cosine and top-k bounds against `propdsl.explain` on random maps of the
+    box (corners included) and a random reference."""
+    from propdsl.explain import cosine, mse, topk_intersection
+    from propdsl.verify.jacobian import (
+        cosine_lower_bound,
+        distance_bound,
+        mse_bound,
+        topk_lower_bound,
+    )
+
+    gen = torch.Generator().manual_seed(seed)
+    centre = torch.randn(2, 6, generator=gen, dtype=torch.float64)
+    width = spread * torch.rand(2, 6, generator=gen, dtype=torch.float64)
+    lo, hi = centre - width, centre + width
+    g = centre + 0.3 * torch.randn(2, 6, generator=gen, dtype=torch.float64)
+    maps = lo + (hi - lo) * torch.rand(300, 2, 6, generator=gen, dtype=torch.float64)
+    maps[:50] = torch.where(torch.rand(50, 2, 6, generator=gen) < 0.5, lo, hi)
+    s = maps.reshape(-1, 6)  # every map against its sample's reference and bounds
+
+    def tile(t: Tensor) -> Tensor:
+        return t.repeat(maps.shape[0], 1)
+
+    for p in NORMS:
+        actual = torch.linalg.vector_norm(s - tile(g), ord=p, dim=1)
+        assert bool((actual <= tile(distance_bound(lo, hi, g, p)[:, None])[:, 0] + 1e-12).all())
+    assert bool((mse(s, tile(g)) <= tile(mse_bound(lo, hi, g)[:, None])[:, 0] + 1e-12).all())
+    low = tile(cosine_lower_bound(lo, hi, g)[:, None])[:, 0]
+    assert bool((cosine(s, tile(g)) >= low - 1e-12).all())
+    for k in (1, 2, 5):
+        low = tile(topk_lower_bound(lo, hi, g, k)[:, None])[:, 0]
+        assert bool((topk_intersection(s, tile(g), k) >= low).all())
+    # a point box: the bounds are the values themselves
+    torch.testing.assert_close(cosine_lower_bound(g, g, g), torch.ones(2, dtype=torch.float64))
+    assert bool((topk_lower_bound(g, g, g, 2) == 1.0).all())
+
+
+# -- verdicts ----------------------------------------------------------------------------------
+
+VERDICT_SPEC = """\
+network f : Tensor[3] -> Tensor[3]
+param eps : Real = 0.1
+param L : Real = 1.0
+param tau : Real = 0.9
+param delta : Real = 0.5
+let cube = box(0, 1)
+
+property lip(x) =
+  forall x1 in ball(x, eps, inf) & cube, x2 in ball(x, eps, inf) & cube:
+    norm(f(x1) - f(x2), {p}) <= L * norm(x1 - x2, {q})
+
+property lip_at(x) =
+  forall x' in ball(x, eps, inf) & cube:
+    norm(f(x') - f(x), {p}) <= norm(x' - x, {q}) * L
+
+property cos(x, y) =
+  forall x' in ball(x, eps, inf) & cube:
+    cosine(saliency(f, x', y), saliency(f, x, y)) >= tau
+
+property dist(x, y) =
+  forall x' in ball(x, eps, inf) & cube:
+    delta >= norm(grad(f(x')[y], x') - saliency(f, x, y), {p})
+
+property top(x, y) =
+  forall x' in ball(x, eps, inf) & cube:
+    topk_overlap(saliency(f, x', y), saliency(f, x, y), 1) >= 1 and
+    cosine(gradient_x_input(f, x', y), gradient_x_input(f, x, y)) >= tau
+"""
+VERDICT_PROPERTIES = ("lip", "lip_at", "cos", "dist", "top")
+
+
+def _norm_text(p: float) -> str:
+    return "inf" if p == INF else str(int(p))
+
+
+def _violations(name, net, x, y, points, prm) -> Tensor:
+    """Which samples the points violate property `name` at (its meaning, by hand)."""
+    from propdsl.explain import cosine, gradient_x_input, saliency, topk_intersection
+
+    p, q = prm["p"], prm["q"]
+    if name in ("lip", "lip_at"):
+        a, b = points if name == "lip" else (points[0], x)
+        with torch.no_grad():
+            out = torch.linalg.vector_norm(net(a) - net(b), ord=p, dim=1)
+        return out > prm["L"] * torch.linalg.vector_norm(a - b, ord=q, dim=1) + 1e-9
+    (point,) = points[:1]
+    s, g = saliency(net, point, y, create_graph=False), saliency(net, x, y, create_graph=False)
+    if name == "cos":
+        return cosine(s, g) < prm["tau"] - 1e-9
+    if name == "dist":
+        return torch.linalg.vector_norm(s - g, ord=p, dim=1) > prm["delta"] + 1e-9
+    gx = gradient_x_input(net, point, y, create_graph=False)
+    gx0 = gradient_x_input(net, x, y, create_graph=False)
+    return (topk_intersection(s, g, 1) < 1) | (cosine(gx, gx0) < prm["tau"] - 1e-9)
+
+
+def _search(name, net, x, y, region, prm, gen, rounds: int = 40) -> Tensor:
+    """An independent search: random points of the region, and for Lipschitz a few ascent steps
+    on the difference quotient. Which samples it refutes."""
+    found = torch.zeros(x.shape[0], dtype=torch.bool)
+    for _ in range(rounds):
+        pair = [region.sample(gen), region.sample(gen)]
+        found |= _violations(name, net, x, y, pair, prm)
+    if name in ("lip", "lip_at"):
+        a = region.sample(gen).requires_grad_(True)
+        b = (region.sample(gen) if name == "lip" else x.clone()).requires_grad_(name == "lip")
+        step = float(prm["eps"]) / 5
+        for _ in range(20):
+            num = torch.linalg.vector_norm(net(a) - net(b), ord=prm["p"], dim=1)
+            den = torch.linalg.vector_norm(a - b, ord=prm["q"], dim=1).clamp_min(1e-9)
+            leaves = [a, b] if name == "lip" else [a]
+            grads = torch.autograd.grad((num / den).sum(), leaves)
+            with torch.no_grad():
+                a = region.project(a + step * grads[0].sign()).requires_grad_(True)
+                if name == "lip":
+                    b = region.project(b + step * grads[1].sign()).requires_grad_(True)
+            found |= _violations(name, net, x, y, [a.detach(), b.detach()], prm)
+    return found
+
+
+VERDICT_CASES = dict(
+    kind=st.sampled_from(["relu", "tanh", "softplus", "sigmoid"]),
+    seed=st.integers(0, 10_000),
+    eps=st.sampled_from([0.01, 0.05, 0.2]),
+    L=st.sampled_from([0.05, 0.5, 2.0, 8.0]),
+    tau=st.sampled_from([0.5, 0.95]),
+    delta=st.sampled_from([0.05, 1.0]),
+    p=st.sampled_from(NORMS),
+    q=st.sampled_from(NORMS),
+)
+
+
+@settings(
+    max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
+@given(**VERDICT_CASES)
+def test_verified_never_meets_a_counterexample(kind, seed, eps, L, tau, delta, p, q):
+    _check_verdicts(kind, seed, eps, L, tau, delta, p, q)
+
+
+@pytest.mark.slow
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(**VERDICT_CASES)
+def test_verified_never_meets_a_counterexample_many(kind, seed, eps, L, tau, delta, p, q):
+    _check_verdicts(kind, seed, eps, L, tau, delta, p, q)
+
+
+def _check_verdicts(kind, seed, eps, L, tau, delta, p, q):
+    """spec.verify's verdicts against an independent search: never `verified` where the search
+    refutes the property; `falsified` points lie in the region (and violate Lipschitz bounds)."""
+    from propdsl.loss.attacks import PGD
+
+    net, _ = make_net(kind, seed)
+    prm = dict(eps=eps, L=L, tau=tau, delta=delta, p=p, q=q)
+    text = VERDICT_SPEC.format(p=_norm_text(p), q=_norm_text(q))
+    spec = propdsl.load(text, {"eps": eps, "L": L, "tau": tau, "delta": delta})
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(6, 3, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    falsifier = PGD(steps=5, restarts=1, surrogate_beta=10.0)
+    out = spec.verify(net, x, y, list(VERDICT_PROPERTIES), falsifier=falsifier, generator=gen)
+    region = Region.ball(x, eps, INF, lo=0.0, hi=1.0)
+    for name in VERDICT_PROPERTIES:
+        v = out[name]
+        assert v.reason is None and UNSUPPORTED not in v.status, (name, v.reason)
+        found = _search(name, net, x, y, region, prm, gen)
+        for i, status in enumerate(v.status):
+            if status == VERIFIED:
+                assert not bool(found[i]), (name, i)
+                assert float(v.margin[i]) >= 0
+            if status == FALSIFIED:
+                one = Region.ball(x[i : i + 1], eps, INF, lo=0.0, hi=1.0)
+                points = [v.counterexamples[k][i : i + 1] for k in sorted(v.counterexamples)]
+                for pt in points:
+                    assert bool(one.contains(pt, tol=1e-9).all())
+                if name in ("lip", "lip_at"):  # the stored pair violates the property
+                    keys = ("x1", "x2") if name == "lip" else ("x'",)
+                    pair = [v.counterexamples[k][i : i + 1] for k in keys]
+                    assert bool(_violations(name, net, x[i : i + 1], y[i : i + 1], pair, prm))
+
+
+def test_lipschitz_verdicts_follow_the_bound():
+    """L above the certified bound: verified with margin L - bound; L below the local constant
+    that sampling finds: falsified, with a stored pair that violates the property."""
+    net, _ = make_net("tanh", 4)
+    x = torch.rand(5, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    region = Region.ball(x, 0.05, INF, lo=0.0, hi=1.0)
+    bound = lipschitz_constant(net, region=region, p=2, q=2)
+    local = _difference_quotients(net, region, torch.Generator().manual_seed(2), 2, 2)
+    text = VERDICT_SPEC.format(p="2", q="2")
+    high = float(bound.max()) * 1.01
+    spec = propdsl.load(text, {"eps": 0.05, "L": high})
+    v = spec.verify(net, x, None, ["lip"])["lip"]
+    assert v.status == [VERIFIED] * 5
+    torch.testing.assert_close(v.margin, high - bound)
+    low = float(local.min()) * 0.5
+    spec = propdsl.load(text, {"eps": 0.05, "L": low})
+    v = spec.verify(net, x, None, ["lip"])["lip"]
+    assert v.status == [FALSIFIED] * 5
+    prm = dict(p=2.0, q=2.0, L=low)
+    pair = [v.counterexamples["x1"], v.counterexamples["x2"]]
+    assert bool(_violations("lip", net, x, None, pair, prm).all())
+    assert bool(
+        region.contains(pair[0], tol=1e-9).all() and region.contains(pair[1], tol=1e-9).all()
+    )
+
+
+def test_jacobian_queries_from_formulas():
+    """Which normal forms take the Jacobian route, and their regions."""
+    from propdsl.verify.jacobian import JacobianQuery, to_jacobian_query
+    from propdsl.verify.query import Unsupported
+
+    net, _ = make_net("tanh", 0)
+    x = torch.rand(2, 3, dtype=torch.float64)
+    y = torch.tensor([0, 2])
+    spec = propdsl.load(
+        VERDICT_SPEC.format(p="2", q="inf")
+        + """
+property lip_far(x) =
+  forall x' in ball(x, eps, inf) & box(0.5, 1):
+    norm(f(x') - f(x), 1) <= 3 * norm(x - x', 1)
+property lip_strict(x) =
+  forall x1 in ball(x, eps, inf), x2 in ball(x, eps, inf):
+    norm(f(x1) - f(x2), 2) < L * norm(x1 - x2, 2)
+property pair_other(x) =
+  forall x1 in ball(x, eps, inf), x2 in ball(x, eps, inf):
+    f(x1)[0] <= f(x2)[0] + 1
+property cos_wrong_way(x, y) =
+  forall x' in ball(x, eps, inf):
+    cosine(saliency(f, x', y), saliency(f, x, y)) <= tau
+property smooth(x, y) =
+  forall x' in ball(x, eps, inf):
+    cosine(smoothgrad(f, x', y), smoothgrad(f, x, y)) >= tau
+"""
+    )
+
+    def query(name):
+        prop = spec.property(name)
+        params = [n for n, _ in prop.params]
+        return to_jacobian_query(prop.formula, params, {"f": 3}, x, y, {"f": net})
+
+    for name in VERDICT_PROPERTIES:
+        assert isinstance(query(name), JacobianQuery), name
+    assert len(query("top").atoms) == 2
+    # x lies outside box(0.5, 1) for some samples: the region grows to the box hull with x
+    x[0] = 0.1
+    far = query("lip_far")
+    assert far is not None and far.region.centre is None
+    assert bool((far.region.bounding_box()[0][0] <= 0.1).all())
+    for name in ("pair_other", "cos_wrong_way"):
+        assert query(name) is None, name
+    with pytest.raises(Unsupported, match="strict Lipschitz") as err:
+        query("lip_strict")
+    assert err.value.span is not None
+    with pytest.raises(Unsupported, match="'smoothgrad' has no certified bounds") as err:
+        query("smooth")
+    assert err.value.span is not None
+
+
+@pytest.mark.filterwarnings("ignore:the attack objective's input gradient is exactly zero")
+def test_propdsl_verify_decides_lipschitz_and_explanations(tmp_path):
+    """End to end: `propdsl verify specs/digits.prop` on a quickly trained run."""
+    import json
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from propdsl import cli
+
+    spec = Path(__file__).resolve().parents[1] / "specs" / "digits.prop"
+    run = tmp_path / "run"
+    runner = CliRunner()
+    args = ["train", str(spec), "--out", str(run), "--epochs", "1", "--threads", "1", "-q"]
+    result = runner.invoke(cli.app, args)
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(
+        cli.app,
+        ["verify", str(spec), "--run", str(run), "--samples", "10", "--threads", "1"]
+        + ["--property", "lipschitz_robust", "--property", "explanation_stable"],
+    )
+    assert result.exit_code == 0, result.output
+    assert "unsupported" not in result.output
+    data = json.loads((run / "verify.json").read_text())
+    for name in ("lipschitz_robust", "explanation_stable"):
+        prop = data["properties"][name]
+        assert prop["rates"].get(UNSUPPORTED, 0.0) == 0.0
+        for s in prop["per_sample"]:
+            if s["status"] == VERIFIED:
+                assert s["margin"] >= 0
