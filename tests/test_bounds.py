@@ -622,3 +622,24 @@ def test_auto_lirpa_backend_agrees_when_installed() -> None:
         ours = compute_bounds(net, region, method, C, intersect_ibp=False)
         theirs = lirpa_bounds(net, region, method, C)
         torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["crown", "alpha_crown"])
+def test_softplus_with_a_small_threshold_is_bounded_soundly(method):
+    # torch's softplus switches to x above threshold / beta; with threshold 1 the smooth formula
+    # lies 0.31 above it there. The relaxation must hold for torch's function, not the formula.
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Linear(3, 16),
+        nn.Softplus(beta=1.0, threshold=1.0),
+        nn.Linear(16, 16),
+        nn.Softplus(beta=2.0, threshold=0.5),
+        nn.Linear(16, 4),
+    )
+    x = torch.randn(8, 3)
+    eps = 0.5
+    lb, ub = bounds(net, x - eps, x + eps, method=method)
+    samples = x[:, None, :] + (2 * torch.rand(8, 4000, 3) - 1) * eps
+    with torch.no_grad():
+        out = net(samples.reshape(-1, 3)).reshape(8, 4000, 4)
+    assert bool((out >= lb[:, None, :] - 1e-5).all()) and bool((out <= ub[:, None, :] + 1e-5).all())

@@ -925,6 +925,13 @@ class SoftplusRule(ConvexActivationRule):
             F.softplus(hi, self.beta, self.threshold),
         )
 
+    def relax(self, lower: Tensor, upper: Tensor, alpha: Tensor | None = None) -> Relaxation:
+        # torch's softplus is x above threshold / beta: below the smooth formula by at most
+        # `gap`, never above it. The upper line stays valid; the lower one drops by the gap.
+        r = super().relax(lower, upper, alpha)
+        gap = math.log1p(math.exp(-self.threshold)) / self.beta
+        return Relaxation(r.lower_slope, r.lower_bias - gap, r.upper_slope, r.upper_bias)
+
     def derivative(self, x: Tensor) -> Tensor:
         return torch.sigmoid(self.beta * x)
 
