@@ -117,24 +117,27 @@ def run(quick: bool = False) -> list[dict[str, object]]:
                         verified=float((lb > 0).all(1).float().mean()),
                     )
                 )
+
+                def row(label, wall, name=name, eps=eps, crown=crown, **extra) -> dict:
+                    return dict(
+                        model=name,
+                        eps=eps,
+                        benchmark="jacobian",
+                        method=label,
+                        ms=1e3 * wall / BATCH,
+                        baseline="crown margins",
+                        baseline_ms=1e3 * crown / BATCH,
+                        ratio=wall / crown,
+                        target=LIRPA_MS,
+                        **extra,
+                    )
+
                 for method in ("crown", "ibp"):
                     wall, _ = _best_time(
                         lambda m=model, r=region, k=method: jacobian_bounds(m, region=r, method=k),
                         repeats,
                     )
-                    rows.append(
-                        dict(
-                            model=name,
-                            eps=eps,
-                            benchmark="jacobian",
-                            method=f"jacobian {method}",
-                            ms=1e3 * wall / BATCH,
-                            baseline="crown margins",
-                            baseline_ms=1e3 * crown / BATCH,
-                            ratio=wall / crown,
-                            target=LIRPA_MS,
-                        )
-                    )
+                    rows.append(row(f"jacobian {method}", wall))
                     wall, L = _best_time(
                         lambda m=model, r=region, k=method: lipschitz_constant(
                             m, region=r, p=2, q=2, method=k
@@ -142,16 +145,9 @@ def run(quick: bool = False) -> list[dict[str, object]]:
                         repeats,
                     )
                     rows.append(
-                        dict(
-                            model=name,
-                            eps=eps,
-                            benchmark="jacobian",
-                            method=f"lipschitz {method}",
-                            ms=1e3 * wall / BATCH,
-                            baseline="crown margins",
-                            baseline_ms=1e3 * crown / BATCH,
-                            ratio=wall / crown,
-                            target=LIRPA_MS,
+                        row(
+                            f"lipschitz {method}",
+                            wall,
                             lipschitz=float(L.mean()),  # type: ignore[union-attr]
                             verified=float((L <= L_SPEC).float().mean()),  # type: ignore[operator]
                         )
