@@ -6,17 +6,19 @@ the CNN (conv 16 / 32, kernel 4, stride 2, then 100 hidden units). For each mode
 
 * `crown margins`: CROWN bounds of the 9 classification margins f_y - f_j of each sample (what
   `classification_robust` needs), the baseline;
-* `jacobian crown` / `jacobian ibp`: bounds of the whole Jacobian (10 x 64 entries per sample)
-  with CROWN's or IBP's pre-activation bounds (what explanation properties need);
-* `lipschitz crown` / `lipschitz ibp`: the certified 2 -> 2 local Lipschitz constant
-  (`lipschitz_constant`: the Jacobian bounds, then the chain's cuts), what `lipschitz_robust`
-  needs.
+* `jacobian crown/interval` ... `jacobian ibp/linear`: bounds of the whole Jacobian (10 x 64
+  entries per sample) with CROWN's or IBP's pre-activation bounds (what explanation properties
+  need), with the interval pass alone or with the linear pass too (`relaxation=`);
+* `lipschitz crown/interval` ... `lipschitz ibp/linear`: the certified 2 -> 2 local Lipschitz
+  constant (`lipschitz_constant`: the Jacobian bounds, then the chain's cuts), what
+  `lipschitz_robust` needs.
 
 Columns: milliseconds per sample (wall, best of repeated runs, one thread), the ratio to CROWN's
-margins, the mean certified Lipschitz constant, the mean of a sampled lower bound of the local
-Lipschitz constant (the largest spectral norm of the true Jacobian at 32 points of each ball),
-and the fraction verified: every margin proved (crown margins), the certified constant at most
-10 (specs/digits.prop's L) for the Lipschitz rows.
+margins, for the linear rows the ratio of time and of mean Jacobian width to the interval row
+of the same method (measured in the same run), the mean certified Lipschitz constant, the mean
+of a sampled lower bound of the local Lipschitz constant (the largest spectral norm of the true
+Jacobian at 32 points of each ball), and the fraction verified: every margin proved (crown
+margins), the certified constant at most 10 (specs/digits.prop's L) for the Lipschitz rows.
 shared/REFERENCE.md: auto_LiRPA's Jacobian bounds take about 0.5 s per sample (`target`).
 
     python benchmarks/bench_jacobian.py            # full
@@ -133,25 +135,33 @@ def run(quick: bool = False) -> list[dict[str, object]]:
                     )
 
                 for method in ("crown", "ibp"):
-                    wall, _ = _best_time(
-                        lambda m=model, r=region, k=method: jacobian_bounds(m, region=r, method=k),
-                        repeats,
-                    )
-                    rows.append(row(f"jacobian {method}", wall))
-                    wall, L = _best_time(
-                        lambda m=model, r=region, k=method: lipschitz_constant(
-                            m, region=r, p=2, q=2, method=k
-                        ),
-                        repeats,
-                    )
-                    rows.append(
-                        row(
-                            f"lipschitz {method}",
-                            wall,
-                            lipschitz=float(L.mean()),  # type: ignore[union-attr]
-                            verified=float((L <= L_SPEC).float().mean()),  # type: ignore[operator]
+                    interval: dict[str, float] = {}
+                    for relax in ("interval", "linear"):
+                        wall, (lo, hi) = _best_time(  # type: ignore[misc]
+                            lambda m=model, r=region, k=method, rx=relax: jacobian_bounds(
+                                m, region=r, method=k, relaxation=rx
+                            ),
+                            repeats,
                         )
-                    )
+                        width = float((hi - lo).mean())
+                        extra = _versus(interval, "jacobian", wall, width)
+                        rows.append(row(f"jacobian {method}/{relax}", wall, **extra))
+                        wall, L = _best_time(
+                            lambda m=model, r=region, k=method, rx=relax: lipschitz_constant(
+                                m, region=r, p=2, q=2, method=k, relaxation=rx
+                            ),
+                            repeats,
+                        )
+                        extra = _versus(interval, "lipschitz", wall, None)
+                        rows.append(
+                            row(
+                                f"lipschitz {method}/{relax}",
+                                wall,
+                                lipschitz=float(L.mean()),  # type: ignore[union-attr]
+                                verified=float((L <= L_SPEC).float().mean()),  # type: ignore[operator]
+                                **extra,
+                            )
+                        )
             with torch.no_grad():
                 sampled_l = sampled_lipschitz(model, region, 8 if quick else SAMPLED_POINTS)
             sampled = float(sampled_l.mean())
@@ -161,16 +171,40 @@ def run(quick: bool = False) -> list[dict[str, object]]:
     return rows
 
 
+def _versus(
+    interval: dict[str, float], kind: str, wall: float, width: float | None
+) -> dict[str, float]:
+    """The linear row's time (and width) over the interval row's, recorded in `interval` when
+    the interval row comes first."""
+    if f"{kind} wall" not in interval:
+        interval[f"{kind} wall"] = wall
+        if width is not None:
+            interval[f"{kind} width"] = width
+        return {}
+    out = {"x_interval": wall / interval[f"{kind} wall"]}
+    if width is not None:
+        out["width_ratio"] = width / interval[f"{kind} width"]
+    return out
+
+
 def _table(rows: list[dict[str, object]]) -> str:
-    head = f"{'model':<19} {'eps':>5} {'method':<15} {'ms/sample':>9} {'x crown':>8}"
-    lines = [head + f" {'L bound':>8} {'L sampled':>9} {'verified':>8}"]
+    head = f"{'model':<19} {'eps':>5} {'method':<24} {'ms/sample':>9} {'x crown':>8}"
+    lines = [
+        head + f" {'x interval':>10} {'width':>6} {'L bound':>8} {'L sampled':>9} {'verified':>8}"
+    ]
     for r in rows:
-        lip = f"{r['lipschitz']:.3f}" if "lipschitz" in r else ""
-        sampled = f"{r['sampled']:.3f}" if "sampled" in r else ""
-        verified = f"{r['verified']:.2f}" if "verified" in r else ""
+        cells = []
+        for key, size, fmt in (
+            ("x_interval", 10, ".2f"),
+            ("width_ratio", 6, ".3f"),
+            ("lipschitz", 8, ".3f"),
+            ("sampled", 9, ".3f"),
+            ("verified", 8, ".2f"),
+        ):
+            cells.append(f"{r[key]:>{size}{fmt}}" if key in r else " " * size)
         lines.append(
-            f"{r['model']:<19} {r['eps']:>5} {r['method']:<15} {r['ms']:>9.3f} "
-            f"{r['ratio']:>8.2f} {lip:>8} {sampled:>9} {verified:>8}"
+            f"{r['model']:<19} {r['eps']:>5} {r['method']:<24} {r['ms']:>9.3f} "
+            f"{r['ratio']:>8.2f} " + " ".join(cells)
         )
     return "\n".join(lines)
 

@@ -1,4 +1,5 @@
 """Run the benchmarks: every `benchmarks/bench_*.py` module's `run(quick)`, printed as one table.
+`FIGURES` adds the figure scripts (`fig_*.py`) that provide the same function.
 
     python benchmarks/run.py              # all benchmarks
     python benchmarks/run.py --quick      # fewer repetitions (a smoke test)
@@ -27,11 +28,16 @@ HERE = Path(__file__).resolve().parent
 COLUMNS = ("benchmark", "ms", "baseline", "baseline_ms", "ratio", "target")
 
 
+# scripts that measure a figure of the docs rather than a speed, with the same run(quick)
+FIGURES = {"explanation_stability": HERE / "fig_explanation_stability.py"}
+
+
 def discover(names: list[str]) -> list[tuple[str, Path]]:
     """(name, path) of the benchmark modules: all of them, or the ones named."""
     if not names:
-        return [(p.stem.removeprefix("bench_"), p) for p in sorted(HERE.glob("bench_*.py"))]
-    return [(n, HERE / f"bench_{n.removeprefix('bench_')}.py") for n in names]
+        found = [(p.stem.removeprefix("bench_"), p) for p in sorted(HERE.glob("bench_*.py"))]
+        return found + list(FIGURES.items())
+    return [(n, FIGURES.get(n, HERE / f"bench_{n.removeprefix('bench_')}.py")) for n in names]
 
 
 def load(name: str, path: Path) -> ModuleType:

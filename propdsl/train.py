@@ -416,11 +416,16 @@ def _train(
             row["seconds"] = round(time.perf_counter() - t0, 3)
             meta = {"epoch": epoch, "metrics": row}
             runs.save_checkpoint(run, "last", model, meta)
-            # Without validation data there is nothing to choose by: best is last.
+            # Without validation data there is nothing to choose by: best is last. While the
+            # radius still ramps up the properties are trained on smaller regions than they
+            # state, so best follows last and the choice starts at the full radius.
             acc = row["val_accuracy"]
-            improved = acc is None or acc > best_acc
-            if acc is not None:
-                best_acc = max(best_acc, acc)
+            if scale < 1.0:
+                improved, best_acc = True, -1.0
+            else:
+                improved = acc is None or acc > best_acc
+                if acc is not None:
+                    best_acc = max(best_acc, acc)
             runs.save_state(
                 run,
                 {

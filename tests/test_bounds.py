@@ -624,7 +624,7 @@ def test_auto_lirpa_backend_agrees_when_installed() -> None:
         torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("method", ["crown", "alpha_crown"])
+@pytest.mark.parametrize("method", ["ibp", "crown", "alpha_crown"])
 def test_softplus_with_a_small_threshold_is_bounded_soundly(method):
     # torch's softplus switches to x above threshold / beta; with threshold 1 the smooth formula
     # lies 0.31 above it there. The relaxation must hold for torch's function, not the formula.
@@ -643,3 +643,16 @@ def test_softplus_with_a_small_threshold_is_bounded_soundly(method):
     with torch.no_grad():
         out = net(samples.reshape(-1, 3)).reshape(8, 4000, 4)
     assert bool((out >= lb[:, None, :] - 1e-5).all()) and bool((out <= ub[:, None, :] + 1e-5).all())
+
+
+def test_softplus_interval_is_the_exact_range_of_torchs_function():
+    # threshold 1: softplus(0.9) = 1.241 but softplus(1.01) = 1.01 (torch returns x there)
+    net = nn.Sequential(nn.Softplus(beta=1.0, threshold=1.0))
+    lo = torch.tensor([[0.9, -2.0, 1.5, 0.9, -0.5]])
+    hi = torch.tensor([[1.01, -1.0, 2.0, 3.0, 1.0]])
+    lb, ub = bounds(net, lo, hi, method="ibp")
+    grid = lo + (hi - lo) * torch.linspace(0, 1, 200_001)[:, None]
+    values = nn.functional.softplus(grid, 1.0, 1.0)
+    torch.testing.assert_close(lb[0], values.min(0).values, atol=1e-4, rtol=0)
+    torch.testing.assert_close(ub[0], values.max(0).values, atol=1e-4, rtol=0)
+    assert bool((values >= lb).all()) and bool((values <= ub).all())

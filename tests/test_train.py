@@ -185,6 +185,21 @@ def test_ramp_grows_the_radius_over_the_first_epochs(tmp_path: Path):
     assert [r["radius_scale"] for r in result.metrics] == [0.5, 1.0, 1.0]
 
 
+def test_with_a_ramp_best_is_chosen_among_the_full_radius_epochs(tmp_path: Path, monkeypatch):
+    # accuracy falls while the radius grows: the most accurate epoch is the least robust one
+    accuracies = iter([0.9, 0.8, 0.5, 0.7, 0.6])
+    real = propdsl.train.evaluate_epoch
+
+    def scripted(*args, **kwargs):
+        return {**real(*args, **kwargs), "val_accuracy": next(accuracies)}
+
+    monkeypatch.setattr(propdsl.train, "evaluate_epoch", scripted)
+    text = TINY.replace("epochs    = 2", "epochs    = 5\n  ramp      = 3").replace("200", "60")
+    result = train(propdsl.load(text), options(tmp_path / "run", eval_samples=8))
+    assert [r["radius_scale"] for r in result.metrics][2:] == [1.0, 1.0, 1.0]
+    assert json.loads((tmp_path / "run" / "best.json").read_text())["epoch"] == 4
+
+
 def test_a_fresh_run_replaces_an_old_one_and_text_specs_get_a_default_folder(tmp_path: Path):
     spec = propdsl.load(TINY.replace("epochs    = 2", "epochs    = 1").replace("200", "60"))
     run = tmp_path / "run"

@@ -919,11 +919,18 @@ class SoftplusRule(ConvexActivationRule):
         return (torch.relu(bx) + torch.log1p(torch.exp(-bx.abs()))) / self.beta
 
     def ibp(self, *inputs: Interval) -> Interval:
+        """The exact range of torch's softplus on [lo, hi]. It is not monotone: at
+        t = threshold / beta it drops from the smooth formula to x (by log1p(exp(-threshold)) /
+        beta), so an interval across t has its minimum near t and its maximum possibly at t."""
         ((lo, hi),) = inputs
-        return (
-            F.softplus(lo, self.beta, self.threshold),
-            F.softplus(hi, self.beta, self.threshold),
-        )
+        t = self.threshold / self.beta
+        f_lo = F.softplus(lo, self.beta, self.threshold)
+        f_hi = F.softplus(hi, self.beta, self.threshold)
+        f_t = F.softplus(torch.full_like(lo, t), self.beta, self.threshold)  # smooth at t
+        across = (lo <= t) & (hi > t)
+        lower = torch.where(across, torch.minimum(f_lo, torch.full_like(lo, t)), f_lo)
+        upper = torch.where(across, torch.maximum(f_t, f_hi), f_hi)
+        return lower, upper
 
     def relax(self, lower: Tensor, upper: Tensor, alpha: Tensor | None = None) -> Relaxation:
         # torch's softplus is x above threshold / beta: below the smooth formula by at most
