@@ -1047,3 +1047,14 @@ def test_propdsl_verify_decides_lipschitz_and_explanations(tmp_path):
         for s in prop["per_sample"]:
             if s["status"] == VERIFIED:
                 assert s["margin"] >= 0
+
+
+def test_relaxations_and_methods_are_named_by_their_strings():
+    from propdsl.verify.bounds import Method
+    from propdsl.verify.jacobian import JacobianRelaxation
+
+    assert JacobianRelaxation(" Linear ") is JacobianRelaxation.LINEAR
+    assert JacobianRelaxation("auto") is JacobianRelaxation.AUTO
+    assert Method("Alpha-CROWN") is Method.ALPHA_CROWN
+    with pytest.raises(ValueError, match="not a valid JacobianRelaxation"):
+        JacobianRelaxation("mccormick")

@@ -39,21 +39,26 @@ from propdsl.verify.layers import (
 __all__ = ["AlphaOptions", "Method", "bounds"]
 
 
-class Method(enum.Enum):
+class NamedEnum(enum.Enum):
+    """An enum whose members can also be given as their value's string, ignoring case,
+    surrounding spaces and '-' for '_' ("Alpha-CROWN" is `Method.ALPHA_CROWN`)."""
+
+    @classmethod
+    def _missing_(cls, value: object) -> enum.Enum | None:
+        if isinstance(value, str):
+            key = value.strip().lower().replace("-", "_")
+            for member in cls:
+                if member.value == key:
+                    return member
+        return None
+
+
+class Method(NamedEnum):
     """Bound propagation method; the strings "ibp", "crown" and "alpha_crown" also work."""
 
     IBP = "ibp"
     CROWN = "crown"
     ALPHA_CROWN = "alpha_crown"
-
-    @classmethod
-    def _missing_(cls, value: object) -> Method | None:
-        if isinstance(value, str):
-            key = value.strip().lower().replace("-", "_")
-            for method in cls:
-                if method.value == key:
-                    return method
-        return None
 
 
 @dataclass(frozen=True, kw_only=True)

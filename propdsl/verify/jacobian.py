@@ -21,7 +21,6 @@ See docs/jacobian.md for the soundness argument and the table of norms.
 from __future__ import annotations
 
 import copy
-import enum
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -37,7 +36,14 @@ from propdsl.explain import _EPS
 from propdsl.logics import get_logic
 from propdsl.loss.compile import CompileConfig, Compiler, Env
 from propdsl.region import INF, Region
-from propdsl.verify.bounds import Method, _input_region, _method, _Propagation, _spec
+from propdsl.verify.bounds import (
+    Method,
+    NamedEnum,
+    _input_region,
+    _method,
+    _Propagation,
+    _spec,
+)
 from propdsl.verify.graph import BoundGraph, build_graph
 from propdsl.verify.layers import (
     ActivationRule,
@@ -314,7 +320,7 @@ def _backward(
 # errors (docs/jacobian.md: why this choice of planes, the soundness argument, the figures).
 
 
-class JacobianRelaxation(enum.Enum):
+class JacobianRelaxation(NamedEnum):
     """How `jacobian_bounds` bounds the products of the Jacobian with the derivative ranges; the
     strings "interval", "linear" and "auto" also work.
 
@@ -330,15 +336,6 @@ class JacobianRelaxation(enum.Enum):
     INTERVAL = "interval"
     LINEAR = "linear"
     AUTO = "auto"
-
-    @classmethod
-    def _missing_(cls, value: object) -> JacobianRelaxation | None:
-        if isinstance(value, str):
-            key = value.strip().lower()
-            for relaxation in cls:
-                if relaxation.value == key:
-                    return relaxation
-        return None
 
 
 # AUTO takes the linear pass while it needs at most this many multiply-adds per sample (the
