@@ -325,13 +325,26 @@ def _positive_int(value: Any, what: str, *, minimum: int = 1) -> int:
     return value
 
 
-def _int_list(value: Any, what: str, *, allow_empty: bool = True) -> list[int]:
+def _int_list(value: Any, what: str, *, allow_empty: bool = True, minimum: int = 1) -> list[int]:
     items = [value] if isinstance(value, int | float) else value
     if not isinstance(items, Sequence) or isinstance(items, str):
         raise ModelError(f"{what} must be an integer or a list of integers, got {value!r}")
     if not items and not allow_empty:
         raise ModelError(f"{what} must not be empty")
-    return [_positive_int(v, f"each of {what}") for v in items]
+    return [_positive_int(v, f"each of {what}", minimum=minimum) for v in items]
+
+
+def _per_layer(value: Any, what: str, layers: int, *, minimum: int = 1) -> list[int]:
+    """One integer per conv layer: a single value (or a one-entry list) applies to every layer."""
+    items = _int_list(value, what, allow_empty=False, minimum=minimum)
+    if len(items) == 1:
+        return items * layers
+    if len(items) != layers:
+        raise ModelError(
+            f"{what} has {len(items)} entries but channels has {layers}",
+            hint=f"give one {what} for every conv layer, or a single value for all of them",
+        )
+    return items
 
 
 def _front(
@@ -389,9 +402,9 @@ def cnn(
     activation: ActivationSpec = "relu",
     beta: float | None = None,
     negative_slope: float | None = None,
-    kernel: int = 4,
-    stride: int = 2,
-    padding: int = 1,
+    kernel: int | Sequence[int] = 4,
+    stride: int | Sequence[int] = 2,
+    padding: int | Sequence[int] = 1,
     mean: Any = None,
     std: Any = None,
 ) -> nn.Sequential:
@@ -399,6 +412,8 @@ def cnn(
 
     The default is the small CNN of the certified-training literature: on 8x8 digits two layers
     give 32 x 2 x 2 features; on 28x28 images 32 x 7 x 7; on 32x32 images 32 x 8 x 8.
+    `kernel`, `stride` and `padding` are one value for every conv layer or a list with one entry
+    per layer (`kernel = [3, 4], stride = [1, 2]` keeps the full resolution in the first layer).
     `input_shape` must be [C, H, W].
 
     >>> cnn((3, 32, 32), 10)[:4]
@@ -413,22 +428,23 @@ def cnn(
         raise ModelError(f"cnn needs inputs of shape [C, H, W], got {list(input_shape)}")
     chans = _int_list(channels, "channels", allow_empty=False)
     widths = _int_list(hidden, "hidden")
-    k, s = _positive_int(kernel, "kernel"), _positive_int(stride, "stride")
-    padding = _positive_int(padding, "padding", minimum=0)
+    kernels = _per_layer(kernel, "kernel", len(chans))
+    strides = _per_layer(stride, "stride", len(chans))
+    paddings = _per_layer(padding, "padding", len(chans), minimum=0)
     act = {"beta": beta, "negative_slope": negative_slope}
     make_activation(activation, **act)
     c, h, w = input_shape
     layers: list[nn.Module] = []
-    for out in chans:
-        h, w = (h + 2 * padding - k) // s + 1, (w + 2 * padding - k) // s + 1
+    for out, k, s, pad in zip(chans, kernels, strides, paddings, strict=True):
+        h, w = (h + 2 * pad - k) // s + 1, (w + 2 * pad - k) // s + 1
         if h < 1 or w < 1:
             raise ModelError(
-                f"cnn with {len(chans)} conv layers (kernel {k}, stride {s}, padding {padding}) "
-                f"shrinks a {input_shape[1]}x{input_shape[2]} image to nothing",
+                f"cnn with {len(chans)} conv layers (kernel {kernels}, stride {strides}, "
+                f"padding {paddings}) shrinks a {input_shape[1]}x{input_shape[2]} image to nothing",
                 hint="use fewer channels entries or a smaller kernel / stride",
             )
         layers += [
-            nn.Conv2d(c, out, k, stride=s, padding=padding),
+            nn.Conv2d(c, out, k, stride=s, padding=pad),
             make_activation(activation, **act),
         ]
         c = out

@@ -22,9 +22,9 @@ MODELS: dict[str, dict[str, object]] = {
         "activation": "Activation",
         "beta": "Real",
         "negative_slope": "Real",
-        "kernel": "Nat",
-        "stride": "Nat",
-        "padding": "Nat",
+        "kernel": "List[Nat]",
+        "stride": "List[Nat]",
+        "padding": "List[Nat]",
     },
     # A model passed in from the CLI (--model pkg.mod:factory) or the API.
     "user": {},

@@ -201,6 +201,20 @@ def build_from_config(config: dict[str, Any], seed: int) -> nn.Module:
     return build_model(config["name"], shape, classes, seed=seed, **kwargs)
 
 
+def _build_spec_model(spec: Spec, block: BlockInfo, config: dict[str, Any], seed: int) -> nn.Module:
+    """`build_from_config` with the spec's model options: a bad option (a kernel list longer than
+    the channels, a CNN that shrinks the image to nothing) is positioned at the train block."""
+    from propdsl.models import ModelError
+
+    try:
+        return build_from_config(config, seed)
+    except ModelError as err:
+        if config.get("user"):
+            raise
+        diagnostic = Diagnostic(f"model: {err.message}", block.span, err.hint)
+        raise CheckError([diagnostic], spec.source) from None
+
+
 def make_optimizer(block: BlockInfo, params) -> torch.optim.Optimizer:
     option = block.get("optimizer", OptionValue("adam"))
     kw = option.kw()
@@ -328,7 +342,7 @@ def _train(
     val_ds = load_split(spec, block, "val", seed=seed, root=Path(spec.name).parent)
     mconf = model_config(spec, block, options.model, model)
     if model is None:
-        model = build_from_config(mconf, seed)
+        model = _build_spec_model(spec, block, mconf, seed)
     model = model.to(device)
     optimizer = make_optimizer(block, model.parameters())
     schedule = make_schedule(block, optimizer, epochs)

@@ -69,6 +69,31 @@ def test_cnn_follows_the_literature_layout():
     assert [(c.kernel_size, c.stride, c.padding) for c in convs] == [((4, 4), (2, 2), (1, 1))] * 2
 
 
+def test_cnn_kernel_stride_and_padding_per_layer():
+    # 8x8: k3 s1 p1 keeps 8x8, then k4 s2 p1 halves it to 4x4 -> 32 * 16 features.
+    model = build_model(
+        "cnn", (1, 8, 8), 10, channels=[16, 32], kernel=[3, 4], stride=[1, 2], hidden=[64]
+    )
+    convs = [m for m in model if isinstance(m, nn.Conv2d)]
+    assert [(c.kernel_size, c.stride, c.padding) for c in convs] == [
+        ((3, 3), (1, 1), (1, 1)),
+        ((4, 4), (2, 2), (1, 1)),
+    ]
+    assert next(m for m in model if isinstance(m, nn.Linear)).in_features == 32 * 4 * 4
+    assert model(torch.rand(2, 1, 8, 8)).shape == (2, 10)
+    # A one-entry list is the same as a single value; padding may be 0 per layer.
+    one = build_model("cnn", (1, 8, 8), 10, kernel=[3], stride=[1], padding=[0, 1])
+    assert [(c.kernel_size, c.padding) for c in one if isinstance(c, nn.Conv2d)] == [
+        ((3, 3), (0, 0)),
+        ((3, 3), (1, 1)),
+    ]
+    with pytest.raises(ModelError, match="stride has 3 entries but channels has 2") as info:
+        build_model("cnn", (1, 8, 8), 10, stride=[1, 2, 2])
+    assert info.value.hint is not None and "every conv layer" in info.value.hint
+    with pytest.raises(ModelError, match="must be a non-negative integer"):
+        build_model("cnn", (1, 8, 8), 10, padding=[1, -1])
+
+
 def test_mlp_hidden_widths_and_tabular_inputs():
     model = build_model("mlp", (30,), 2, hidden=[7, 5, 3])
     widths = [m.out_features for m in model if isinstance(m, nn.Linear)]

@@ -484,6 +484,22 @@ def test_a_data_shape_mismatch_is_a_positioned_spec_error(tmp_path: Path):
     assert "^" in result.stderr and "Traceback" not in result.output
 
 
+def test_a_bad_model_option_is_a_positioned_spec_error(tmp_path: Path):
+    # The option types check (kernel is a list of naturals); the lengths are checked when the
+    # model is built, and the error still points at the train block, with the hint.
+    text = TINY.replace("mlp(hidden = [16])", "cnn(channels = [4, 8], stride = [1, 2, 2])")
+    path = write(tmp_path, text)
+    line = text.splitlines().index(next(t for t in text.splitlines() if t.startswith("train")))
+    result = cli_run("train", str(path), "--out", str(tmp_path / "run"), "-q")
+    assert result.exit_code == 1
+    first = result.stderr.splitlines()[0]
+    assert first.startswith(f"{path}:{line + 1}:")
+    assert "model: stride has 3 entries but channels has 2" in first
+    assert "hint: give one stride for every conv layer" in result.stderr
+    assert "^" in result.stderr and "Traceback" not in result.output
+    assert not (tmp_path / "run" / "last.safetensors").exists()
+
+
 # -- user models ---------------------------------------------------------------------------------
 USER_SPEC = TINY.replace("mlp(hidden = [16])", "user").replace("limit = 200", "limit = 60")
 USER_MODULE = """\
