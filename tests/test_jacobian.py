@@ -161,16 +161,20 @@ def _check_soundness(kind: str, region_kind: str, seed: int, eps: float, method:
         assert_inside(jacobian(net, point), lo, hi)
 
 
-@settings(
-    max_examples=100, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
-)
-@given(
+# every kind (torch's thresholded softplus included), region, radius and pre-activation method
+JACOBIAN_CASES = dict(
     kind=st.sampled_from(KINDS),
     region_kind=st.sampled_from(REGIONS),
     seed=st.integers(0, 10_000),
     eps=st.sampled_from([0.0, 0.01, 0.1, 0.5, 2.0]),
     method=st.sampled_from(["ibp", "crown"]),
 )
+
+
+@settings(
+    max_examples=100, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
+@given(**JACOBIAN_CASES)
 def test_sampled_jacobians_lie_within_the_bounds(kind, region_kind, seed, eps, method):
     _check_soundness(kind, region_kind, seed, eps, method)
 
@@ -302,21 +306,10 @@ def _linear_and_interval(net: nn.Module, region: Region, method: str, outputs=No
     return raw, interval, analysis.jacobian(outputs, C)
 
 
-# every kind, torch's thresholded softplus included: IBP and CROWN bound the function torch
-# computes, with its drop where it turns linear (docs/bounds.md)
-LINEAR_KINDS = KINDS
-
-
 @settings(
     max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
 )
-@given(
-    kind=st.sampled_from(LINEAR_KINDS),
-    region_kind=st.sampled_from(REGIONS),
-    seed=st.integers(0, 10_000),
-    eps=st.sampled_from([0.0, 0.01, 0.1, 0.5, 2.0]),
-    method=st.sampled_from(["ibp", "crown"]),
-)
+@given(**JACOBIAN_CASES)
 def test_linear_bounds_contain_sampled_jacobians(kind, region_kind, seed, eps, method):
     """The linear pass on its own (before the intersection) and the bounds jacobian_bounds
     returns with it contain autograd's Jacobians at sampled points and box corners; the latter
