@@ -237,7 +237,8 @@ class Spec:
         """Verdicts per property and sample: `verified`, `falsified`, `unknown`, `unsupported`.
 
         A strong attack runs first (a counterexample makes the verdict `falsified`); the other
-        samples are checked with bound propagation (`method`: "ibp", "crown", "alpha_crown").
+        samples are checked with bound propagation (`method`: "ibp", "crown_ibp", "crown",
+        "alpha_crown").
         Options: `falsifier` (attack), `timeout` (seconds per sample), `alpha` (AlphaOptions).
         Returns {property: PropertyVerdicts} with `.status`, `.margin`, `.counterexamples`.
         """

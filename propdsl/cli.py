@@ -234,7 +234,9 @@ def verify_cmd(
     run: RunOpt,
     method: Annotated[
         str | None,
-        typer.Option(help="ibp, crown or alpha_crown (default: the verify block's, else crown)."),
+        typer.Option(
+            help="ibp, crown_ibp, crown or alpha_crown (default: the verify block's, else crown)."
+        ),
     ] = None,
     param: ParamOpt = None,
     split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
@@ -254,8 +256,8 @@ def verify_cmd(
     from propdsl.train import set_threads
     from propdsl.verify.report import verify_run
 
-    if method is not None and method not in ("ibp", "crown", "alpha_crown"):
-        raise UsageError(f"--method must be ibp, crown or alpha_crown, got {method!r}")
+    if method is not None and method not in ("ibp", "crown_ibp", "crown", "alpha_crown"):
+        raise UsageError(f"--method must be ibp, crown_ibp, crown or alpha_crown, got {method!r}")
     if split not in ("train", "val", "test"):
         raise UsageError(f"--split must be train, val or test, got {split!r}")
     set_threads(threads)

@@ -72,7 +72,7 @@ ATTACKS: dict[str, dict[str, object]] = {
     },
 }
 
-METHODS: dict[str, dict[str, object]] = {"ibp": {}, "crown": {}, "alpha_crown": {}}
+METHODS: dict[str, dict[str, object]] = {"ibp": {}, "crown_ibp": {}, "crown": {}, "alpha_crown": {}}
 CERTIFIED_METHODS = ("ibp", "crown_ibp")
 DEVICES = ("auto", "cpu", "cuda")
 

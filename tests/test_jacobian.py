@@ -213,6 +213,10 @@ def test_crown_is_at_least_as_tight_as_ibp():
     crown = jacobian_bounds(net, x - 0.2, x + 0.2, method="crown")
     width = [float((hi - lo).sum().detach()) for lo, hi in (ibp, crown)]
     assert width[1] <= width[0] + 1e-12
+    # CROWN-IBP's pre-activation bounds are IBP's, so are its Jacobian bounds
+    crown_ibp = jacobian_bounds(net, x - 0.2, x + 0.2, method="crown_ibp")
+    for ours, theirs in zip(crown_ibp, ibp, strict=True):
+        torch.testing.assert_close(ours, theirs, atol=0, rtol=0)
 
 
 def test_bounds_shrink_to_the_jacobian_at_a_point():

@@ -33,7 +33,7 @@ from propdsl.verify.query import Unsupported, to_query
 from propdsl.verify.run import FALSIFIED, STATUSES, TIMEOUT, UNKNOWN, UNSUPPORTED, VERIFIED
 
 INF = math.inf
-METHODS = ("ibp", "crown", "alpha_crown")
+METHODS = ("ibp", "crown_ibp", "crown", "alpha_crown")
 ALPHA = AlphaOptions(iterations=5, lr=0.2)
 # only the ball's centre: the bounds, not the falsifier, must then decide every sample
 CENTRE = PGD(steps=0, random_start=False)
@@ -695,6 +695,41 @@ def test_propdsl_verify_end_to_end(trained_run):
         pred = model(torch.tensor(points)).argmax(1).numpy()
     assert (pred != labels).all()
     assert (run / "counterexamples" / "robust.png").exists()
+
+
+def test_propdsl_verify_with_crown_ibp_reports_its_own_bounds(trained_run):
+    """`--method crown_ibp` on the CLI, and `spec.verify(..., method="crown_ibp")`: the
+    certified margin of `robust` is the smallest CROWN-IBP lower bound of the 9 margins
+    f_y - f_j over the clipped ball, computed here directly (labels: the model's predictions,
+    so that most samples are provable)."""
+    from propdsl import cli
+    from propdsl.data import load_dataset
+    from propdsl.verify.bounds import compute_bounds
+
+    spec_path, run = trained_run
+    args = ["verify", str(spec_path), "--run", str(run), "--samples", "12"]
+    result = CliRunner().invoke(cli.app, [*args, "--method", "crown_ibp"])
+    assert result.exit_code == 0, result.output
+    assert "verification: method crown_ibp, split test, 12 samples" in result.output
+    assert json.loads((run / "verify.json").read_text())["method"] == "crown_ibp"
+
+    model = runs.Run.open(run).load_model()
+    x = load_dataset("digits", split="test", seed=0).x[:12]
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    rows = torch.eye(10)[y].unsqueeze(1) - torch.eye(10).unsqueeze(0)  # [12, 10, 10]
+    C = torch.stack([rows[i][torch.arange(10) != y[i]] for i in range(12)])
+    eps = 0.005
+    with torch.no_grad():
+        lb, _ = compute_bounds(model, Region.ball(x, eps, math.inf, lo=0.0, hi=1.0), "crown_ibp", C)
+    spec = propdsl.load(spec_path, {"eps": eps})
+    v = spec.verify(model, x, y, ["robust"], method="crown_ibp")["robust"]
+    assert v.status.count(VERIFIED) >= 6
+    for i, status in enumerate(v.status):
+        if status == VERIFIED:
+            assert float(v.margin[i]) == pytest.approx(float(lb[i].min()), abs=1e-5)
+        else:
+            assert float(lb[i].min()) < 0
 
 
 def test_propdsl_verify_usage_errors(trained_run):

@@ -54,9 +54,11 @@ class NamedEnum(enum.Enum):
 
 
 class Method(NamedEnum):
-    """Bound propagation method; the strings "ibp", "crown" and "alpha_crown" also work."""
+    """Bound propagation method; the strings "ibp", "crown_ibp", "crown" and "alpha_crown"
+    also work. CROWN-IBP is CROWN's backward pass over IBP's intermediate bounds."""
 
     IBP = "ibp"
+    CROWN_IBP = "crown_ibp"
     CROWN = "crown"
     ALPHA_CROWN = "alpha_crown"
 
@@ -101,17 +103,18 @@ def bounds(
             `forward`); it is traced with torch.fx. More layers: `register_rule`.
         lower, upper: the input box, [B, *input_shape] each.
         region: instead of a box, a `Region` (an L-inf, L2 or L1 ball intersected with a box).
-        method: `Method.IBP`, `Method.CROWN` (default) or `Method.ALPHA_CROWN`, or its name.
+        method: `Method.IBP`, `Method.CROWN_IBP` (CROWN's backward pass over IBP's
+            intermediate bounds), `Method.CROWN` (default) or `Method.ALPHA_CROWN`, or its name.
         C: specification matrix [B, S, O] or [S, O] (shared by the batch) over the O flattened
             outputs, as in auto_LiRPA; CROWN's backward pass starts from it, so only the S
             rows are bounded. Without it, bounds of the outputs themselves.
         options: alpha-CROWN's optimiser settings.
 
     Returns:
-        (lb, ub), each [B, S] with C, else [B, *output_shape]. IBP and CROWN bounds are
-        differentiable in the model's parameters and the region (for certified training);
-        alpha-CROWN's are detached. alpha-CROWN is never looser than CROWN, and CROWN never
-        looser than IBP.
+        (lb, ub), each [B, S] with C, else [B, *output_shape]. IBP, CROWN-IBP and CROWN bounds
+        are differentiable in the model's parameters and the region (for certified training);
+        alpha-CROWN's are detached. alpha-CROWN is never looser than CROWN, and CROWN and
+        CROWN-IBP never looser than IBP.
 
     Raises:
         UnsupportedLayerError: the model holds an operation without a bound rule.
@@ -155,7 +158,10 @@ def compute_bounds(
         return _split(prop.ibp_spec_bound(spec), None)
 
     rows = spec if spec is not None else _identity_spec(out_shape, lo)
-    prop.run_crown()
+    if method is Method.CROWN_IBP:
+        prop.run_ibp()
+    else:
+        prop.run_crown()
     lb = prop.spec_bound(rows)
     if intersect_ibp:
         lb = torch.maximum(lb, prop.ibp_spec_bound(rows))

@@ -677,6 +677,8 @@ def _analyse(
     relaxation = JacobianRelaxation(relaxation)
     if method is Method.ALPHA_CROWN:
         raise ValueError("Jacobian bounds take pre-activation bounds from 'ibp' or 'crown'")
+    if method is Method.CROWN_IBP:  # its intermediate bounds are IBP's
+        method = Method.IBP
     lo, hi = region.bounding_box()
     example = ((lo[:1] + hi[:1]) / 2).repeat(2, *([1] * (lo.dim() - 1)))
     graph = build_graph(model, example)

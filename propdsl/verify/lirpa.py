@@ -18,7 +18,12 @@ from propdsl.verify.bounds import AlphaOptions, Method, _method
 
 __all__ = ["lirpa_available", "lirpa_bounds"]
 
-_METHODS = {Method.IBP: "IBP", Method.CROWN: "backward", Method.ALPHA_CROWN: "CROWN-Optimized"}
+_METHODS = {
+    Method.IBP: "IBP",
+    Method.CROWN_IBP: "CROWN-IBP",
+    Method.CROWN: "backward",
+    Method.ALPHA_CROWN: "CROWN-Optimized",
+}
 
 
 def lirpa_available() -> bool:
