@@ -62,7 +62,7 @@ train f on digits({data}) {{
   model     = {model}
   epochs    = {epochs}
   batch     = 32
-  optimizer = adam(lr = 0.001)
+  optimizer = {optimizer}
   schedule  = cosine(min_lr = 0.00001)
   ramp      = {ramp}
   logic     = dl2
@@ -70,10 +70,11 @@ train f on digits({data}) {{
   loss      = {loss}
 }}
 """
-MLP = ('split = "train"', "mlp(hidden = [1024])")
+MLP = ('split = "train"', "mlp(hidden = [1024])", "adam(lr = 0.001)")
 CNN = (
     'split = "train", val_fraction = 0',
     "cnn(channels = [16, 32], kernel = [3, 4], stride = [1, 2], hidden = [1024])",
+    "adamw(lr = 0.001, weight_decay = 0.1)",
 )
 METHODS = {
     "standard": "cross_entropy",
@@ -91,10 +92,16 @@ TARGET = {
 TARGET_VERIFIED, TARGET_GAP = 0.90, 0.02
 
 
-def spec_for(loss: str, epochs: int, ramp: int, data_model: tuple[str, str] = MLP) -> propdsl.Spec:
-    data, model = data_model
+def spec_for(loss: str, epochs: int, ramp: int, setup: tuple[str, str, str] = MLP) -> propdsl.Spec:
+    data, model, optimizer = setup
     text = SPEC.format(
-        train_eps=TRAIN_EPS, epochs=epochs, ramp=ramp, loss=loss, data=data, model=model
+        train_eps=TRAIN_EPS,
+        epochs=epochs,
+        ramp=ramp,
+        loss=loss,
+        data=data,
+        model=model,
+        optimizer=optimizer,
     )
     return propdsl.load(text)
 
@@ -130,10 +137,10 @@ def _method_row(
     epochs: int,
     ramp: int,
     samples: int | None,
-    data_model: tuple[str, str],
+    setup: tuple[str, str, str],
 ) -> dict[str, object]:
     torch.set_num_threads(1)
-    spec = spec_for(loss, epochs, ramp, data_model)
+    spec = spec_for(loss, epochs, ramp, setup)
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         options = TrainOptions(out=Path(tmp) / "run", threads=1, quiet=True, seed=0)

@@ -239,7 +239,8 @@ class Spec:
         A strong attack runs first (a counterexample makes the verdict `falsified`); the other
         samples are checked with bound propagation (`method`: "ibp", "crown_ibp", "crown",
         "alpha_crown").
-        Options: `falsifier` (attack), `timeout` (seconds per sample), `alpha` (AlphaOptions).
+        Options: `falsifier` (attack), `timeout` (seconds per sample), `alpha` (AlphaOptions),
+        `chunk` (samples bounded per call, 32: memory, not verdicts).
         Returns {property: PropertyVerdicts} with `.status`, `.margin`, `.counterexamples`.
         """
         from propdsl.verify.run import verify

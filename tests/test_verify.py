@@ -26,6 +26,7 @@ from typer.testing import CliRunner
 
 import propdsl
 from propdsl import runs
+from propdsl.errors import UsageError
 from propdsl.loss.attacks import APGD, PGD
 from propdsl.region import Region
 from propdsl.verify import AlphaOptions
@@ -398,6 +399,32 @@ def worst_case(c: list[float], d: float, lo: list[float], hi: list[float]) -> fl
         + d
         + sum(min(cw[i] * lo[i], cw[i] * hi[i]) for i in range(2))
     )
+
+
+@pytest.mark.parametrize("method", ["crown", "alpha_crown"])
+def test_chunks_change_memory_not_verdicts(method):
+    """The open samples are bounded `chunk` at a time; bounds are per sample, so one at a time,
+    three at a time and all at once give the same verdicts and margins."""
+    net, shape = make_net("conv", 4)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.rand(10, *shape, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    spec = propdsl.load(spec_text(shape, INF), {"eps": 0.02, "delta": 0.3, "c": 0.0})
+    names = ["cr", "sr", "margins"]
+    runs_ = [
+        spec.verify(net, x, y, names, method=method, falsifier=CENTRE, alpha=ALPHA, chunk=k)
+        for k in (1, 3, 1000)
+    ]
+    for name in names:
+        statuses = [r[name].status for r in runs_]
+        assert statuses[0] == statuses[1] == statuses[2], name
+        if name == "cr":  # both verdicts, so the chunks split proved and open samples
+            assert {VERIFIED, UNKNOWN} <= set(statuses[0]), statuses[0]
+        for other in runs_[1:]:
+            torch.testing.assert_close(other[name].margin, runs_[0][name].margin, equal_nan=True)
+    with pytest.raises(UsageError, match="chunk must be a positive integer"):
+        spec.verify(net, x, y, ["cr"], chunk=0)
 
 
 # f0 = 2 x0 - x1, f1 = x1 + 0.5, f2 = 0.2 - x0. At x = (0.6, 0.2), label 0:

@@ -5,10 +5,10 @@ For each property and batch of samples:
    point of the region where the property is false; where it finds one, the exact Boolean
    semantics confirms it, the verdict is `falsified` and the point is kept;
 2. for the other samples the property becomes a query (`to_query`) whose linear rows are
-   bounded over the region in one call (IBP, CROWN or alpha-CROWN); `verified` only where the
-   bounds prove every needed row, `unknown` elsewhere. Lipschitz and explanation-stability
-   properties, outside the linear fragment, are decided from Jacobian bounds instead
-   (`propdsl.verify.jacobian`, docs/jacobian.md).
+   bounded over the region (IBP, CROWN-IBP, CROWN or alpha-CROWN; `chunk` samples per call);
+   `verified` only where the bounds prove every needed row, `unknown` elsewhere. Lipschitz and
+   explanation-stability properties, outside the linear fragment, are decided from Jacobian
+   bounds instead (`propdsl.verify.jacobian`, docs/jacobian.md).
 A sample is never `verified` when a counterexample was found: falsification comes first.
 Properties outside the linear fragment get `unsupported` (with a positioned reason) unless the
 falsifier refutes them.
@@ -71,6 +71,9 @@ class PropertyVerdicts:
         return sum(s == status for s in self.status) / max(1, len(self.status))
 
 
+DEFAULT_CHUNK = 32  # samples bounded per call
+
+
 def default_falsifier(steps: int = 50, restarts: int = 2) -> APGD:
     return APGD(steps=steps, restarts=restarts)
 
@@ -87,8 +90,15 @@ def verify_property(
     timeout: float | None = None,
     alpha: AlphaOptions | None = None,
     generator: torch.Generator | None = None,
+    chunk: int = DEFAULT_CHUNK,
 ) -> PropertyVerdicts:
-    """Verdicts of property `name` for each sample of (x, y); see the module docstring."""
+    """Verdicts of property `name` for each sample of (x, y); see the module docstring.
+
+    The samples the falsifier leaves open are bounded `chunk` at a time: bounds are per sample,
+    so the verdicts do not depend on it, but memory does (alpha-CROWN keeps slopes and their
+    optimiser state per sample, intermediate neuron and row)."""
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise UsageError(f"chunk must be a positive integer, got {chunk!r}")
     t0 = time.perf_counter()
     prop = spec.property(name)
     batch = x.shape[0]
@@ -127,28 +137,30 @@ def verify_property(
                 status[i] = TIMEOUT
             open_idx = []
         if open_idx:
-            idx = torch.tensor(open_idx, device=x.device)
-            sub_x = x[idx]
-            sub_y = y[idx] if y is not None else None
+            networks = {n: t.out.shape[0] for n, t in spec.networks.items()}
+            models = {n: model for n in spec.networks}
+            params = [p for p, _ in prop.params]
             try:
-                networks = {n: t.out.shape[0] for n, t in spec.networks.items()}
-                models = {n: model for n in spec.networks}
-                params = [p for p, _ in prop.params]
-                with torch.no_grad():
-                    query = _to_query(prop.formula, params, networks, sub_x, sub_y, models)
-                if query is None:
-                    # no quantified input: the exact evaluation above decided it
-                    for i in open_idx:
-                        status[i] = VERIFIED if bool(satisfied[i]) else FALSIFIED
-                else:
-                    proved, margins = _prove(query, model, method, alpha)
-                    for j, i in enumerate(open_idx):
-                        margin[i] = float(margins[j])
-                        status[i] = VERIFIED if bool(proved[j]) else UNKNOWN
+                for start in range(0, len(open_idx), chunk):
+                    part = open_idx[start : start + chunk]
                     if deadline is not None and time.perf_counter() > deadline:
-                        for i in open_idx:
-                            if status[i] == UNKNOWN:
-                                status[i] = TIMEOUT
+                        for i in part:
+                            status[i] = TIMEOUT
+                        continue
+                    idx = torch.tensor(part, device=x.device)
+                    sub_y = y[idx] if y is not None else None
+                    with torch.no_grad():
+                        query = _to_query(prop.formula, params, networks, x[idx], sub_y, models)
+                    if query is None:
+                        # no quantified input: the exact evaluation above decided it
+                        for i in part:
+                            status[i] = VERIFIED if bool(satisfied[i]) else FALSIFIED
+                        continue
+                    proved, margins = _prove(query, model, method, alpha)
+                    late = deadline is not None and time.perf_counter() > deadline
+                    for j, i in enumerate(part):
+                        margin[i] = float(margins[j])
+                        status[i] = VERIFIED if bool(proved[j]) else TIMEOUT if late else UNKNOWN
             except Unsupported as err:
                 reason = _positioned(spec, err)
                 for i in open_idx:
