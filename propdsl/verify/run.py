@@ -132,10 +132,6 @@ def verify_property(
         if not refutable:
             counterexamples = {}
         reason = None
-        if open_idx and deadline is not None and time.perf_counter() > deadline:
-            for i in open_idx:
-                status[i] = TIMEOUT
-            open_idx = []
         if open_idx:
             networks = {n: t.out.shape[0] for n, t in spec.networks.items()}
             models = {n: model for n in spec.networks}
