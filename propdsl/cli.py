@@ -254,10 +254,15 @@ def verify_cmd(
     """Verify a trained run: falsify with a strong attack, then prove with bound propagation."""
     from propdsl.api import load, parse_overrides
     from propdsl.train import set_threads
+    from propdsl.verify.bounds import Method
     from propdsl.verify.report import verify_run
 
-    if method is not None and method not in ("ibp", "crown_ibp", "crown", "alpha_crown"):
-        raise UsageError(f"--method must be ibp, crown_ibp, crown or alpha_crown, got {method!r}")
+    if method is not None:
+        try:
+            method = Method(method).value  # "CROWN-IBP" is crown_ibp, as in the library
+        except ValueError:
+            known = ", ".join(m.value for m in Method)
+            raise UsageError(f"--method must be one of {known}, got {method!r}") from None
     if split not in ("train", "val", "test"):
         raise UsageError(f"--split must be train, val or test, got {split!r}")
     set_threads(threads)

@@ -735,7 +735,7 @@ def test_propdsl_verify_with_crown_ibp_reports_its_own_bounds(trained_run):
 
     spec_path, run = trained_run
     args = ["verify", str(spec_path), "--run", str(run), "--samples", "12"]
-    result = CliRunner().invoke(cli.app, [*args, "--method", "crown_ibp"])
+    result = CliRunner().invoke(cli.app, [*args, "--method", "CROWN-IBP"])
     assert result.exit_code == 0, result.output
     assert "verification: method crown_ibp, split test, 12 samples" in result.output
     assert json.loads((run / "verify.json").read_text())["method"] == "crown_ibp"
@@ -766,5 +766,6 @@ def test_propdsl_verify_usage_errors(trained_run):
     runner = CliRunner()
     result = runner.invoke(cli.app, ["verify", str(spec_path), "--run", str(run), "--method", "x"])
     assert result.exit_code == 2 and "--method" in result.output
+    assert "ibp, crown_ibp, crown, alpha_crown" in result.output
     result = runner.invoke(cli.app, ["verify", str(spec_path), "--run", str(run / "nope")])
     assert result.exit_code == 2 and "no such run folder" in result.output
