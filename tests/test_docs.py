@@ -351,10 +351,15 @@ def _command_lines() -> list[tuple[str, str, str]]:
         for name, rest in _entries(b.body, continued=True):
             found.append((b.where, name, rest))
     for page in PAGES:
-        text = re.sub(r"^```.*?^```", "", page.read_text(encoding="utf-8"), flags=re.S | re.M)
-        for span in re.findall(r"`([^`\n]*\bpropdsl\b[^`\n]*)`", text):
-            for name, rest in _entries(span, continued=False):
-                found.append((str(page.relative_to(ROOT)), name, rest))
+        in_fence = False
+        for n, line in enumerate(page.read_text(encoding="utf-8").split("\n"), 1):
+            if _FENCE.match(line):
+                in_fence = not in_fence
+            if in_fence:
+                continue
+            for span in re.findall(r"`([^`]*\bpropdsl\b[^`]*)`", line):
+                for name, rest in _entries(span, continued=False):
+                    found.append((f"{page.relative_to(ROOT)}:{n}", name, rest))
     return found
 
 
