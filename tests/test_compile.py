@@ -1,9 +1,10 @@
 """The property compiler (propdsl.loss.compile) against hand-written PyTorch.
 
-Every expected value here is computed independently from the definitions (REFERENCE sections 1
-and 2, the atom tables of docs/logics.md): plain tensor formulas and Python loops, never the
-compiler or the logics module read back. Points are fixed by an attack with no steps starting at
-the ball's centre, or injected by replacing the attack with a function that returns given points.
+Every expected value here is computed independently from the definitions of the logics (the
+atom and connective tables of docs/logics.md, after Fischer et al. 2019 and Flinkow et al. 2025):
+plain tensor formulas and Python loops, never the compiler or the logics module read back.
+Points are fixed by an attack with no steps starting at the ball's centre, or injected by
+replacing the attack with a function that returns given points.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ P_YAGER = 2.0  # default Yager exponent
 # -- hand-written semantics --------------------------------------------------------------------
 def hand_conj(logic: str, lhs, rhs, *, strict=False, mask=None):
     """Loss of the conjunction over the last dim of the atoms `lhs <= rhs` (`<` when strict),
-    only where `mask` is True; lhs, rhs: [B, n]. Written from REFERENCE section 2."""
+    only where `mask` is True; lhs, rhs: [B, n]. Written from the logics' definitions."""
     lhs, rhs = torch.broadcast_tensors(lhs, rhs)
     if mask is None:
         mask = torch.ones_like(lhs, dtype=torch.bool)
