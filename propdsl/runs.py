@@ -583,7 +583,7 @@ def locked(run: str | os.PathLike[str], purpose: str = "train", *, shared: bool 
                 "pid": os.getpid(),
                 "host": socket.gethostname(),
                 "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                "command": " ".join(sys.argv)[:300],
+                "command": " ".join([Path(a).name for a in sys.argv[:1]] + sys.argv[1:])[:300],
             }
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps(info).encode(), 0)
