@@ -166,6 +166,12 @@ def write_text(path: Path, text: str) -> None:
     _atomic_write(Path(path), text.encode("utf-8"))
 
 
+def write_bytes(path: Path, data: bytes) -> None:
+    """Replace one file atomically through a fresh O_EXCL temporary (never through a symlink
+    planted at the name): for result files readers add to a run folder (plots, reports)."""
+    _atomic_write(Path(path), data)
+
+
 def read_json(path: Path) -> Any:
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
