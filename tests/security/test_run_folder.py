@@ -485,6 +485,7 @@ def test_a_temporary_name_already_taken_is_never_opened(tmp_path, monkeypatch):
     runs.write_json(folder / "config.json", {"a": 1})
     assert json.loads((folder / "config.json").read_text()) == {"a": 1}
     assert outside.read_text() == "keep me"
+    monkeypatch.undo()
     (folder / "plot.png").symlink_to(outside)  # a reader's result file, planted as a symlink
     runs.write_bytes(folder / "plot.png", b"png")
     assert (folder / "plot.png").read_bytes() == b"png" and outside.read_text() == "keep me"
