@@ -148,11 +148,20 @@ def train_cmd(
         str | None, typer.Option(help="auto (GPU when present), cpu, cuda or cuda:N.")
     ] = None,
     threads: Annotated[
-        int | None, typer.Option(help="Torch CPU threads (default: the usable cores, <= 8).", min=1)
+        int | None,
+        typer.Option(
+            help="Torch CPU threads, 1..1024 (default: the usable cores, <= 8).", min=1, max=1024
+        ),
     ] = None,
-    seed: Annotated[int | None, typer.Option(help="Override the block's seed.", min=0)] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Override the block's seed.", min=0, max=2**32 - 1)
+    ] = None,
     resume: Annotated[
-        bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue the run in --out from its last epoch, with its own settings.",
+        ),
     ] = False,
     model: Annotated[
         str | None, typer.Option("--model", help="A user model: pkg.module:factory or file.py:f.")
@@ -162,12 +171,18 @@ def train_cmd(
     """Train the spec's network as its train block says; write a run folder.
 
     Ctrl-C (or SIGTERM) stops the run; its folder keeps the last finished epoch, and `--resume`
-    continues from there to the same weights an uninterrupted run ends with.
+    continues from there, with the run's own settings, to the same weights an uninterrupted run
+    ends with.
     """
     from propdsl.api import load, parse_overrides
-    from propdsl.train import TrainOptions, run_folder, train
+    from propdsl.train import RunWriteError, TrainingInterrupted, TrainOptions, run_folder, train
 
-    loaded = load(spec, parse_overrides(param or []))
+    overrides = parse_overrides(param or [])
+    if resume and not overrides:
+        # A resumed run keeps the params it started with (unless the spec text changed, which
+        # the trainer refuses with a clear message).
+        overrides = _run_params(spec, out) or {}
+    loaded = load(spec, overrides)
     options = TrainOptions(
         out=out,
         epochs=epochs,
@@ -179,20 +194,64 @@ def train_cmd(
         model=model,
         quiet=quiet,
     )
+    folder = run_folder(loaded, options)
+    command = _resume_command(spec, folder, model)
     try:
         result = train(loaded, options)
-    except KeyboardInterrupt:
-        folder = run_folder(loaded, options)
+    except TrainingInterrupted as stop:
+        if not stop.started:
+            _fail(
+                f"interrupted before the run started; {folder} holds nothing of it: run the "
+                "same command again",
+                130,
+            )
+        if stop.epoch == 0:
+            _fail(
+                f"interrupted before the first epoch finished; {folder} holds no checkpoint "
+                f"yet. Start it again, with the same settings, with\n  {command}",
+                130,
+            )
         _fail(
-            f"interrupted; {folder} keeps the last finished epoch: continue with\n"
-            f"  propdsl train {spec} --out {folder} --resume",
+            f"interrupted; {folder} keeps epoch {stop.epoch}: continue with\n  {command}",
             130,
         )
+    except RunWriteError as err:
+        again = command if (folder / "config.json").exists() else "the same command again"
+        _fail(f"error: {err}\n  then: {again}", EXIT_USAGE)
     last = result.metrics[-1] if result.metrics else {}
     if not quiet:
         acc = last.get("val_accuracy")
         acc_text = f"; val accuracy {acc:.3f}" if acc is not None else ""
         typer.echo(f"run folder: {result.run}{acc_text}")
+
+
+def _run_params(spec: Path, out: Path | None) -> dict[str, Any] | None:
+    """The params a run to resume was trained with, when its spec text is this spec's."""
+    from propdsl.api import read_source
+    from propdsl.runs import RunFolderError, is_run_config, read_json, spec_hash
+
+    stem = spec.stem if spec.name.endswith(".prop") else "spec"
+    folder = out if out is not None else Path("runs") / (stem or "spec")
+    try:
+        config = read_json(folder / "config.json")
+        text = read_source(spec).text
+    except (RunFolderError, UsageError):
+        return None  # the trainer reports it
+    if not is_run_config(config) or config.get("spec_sha256") != spec_hash(text):
+        return None
+    params = config.get("params")
+    return dict(params) if isinstance(params, dict) else None
+
+
+def _resume_command(spec: Path, folder: Path, model: str | None) -> str:
+    """The command that continues the run in `folder`: the folder remembers every setting that
+    shapes the run, except the user model, which is code and is never taken from a folder."""
+    import shlex
+
+    words = ["propdsl", "train", str(spec), "--out", str(folder), "--resume"]
+    if model is not None:
+        words += ["--model", model]
+    return shlex.join(words)
 
 
 RunOpt = Annotated[Path, typer.Option("--run", help="The run folder written by propdsl train.")]
