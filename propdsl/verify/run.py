@@ -70,7 +70,11 @@ class PropertyVerdicts:
         status: one of `verified`, `falsified`, `unknown`, `unknown (timeout)`, `unsupported`.
         margin: the smallest certified row margin per sample (>= 0 where verified; NaN where no
             bound was computed).
-        counterexamples: {variable: Tensor[B, ...]} points (valid where status is falsified).
+        counterexamples: {variable: Tensor[B, ...]} points (valid where status is falsified by
+            a counterexample; NaN rows where the variable's region is empty).
+        witnesses: {variable: Tensor[B, ...]} the attack's points of a property whose region
+            quantifiers are all existential (valid where status is verified without a reason:
+            the body holds there); empty for other properties.
         seconds: wall time spent on this property.
         reason: why the property is unsupported, with its position, if it is (property-level).
         reasons: per sample, why it got its verdict where that needs saying: every
@@ -87,6 +91,7 @@ class PropertyVerdicts:
     seconds: float = 0.0
     reason: str | None = None
     reasons: list[str | None] = field(default_factory=list)
+    witnesses: dict[str, Tensor] = field(default_factory=dict)
 
     def rate(self, status: str) -> float:
         return sum(s == status for s in self.status) / max(1, len(self.status))
@@ -177,6 +182,7 @@ def verify_property(
                 status[i] = VERIFIED
             else:
                 open_idx.append(i)
+        witnesses = counterexamples if witnessed else {}
         if not refutable:
             counterexamples = {}
         reason = None
@@ -225,8 +231,9 @@ def verify_property(
                     reasons[i] = reason
     finally:
         model.train(was)
+    seconds = time.perf_counter() - t0
     return PropertyVerdicts(
-        name, status, margin, counterexamples, time.perf_counter() - t0, reason, reasons
+        name, status, margin, counterexamples, seconds, reason, reasons, witnesses
     )
 
 
