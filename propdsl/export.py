@@ -109,14 +109,17 @@ class ExportReport:
 
 
 # -- queries -> instances ------------------------------------------------------------------------
-def instances(query: Any) -> list[Instance]:
-    """The negation of each sample's query (see the module docstring), one `Instance` each."""
+def instances(query: Any) -> list[Instance | None]:
+    """The negation of each sample's query (see the module docstring), one `Instance` each;
+    None for a sample whose region is empty (the ball misses the box): the property holds
+    vacuously there, and the region's bounding box would be a point outside it."""
     from propdsl.verify.query import All, AnyOf, Masked, Rows
 
     if query.region is not None and query.region.centre is not None and query.region.p != INF:
         radius = query.region.radius
         if radius is None or bool((radius > 0).any()):
             raise ValueError("VNN-LIB input constraints are boxes: an L1 / L2 ball is not exported")
+    empty = query.region.is_empty().cpu()
     lo, hi = query.region.bounding_box()
     lo, hi = _numpy(lo.flatten(1)), _numpy(hi.flatten(1))
     rows = {id(r): (_numpy(r.C), _numpy(r.d), r.strict.cpu().numpy()) for r in query.rows}
@@ -157,14 +160,65 @@ def instances(query: Any) -> list[Instance]:
             return negate(node.child, i)
         raise TypeError(type(node).__name__)
 
-    out = []
+    out: list[Instance | None] = []
     for i in range(lo.shape[0]):
+        if bool(empty[i]):
+            out.append(None)
+            continue
         dnf = negate(query.root, i)
         if any(t == () for t in dnf):
             dnf = [()]
         unique = tuple(dict.fromkeys(dnf))
         out.append(Instance(lo[i], hi[i], unique))
     return out
+
+
+EMPTY_REASON = (
+    "the region is empty (the ball does not meet the box): the property holds vacuously, and "
+    "there is no input box to write"
+)
+
+
+def _two_point_reason(formula: Any) -> str | None:
+    """Why a property over two quantified inputs (a Lipschitz bound) has no VNN-LIB file, or
+    None when the formula quantifies over one input."""
+    from propdsl import ir as I
+    from propdsl.verify.jacobian import _norm_of_difference
+
+    node, names = formula, []
+    while isinstance(node, I.Quant):
+        names += [
+            v.name
+            for v, d in zip(node.vars, node.domains, strict=True)
+            if not isinstance(d, I.Range)
+        ]
+        node = node.body
+    if len(names) < 2:
+        return None
+    ps = sorted({_norm_name(t[2]) for n in I.walk(node) if (t := _norm_of_difference(n))})
+    head = (
+        f"it compares the network at {len(names)} inputs ({', '.join(names)}), and a VNN-LIB "
+        "file as export writes it states one input and one output of one network"
+    )
+    if "2" in ps:
+        return (
+            f"{head}; its L2 norm is not linear either, so no linear constraint states it "
+            "(L-inf and L1 norms are piecewise linear, L2 is not); `propdsl verify` decides "
+            "it from Jacobian bounds"
+        )
+    if ps:
+        norms = " and ".join(f"L{p}" for p in ps)
+        return (
+            f"{head}; its {norms} norms are piecewise linear, but the negation needs two "
+            "network copies, a disjunction over the norms' terms and a strict '>' (two equal "
+            "points satisfy the closure '>='), which export does not write; `propdsl verify` "
+            "decides it from Jacobian bounds"
+        )
+    return head
+
+
+def _norm_name(p: float) -> str:
+    return "-inf" if p == INF else str(int(p))
 
 
 def _numpy(t: Tensor) -> np.ndarray:
@@ -318,12 +372,17 @@ def export(
 
     Returns:
         `ExportReport`; properties outside the linear fragment, over L1 / L2 balls or with a
-        single sample too large to write are listed in `skipped` with the reason.
+        single sample too large to write are listed in `skipped` with the reason, and so are
+        samples whose region is empty (`name[i]`: nothing to verify, no input box to write).
+
+    Raises:
+        UsageError: x holds NaN or infinite values.
     """
     from propdsl.verify.query import Unsupported, to_query
-    from propdsl.verify.run import _default_properties, _positioned
+    from propdsl.verify.run import _check_inputs, _default_properties, _positioned
 
     fmt = _format(fmt)
+    _check_inputs(x)
     if len(spec.networks) != 1:
         raise UsageError("export writes one network: the spec declares several")
     ((net_name, net_ty),) = spec.networks.items()
@@ -356,12 +415,16 @@ def export(
                     continue
                 insts = instances(query)
             except Unsupported as err:
-                skipped[name] = _positioned(spec, err)
+                reason = _two_point_reason(prop.formula)
+                skipped[name] = _positioned(spec, Unsupported(reason, err.span) if reason else err)
                 continue
             except ValueError as err:
                 skipped[name] = str(err)
                 continue
             for k, (i, inst) in enumerate(zip(indices, insts, strict=True)):
+                if inst is None:
+                    skipped[f"{name}[{i}]"] = EMPTY_REASON
+                    continue
                 if inst.terms == ():
                     skipped[f"{name}[{i}]"] = "holds whatever the network computes"
                     continue

@@ -964,6 +964,7 @@ def test_lipschitz_verdicts_follow_the_bound():
 
 def test_jacobian_queries_from_formulas():
     """Which normal forms take the Jacobian route, and their regions."""
+    from propdsl.region import RegionError
     from propdsl.verify.jacobian import JacobianQuery, to_jacobian_query
     from propdsl.verify.query import Unsupported
 
@@ -999,11 +1000,16 @@ property smooth(x, y) =
     for name in VERDICT_PROPERTIES:
         assert isinstance(query(name), JacobianQuery), name
     assert len(query("top").atoms) == 2
-    # x lies outside box(0.5, 1) for some samples: the region grows to the box hull with x
-    x[0] = 0.1
+    # x lies outside box(0.5, 1) (its ball still meets the box): the region grows to the box
+    # hull with x
+    x[0], x[1] = 0.45, 0.7
     far = query("lip_far")
     assert far is not None and far.region.centre is None
-    assert bool((far.region.bounding_box()[0][0] <= 0.1).all())
+    assert bool((far.region.bounding_box()[0][0] <= 0.45).all())
+    # a ball that misses the box is an empty region: no hull of a point outside it
+    x[0] = 0.1
+    with pytest.raises(RegionError, match="region of x' is empty"):
+        query("lip_far")
     for name in ("pair_other", "cos_wrong_way"):
         assert query(name) is None, name
     with pytest.raises(Unsupported, match="strict Lipschitz") as err:

@@ -24,7 +24,7 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 
-from propdsl.region import INF, Region
+from propdsl.region import INF, Region, RegionError
 from propdsl.verify.graph import BoundGraph, build_graph
 from propdsl.verify.layers import (
     ActivationRule,
@@ -181,6 +181,25 @@ def _method(method: Method | str) -> Method:
         raise ValueError(f"unknown bound method {method!r}; choose one of {names}") from None
 
 
+def _check_region(region: Region, lo: Tensor, hi: Tensor) -> None:
+    """The engine's entry condition: every sample's region has a point and a finite box.
+
+    The bounding box of an empty region is not a region (a clamped point or lo > hi), and bounds
+    over it would prove anything; an infinite box gives NaN bounds. Callers decide empty
+    samples themselves (a `forall` over one is vacuous) and pass only the others.
+    """
+    empty = region.is_empty()
+    if bool(empty.any()):
+        rows = empty.nonzero().flatten().tolist()
+        shown = ", ".join(map(str, rows[:5])) + (", ..." if len(rows) > 5 else "")
+        raise RegionError(
+            f"the input region is empty for {len(rows)} of {empty.numel()} samples ({shown}): "
+            "the ball does not meet the box, and bounds over an empty region mean nothing"
+        )
+    if not bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+        raise RegionError("the input region is unbounded (an infinite box and no finite ball)")
+
+
 def _input_region(lower: Tensor | None, upper: Tensor | None, region: Region | None) -> Region:
     if region is not None:
         if lower is not None or upper is not None:
@@ -280,6 +299,7 @@ class _Propagation:
     """Bounds of every node of one graph over one region, for one call."""
 
     def __init__(self, graph: BoundGraph, region: Region, lo: Tensor, hi: Tensor):
+        _check_region(region, lo, hi)
         self.graph = graph
         self.region = region
         self.box = (lo, hi)

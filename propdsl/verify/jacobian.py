@@ -35,7 +35,7 @@ from propdsl import ir as I
 from propdsl.explain import _EPS
 from propdsl.logics import get_logic
 from propdsl.loss.compile import CompileConfig, Compiler, Env
-from propdsl.region import INF, Region
+from propdsl.region import INF, Region, RegionError
 from propdsl.verify.bounds import (
     Method,
     NamedEnum,
@@ -1086,6 +1086,11 @@ def to_jacobian_query(
     if not 1 <= len(variables) <= 2 or any(_over_region(n) for n in I.walk(node)):
         return None
     regions = {v.name: compiler._domain(d)(env) for v, d in zip(variables, domains, strict=True)}  # noqa: SLF001
+    for var, reg in regions.items():
+        # The hull below would turn an empty region's placeholder point into a box: refuse it
+        # (the verifier decides such samples as vacuous before building a query).
+        if bool(reg.is_empty().any()):
+            raise RegionError(f"the region of {var} is empty for some samples")
     if len(variables) == 2 and domains[0] != domains[1]:
         region = _hull(*regions.values())
     else:

@@ -106,6 +106,7 @@ def verify_run(
                         "label": int(y[i]),
                         "status": v.status[i],
                         "margin": _num(v.margin[i]),
+                        "reason": v.reasons[i] if v.reasons else None,
                     }
                     for i in range(len(v.status))
                 ],
