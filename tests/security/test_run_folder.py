@@ -697,21 +697,13 @@ def _evil_npz(tmp_path: Path) -> Path:
 
 
 def test_an_npz_with_a_pickle_inside_never_runs_it(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    result = cli_run("train", str(_evil_npz(tmp_path)), "--out", str(tmp_path / "run"), "-q")
-    assert result.exit_code != 0 and "allow_pickle" in result.stderr
-    assert not (tmp_path / "PWNED").exists()
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="propdsl/data.py reads npz arrays outside _open_npz's try: numpy's ValueError for an "
-    "object array escapes as an internal error (exit 70); the data readers' owner fixes it",
-)
-def test_an_npz_with_a_pickle_inside_is_a_spec_error(tmp_path, monkeypatch):
+    # Object arrays are pickled inside the npz: the reader refuses them before any unpickling,
+    # as a data error (exit 1) that names the array.
     monkeypatch.chdir(tmp_path)
     result = cli_run("train", str(_evil_npz(tmp_path)), "--out", str(tmp_path / "run"), "-q")
     assert result.exit_code == 1, result.output
+    assert "'x' holds Python objects" in result.stderr and "Traceback" not in result.output
+    assert not (tmp_path / "PWNED").exists()
 
 
 def test_changed_training_data_are_refused_on_resume(tmp_path):
