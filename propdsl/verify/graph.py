@@ -28,6 +28,7 @@ from propdsl.verify.layers import (
     BoundArg,
     BoundRule,
     Call,
+    NonlinearRule,
     UnsupportedLayerError,
     describe_target,
     rule_for_call,
@@ -77,8 +78,12 @@ class BoundGraph:
         return len(self.nodes) - 1
 
     def is_preactivation(self, i: int) -> bool:
-        """Whether an element-wise nonlinearity reads node i (so its bounds matter)."""
-        return any(isinstance(self.nodes[c].rule, ActivationRule) for c in self.consumers[i])
+        """Whether a nonlinearity (an activation, max pooling) reads node i (so its bounds
+        matter)."""
+        return any(
+            isinstance(self.nodes[c].rule, ActivationRule | NonlinearRule)
+            for c in self.consumers[i]
+        )
 
     def is_direct(self, i: int) -> bool:
         """An affine function of the input that interval arithmetic bounds exactly: a chain of
