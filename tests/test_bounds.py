@@ -73,6 +73,24 @@ class ResidualCNN(nn.Module):
         return self.head(h.reshape(h.shape[0], -1))
 
 
+class LayoutCNN(nn.Module):
+    """Padding (zero and constant), permutations, transposes and concatenations (the layout
+    operations of imported ONNX graphs) around a convolution."""
+
+    def __init__(self):
+        super().__init__()
+        self.pad = nn.ZeroPad2d((1, 0, 0, 1))
+        self.conv = nn.Conv2d(1, 2, 2)
+        self.head = nn.Linear(32 + 32 + 40, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.conv(self.pad(x)))  # [2, 4, 4]
+        a = h.permute(0, 2, 3, 1)
+        b = torch.transpose(F.pad(h, (0, 1), value=0.5), 1, 3)  # [5, 4, 2]
+        c = torch.cat([a.flatten(1), torch.tanh(a).flatten(1), b.flatten(1)], dim=1)
+        return self.head(c)
+
+
 def _mlp(act: nn.Module, d_in: int = 3) -> nn.Module:
     return nn.Sequential(nn.Linear(d_in, 7), act, nn.Linear(7, 7), act, nn.Linear(7, 3))
 
@@ -126,6 +144,7 @@ MODELS: dict[str, tuple] = {
     ),
     "residual_mlp": (lambda: ResidualMLP(3), (3,)),
     "residual_cnn": (lambda: ResidualCNN(), (1, 4, 4)),
+    "layout_cnn": (lambda: LayoutCNN(), (1, 4, 4)),
 }
 
 
