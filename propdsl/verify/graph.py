@@ -59,6 +59,8 @@ class BoundGraph:
     """Nodes in topological order; the last one is the model's output."""
 
     nodes: list[BoundNode]
+    # Each consumer once, even when it reads the node twice (`h + h`): the users sum over a
+    # consumer's inputs themselves.
     consumers: list[list[int]] = field(init=False)
     ancestors: list[frozenset[int]] = field(init=False)
 
@@ -66,7 +68,7 @@ class BoundGraph:
         self.consumers = [[] for _ in self.nodes]
         self.ancestors = []
         for node in self.nodes:
-            for j in node.inputs:
+            for j in dict.fromkeys(node.inputs):
                 self.consumers[j].append(node.index)
             seen: set[int] = set()
             for j in node.inputs:
