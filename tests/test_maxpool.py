@@ -244,7 +244,7 @@ def test_functional_max_pooling_and_gradients() -> None:
         net.zero_grad()
 
 
-def test_unsupported_pool_settings_and_jacobian_bounds() -> None:
+def test_unsupported_pool_settings() -> None:
     x = torch.randn(1, 1, 4, 4)
 
     class WithIndices(nn.Module):
@@ -259,12 +259,6 @@ def test_unsupported_pool_settings_and_jacobian_bounds() -> None:
         bounds(WithIndices(), x, x)
     with pytest.raises(UnsupportedLayerError, match=r"\[C, H, W\]"):
         bounds(nn.MaxPool2d(2), torch.zeros(1, 4, 4), torch.zeros(1, 4, 4))
-    # Jacobian bounds do not cover max pooling (yet): a clear error, no wrong answer
-    from propdsl.verify.jacobian import jacobian_bounds
-
-    net = nn.Sequential(nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4, 1))
-    with pytest.raises(UnsupportedLayerError, match="AffineRule or an ActivationRule"):
-        jacobian_bounds(net, x, x + 0.1)
 
 
 def test_every_input_neuron_of_a_pool_gets_crown_bounds() -> None:
@@ -290,3 +284,53 @@ def test_every_input_neuron_of_a_pool_gets_crown_bounds() -> None:
     width = lambda b: float((b[1] - b[0]).detach().sum())  # noqa: E731
     assert width(crown) <= width(crown_ibp) + 1e-6
     assert math.isfinite(width(crown))
+
+
+# -- Jacobian bounds -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("method", ["ibp", "crown"])
+def test_jacobian_bounds_contain_autograds_jacobians(config: dict, method: str) -> None:
+    from propdsl.verify.jacobian import jacobian_bounds
+
+    gen = torch.Generator().manual_seed(4)
+    net = PoolNet(config, 4, gen)
+    centre = torch.randn(2, 1, 4, 4, generator=gen)
+    lo, hi = centre - 0.2, centre + 0.2
+    jlo, jhi = jacobian_bounds(net, lo, hi, method=method)
+    assert jlo.shape == (2, 3, 1, 4, 4)
+    for k in range(40):
+        x = lo + (hi - lo) * torch.rand(lo.shape, generator=gen)
+        J = torch.func.vmap(torch.func.jacrev(lambda z: net(z[None])[0]))(x)
+        assert bool((J >= jlo - SLACK).all() and (J <= jhi + SLACK).all()), k
+
+
+def test_jacobian_of_a_decided_window_is_exact_and_of_an_open_one_an_interval() -> None:
+    from propdsl.verify.jacobian import jacobian_bounds
+
+    net = MaxMinusThird()  # f = max(x0, x1) - x0 / 3
+    decided = torch.tensor([[[[2.0, 0.0]]]]), torch.tensor([[[[3.0, 1.5]]]])
+    lo, hi = jacobian_bounds(net, *decided)
+    assert lo.flatten().tolist() == pytest.approx([2 / 3, 0.0])
+    assert hi.flatten().tolist() == pytest.approx([2 / 3, 0.0])
+    open_ = torch.tensor([[[[0.0, 1.0]]]]), torch.tensor([[[[3.0, 2.0]]]])
+    lo, hi = jacobian_bounds(net, *open_)
+    # df/dx0 is 1 - 1/3 or -1/3, df/dx1 is 0 or 1, depending on which element is the max
+    assert lo.flatten().tolist() == pytest.approx([-1 / 3, 0.0])
+    assert hi.flatten().tolist() == pytest.approx([2 / 3, 1.0])
+
+
+def test_lipschitz_constants_through_max_pooling_hold_on_pairs() -> None:
+    from propdsl.verify.jacobian import lipschitz_constant
+
+    gen = torch.Generator().manual_seed(5)
+    net = PoolNet(dict(kernel_size=3, stride=1, padding=1), 3, gen)
+    centre = torch.randn(1, 1, 3, 3, generator=gen)
+    lo, hi = centre - 0.3, centre + 0.3
+    bound = lipschitz_constant(net, lo, hi, p=2, q=2)
+    x1 = lo + (hi - lo) * torch.rand(500, 1, 3, 3, generator=gen)
+    x2 = lo + (hi - lo) * torch.rand(500, 1, 3, 3, generator=gen)
+    with torch.no_grad():
+        ratio = (net(x1) - net(x2)).norm(dim=1) / (x1 - x2).flatten(1).norm(dim=1)
+    assert float(ratio.max()) <= float(bound[0]) + SLACK

@@ -632,8 +632,9 @@ def test_onnx_forward_checks_the_input_size(tmp_path: Path) -> None:
 # -- attacks and Jacobian bounds on converted networks -------------------------------------------
 
 
-def test_attacks_and_jacobian_bounds_accept_converted_networks(tmp_path: Path) -> None:
-    model = load_onnx(build(tmp_path, "activations"))
+@pytest.mark.parametrize("name", ["activations", "maxpool", "batchnorm", "concat"])
+def test_attacks_and_jacobian_bounds_accept_converted_networks(tmp_path: Path, name: str) -> None:
+    model = load_onnx(build(tmp_path, name))
     gen = torch.Generator().manual_seed(5)
     centre = torch.randn(3, *model.input_shape, generator=gen)
     lo, hi = centre - 0.3, centre + 0.3

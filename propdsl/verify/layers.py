@@ -1334,3 +1334,35 @@ class MaxPool2dRule(NonlinearRule):
         )
         bias = (neg * offset.unsqueeze(1)).flatten(2).sum(-1)
         return [coeff.reshape(batch, rows, *self.call.in_shapes[0])], bias
+
+    def derivative_backward(
+        self, lo: Tensor, hi: Tensor, lower: Tensor, upper: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Interval bounds of R . d out / d x for R in [lo, hi] ([B', S, *out_shape]), valid at
+        every x of the input box [lower, upper] (for the Jacobian bounds).
+
+        d out_o / d x_k is 1 for the element autograd takes as the window's maximum and 0 for
+        the others. Only the elements whose upper bound reaches the window's largest lower
+        bound can be that maximum: for them the derivative lies in [0, 1], or is exactly 1 when
+        there is one of them (a decided window); for the rest it is 0."""
+        lo_w, hi_w = self._windows(lower), self._windows(upper)
+        candidate = hi_w >= lo_w.max(2, keepdim=True).values  # padding (-inf) never is
+        sole = candidate.sum(2, keepdim=True) == 1
+        d_hi = candidate.to(lo.dtype).unsqueeze(1)  # [B, 1, C, K, L]
+        d_lo = (candidate & sole).to(lo.dtype).unsqueeze(1)
+        batch, channels = lower.shape[:2]
+        rows = lo.shape[1]
+        a_lo = lo.reshape(lo.shape[0], rows, channels, 1, -1)
+        a_hi = hi.reshape(hi.shape[0], rows, channels, 1, -1)
+        # d is in [d_lo, d_hi] within [0, 1]: the products' extremes are at d_lo or d_hi.
+        p_lo = torch.minimum(a_lo * d_lo, a_lo * d_hi)
+        p_hi = torch.maximum(a_hi * d_lo, a_hi * d_hi)
+        positions = self.positions.to(lower.device).clamp_min(0)  # padding slots carry 0
+        index = positions.reshape(1, 1, 1, -1).expand(batch, rows, channels, -1)
+        n_in = math.prod(self.call.in_shapes[0][-2:])
+        out_lo = p_lo.new_zeros(batch, rows, channels, n_in)
+        out_hi = p_hi.new_zeros(batch, rows, channels, n_in)
+        out_lo = out_lo.scatter_add(3, index, p_lo.reshape(batch, rows, channels, -1))
+        out_hi = out_hi.scatter_add(3, index, p_hi.reshape(batch, rows, channels, -1))
+        shape = (batch, rows, *self.call.in_shapes[0])
+        return out_lo.reshape(shape), out_hi.reshape(shape)
