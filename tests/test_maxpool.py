@@ -334,3 +334,19 @@ def test_lipschitz_constants_through_max_pooling_hold_on_pairs() -> None:
     with torch.no_grad():
         ratio = (net(x1) - net(x2)).norm(dim=1) / (x1 - x2).flatten(1).norm(dim=1)
     assert float(ratio.max()) <= float(bound[0]) + SLACK
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu() -> None:
+    from propdsl.verify.jacobian import jacobian_bounds
+
+    gen = torch.Generator().manual_seed(6)
+    net = PoolNet(dict(kernel_size=3, stride=2, padding=1), 5, gen)
+    x = torch.randn(2, 1, 5, 5, generator=gen)
+    cpu = bounds(net, x - 0.1, x + 0.1, method="crown")
+    jcpu = jacobian_bounds(net, x - 0.1, x + 0.1)
+    net, x = net.cuda(), x.cuda()
+    gpu = bounds(net, x - 0.1, x + 0.1, method="crown")
+    jgpu = jacobian_bounds(net, x - 0.1, x + 0.1)
+    for a, b in zip((*cpu, *jcpu), (*gpu, *jgpu), strict=True):
+        assert torch.allclose(a.detach(), b.detach().cpu(), atol=1e-4)

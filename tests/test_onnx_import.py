@@ -654,6 +654,17 @@ def test_attacks_and_jacobian_bounds_accept_converted_networks(tmp_path: Path, n
         assert bool((jac >= jlo - 1e-5).all() and (jac <= jhi + 1e-5).all())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_converted_networks_run_on_cuda(tmp_path: Path) -> None:
+    model = load_onnx(build(tmp_path, "maxpool"))
+    x = torch.randn(3, *model.input_shape)
+    cpu = propdsl.bounds(model, x - 0.1, x + 0.1, method="crown")
+    model = model.cuda()
+    gpu = propdsl.bounds(model, x.cuda() - 0.1, x.cuda() + 0.1, method="crown")
+    for a, b in zip(cpu, gpu, strict=True):
+        assert torch.allclose(a.detach(), b.detach().cpu(), atol=1e-4)
+
+
 # -- the VNN-COMP 2021 networks ------------------------------------------------------------------
 
 

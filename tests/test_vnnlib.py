@@ -248,6 +248,8 @@ def test_polarity_on_some_instances(onnx: str, vnnlib: str, expected: bool) -> N
 
 
 @pytest.mark.slow
+# a few ACAS Xu boxes start where every ReLU is stable and the objective flat: the attack warns
+@pytest.mark.filterwarnings("ignore::propdsl.loss.attacks.VanishingGradientWarning")
 def test_polarity_on_every_instance() -> None:
     pytest.importorskip("onnxruntime")
     root = require_vnncomp()
