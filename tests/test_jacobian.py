@@ -1061,3 +1061,30 @@ def test_relaxations_and_methods_are_named_by_their_strings():
     assert Method("Alpha-CROWN") is Method.ALPHA_CROWN
     with pytest.raises(ValueError, match="not a valid JacobianRelaxation"):
         JacobianRelaxation("mccormick")
+
+
+class _Twice(nn.Module):
+    """A node read twice by one operation (`h + h`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(3, 4)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.inp(x))
+        return self.out(h + h)
+
+
+@pytest.mark.parametrize("relaxation", ["interval", "linear"])
+def test_a_node_read_twice_by_one_operation_counts_twice_not_four_times(relaxation):
+    # Regression: the linear pass visited the consumer once per reading and summed both
+    # readings each time, so `h + h` counted 4 h and the bounds missed the true Jacobian.
+    torch.manual_seed(0)
+    net = _Twice()
+    x = torch.randn(2, 3)
+    lo, hi = jacobian_bounds(net, x - 0.1, x + 0.1, relaxation=relaxation)
+    for k in range(20):
+        z = x + 0.2 * (torch.rand(x.shape, generator=torch.Generator().manual_seed(k)) - 0.5)
+        J = torch.func.vmap(torch.func.jacrev(net))(z)
+        assert bool(((J >= lo - 1e-6) & (J <= hi + 1e-6)).all())

@@ -31,6 +31,7 @@ from propdsl.verify.layers import (
     AffineRule,
     BoundRule,
     Interval,
+    NonlinearRule,
     Relaxation,
     UnsupportedLayerError,
     concretize_box,
@@ -414,11 +415,16 @@ class _Propagation:
                 pos = A.clamp(min=0)
                 ins = [torch.addcmul(A * r.upper_slope, pos, r.lower_slope - r.upper_slope)]
                 bias = bias + _dot(A, r.upper_bias) + _dot(pos, r.lower_bias - r.upper_bias)
+            elif isinstance(rule, NonlinearRule):
+                ins, b = rule.backward(A, *self.bounds[node.inputs[0]])
+                if b is not None:
+                    bias = bias + b
             else:
                 rule = cast(BoundRule, rule)
                 raise UnsupportedLayerError(
                     f"{rule.call.describe()}: its rule {type(rule).__name__} has interval "
-                    "bounds only; use method='ibp' or give it an AffineRule / ActivationRule"
+                    "bounds only; use method='ibp' or give it an AffineRule / ActivationRule / "
+                    "NonlinearRule"
                 )
             for j, coeff in zip(node.inputs, ins, strict=True):
                 if coeff is not None:
@@ -453,7 +459,7 @@ class _Propagation:
         need = torch.zeros(lo.shape, dtype=torch.bool, device=lo.device)
         for c in self.graph.consumers[i]:
             rule = self.graph.nodes[c].rule
-            if isinstance(rule, ActivationRule):
+            if isinstance(rule, ActivationRule | NonlinearRule):
                 need |= rule.needs_bounds(lo, hi)
         return _first_needed(need.reshape(self.batch, -1), shared=True)
 

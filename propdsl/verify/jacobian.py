@@ -57,6 +57,7 @@ from propdsl.verify.layers import (
     Interval,
     LeakyReLURule,
     LinearRule,
+    MaxPool2dRule,
     ReLURule,
     ReshapeRule,
     SoftplusRule,
@@ -280,6 +281,10 @@ def _backward(
             a_lo, a_hi = (mid, mid) if rad is None else (mid - rad, mid + rad)
             lo, hi = _interval_product(a_lo, a_hi, d_lo.unsqueeze(1), d_hi.unsqueeze(1))
             ins, rad_ins = [(lo + hi) / 2], [(hi - lo) / 2]
+        elif isinstance(rule, MaxPool2dRule):
+            a_lo, a_hi = (mid, mid) if rad is None else (mid - rad, mid + rad)
+            lo, hi = rule.derivative_backward(a_lo, a_hi, *pre[node.inputs[0]])
+            ins, rad_ins = [(lo + hi) / 2], [(hi - lo) / 2]
         else:
             raise UnsupportedLayerError(
                 f"{rule.call.describe() if rule is not None else 'the input'}: Jacobian bounds "
@@ -419,6 +424,8 @@ def _linear_pass(
     spec . d out / d node for every activation node; None where an affine layer has no forward
     map within the size limits."""
     nodes = graph.nodes
+    if any(isinstance(node.rule, MaxPool2dRule) for node in nodes):
+        return None  # max pooling has interval derivative bounds only
     # Per activation: the centre of its derivative range [B, 1, *shape] and the error weights
     # max |Lambda_c| d_rad [B, S, n_c].
     centres: dict[int, Tensor] = {}
