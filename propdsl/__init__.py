@@ -41,6 +41,9 @@ __all__ = [
     "bounds",
     "jacobian_bounds",
     "load",
+    "load_onnx",
+    "onnx_forward",
+    "read_vnnlib",
 ]
 
 _LAZY = {
@@ -51,10 +54,15 @@ _LAZY = {
     "jacobian_bounds": "propdsl.verify.jacobian",
     "Spec": "propdsl.api",
     "Property": "propdsl.api",
+    "load_onnx": "propdsl.interop.onnx_import",
+    "onnx_forward": "propdsl.interop.onnx_import",
+    "read_vnnlib": "propdsl.interop.vnnlib",
 }
 
 if TYPE_CHECKING:
     from propdsl.api import Property, Spec, load
+    from propdsl.interop.onnx_import import load_onnx, onnx_forward
+    from propdsl.interop.vnnlib import read_vnnlib
     from propdsl.loss.attacks import APGD, PGD
     from propdsl.verify.bounds import bounds
     from propdsl.verify.jacobian import jacobian_bounds

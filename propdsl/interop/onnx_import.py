@@ -41,7 +41,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from propdsl.errors import PropdslError, UsageError
+from propdsl.errors import UsageError
 from propdsl.verify.layers import UnsupportedLayerError
 
 __all__ = [
@@ -103,8 +103,9 @@ class UnsupportedOperatorError(OnnxImportError, UnsupportedLayerError):
     """A node whose operator, or the way it uses the batch axis, has no translation."""
 
 
-class ConversionMismatchError(PropdslError):
-    """The converted module disagrees with onnxruntime: a bug in the converter."""
+class ConversionMismatchError(RuntimeError):
+    """The converted module disagrees with onnxruntime: a bug in the converter, so the command
+    line reports it as an internal error (exit 70), never as the user's mistake."""
 
 
 # -- the public functions ------------------------------------------------------------------------
