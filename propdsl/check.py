@@ -1537,7 +1537,7 @@ class Checker:
             v = self.const_of(node, kw.value.span, f"'{kw.name}'")
             if v is None:
                 return self.bad(e.span)
-            value = self.in_range(v, O.EXPLAINER_KEYWORDS[fid][kw.name], kw.name, kw.value.span)
+            value = self.in_range(v, O.EXPLAINER_KEYWORDS[fid][kw.name], kw.name, kw.value)
             if value is _NOT_CONST:
                 return self.bad(e.span)
             opts.append((kw.name, value))
@@ -1702,27 +1702,41 @@ class Checker:
         if v is _NOT_CONST:
             self.error(f"'{key}' must be a constant", e.span)
             return _NOT_CONST
-        return self.in_range(v, want, key, e.span)
+        return self.in_range(v, want, key, e)
 
-    def in_range(self, v: Any, want: O.Kw, key: str, span: Span | None) -> Any:
-        """`v` converted to the keyword's type and checked against its range (options.py), or
-        `_NOT_CONST` after a positioned error."""
+    def in_range(self, v: Any, want: O.Kw, key: str, e: A.Expr) -> Any:
+        """`v`, the value of `e`, converted to the keyword's type and checked against its range
+        (options.py), or `_NOT_CONST` after a positioned error."""
         c = coerce_param(v, _TYPE_NAMES[want.type])
         if c is None:
-            self.error(f"'{key}' must be {want.type}, got {_show_value(v)}", span)
+            self.error(f"'{key}' must be {want.type}, got {self.as_written(e, v)}", e.span)
             return _NOT_CONST
         if want.type in ("Real", "Nat") and not want.allows(c):
             if isinstance(c, float) and not (math.isfinite(c) and abs(c) <= O.FLOAT32_MAX):
                 self.error(
                     f"'{key}' must be a finite number (at most {O.FLOAT32_MAX:.4g} in size, "
-                    f"the float32 range), got {_show_value(v)}",
-                    span,
+                    f"the float32 range), got {self.as_written(e, v)}",
+                    e.span,
                 )
             else:
                 assert want.bounds is not None
-                self.error(f"'{key}' must be {want.bounds.show()}, got {_show_value(v)}", span)
+                shown = self.as_written(e, v)
+                self.error(f"'{key}' must be {want.bounds.show()}, got {shown}", e.span)
             return _NOT_CONST
         return c
+
+    def as_written(self, e: A.Expr, value: Any) -> str:
+        """A literal value as the spec writes it (`1e40`, not `1e+40`); else the value."""
+        literal = e.operand if isinstance(e, A.Unary) and e.op == "-" else e
+        sp = e.span
+        if isinstance(literal, A.Num) and sp is not None and sp.line == sp.end_line:
+            text = self.source.line(sp.line)[sp.col - 1 : sp.end_col - 1]
+            try:  # the text at the span is this very number (not, say, the prelude's)
+                if _DECIMAL.fullmatch(text) and float(text) == float(value):
+                    return text
+            except OverflowError:
+                pass
+        return _show_value(value)
 
     _top_scope_for_options: Scope = Scope()
 
