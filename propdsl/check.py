@@ -70,6 +70,10 @@ MAX_FINITE = 10_000
 # Quantifiers over balls and boxes nested in one another: each is solved by an attack that runs
 # the attack of the one inside at every step, so the work is (steps + 1) ** nesting.
 MAX_ATTACK_NESTING = 3
+# Elements of a variable over a box with scalar bounds, whose shape comes from its annotation
+# alone (any other domain has the shape of a tensor that exists: an input, an output): the
+# backends hold a batch of such points.
+MAX_BOX_ELEMENTS = 2**20
 
 
 class _ErrTy(Ty):
@@ -1099,6 +1103,15 @@ class Checker:
                 if isinstance(ty, _ErrTy) and not isinstance(ann, _ErrTy) and not failed:
                     ty = ann
                     if isinstance(ann, TensorTy) and isinstance(dom, I.Domain):
+                        if math.prod(ann.shape) > MAX_BOX_ELEMENTS:
+                            self.error(
+                                f"'{b.name}' would hold {math.prod(ann.shape):,} numbers per "
+                                f"sample, more than {MAX_BOX_ELEMENTS:,}",
+                                b.annotation.span,
+                                "a box with scalar bounds takes its variable's shape; "
+                                "quantify over a smaller tensor",
+                            )
+                            failed = True
                         # the box takes the annotated shape: the backends build its region
                         dom = _with_dims(dom, ann.shape)
                 elif not isinstance(ann, _ErrTy) and not isinstance(ty, _ErrTy) and ann != ty:

@@ -149,6 +149,14 @@ def test_a_huge_finite_domain_is_refused_where_it_is_written(tmp_path):
     assert f"at most {C.MAX_RANGE:,} values" in result.stderr
 
 
+def test_a_huge_annotated_box_variable_is_refused(tmp_path):
+    # its shape comes from the annotation alone: training would hold a batch of such points
+    text = NET + "property p(x) = forall z : Tensor[100000, 100000] in box(0, 1): norm(z) >= 0\n"
+    result = run("check", str(write(tmp_path, text)))
+    m = assert_spec_error(result, line=2, contains="'z' would hold 10,000,000,000 numbers")
+    assert int(m["col"]) == text.split("\n")[1].index("Tensor") + 1
+
+
 def test_nested_finite_domains_multiply(tmp_path):
     text = NET + "property p(x) = forall i in range(200): forall j in range(200): f(x)[0] > 0\n"
     result = run("check", str(write(tmp_path, text)))
