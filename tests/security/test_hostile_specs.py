@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+import propdsl
 from propdsl import ast as A
 from propdsl import check as C
 from propdsl import cli
@@ -210,6 +211,34 @@ def test_long_chains_of_definitions_are_a_positioned_error(tmp_path, kind, n):
     assert f"more than {C.MAX_NESTING} levels" in check.stderr
     assert_spec_error(train, contains="nested too deeply")
     assert fmt.stderr == ""  # formatting needs no inlining: no error
+
+
+def test_the_deepest_accepted_chain_trains(tmp_path):
+    # the largest chain the nesting limit accepts goes through every pass of `propdsl train`
+    def spec(n: int) -> str:
+        return chained(n, "functions").replace(
+            f"a{n - 1}(f(x)[y]) > 0", f"forall x' in ball(x, 0.1, inf): a{n - 1}(f(x')[y]) > 0"
+        )
+
+    lo, hi = 1, C.MAX_NESTING  # bisection: the largest n that loads
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if _loads(spec(mid)) else (lo, mid - 1)
+    n = lo
+    assert n >= C.MAX_NESTING // 3 and not _loads(spec(n + 1))
+    path = write(tmp_path, spec(n))
+    result = run("train", str(path), "--epochs", "1", "--out", str(tmp_path / "run"), "-q")
+    assert result.exit_code == 0, result.output[-2000:]
+    assert (tmp_path / "run" / "last.safetensors").exists()
+
+
+def _loads(text: str) -> bool:
+    try:
+        propdsl.load(text)
+    except propdsl.CheckError as err:
+        assert "nested too deeply" in err.diagnostics[0].message
+        return False
+    return True
 
 
 @pytest.mark.parametrize(
