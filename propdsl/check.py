@@ -9,6 +9,8 @@ argument types, so they are shape-polymorphic.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import math
 import numbers
 import re
@@ -43,6 +45,35 @@ from propdsl.types import (
 
 # Only the first errors are shown (errors.MAX_REPORTED); this bounds the work on hopeless input.
 MAX_DIAGNOSTICS = 1000
+# Did-you-mean hints are computed for the first errors only: each compares a name with every
+# visible one, so a hint for each of thousands of errors would be quadratic work.
+MAX_HINTS = 50
+
+# Limits on what a spec can make the checker and the backends do (docs/language.md, "Limits").
+# Let constants, functions, templates and the prelude are inlined at every use, so a few lines
+# of doubling definitions (`let a2 = a1 + a1`) would expand to an exponential formula.
+# Expression nodes of one declaration (property, let, param, block) once everything is inlined;
+# each use of a let constant or of a function's argument counts its whole size.
+MAX_EXPANDED = 10_000
+# ... and of the whole spec.
+MAX_SPEC_EXPANDED = 100_000
+# Levels of nesting of one expression, inlined definitions included. Every pass over the AST and
+# the IR (this checker, the simplifier, the printers, the loss compiler, the verifier's query
+# builder) recurses a few Python frames per level: at this depth they all stay far below
+# Python's recursion limit (1000 frames).
+MAX_NESTING = 120
+# range(K): K values; nested finite quantifiers (range(K) and classes): the product of their
+# sizes. The backends enumerate every combination for every sample of a batch. `classes` alone
+# is exempt: it is the network's own output size.
+MAX_RANGE = 10_000
+MAX_FINITE = 10_000
+# Quantifiers over balls and boxes nested in one another: each is solved by an attack that runs
+# the attack of the one inside at every step, so the work is (steps + 1) ** nesting.
+MAX_ATTACK_NESTING = 3
+# Elements of a variable over a box with scalar bounds, whose shape comes from its annotation
+# alone (any other domain has the shape of a tensor that exists: an input, an output): the
+# backends hold a batch of such points.
+MAX_BOX_ELEMENTS = 2**20
 
 
 class _ErrTy(Ty):
@@ -137,6 +168,22 @@ class Scope:
             s = s.parent
         return out
 
+    def own_var_names(self) -> set[str]:
+        """Names of the IR variables in this scope's own value bindings.
+
+        Cached and extended as bindings are added (they are never replaced), so that a spec
+        with many lets and quantifiers costs linear work, not a walk of every let per binder.
+        """
+        cache = self.__dict__.setdefault("_var_cache", [0, set()])
+        if cache[0] != len(self.names):
+            for entry in itertools.islice(self.names.values(), cache[0], None):
+                if isinstance(entry, ValueEntry):
+                    cache[1].update(
+                        n.name for n in I.walk_unique(entry.node) if isinstance(n, I.Var)
+                    )
+            cache[0] = len(self.names)
+        return cache[1]
+
 
 # -- results ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -190,7 +237,7 @@ def _show_value(v: Any) -> str:
     if isinstance(v, OptionValue):
         return v.show()
     if isinstance(v, float) and math.isinf(v):
-        return "inf"
+        return "inf" if v > 0 else "-inf"
     return repr(v)
 
 
@@ -223,15 +270,123 @@ class Checker:
         # uses are not reported again, which would only repeat the first error.
         self.failed: dict[str, str] = {}
         self._declaring: str | None = None  # the top-level declaration being checked
+        # The work limits (see MAX_EXPANDED and the others above).
+        self._expanding_entries: list[FunEntry] = []
+        self._spent = 0  # expanded nodes of the current declaration
+        self._spent_total = 0  # ... of the whole spec
+        self._nesting = 0  # levels of the expression being checked, inlined definitions included
+        self._finite = 1  # combinations of the finite quantifiers around it
+        self._attacks = 0  # quantifiers over balls and boxes around it
+        self._measured: dict[int, tuple[I.Node, int, int, int, int]] = {}
+        self._consts: dict[int, tuple[I.Node, Any]] = {}
+        self._hints = 0
+        self._quiet: set[int] = set()  # FunEntry ids whose expansion crossed a limit
 
     # -- diagnostics -----------------------------------------------------------------------------
     def error(self, message: str, span: Span | None, hint: str | None = None, notes=()) -> Ty:
         if len(self.diags) < MAX_DIAGNOSTICS:
-            extra = tuple(notes) + tuple(
-                f"while expanding '{name}'" for name in reversed(self._expanding)
-            )
-            self.diags.append(Diagnostic(message, span, hint, notes=extra))
+            self.diags.append(Diagnostic(message, span, hint, notes=tuple(notes) + self.context()))
         return ERR
+
+    def context(self) -> tuple[str, ...]:
+        """Notes naming the definitions being expanded, innermost first (a long chain cut)."""
+        names = [f"while expanding '{name}'" for name in reversed(self._expanding)]
+        if len(names) > 6:
+            names = [*names[:3], f"... {len(names) - 5} more expansions", *names[-2:]]
+        return tuple(names)
+
+    def did_you_mean(self, name: str, candidates: Any) -> str | None:
+        """A close candidate for `name` (see `suggest`), for the first `MAX_HINTS` errors only.
+
+        `candidates` may be a function, called only when a hint is still computed.
+        """
+        if self._hints >= MAX_HINTS or len(self.diags) >= MAX_DIAGNOSTICS:
+            return None
+        self._hints += 1
+        return suggest(name, candidates() if callable(candidates) else candidates)
+
+    # -- limits ----------------------------------------------------------------------------------
+    def enter(self, span: Span | None) -> None:
+        """One more level of an expression being checked (undone by `leave`)."""
+        self._nesting += 1
+        if self._nesting > MAX_NESTING:
+            self.too_deep(span)
+        self.spend(1, span)
+
+    def leave(self) -> None:
+        self._nesting -= 1
+
+    def too_deep(self, span: Span | None) -> None:
+        raise self.limit(
+            f"this expression is nested too deeply: more than {MAX_NESTING} levels once lets, "
+            "functions and templates are inlined",
+            span,
+            "a chain of definitions that each use the previous one nests one level per link; "
+            "shorten the chain",
+        )
+
+    def spend(self, nodes: int, span: Span | None) -> None:
+        """Count `nodes` more expression nodes of the current declaration and of the spec."""
+        self._spent += nodes
+        self._spent_total += nodes
+        if self._spent_total > MAX_SPEC_EXPANDED:
+            raise self.limit(
+                f"the spec is too large: more than {MAX_SPEC_EXPANDED:,} expression nodes in "
+                "all once lets, functions and templates are inlined",
+                span,
+                "each use of a let or a function copies its definition",
+                fatal=True,
+            )
+        if self._spent > MAX_EXPANDED:
+            raise self.limit(
+                f"this declaration is too large: more than {MAX_EXPANDED:,} expression nodes "
+                "once lets, functions and templates are inlined",
+                span,
+                "each use of a let or a function copies its definition, so definitions that "
+                "each use the previous one twice grow exponentially",
+            )
+
+    def limit(self, message: str, span: Span | None, hint: str, fatal: bool = False) -> _Limit:
+        notes = self.context()
+        if notes and self._declaring:
+            # the chain of expansions began in this declaration
+            notes += (f"while checking '{self._declaring}'",)
+        diagnostic = Diagnostic(message, span, hint, notes=notes)
+        return _Limit(diagnostic, tuple(self._expanding_entries), fatal)
+
+    def measure(self, node: I.Node) -> tuple[int, int, int, int]:
+        """(tree size, depth, finite combinations, attack nesting) of an IR node, memoised per
+        node object, so that a let constant shared many times over is measured once (work
+        linear in the DAG, not in the tree)."""
+        memo = self._measured
+        found = memo.get(id(node))
+        if found is not None:
+            return found[1:]
+        stack: list[tuple[I.Node, bool]] = [(node, False)]
+        while stack:
+            n, ready = stack.pop()
+            if id(n) in memo:
+                continue
+            kids = n.children()
+            if not ready:
+                stack.append((n, True))
+                stack.extend((c, False) for c in kids if id(c) not in memo)
+                continue
+            size, depth, finite, attacks = 1, 0, 1, 0
+            for c in kids:
+                _, cs, cd, cf, ca = memo[id(c)]
+                size, depth = size + cs, max(depth, cd)
+                finite, attacks = max(finite, cf), max(attacks, ca)
+            if isinstance(n, I.Quant):
+                finite *= _finite_combinations(n.domains)
+                attacks += _is_attacked(n.domains)
+            memo[id(n)] = (n, size, depth + 1, finite, attacks)
+        return memo[id(node)][1:]
+
+    def const(self, node: I.Node) -> Any:
+        """`eval_const` memoised per node object (a constant is evaluated once, not once per
+        enclosing expression)."""
+        return eval_const(node, self.params, self._consts)
 
     # -- modules ---------------------------------------------------------------------------------
     def check_module(self, module: A.Module, prelude: Scope | None) -> Checked:
@@ -241,7 +396,8 @@ class Checker:
                 self.all_top.setdefault(d.name, getattr(d, "name_span", None))
         for d in module.decls:
             if isinstance(d, A.Block):
-                self.check_block(d, top)
+                if self.within_limits(lambda d=d: self.check_block(d, top)) == "fatal":
+                    break
                 continue
             prev = top.names.get(d.name)
             if prev is not None:
@@ -262,8 +418,16 @@ class Checker:
                 continue
             reported = len(self.diags)
             self._declaring = d.name
-            entry = self.check_decl(d, top)
-            self._declaring = None
+            try:
+                entry = self.within_limits(lambda d=d: self.check_decl(d, top))
+            finally:
+                self._declaring = None
+            if entry == "fatal":
+                self.failed[d.name] = _decl_kind(d)
+                break
+            if entry == "limit":
+                self.failed[d.name] = _decl_kind(d)
+                continue
             if isinstance(entry, FunEntry) and len(self.diags) > reported:
                 entry.broken = True
             if entry is not None:
@@ -274,7 +438,7 @@ class Checker:
         for name in self.overrides:
             if name not in declared:
                 known = sorted(declared)
-                hint = suggest(str(name), known)
+                hint = self.did_you_mean(str(name), known)
                 msg = f"unknown parameter '{name}' in an override"
                 self.error(
                     msg,
@@ -289,6 +453,22 @@ class Checker:
             tuple(self.blocks),
             self.network_spans,
         )
+
+    def within_limits(self, check: Any) -> Any:
+        """`check()` for one declaration, under its own expansion budget. A crossed limit is
+        reported and abandons the declaration: "limit" (or "fatal" for the whole spec's limit,
+        after which nothing more is checked) is returned instead of the result."""
+        self._spent = 0
+        try:
+            return check()
+        except _Limit as limit:
+            if len(self.diags) < MAX_DIAGNOSTICS:
+                self.diags.append(limit.diagnostic)
+            # Its other uses stay quiet: the first report is enough and each would cost the
+            # budget again. Marked here, not on the entries: the prelude's are shared by every
+            # spec loaded in the process.
+            self._quiet.update(id(entry) for entry in limit.entries)
+            return "fatal" if limit.fatal else "limit"
 
     def check_decl(self, d: A.Decl, scope: Scope) -> Any:
         if isinstance(d, A.NetworkDecl):
@@ -358,7 +538,7 @@ class Checker:
                 return self.error("Tensor needs its dimensions, as in Tensor[1, 8, 8]", t.span)
             return tensor(tuple(dims))
         known = ["Real", "Bool", "Nat", "Index", "Label", "Tensor"]
-        hint = suggest(name, known)
+        hint = self.did_you_mean(name, known)
         return self.error(
             f"unknown type '{name}'",
             t.span,
@@ -378,10 +558,12 @@ class Checker:
             value = coerce_param(raw, ty)
             if value is None:
                 shown = repr(raw) if len(repr(raw)) <= 40 else repr(raw)[:37] + "..."
+                where = f"declared at line {d.name_span.line}" if d.name_span else ""
+                why = _override_hint(raw, ty)
                 self.error(
                     f"parameter '{d.name}' is {ty}, but the override gives {shown}",
                     None,
-                    f"declared at line {d.name_span.line}" if d.name_span else None,
+                    f"{why} ({where})" if why and where else (why or where or None),
                 )
                 value = self.param_default(d, ty, scope)
                 if value is None:
@@ -412,7 +594,7 @@ class Checker:
         node = self.infer(e, scope)
         if isinstance(node.ty, _ErrTy):
             return None
-        value = eval_const(node, self.params)
+        value = self.const(node)
         if value is _NOT_CONST:
             self.error(f"{what} must be a constant", e.span)
             return None
@@ -567,16 +749,20 @@ class Checker:
                 span,
                 "declare it before this use",
             )
-        candidates = scope.visible() | set(bound) | BUILTIN_FUNCTIONS | BUILTIN_NAMES
-        hint = suggest(name, candidates)
+        hint = self.did_you_mean(
+            name, lambda: scope.visible() | set(bound) | BUILTIN_FUNCTIONS | BUILTIN_NAMES
+        )
         return self.error(
             f"unknown name '{name}'", span, f"did you mean '{hint}'?" if hint else None
         )
 
     # -- expressions -----------------------------------------------------------------------------
     def infer(self, e: A.Expr, scope: Scope) -> I.Node:
-        method = getattr(self, f"_infer_{type(e).__name__}")
-        return method(e, scope)
+        self.enter(e.span)
+        try:
+            return getattr(self, f"_infer_{type(e).__name__}")(e, scope)
+        finally:
+            self.leave()
 
     def bad(self, span: Span | None) -> I.Node:
         return I.Const(0, ERR, span=span)
@@ -608,6 +794,7 @@ class Checker:
             self.unknown_name(e.id, e.span, scope)
             return self.bad(e.span)
         if isinstance(entry, ValueEntry):
+            self.inline(entry.node, e.span)
             return _respan(entry.node, e.span)
         if isinstance(entry, ParamEntry):
             return I.ParamRef(e.id, entry.ty, span=e.span)
@@ -622,6 +809,40 @@ class Checker:
             self.error(f"{kind} '{e.id}' must be called with its arguments", e.span)
             return self.bad(e.span)
         raise TypeError(entry)
+
+    def inline(self, node: I.Node, span: Span | None) -> None:
+        """Account for a let constant or an argument placed here: its whole size, its depth below
+        this level, and its range quantifiers within the ones around it."""
+        size, depth, finite, attacks = self.measure(node)
+        if size > 1:
+            self.spend(size - 1, span)
+        if self._nesting + depth - 1 > MAX_NESTING:
+            self.too_deep(span)
+        if finite > 1 and self._finite > 1:
+            self.check_finite(self._finite * finite, span)
+        if attacks:
+            self.check_attacks(self._attacks + attacks, span)
+
+    def check_finite(self, combinations: int, span: Span | None) -> None:
+        if combinations > MAX_FINITE:
+            raise self.limit(
+                f"too many combinations of nested finite quantifiers: {combinations:,}, more "
+                f"than {MAX_FINITE:,}",
+                span,
+                "every sample of a batch is evaluated at each combination of the values of "
+                "nested range(K) and classes quantifiers; quantify over fewer values",
+            )
+
+    def check_attacks(self, nesting: int, span: Span | None) -> None:
+        if nesting > MAX_ATTACK_NESTING:
+            raise self.limit(
+                f"quantifiers over balls and boxes are nested {nesting} deep, more than "
+                f"{MAX_ATTACK_NESTING}",
+                span,
+                "each is solved by an attack that runs the attacks of those inside it at every "
+                "step; quantify over several variables in one quantifier instead, as in "
+                "'forall a in D1, b in D2: ...'",
+            )
 
     def classes_domain(self, span: Span | None, scope: Scope) -> I.Node:
         nets = [n for n in self.networks if isinstance(scope.lookup(n), NetEntry)]
@@ -722,7 +943,7 @@ class Checker:
             return self.bad(e.span)
         for idx_ty, other, side in ((lt, right, e.right), (rt, left, e.left)):
             if isinstance(idx_ty, IndexTy) and other.ty == NAT:
-                v = eval_const(other, self.params)
+                v = self.const(other)
                 if v is not _NOT_CONST and not 0 <= v < idx_ty.k:
                     self.error(
                         f"{v} is not an element of {idx_ty} (0 to {idx_ty.k - 1})", side.span
@@ -762,7 +983,7 @@ class Checker:
         node = I.Arith(op, left, right, ty, span=e.span)
         if shape == ():
             try:
-                _eval(node, self.params)
+                _eval(node, self.params, self._consts)
             except _ConstFailure as err:
                 self.error(f"cannot compute this constant: {err}", e.span)
                 return self.bad(e.span)
@@ -817,7 +1038,7 @@ class Checker:
                     )
                     return self.bad(e.span)
             elif node.ty == NAT:
-                v = eval_const(node, self.params)
+                v = self.const(node)
                 if v is not _NOT_CONST and not 0 <= v < dim:
                     self.error(
                         f"index {v} is out of range for a dimension of size {dim}",
@@ -837,6 +1058,9 @@ class Checker:
         vars_: list[I.Var] = []
         domains: list[I.Domain] = []
         failed = False
+        combinations = self._finite  # of the finite binders around and up to here
+        factors = self._finite > 1
+        attacked = False  # a binder over a ball or a box
         for b in e.binders:
             dom = self.infer(b.domain, inner)
             self.check_fresh(b.name, b.span, inner)
@@ -845,7 +1069,14 @@ class Checker:
                 failed = True
             elif isinstance(dom, I.Range):
                 ty = IndexTy(dom.k, dom.label)
+                combinations *= dom.k
+                if factors:  # a lone finite quantifier is bounded by MAX_RANGE or the network
+                    self.check_finite(combinations, b.span)
+                factors = True
             elif isinstance(dom, I.Domain):
+                if not attacked:
+                    self.check_attacks(self._attacks + 1, b.span)
+                    attacked = True
                 if dom.shape is None:
                     if b.annotation is None:
                         nets = [n for n in self.networks if isinstance(scope.lookup(n), NetEntry)]
@@ -871,6 +1102,18 @@ class Checker:
                 ann = self.type_expr(b.annotation, scope)
                 if isinstance(ty, _ErrTy) and not isinstance(ann, _ErrTy) and not failed:
                     ty = ann
+                    if isinstance(ann, TensorTy) and isinstance(dom, I.Domain):
+                        if math.prod(ann.shape) > MAX_BOX_ELEMENTS:
+                            self.error(
+                                f"'{b.name}' would hold {math.prod(ann.shape):,} numbers per "
+                                f"sample, more than {MAX_BOX_ELEMENTS:,}",
+                                b.annotation.span,
+                                "a box with scalar bounds takes its variable's shape; "
+                                "quantify over a smaller tensor",
+                            )
+                            failed = True
+                        # the box takes the annotated shape: the backends build its region
+                        dom = _with_dims(dom, ann.shape)
                 elif not isinstance(ann, _ErrTy) and not isinstance(ty, _ErrTy) and ann != ty:
                     self.error(
                         f"'{b.name}' is annotated {ann}, but its domain holds {ty}",
@@ -882,7 +1125,12 @@ class Checker:
             inner.names[b.name] = ValueEntry(var, b.span)
             vars_.append(var)
             domains.append(dom if isinstance(dom, I.Domain) else I.Box(dom, dom))
-        body = self.infer(e.body, inner)
+        outer = (self._finite, self._attacks)
+        self._finite, self._attacks = combinations, self._attacks + attacked
+        try:
+            body = self.infer(e.body, inner)
+        finally:
+            self._finite, self._attacks = outer
         if failed or isinstance(body.ty, _ErrTy):
             return self.bad(e.span)
         if e.kind in ("forall", "exists"):
@@ -961,7 +1209,7 @@ class Checker:
         if d.name in self._expanding:
             self.error(f"'{d.name}' calls itself", e.span)
             return self.bad(e.span)
-        if entry.broken:
+        if entry.broken or id(entry) in self._quiet:
             return self.bad(e.span)
         inner = entry.scope.child()
         for p, a in zip(d.params, e.args, strict=True):
@@ -981,28 +1229,31 @@ class Checker:
                     return self.bad(e.span)
             inner.names[p.name] = ValueEntry(node, a.span)
         self._expanding.append(d.name)
+        self._expanding_entries.append(entry)
         before = len(self.diags)
+        prelude = _is_prelude_scope(entry.scope)
         try:
             body = self.infer(d.body, inner)
+        except _Limit as limit:
+            if prelude:
+                limit.diagnostic = _from_prelude(limit.diagnostic, d.name, e.span)
+            raise
         finally:
             self._expanding.pop()
-        if _is_prelude_scope(entry.scope) and len(self.diags) > before:
+            self._expanding_entries.pop()
+        if prelude and len(self.diags) > before:
             # The prelude's text is not the user's: point at the call, quote the definition.
-            moved = []
-            for diag in self.diags[before:]:
-                where = f"in the prelude's definition of '{d.name}': {diag.message}"
-                moved.append(Diagnostic(where, e.span, diag.hint, notes=diag.notes))
-            self.diags[before:] = moved
+            self.diags[before:] = [_from_prelude(g, d.name, e.span) for g in self.diags[before:]]
         if isinstance(d, A.PropertyDecl) and body.ty not in (BOOL, ERR):
             self.error(f"a property must be Bool, but this is {body.ty}", d.body.span)
             return self.bad(e.span)
         return _respan(body, e.span)
 
     def builtin(self, fid: str, e: A.Call, scope: Scope) -> I.Node:
-        spec = _BUILTIN_KEYWORDS.get(fid, ())
+        spec = O.EXPLAINER_KEYWORDS.get(fid, {})
         for k in e.keywords:
             if k.name not in spec:
-                hint = suggest(k.name, list(spec))
+                hint = self.did_you_mean(k.name, list(spec))
                 self.error(
                     f"'{fid}' has no keyword '{k.name}'",
                     _keyword_name_span(k),
@@ -1099,7 +1350,7 @@ class Checker:
         return I.Fn(fid, tuple(args[:2]), REAL, (("k", k),), span=e.span)
 
     def const_of(self, node: I.Node, span: Span | None, what: str) -> Any:
-        v = eval_const(node, self.params)
+        v = self.const(node)
         if v is _NOT_CONST:
             self.error(f"{what} must be a constant", span)
             return None
@@ -1178,7 +1429,7 @@ class Checker:
         if not is_scalar(radius.ty):
             self.error(f"a ball's radius must be a Real number, got {radius.ty}", e.args[1].span)
             return self.bad(e.span)
-        r = eval_const(radius, self.params)
+        r = self.const(radius)
         if r is not _NOT_CONST and r < 0:
             self.error(
                 f"a ball's radius must be non-negative, got {_show_value(r)}", e.args[1].span
@@ -1207,7 +1458,7 @@ class Checker:
         if ls and hs and ls != hs:
             self.error(f"a box's bounds differ in shape: {lo.ty} and {hi.ty}", e.span)
             return self.bad(e.span)
-        a, b = eval_const(lo, self.params), eval_const(hi, self.params)
+        a, b = self.const(lo), self.const(hi)
         if _NOT_CONST not in (a, b) and is_scalar(lo.ty) and is_scalar(hi.ty) and a > b:
             self.error(f"an empty box: the lower bound {a} exceeds the upper bound {b}", e.span)
             return self.bad(e.span)
@@ -1221,6 +1472,14 @@ class Checker:
             return self.bad(e.span)
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             self.error(f"range needs a positive integer, got {_show_value(k)}", e.args[0].span)
+            return self.bad(e.span)
+        if k > MAX_RANGE:
+            self.error(
+                f"range({k}) is too large: a finite domain holds at most {MAX_RANGE:,} values",
+                e.args[0].span,
+                "the backends evaluate every value for every sample; quantify over a ball or "
+                "a box, or over fewer values",
+            )
             return self.bad(e.span)
         return I.Range(k, False, span=e.span)
 
@@ -1291,11 +1550,10 @@ class Checker:
             v = self.const_of(node, kw.value.span, f"'{kw.name}'")
             if v is None:
                 return self.bad(e.span)
-            want = _BUILTIN_KEYWORDS[fid][kw.name]
-            if coerce_param(v, want) is None:
-                self.error(f"'{kw.name}' must be {want}, got {_show_value(v)}", kw.value.span)
+            value = self.in_range(v, O.EXPLAINER_KEYWORDS[fid][kw.name], kw.name, kw.value)
+            if value is _NOT_CONST:
                 return self.bad(e.span)
-            opts.append((kw.name, coerce_param(v, want)))
+            opts.append((kw.name, value))
         return I.Fn(fid, (x, y), entry.ty.inp, tuple(opts), span=e.span)
 
     # -- blocks ----------------------------------------------------------------------------------
@@ -1323,7 +1581,7 @@ class Checker:
                 continue
             seen[s.key] = s.key_span
             if s.key not in keys:
-                hint = suggest(s.key, list(keys))
+                hint = self.did_you_mean(s.key, list(keys))
                 self.error(
                     f"unknown {b.kind} setting '{s.key}'",
                     s.key_span,
@@ -1350,7 +1608,7 @@ class Checker:
             return ("", ())
         name = name_node.id
         if name not in O.DATASETS:
-            hint = suggest(name, list(O.DATASETS))
+            hint = self.did_you_mean(name, list(O.DATASETS))
             self.error(
                 f"unknown data source '{name}'",
                 name_node.span,
@@ -1376,7 +1634,7 @@ class Checker:
         return (name, tuple(sorted(kwargs.items())))
 
     def option_kwargs(
-        self, call: A.Call, table: dict[str, object], fname: str
+        self, call: A.Call, table: dict[str, O.Kw], fname: str
     ) -> dict[str, Any] | None:
         out: dict[str, Any] = {}
         if call.args:
@@ -1387,7 +1645,7 @@ class Checker:
             return None
         for k in call.keywords:
             if k.name not in table:
-                hint = suggest(k.name, list(table))
+                hint = self.did_you_mean(k.name, list(table))
                 self.error(
                     f"'{fname}' has no option '{k.name}'",
                     _keyword_name_span(k),
@@ -1406,30 +1664,32 @@ class Checker:
             out[k.name] = v
         return out
 
-    def option_literal(self, e: A.Expr, want: object, key: str) -> Any:
-        if isinstance(want, tuple):
+    def option_literal(self, e: A.Expr, want: O.Kw, key: str) -> Any:
+        """The value of an option keyword or block key: its type and range checked."""
+        if want.choices:
             value: Any = (
                 e.value if isinstance(e, (A.Str,)) else (e.id if isinstance(e, A.Name) else None)
             )
-            if value not in want:
-                self.error(f"'{key}' must be one of {', '.join(want)}", e.span)
+            if value not in want.choices:
+                self.error(f"'{key}' must be one of {', '.join(want.choices)}", e.span)
                 return _NOT_CONST
             return value
-        if want == "String":
+        if want.type == "String":
             if not isinstance(e, A.Str):
                 self.error(f"'{key}' must be a string in double quotes", e.span)
                 return _NOT_CONST
             return e.value
-        if want == "List[Nat]":
+        if want.type == "List[Nat]":
             items = e.items if isinstance(e, A.ListExpr) else (e,)
+            item = O.Kw(type="Nat", bounds=want.bounds)
             out = []
             for it in items:
-                v = self.option_literal(it, "Nat", key)
+                v = self.option_literal(it, item, key)
                 if v is _NOT_CONST:
                     return _NOT_CONST
                 out.append(v)
             return tuple(out)
-        if want == "Activation":
+        if want.type == "Activation":
             name = e.func.id if isinstance(e, A.Call) else (e.id if isinstance(e, A.Name) else "")
             if name not in O.ACTIVATIONS:
                 self.error(
@@ -1439,31 +1699,61 @@ class Checker:
                 )
                 return _NOT_CONST
             if isinstance(e, A.Call):
-                kw = self.option_kwargs(e, {"beta": "Real", "negative_slope": "Real"}, name)
+                kw = self.option_kwargs(e, O.ACTIVATION_OPTIONS, name)
                 if kw is None:
                     return _NOT_CONST
                 return OptionValue(name, tuple(sorted(kw.items())))
             return OptionValue(name)
         if isinstance(e, (A.Str, A.ListExpr)):
             what = "a string" if isinstance(e, A.Str) else "a list"
-            self.error(f"'{key}' must be {want}, not {what}", e.span)
+            self.error(f"'{key}' must be {want.type}, not {what}", e.span)
             return _NOT_CONST
         node = self.infer(e, self._top_scope_for_options)
         if isinstance(node.ty, _ErrTy):
             return _NOT_CONST
-        v = eval_const(node, self.params)
+        v = self.const(node)
         if v is _NOT_CONST:
             self.error(f"'{key}' must be a constant", e.span)
             return _NOT_CONST
-        c = coerce_param(v, _TYPE_NAMES[str(want)])
+        return self.in_range(v, want, key, e)
+
+    def in_range(self, v: Any, want: O.Kw, key: str, e: A.Expr) -> Any:
+        """`v`, the value of `e`, converted to the keyword's type and checked against its range
+        (options.py), or `_NOT_CONST` after a positioned error."""
+        c = coerce_param(v, _TYPE_NAMES[want.type])
         if c is None:
-            self.error(f"'{key}' must be {want}, got {_show_value(v)}", e.span)
+            self.error(f"'{key}' must be {want.type}, got {self.as_written(e, v)}", e.span)
+            return _NOT_CONST
+        if want.type in ("Real", "Nat") and not want.allows(c):
+            if isinstance(c, float) and not (math.isfinite(c) and abs(c) <= O.FLOAT32_MAX):
+                self.error(
+                    f"'{key}' must be a finite number (at most {O.FLOAT32_MAX:.4g} in size, "
+                    f"the float32 range), got {self.as_written(e, v)}",
+                    e.span,
+                )
+            else:
+                assert want.bounds is not None
+                shown = self.as_written(e, v)
+                self.error(f"'{key}' must be {want.bounds.show()}, got {shown}", e.span)
             return _NOT_CONST
         return c
 
+    def as_written(self, e: A.Expr, value: Any) -> str:
+        """A literal value as the spec writes it (`1e40`, not `1e+40`); else the value."""
+        literal = e.operand if isinstance(e, A.Unary) and e.op == "-" else e
+        sp = e.span
+        if isinstance(literal, A.Num) and sp is not None and sp.line == sp.end_line:
+            text = self.source.line(sp.line)[sp.col - 1 : sp.end_col - 1]
+            try:  # the text at the span is this very number (not, say, the prelude's)
+                if _DECIMAL.fullmatch(text) and float(text) == float(value):
+                    return text
+            except OverflowError:
+                pass
+        return _show_value(value)
+
     _top_scope_for_options: Scope = Scope()
 
-    def option_value(self, e: A.Expr, table: dict[str, dict[str, object]], key: str) -> Any:
+    def option_value(self, e: A.Expr, table: dict[str, dict[str, O.Kw]], key: str) -> Any:
         if isinstance(e, A.Name):
             name, call = e.id, None
         elif isinstance(e, A.Call):
@@ -1472,7 +1762,7 @@ class Checker:
             self.error(f"'{key}' takes one of {', '.join(table)}", e.span)
             return None
         if name not in table:
-            hint = suggest(name, list(table))
+            hint = self.did_you_mean(name, list(table))
             self.error(
                 f"unknown {key} '{name}'",
                 e.func.span if isinstance(e, A.Call) else e.span,
@@ -1482,31 +1772,33 @@ class Checker:
         kwargs = self.option_kwargs(call, table[name], name) if call else {}
         if kwargs is None:
             return None
+        if name == "sgd" and kwargs.get("nesterov") and not kwargs.get("momentum", 0.0) > 0:
+            # torch's SGD refuses Nesterov momentum without momentum
+            assert call is not None
+            nesterov = next(k for k in call.keywords if k.name == "nesterov")
+            self.error(
+                "'nesterov = true' needs a momentum > 0",
+                nesterov.span,
+                "set momentum, as in sgd(lr = 0.1, momentum = 0.9, nesterov = true)",
+            )
+            return None
         return OptionValue(name, tuple(sorted(kwargs.items())))
 
-    def setting_value(self, kind: str, s: A.Setting, b: A.Block, net: NetEntry, scope: Scope):
+    def setting_value(self, kind: O.Kw, s: A.Setting, b: A.Block, net: NetEntry, scope: Scope):
         self._top_scope_for_options = scope
         e = s.value
-        if kind in O.OPTION_TABLES:
-            return self.option_value(e, O.OPTION_TABLES[kind], s.key)
-        if kind == "device":
+        if kind.type in O.OPTION_TABLES:
+            return self.option_value(e, O.OPTION_TABLES[kind.type], s.key)
+        if kind.type == "device":
             v = e.value if isinstance(e, A.Str) else (e.id if isinstance(e, A.Name) else None)
-            if v is None or not (v in O.DEVICES or str(v).startswith("cuda:")):
+            if v is None or not (v in O.DEVICES or re.fullmatch(r"cuda:[0-9]+", str(v))):
                 self.error('device must be auto, cpu, cuda or "cuda:N"', e.span)
                 return None
             return v
-        if kind in ("Nat", "Real"):
+        if kind.type in ("Nat", "Real"):
             v = self.option_literal(e, kind, s.key)
-            if v is _NOT_CONST:
-                return None
-            if s.key in ("epochs", "batch", "samples") and v < 1:
-                self.error(f"'{s.key}' must be at least 1", e.span)
-                return None
-            if s.key == "timeout" and v <= 0:
-                self.error("'timeout' must be positive (seconds)", e.span)
-                return None
-            return v
-        if kind == "properties":
+            return None if v is _NOT_CONST else v
+        if kind.type == "properties":
             items = e.items if isinstance(e, A.ListExpr) else (e,)
             names = []
             for it in items:
@@ -1518,7 +1810,7 @@ class Checker:
                     continue
                 names.append(it.id)
             return tuple(names)
-        if kind == "loss":
+        if kind.type == "loss":
             return self.check_loss(e, b, net, scope)
         raise AssertionError(kind)
 
@@ -1548,7 +1840,7 @@ class Checker:
                 f"wrap it: property robust(x, y) = {it.id}({params})",
             )
             return
-        hint = suggest(it.id, list(self.properties))
+        hint = self.did_you_mean(it.id, list(self.properties))
         self.error(
             f"unknown property '{it.id}'",
             it.span,
@@ -1592,6 +1884,14 @@ class _LossScope:
         self.x, self.y = x, y
 
     def infer(self, e: A.Expr) -> I.Node:
+        # the loss's own levels count towards the nesting limit, as in `Checker.infer`
+        self.c.enter(e.span)
+        try:
+            return self._infer(e)
+        finally:
+            self.c.leave()
+
+    def _infer(self, e: A.Expr) -> I.Node:
         c = self.c
         if isinstance(e, A.Name):
             if e.id == "cross_entropy":
@@ -1651,11 +1951,6 @@ class _LossScope:
 
 _TYPE_NAMES: dict[str, Ty] = {"Real": REAL, "Nat": NAT, "Bool": BOOL, "String": STRING}
 
-_BUILTIN_KEYWORDS: dict[str, dict[str, Ty]] = {
-    "integrated_gradients": {"steps": NAT, "baseline": REAL},
-    "smoothgrad": {"noise": REAL, "samples": NAT},
-}
-
 
 # -- helpers -------------------------------------------------------------------------------------
 class _NotConst:
@@ -1666,10 +1961,18 @@ class _NotConst:
 _NOT_CONST: Any = _NotConst()
 
 
-def eval_const(node: I.Node, params: dict[str, tuple[Ty, Any]]) -> Any:
-    """The value of a constant scalar expression, or `_NOT_CONST`."""
+def eval_const(
+    node: I.Node,
+    params: dict[str, tuple[Ty, Any]],
+    memo: dict[int, tuple[I.Node, Any]] | None = None,
+) -> Any:
+    """The value of a constant scalar expression, or `_NOT_CONST`.
+
+    `memo` (node id -> (node, value or failure)) keeps the results of the nodes evaluated, so
+    that evaluating every node of a large constant expression in turn stays linear.
+    """
     try:
-        return _eval(node, params)
+        return _eval(node, params, memo)
     except (_NotConstant, _ConstFailure):
         return _NOT_CONST
 
@@ -1682,34 +1985,79 @@ class _ConstFailure(Exception):
     """A constant expression without a value: the message says why (division by zero, ...)."""
 
 
+class _Limit(Exception):
+    """A work limit crossed: the declaration being checked is abandoned (see `Checker.spend`)."""
+
+    def __init__(self, diagnostic: Diagnostic, entries: tuple[FunEntry, ...], fatal: bool):
+        super().__init__(diagnostic.message)
+        self.diagnostic = diagnostic
+        self.entries = entries  # the definitions being expanded when it was crossed
+        self.fatal = fatal  # the whole spec's limit: nothing more is checked
+
+
+def _finite_combinations(domains: tuple[I.Domain, ...]) -> int:
+    """The values of a quantifier's finite binders (range(K), classes) together."""
+    return math.prod(d.k for d in domains if isinstance(d, I.Range))
+
+
+def _is_attacked(domains: tuple[I.Domain, ...]) -> int:
+    """1 when a quantifier has a binder over a ball or a box (solved by an attack), else 0."""
+    return int(any(not isinstance(d, I.Range) for d in domains))
+
+
 # Constants must stay within float range: the backends compute in floats, and exact integer
 # arithmetic on huge values (10^10^10) would otherwise hang the checker.
 _MAX_INT_BITS = 1024
 
 
-def _eval(node: I.Node, params: dict[str, tuple[Ty, Any]]) -> Any:
-    if isinstance(node, I.Const):
-        return node.value
-    if isinstance(node, I.ParamRef):
-        if node.name not in params:
-            raise _NotConstant
-        return params[node.name][1]
+def _eval(
+    node: I.Node, params: dict[str, tuple[Ty, Any]], memo: dict[int, tuple[I.Node, Any]] | None
+) -> Any:
+    # Iterative, children before parents: a deep constant needs no Python recursion.
+    memo = {} if memo is None else memo
+    stack: list[tuple[I.Node, bool]] = [(node, False)]
+    while stack:
+        n, ready = stack.pop()
+        if id(n) in memo:
+            continue
+        if isinstance(n, I.Const):
+            memo[id(n)] = (n, n.value)
+        elif isinstance(n, I.ParamRef):
+            found = params.get(n.name)
+            memo[id(n)] = (n, _NotConstant() if found is None else found[1])
+        elif isinstance(n, (I.Neg, I.Arith)):
+            kids = n.children()
+            if not ready:
+                stack.append((n, True))
+                stack.extend((c, False) for c in kids)
+                continue
+            values = [memo[id(c)][1] for c in kids]
+            failed = next((v for v in values if isinstance(v, Exception)), None)
+            memo[id(n)] = (n, failed if failed is not None else _apply(n, values))
+        else:
+            memo[id(n)] = (n, _NotConstant())
+    value = memo[id(node)][1]
+    if isinstance(value, Exception):
+        raise type(value)(*value.args)
+    return value
+
+
+def _apply(node: I.Node, values: list[Any]) -> Any:
+    """`-a` or `a op b` on constant values; a failure is returned as an exception object."""
     if isinstance(node, I.Neg):
-        return -_eval(node.operand, params)
-    if isinstance(node, I.Arith):
-        a, b = _eval(node.left, params), _eval(node.right, params)
-        try:
-            out = _ARITH[node.op](a, b)
-        except ZeroDivisionError:
-            raise _ConstFailure("division by zero") from None
-        except OverflowError:
-            raise _ConstFailure("the value is too large") from None
-        except ValueError:
-            raise _ConstFailure("the value is not a real number") from None
-        if isinstance(out, int) and out.bit_length() > _MAX_INT_BITS:
-            raise _ConstFailure("the value is too large")
-        return out
-    raise _NotConstant
+        return -values[0]
+    assert isinstance(node, I.Arith)
+    try:
+        out = _ARITH[node.op](*values)
+    except ZeroDivisionError:
+        return _ConstFailure("division by zero")
+    except OverflowError:
+        return _ConstFailure("the value is too large")
+    except ValueError:
+        return _ConstFailure("the value is not a real number")
+    if isinstance(out, int) and out.bit_length() > _MAX_INT_BITS:
+        return _ConstFailure("the value is too large")
+    return out
 
 
 def _pow(a: Any, b: Any) -> Any:
@@ -1738,20 +2086,30 @@ def _const_or(node: I.Node, params, default):
     return default if v is _NOT_CONST else v
 
 
+# Numbers on the command line are written as in a spec: ASCII digits only (Python's `float` would
+# also read "١٫٥", "1_000" and "infinity"), plus `inf` / `-inf`.
+_DECIMAL = re.compile(r"[+-]?([0-9]+\.[0-9]*|\.[0-9]+|[0-9]+)([eE][+-]?[0-9]+)?")
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+
+
 def coerce_param(value: Any, ty: Ty) -> Any:
     """A Python value converted to a param type, or None when it does not fit."""
     if isinstance(value, str) and ty != STRING:
         text = value.strip().lower()
         if ty == BOOL:
             return {"true": True, "false": False}.get(text)
-        try:
-            if text == "inf":
-                value = math.inf
-            elif ty == NAT and re.fullmatch(r"[+-]?\d+", text):
+        if text in ("inf", "+inf", "-inf"):
+            value = -math.inf if text.startswith("-") else math.inf
+        elif ty == NAT and _INTEGER.fullmatch(text):
+            try:
                 value = int(text)
-            else:
-                value = float(text)
-        except ValueError:
+            except ValueError:  # more digits than Python converts
+                return None
+        elif _DECIMAL.fullmatch(text):
+            value = float(text)
+            if math.isinf(value):  # 1e999: too large, not infinity
+                return None
+        else:
             return None
     if ty == BOOL:
         return value if isinstance(value, bool) else None
@@ -1779,6 +2137,20 @@ def coerce_param(value: Any, ty: Ty) -> Any:
     return None
 
 
+def _override_hint(raw: Any, ty: Ty) -> str | None:
+    """Why a command-line value does not fit, where the message alone would not say."""
+    if not isinstance(raw, str):
+        return None
+    text = raw.strip()
+    if ty in (REAL, NAT) and _DECIMAL.fullmatch(text.lower()) and math.isinf(float(text)):
+        return "the number is too large for a float; write inf for infinity"
+    if ty in (REAL, NAT) and not text.isascii():
+        return "numbers are written with the ASCII digits 0-9"
+    if ty == NAT and _INTEGER.fullmatch(text.lower()):
+        return "a Nat is a whole number >= 0"
+    return None
+
+
 def _assignable(have: Ty, want: Ty) -> bool:
     if have == want:
         return True
@@ -1803,9 +2175,7 @@ def _names_in_scope(scope: Scope) -> set[str]:
     out: set[str] = set()
     s: Scope | None = scope
     while s is not None:
-        for entry in s.names.values():
-            if isinstance(entry, ValueEntry):
-                out |= {n.name for n in I.walk(entry.node) if isinstance(n, I.Var)}
+        out |= s.own_var_names()
         s = s.parent
     return out
 
@@ -1818,6 +2188,21 @@ def _fresh_name(name: str, taken: set[str]) -> str:
 
 def _respan(node: I.Node, span: Span | None) -> I.Node:
     return node
+
+
+def _from_prelude(diag: Diagnostic, name: str, call: Span | None) -> Diagnostic:
+    """A diagnostic inside the prelude's definition of `name`, moved to the user's call."""
+    where = f"in the prelude's definition of '{name}': {diag.message}"
+    return Diagnostic(where, call, diag.hint, notes=diag.notes)
+
+
+def _with_dims(dom: I.Domain, dims: tuple[int, ...]) -> I.Domain:
+    """A domain of scalar-bounded boxes given the shape of its annotated variable."""
+    if isinstance(dom, I.Box):
+        return dataclasses.replace(dom, dims=dims)
+    if isinstance(dom, I.Inter):
+        return dataclasses.replace(dom, parts=tuple(_with_dims(p, dims) for p in dom.parts))
+    return dom
 
 
 def _network_params(d: A.PropertyDecl | A.LetDecl) -> list[str]:

@@ -59,7 +59,7 @@ def _rebuild(node: I.Node, f) -> I.Node:
     if isinstance(node, I.Ball):
         return I.Ball(f(node.centre), f(node.radius), node.p, span=node.span)
     if isinstance(node, I.Box):
-        return I.Box(f(node.lo), f(node.hi), span=node.span)
+        return I.Box(f(node.lo), f(node.hi), span=node.span, dims=node.dims)
     if isinstance(node, I.Inter):
         return I.Inter(tuple(f(p) for p in node.parts), span=node.span)
     if isinstance(node, I.Range):
