@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from propdsl import options as O
 from propdsl import runs
 from propdsl.api import Spec
 from propdsl.check import BlockInfo, OptionValue
@@ -52,13 +53,13 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.started = started
 
 
-# Torch's thread pools crash beyond a few thousand threads; the spec checker allows this range.
-MAX_THREADS = 1024
+# Torch's thread pools crash beyond a few thousand threads: the spec checker's range, one table.
+MAX_THREADS = int(O.THREADS.hi)
 # Weights above this size mean training exploded (zoo models on [0, 1] inputs stay far below):
 # such an epoch never becomes `last` or `best`.
 MAX_ABS_WEIGHT = 1e6
-# Seeds feed `seed * 100_003 + epoch` into torch's 64-bit generators.
-MAX_SEED = 2**32 - 1
+# Seeds feed `seed * 100_003 + epoch` into torch's 64-bit generators (the checker's range).
+MAX_SEED = int(O.SEED.hi)
 
 
 @dataclass(frozen=True, kw_only=True)
