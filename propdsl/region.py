@@ -56,9 +56,14 @@ def _per_sample(value: float | Tensor, like: Tensor) -> Tensor:
     return value.reshape(-1, *([1] * (like.dim() - 1)))
 
 
+def rows(v: Tensor) -> Tensor:
+    """[B, ...] as [B, n]: one row per sample (a scalar variable, [B], is [B, 1])."""
+    return v.reshape(v.shape[0], -1)
+
+
 def lp_norm(v: Tensor, p: float) -> Tensor:
     """Per-sample Lp norm of a [B, ...] tensor (p in 1, 2, inf)."""
-    flat = v.flatten(1)
+    flat = rows(v)
     if p == INF:
         return flat.abs().amax(dim=1)
     if p == 1:
@@ -270,9 +275,9 @@ class Region:
             assert self.radius is not None
             ok &= lp_norm(z - self.centre, self.p) <= self.radius + tol
         if self.lo is not None:
-            ok &= (z >= self.lo - tol).flatten(1).all(dim=1)
+            ok &= rows(z >= self.lo - tol).all(dim=1)
         if self.hi is not None:
-            ok &= (z <= self.hi + tol).flatten(1).all(dim=1)
+            ok &= rows(z <= self.hi + tol).all(dim=1)
         return ok
 
     def sample(self, generator: torch.Generator | None = None) -> Tensor:
@@ -315,7 +320,7 @@ def _project_l1(delta: Tensor, r: Tensor) -> Tensor:
     Sort-based soft thresholding (Duchi et al. 2008).
     """
     shape = delta.shape
-    v = delta.flatten(1)
+    v = rows(delta)
     radius = r.flatten()
     inside = v.abs().sum(dim=1) <= radius
     u, _ = v.abs().sort(dim=1, descending=True)
@@ -354,7 +359,7 @@ def _project_ball_box(delta: Tensor, r: Tensor, p: float, dlo: Tensor, dhi: Tens
     if p == 2:  # feasible end `good` = 0 (the box point nearest the centre), bad end = 1
         good, bad = delta.new_zeros(batch), delta.new_ones(batch)
     else:  # feasible end = max |delta| (soft threshold to zero), bad end = 0
-        good, bad = delta.flatten(1).abs().amax(dim=1), delta.new_zeros(batch)
+        good, bad = rows(delta).abs().amax(dim=1), delta.new_zeros(batch)
     done = feasible(at(bad))
     if bool(done.all()):
         return at(bad)

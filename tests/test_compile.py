@@ -719,3 +719,23 @@ def test_example_runs():
     )
     assert done.returncode == 0, done.stderr
     assert "before ->" in done.stdout and "satisfied at attack points" in done.stdout
+
+
+def test_a_scalar_variable_over_a_box_is_attacked_within_it():
+    # `t : Real` is one number per sample ([B]): the attack's region code once assumed [B, ...]
+    # and crashed (exit 70). The worst t of `t * (w . x) <= 1` over [0, 1] is 1 where w . x > 0
+    # and 0 elsewhere; the property holds exactly where w . x <= 1.
+    spec = propdsl.load(
+        "network f : Tensor[2] -> Tensor[1]\n"
+        "property p(x) = forall t : Real in box(0, 1): f(t * x)[0] <= 1\n"
+    )
+    model = nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, 2.0]]))
+    x = torch.tensor([[0.2, 0.1], [1.0, 1.0], [-1.0, 0.0], [0.5, 0.5]])
+    out = spec.loss("p", logic="dl2", attack=propdsl.PGD(steps=20))(model, x)
+    wx = x @ torch.tensor([1.0, 2.0])
+    t = out.counterexample["t"]
+    assert t.shape == (4,) and bool(((t >= 0) & (t <= 1)).all())
+    assert torch.allclose(t, (wx > 0).float(), atol=1e-6)
+    assert out.satisfied.tolist() == (wx <= 1).tolist()

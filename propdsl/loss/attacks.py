@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from propdsl.region import INF, Region
+from propdsl.region import INF, Region, rows
 
 __all__ = [
     "APGD",
@@ -287,14 +287,14 @@ def _scale(region: Region) -> Tensor:
     if region.radius is not None:
         return region.radius.expand(region.shape[0])
     lo, hi = region.bounding_box()
-    return (hi - lo).flatten(1).amax(dim=1) / 2
+    return rows(hi - lo).amax(dim=1) / 2
 
 
 def _direction(g: Tensor, p: float) -> Tensor:
     """The ascent direction of unit size in the region's norm (see `run_attack`)."""
     if p == INF:
         return g.sign()
-    flat = g.flatten(1)
+    flat = rows(g)
     size = flat.norm(dim=1) if p == 2 else flat.abs().amax(dim=1)
     return g / _column(torch.where(size > 0, size, torch.ones_like(size)), g)
 
@@ -377,7 +377,7 @@ class _Problem:
     def warn_if_flat(self, grads: Sequence[Tensor]) -> None:
         if self.beta is not None:
             return
-        flat = torch.stack([g.flatten(1).abs().amax(dim=1) for g in grads]).amax(dim=0) == 0
+        flat = torch.stack([rows(g).abs().amax(dim=1) for g in grads]).amax(dim=0) == 0
         if 2 * int(flat.sum()) > self.batch:
             warnings.warn(
                 f"the attack objective's input gradient is exactly zero for {int(flat.sum())} of "
