@@ -54,6 +54,7 @@ def _main(
 ) -> None:
     _state["debug"] = debug
     _install_output()
+    _calm_threads()
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ARG001
@@ -84,11 +85,12 @@ def _install_output() -> None:
 def _calm_threads() -> None:
     """Let idle OpenMP threads sleep instead of spinning (unless the user chose otherwise).
 
-    Evaluation and verification run many small tensor operations; with the default (spinning)
-    wait policy, torch's threads busy-wait between them, and as soon as another process
-    needs a core they slow each other down many times over (an attack step on the digits CNN
-    took 25-40 ms instead of 3 ms with two threads on two shared cores). Only effective before
-    torch is first imported, which the commands do after this.
+    Training, evaluation and verification run many small tensor operations; with the default
+    (spinning) wait policy, torch's threads busy-wait between them, and as soon as another
+    process needs a core they slow each other down many times over (an attack step on the
+    digits CNN took 25-40 ms instead of 3 ms with two threads on two shared cores;
+    benchmarks/bench_eval.py). Called before any command runs: only effective before torch is
+    first imported.
     """
     chosen = "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ
     if "torch" not in sys.modules and not chosen:
@@ -354,7 +356,6 @@ def eval_cmd(
     of the latest eval.json.
     """
     _checked_common(split, checkpoint, samples, threads)
-    _calm_threads()
     from propdsl.api import load, parse_overrides
     from propdsl.train import set_threads
 
@@ -415,7 +416,6 @@ def verify_cmd(
 
     _checked_common(split, checkpoint, samples, threads)
     positive_seconds("--timeout", timeout)
-    _calm_threads()
     from propdsl.api import load, parse_overrides
     from propdsl.train import set_threads
     from propdsl.verify.bounds import Method
@@ -486,7 +486,6 @@ def export_cmd(
         raise UsageError(f"--to must be vnnlib or vnnlib2, got {to!r}")
     _checked_common(split, checkpoint, samples)
     positive_seconds("--timeout", timeout)
-    _calm_threads()
     from propdsl.api import load, parse_overrides
     from propdsl.export import export_run
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -424,3 +425,20 @@ def test_a_spec_other_than_the_runs_needs_spec_differs_ok(small_run, tmp_path):
     assert result.exit_code == 0, result.output
     assert "is not the spec" in result.stdout  # the header's note
     assert "-spec" in next((run_dir / "verify").iterdir()).name
+
+
+def test_idle_openmp_threads_sleep_unless_the_user_chose(monkeypatch):
+    """Spinning threads made eval 15x and a training epoch 2-20x slower on a shared 2-core
+    machine (benchmarks/bench_eval.py); the CLI asks for sleeping ones before torch loads."""
+    monkeypatch.delitem(sys.modules, "torch")  # as in a fresh `propdsl` process
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    cli._calm_threads()
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    cli._calm_threads()
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    monkeypatch.setenv("GOMP_SPINCOUNT", "300000")
+    cli._calm_threads()
+    assert "OMP_WAIT_POLICY" not in os.environ
