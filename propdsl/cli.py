@@ -6,8 +6,12 @@ Exit codes: 0 success, 1 a spec error (positioned diagnostics on stderr), 2 a us
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
+import time
 import traceback
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -49,6 +53,103 @@ def _main(
     ] = False,
 ) -> None:
     _state["debug"] = debug
+    _install_output()
+    _calm_threads()
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ARG001
+    """A warning as one line, `warning: ...`: no file name, line number or source line (those
+    point into propdsl, not at anything the user can change)."""
+    stream = file if file is not None else sys.stderr
+    try:
+        stream.write(f"warning: {message}\n")
+    except OSError:
+        pass
+
+
+class _WarningLines(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        prefix = "warning" if record.levelno < logging.ERROR else "error"
+        sys.stderr.write(f"{prefix}: {record.getMessage()}\n")
+
+
+def _install_output() -> None:
+    """Warnings and the library's log warnings as one line each on stderr."""
+    warnings.showwarning = _show_warning
+    logger = logging.getLogger("propdsl")
+    if not any(isinstance(h, _WarningLines) for h in logger.handlers):
+        handler = _WarningLines(level=logging.WARNING)
+        logger.addHandler(handler)
+
+
+def _calm_threads() -> None:
+    """Let idle OpenMP threads sleep instead of spinning (unless the user chose otherwise).
+
+    Training, evaluation and verification run many small tensor operations; with the default
+    (spinning) wait policy, torch's threads busy-wait between them, and as soon as another
+    process needs a core they slow each other down many times over (an attack step on the
+    digits CNN took 25-40 ms instead of 3 ms with two threads on two shared cores;
+    benchmarks/bench_eval.py). Called before any command runs: only effective before torch is
+    first imported.
+    """
+    chosen = "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ
+    if "torch" not in sys.modules and not chosen:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+
+class _Display:
+    """Progress of a long command: a rich bar on a terminal, a line per stage on stderr
+    otherwise, nothing with -q. Called as `display(stage, done, total)`."""
+
+    def __init__(self, what: str, quiet: bool):
+        self.what = what
+        self.quiet = quiet
+        self.live = not quiet and sys.stderr.isatty()
+        self.bar: Any = None
+        self.task: Any = None
+        self.t0 = time.perf_counter()
+
+    def __enter__(self) -> _Display:
+        if self.live:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
+            self.bar = Progress(
+                TextColumn(f"{self.what}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.description}"),
+                TimeElapsedColumn(),
+                console=Console(stderr=True),
+                transient=True,
+            )
+            self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if self.quiet:
+            return
+        if self.bar is not None:
+            if self.task is None:
+                self.task = self.bar.add_task(stage, total=total)
+            self.bar.update(self.task, completed=done, total=total, description=stage)
+            return
+        elapsed = time.perf_counter() - self.t0
+        if done >= total:
+            sys.stderr.write(f"{self.what}: done in {elapsed:.0f}s\n")
+        else:
+            sys.stderr.write(f"{self.what} {done + 1}/{total}: {stage} ({elapsed:.0f}s so far)\n")
+        sys.stderr.flush()
 
 
 def _fail(message: str, code: int) -> None:
@@ -255,6 +356,40 @@ def _resume_command(spec: Path, folder: Path, model: str | None) -> str:
 
 
 RunOpt = Annotated[Path, typer.Option("--run", help="The run folder written by propdsl train.")]
+SplitOpt = Annotated[str, typer.Option(help="train, val or test.")]
+ModelOpt = Annotated[str | None, typer.Option("--model", help="The run's user model.")]
+DeviceOpt = Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+ThreadsOpt = Annotated[int | None, typer.Option(help="Torch CPU threads.")]
+CheckpointOpt = Annotated[
+    str,
+    typer.Option(
+        "--checkpoint",
+        help="best (the epoch of best validation accuracy; the last one where there is none) "
+        "or last.",
+    ),
+]
+SpecDiffersOpt = Annotated[
+    bool,
+    typer.Option(
+        "--spec-differs-ok",
+        help="Accept a spec whose text is not the run's spec.prop (results in their own folder).",
+    ),
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
+
+
+def _checked_common(
+    split: str, checkpoint: str, samples: int | None, threads: int | None = None
+) -> None:
+    """The options eval, verify and export share, checked before anything is loaded."""
+    from propdsl.results import Checkpoint, positive_count
+
+    if split not in ("train", "val", "test"):
+        raise UsageError(f"--split must be train, val or test, got {split!r}")
+    if checkpoint not in {c.value for c in Checkpoint}:
+        raise UsageError(f"--checkpoint must be best or last, got {checkpoint!r}")
+    positive_count("--samples", samples)
+    positive_count("--threads", threads)
 
 
 @app.command("eval")
@@ -263,26 +398,43 @@ def eval_cmd(
     spec: SpecArg,
     run: RunOpt,
     param: ParamOpt = None,
-    split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
+    split: SplitOpt = "test",
     samples: Annotated[int | None, typer.Option(help="Evaluate the first N samples only.")] = None,
+    checkpoint: CheckpointOpt = "best",
     plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write PNG plots.")] = True,
-    model: Annotated[str | None, typer.Option("--model", help="The run's user model.")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
-    threads: Annotated[int | None, typer.Option(help="Torch CPU threads.", min=1)] = None,
+    spec_differs_ok: SpecDiffersOpt = False,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    threads: ThreadsOpt = None,
+    quiet: QuietOpt = False,
 ) -> None:
-    """Evaluate a trained run: clean accuracy, constraint accuracy and security, plots."""
+    """Evaluate a trained run: clean accuracy, constraint accuracy and security, plots.
+
+    The run's params are the defaults (--param overrides them). Results go to
+    RUN/eval/<key>/ (eval.json and the PNGs), one folder per setting; RUN/eval.json is a copy
+    of the latest eval.json.
+    """
+    _checked_common(split, checkpoint, samples, threads)
     from propdsl.api import load, parse_overrides
     from propdsl.train import set_threads
 
-    if split not in ("train", "val", "test"):
-        raise UsageError(f"--split must be train, val or test, got {split!r}")
     set_threads(threads)
     from propdsl.evaluate import evaluate, render_table
 
     loaded = load(spec, parse_overrides(param or []))
-    result = evaluate(
-        loaded, run, split=split, samples=samples, plots=plots, model_ref=model, device=device
-    )
+    with _Display("eval", quiet) as display:
+        result = evaluate(
+            loaded,
+            run,
+            split=split,
+            samples=samples,
+            plots=plots,
+            model_ref=model,
+            device=device,
+            checkpoint=checkpoint,
+            spec_differs_ok=spec_differs_ok,
+            progress=display,
+        )
     typer.echo(render_table(result))
 
 
@@ -298,7 +450,7 @@ def verify_cmd(
         ),
     ] = None,
     param: ParamOpt = None,
-    split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
+    split: SplitOpt = "test",
     samples: Annotated[int | None, typer.Option(help="How many samples (default 100).")] = None,
     timeout: Annotated[
         float | None, typer.Option(help="Seconds per sample before unknown.")
@@ -306,11 +458,23 @@ def verify_cmd(
     prop: Annotated[
         list[str] | None, typer.Option("--property", help="Verify only these (repeatable).")
     ] = None,
-    model: Annotated[str | None, typer.Option("--model", help="The run's user model.")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
-    threads: Annotated[int | None, typer.Option(help="Torch CPU threads.", min=1)] = None,
+    checkpoint: CheckpointOpt = "best",
+    spec_differs_ok: SpecDiffersOpt = False,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    threads: ThreadsOpt = None,
+    quiet: QuietOpt = False,
 ) -> None:
-    """Verify a trained run: falsify with a strong attack, then prove with bound propagation."""
+    """Verify a trained run: falsify with a strong attack, then prove with bound propagation.
+
+    The run's params are the defaults (--param overrides them). Results go to
+    RUN/verify/<method>-<key>/ (verify.json, counterexamples/), one folder per setting;
+    RUN/verify.json is a copy of the latest verify.json.
+    """
+    from propdsl.results import positive_seconds
+
+    _checked_common(split, checkpoint, samples, threads)
+    positive_seconds("--timeout", timeout)
     from propdsl.api import load, parse_overrides
     from propdsl.train import set_threads
     from propdsl.verify.bounds import Method
@@ -322,25 +486,28 @@ def verify_cmd(
         except ValueError:
             known = ", ".join(m.value for m in Method)
             raise UsageError(f"--method must be one of {known}, got {method!r}") from None
-    if split not in ("train", "val", "test"):
-        raise UsageError(f"--split must be train, val or test, got {split!r}")
     set_threads(threads)
     loaded = load(spec, parse_overrides(param or []))
-    report = verify_run(
-        loaded,
-        run,
-        method=method,
-        split=split,
-        samples=samples,
-        timeout=timeout,
-        properties=prop or None,
-        model_ref=model,
-        device=device,
-    )
+    with _Display("verify", quiet) as display:
+        report = verify_run(
+            loaded,
+            run,
+            method=method,
+            split=split,
+            samples=samples,
+            timeout=timeout,
+            properties=prop or None,
+            model_ref=model,
+            device=device,
+            checkpoint=checkpoint,
+            spec_differs_ok=spec_differs_ok,
+            progress=display,
+        )
     typer.echo(report.table())
     typer.echo(f"verdicts: {report.json_path}")
     for path in report.counterexample_paths:
         typer.echo(f"counterexamples: {path}")
+    typer.echo(f"  and {Path(run) / 'verify.json'}, a copy of this verify.json (the latest)")
 
 
 @app.command("export")
@@ -356,7 +523,7 @@ def export_cmd(
         str, typer.Option("--to", help="vnnlib (VNN-LIB 1.0, as in VNN-COMP) or vnnlib2.")
     ] = "vnnlib",
     param: ParamOpt = None,
-    split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
+    split: SplitOpt = "test",
     samples: Annotated[int | None, typer.Option(help="How many samples (default 100).")] = None,
     timeout: Annotated[
         float | None, typer.Option(help="Seconds per instance in instances.csv (default 60).")
@@ -364,16 +531,23 @@ def export_cmd(
     prop: Annotated[
         list[str] | None, typer.Option("--property", help="Export only these (repeatable).")
     ] = None,
-    model: Annotated[str | None, typer.Option("--model", help="The run's user model.")] = None,
+    checkpoint: CheckpointOpt = "best",
+    spec_differs_ok: SpecDiffersOpt = False,
+    model: ModelOpt = None,
 ) -> None:
-    """Export a trained run: the network as ONNX, each (sample, property) as a VNN-LIB file."""
-    from propdsl.api import load, parse_overrides
-    from propdsl.export import export_run
+    """Export a trained run: the network as ONNX, each (sample, property) as a VNN-LIB file.
+
+    The run's params are the defaults (--param overrides them).
+    """
+    from propdsl.results import positive_seconds
 
     if to not in ("vnnlib", "vnnlib2"):
         raise UsageError(f"--to must be vnnlib or vnnlib2, got {to!r}")
-    if split not in ("train", "val", "test"):
-        raise UsageError(f"--split must be train, val or test, got {split!r}")
+    _checked_common(split, checkpoint, samples)
+    positive_seconds("--timeout", timeout)
+    from propdsl.api import load, parse_overrides
+    from propdsl.export import export_run
+
     loaded = load(spec, parse_overrides(param or []))
     report = export_run(
         loaded,
@@ -385,6 +559,8 @@ def export_cmd(
         properties=prop or None,
         timeout=timeout,
         model_ref=model,
+        checkpoint=checkpoint,
+        spec_differs_ok=spec_differs_ok,
     )
     typer.echo(f"network: {report.onnx}")
     typer.echo(f"{len(report.files)} VNN-LIB files in {report.out / 'vnnlib'}")

@@ -461,11 +461,27 @@ def export_run(
     properties: list[str] | None = None,
     timeout: float | None = None,
     model_ref: str | None = None,
+    checkpoint: str | None = None,
+    spec_differs_ok: bool = False,
 ) -> ExportReport:
-    """`propdsl export`: a run's best model and the first `samples` of a split (as `verify`)."""
+    """`propdsl export`: a checkpoint of a run (`best` by default, or `last`) and the first
+    `samples` of a split, opened as `verify` opens them (checked to fit the spec, the run's
+    params as defaults: `propdsl.verify.report.open_run_data`)."""
+    from propdsl.results import positive_seconds
     from propdsl.verify.report import open_run_data
 
-    _, model, x, y = open_run_data(spec, run, split, samples, model_ref, "cpu")
+    positive_seconds("timeout", timeout)
+    setup, x, y = open_run_data(
+        spec,
+        run,
+        split,
+        samples,
+        model_ref,
+        "cpu",
+        checkpoint=checkpoint,
+        spec_differs_ok=spec_differs_ok,
+    )
+    spec, model = setup.spec, setup.model
     vb = spec.verify_block
     if timeout is None:
         timeout = float(vb.get("timeout")) if vb is not None and vb.get("timeout") else 60.0

@@ -7,6 +7,7 @@ uninterrupted run with the same seed.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -963,20 +964,35 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch: int = 512) -> float:
 def evaluate_epoch(model, val_ds, prop_losses, device, samples: int) -> dict[str, Any]:
     """Validation accuracy and each property's satisfaction rate at the training attack's point.
 
-    Without validation data (`val_fraction = 0`) both are None.
+    Without validation data (`val_fraction = 0`) both are None. Explanation properties (those
+    that differentiate the network: saliency maps, `grad`) of a network with ReLUs are attacked
+    with the training attack on a softplus surrogate (`surrogate_beta = 10`, as `propdsl eval`
+    does, unless the attack sets its own): the input gradient of a ReLU network's saliency map
+    is zero almost everywhere, so without it the attack cannot move from its random start and
+    the column would read 1.000 whatever the network does.
     """
     if len(val_ds) == 0:
         return {"val_accuracy": None, **{f"satisfied[{name}]": None for name in prop_losses}}
+    from propdsl.evaluate import SURROGATE_BETA, _explains
+
     x, y = val_ds.x.to(device), val_ds.y.to(device)
     out: dict[str, Any] = {"val_accuracy": accuracy(model, x, y)}
     xs, ys = x[:samples], y[:samples]
+    relu = any(isinstance(m, nn.ReLU) for m in model.modules())
     was = model.training
     model.eval()
     # The attacks (and explanations) take their input gradients under enable_grad; no graph
     # into the weights is needed here.
     with torch.no_grad():
         for name, loss in prop_losses.items():
-            res = loss(model, xs, ys)
+            attack = loss.attack
+            smooth = relu and attack.surrogate_beta is None and _explains(loss.formula)
+            if smooth:
+                loss.attack = dataclasses.replace(attack, surrogate_beta=SURROGATE_BETA)
+            try:
+                res = loss(model, xs, ys)
+            finally:
+                loss.attack = attack
             out[f"satisfied[{name}]"] = float(res.satisfied.float().mean())
     model.train(was)
     return out

@@ -855,6 +855,11 @@ def test_propdsl_verify_end_to_end(trained_run):
     assert "unsupported" not in result.output  # Lipschitz: Jacobian bounds (docs/jacobian.md)
     data = json.loads((run / "verify.json").read_text())
     assert data["method"] == "crown" and data["samples"] == 12 and data["params"]["eps"] == 0.15
+    assert data["param_sources"]["eps"] == "override" and data["checkpoint"] == "best"
+    folder = run / data["results"]  # RUN/verify/<method>-<key>/, RUN/verify.json its copy
+    assert folder.parent == run / "verify" and folder.name.startswith("crown-test-n12-best-")
+    assert json.loads((folder / "verify.json").read_text()) == data
+    assert f"verdicts: {folder / 'verify.json'}" in result.output
     assert set(data["properties"]) == {"robust", "stable", "lipschitz"}
     robust = data["properties"]["robust"]
     assert sum(robust["rates"].values()) == pytest.approx(1.0)
@@ -875,7 +880,7 @@ def test_propdsl_verify_end_to_end(trained_run):
                 assert isinstance(s["reason"], str) and s["reason"]
 
     # counterexamples: inside the region, misclassified by the run's model
-    npz = np.load(run / "counterexamples" / "robust.npz")
+    npz = np.load(folder / "counterexamples" / "robust.npz")
     index, x, points = npz["index"], npz["x"], npz["point[x']"]
     assert list(index) == [i for i, s in enumerate(statuses) if s == FALSIFIED]
     test = load_dataset("digits", split="test", seed=0)
@@ -887,7 +892,11 @@ def test_propdsl_verify_end_to_end(trained_run):
     with torch.no_grad():
         pred = model(torch.tensor(points)).argmax(1).numpy()
     assert (pred != labels).all()
-    assert (run / "counterexamples" / "robust.png").exists()
+    assert (folder / "counterexamples" / "robust.png").exists()
+    # every open sample says why
+    for s in robust["per_sample"]:
+        if s["status"] in (UNKNOWN, TIMEOUT):
+            assert s["reason"], s
 
 
 def test_propdsl_verify_with_crown_ibp_reports_its_own_bounds(trained_run):
@@ -935,3 +944,83 @@ def test_propdsl_verify_usage_errors(trained_run):
     assert "ibp, crown_ibp, crown, alpha_crown" in result.output
     result = runner.invoke(cli.app, ["verify", str(spec_path), "--run", str(run / "nope")])
     assert result.exit_code == 2 and "no such run folder" in result.output
+
+
+# -- the report: reasons, counterexample pictures (issue 13) ---------------------------------------
+
+
+def _verdicts(status, margins, reasons=None):
+    from propdsl.verify.run import PropertyVerdicts
+
+    v = PropertyVerdicts("robust", status, torch.tensor(margins, dtype=torch.float64))
+    if reasons is not None:
+        v.reasons = reasons  # what the verifier gives per sample, where it does
+    return v
+
+
+def test_the_table_says_why_samples_are_unknown():
+    from propdsl.verify.report import VerifyReport, _reasons
+
+    nan = float("nan")
+    v = _verdicts([VERIFIED, UNKNOWN, UNKNOWN, TIMEOUT, FALSIFIED], [0.2, -0.31, -0.05, nan, nan])
+    reasons = {"robust": _reasons(v)}
+    assert reasons["robust"][0] is None and reasons["robust"][4] is None
+    assert reasons["robust"][1] == "bounds too loose: certified margin -0.31, a proof needs >= 0"
+    report = VerifyReport("crown", "test", 5, {"robust": v}, Path("v.json"), (), reasons=reasons)
+    lines = report.table().splitlines()
+    row = lines.index(next(line for line in lines if line.startswith("robust")))
+    assert lines[row + 1] == (
+        "  unknown, 2 samples (e.g. #1): bounds too loose: certified margin -0.31, a proof "
+        "needs >= 0"
+    )
+    assert lines[row + 2] == (
+        "  unknown (timeout), 1 sample (e.g. #3): the time limit per sample ran out"
+    )
+    # The verifier's own reasons, where it gives them, come first.
+    given = [None, "the crown bounds are too loose: certified margin -0.31", None, None, None]
+    v = _verdicts(
+        [VERIFIED, UNKNOWN, UNKNOWN, TIMEOUT, FALSIFIED], [0.2, -0.31, -0.05, nan, nan], given
+    )
+    assert _reasons(v)[1] == given[1]
+    assert _reasons(v)[2].startswith("bounds too loose: certified margin -0.05")
+
+
+def test_counterexample_pictures_show_index_label_prediction_and_margin(trained_run, monkeypatch):
+    """The PNG of a property's counterexamples: each column's sample index in the split, its
+    label, the predictions at the sample and at the counterexample, and the label's logit
+    margin at the counterexample, computed here from the saved points."""
+    from propdsl import plots
+    from propdsl.verify.report import verify_run
+
+    spec_path, run = trained_run
+    seen = {}
+
+    def grab(x, points, index, labels, pred_x, pred_point, margins, path, **kw):
+        seen.update(index=list(index), labels=labels, pred_x=pred_x, pred_point=pred_point)
+        seen.update(margins=margins, title=kw["title"])
+        path.write_bytes(b"")
+        return path
+
+    monkeypatch.setattr(plots, "counterexample_grid", grab)
+    spec = propdsl.load(spec_path, {"eps": 0.15})
+    report = verify_run(spec, run, samples=12, properties=["robust"])
+    npz = np.load(report.results / "counterexamples" / "robust.npz")
+    index = list(npz["index"])
+    assert seen["index"] == index[:8]
+    assert f"{min(len(index), 8)} of {len(index)} counterexamples" in seen["title"]
+    model = runs.Run.open(run).load_model()
+    points = torch.tensor(npz["point[x']"][:8])
+    from propdsl.data import load_dataset
+
+    labels = [int(v) for v in load_dataset("digits", split="test", seed=0).y[index[:8]]]
+    assert list(seen["labels"]) == labels
+    with torch.no_grad():
+        logits = model(points)
+        at_x = model(torch.tensor(npz["x"][:8])).argmax(1)
+    for j, label in enumerate(labels):
+        others = torch.cat([logits[j, :label], logits[j, label + 1 :]])
+        assert seen["margins"][j] == pytest.approx(float(logits[j, label] - others.max()), abs=1e-5)
+        assert seen["margins"][j] < 0  # misclassified there: a counterexample
+        assert seen["pred_point"][j] == int(logits[j].argmax()) and seen["pred_x"][j] == int(
+            at_x[j]
+        )

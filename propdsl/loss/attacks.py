@@ -382,8 +382,10 @@ class _Problem:
             warnings.warn(
                 f"the attack objective's input gradient is exactly zero for {int(flat.sum())} of "
                 f"{self.batch} samples at the start, so the attack cannot move; objectives built "
-                "on input gradients (saliency) of ReLU networks are flat almost everywhere: set "
-                "surrogate_beta (e.g. 10) to climb a softplus surrogate",
+                "on input gradients (saliency) of ReLU networks are flat almost everywhere: give "
+                "the attack a softplus surrogate to climb, surrogate_beta (in a spec: "
+                "attack = pgd(steps = 10, surrogate_beta = 10); in Python: "
+                "PGD(surrogate_beta=10))",
                 VanishingGradientWarning,
                 stacklevel=4,
             )
