@@ -264,6 +264,13 @@ def train_cmd(
             help="Continue the run in --out from its last epoch, with its own settings.",
         ),
     ] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Replace a run already in --out (and its eval / verify results).",
+        ),
+    ] = False,
     model: Annotated[
         str | None, typer.Option("--model", help="A user model: pkg.module:factory or file.py:f.")
     ] = None,
@@ -292,6 +299,7 @@ def train_cmd(
         threads=threads,
         seed=seed,
         resume=resume,
+        force=force,
         model=model,
         quiet=quiet,
     )

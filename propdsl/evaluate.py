@@ -48,6 +48,7 @@ from propdsl.region import Region
 from propdsl.results import (
     Checkpoint,
     ParamSource,
+    holds_run,
     load_split,
     open_run,
     positive_count,
@@ -74,8 +75,8 @@ __all__ = [
 
 log = logging.getLogger("propdsl.evaluate")
 
-EVAL_JSON = "eval.json"
-EVAL_DIR = "eval"  # RUN/eval/<key>/eval.json
+EVAL_JSON = runs.EVAL_JSON
+EVAL_DIR = runs.EVAL_DIR  # RUN/eval/<key>/eval.json
 DEFAULT_ATTACK = APGD(steps=50, restarts=3)
 RANDOM_POINTS = PGD(steps=0, random_start=True)  # zero steps: the point is the uniform start
 DEFAULT_EPS_GRID = (0.0, 0.025, 0.05, 0.1, 0.15, 0.2)
@@ -209,6 +210,7 @@ def _positive_radius(name: str, value: Any, *, zero: bool = False) -> float:
 # -- the evaluation ------------------------------------------------------------------------------
 
 
+@holds_run("eval")
 def evaluate(
     spec: Spec,
     run: str | os.PathLike[str],

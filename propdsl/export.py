@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from propdsl.errors import UsageError
 from propdsl.region import INF
+from propdsl.results import holds_run
 
 __all__ = [
     "Atom",
@@ -450,6 +451,7 @@ def export(
     return ExportReport(out, onnx_path, csv_path, tuple(files), skipped)
 
 
+@holds_run("export")
 def export_run(
     spec: Any,
     run: str | Path,

@@ -25,16 +25,22 @@ is not the run's, and 8 hex digits of the SHA-256 of every setting that can chan
 (spec text, all params, the checkpoint's weights, seed, attack, method, timeout, properties,
 device type, ...). The same settings give the same result, so running them again replaces
 their folder (written aside and renamed into place); any other setting gets another folder.
+
+`eval`, `verify` and `export` hold the run folder's shared lock while they work (`holds_run`):
+several can read one run at once, but a training cannot replace its weights under them, and they
+fail fast while a training holds the folder.
 """
 
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import json
 import math
 import os
 import shutil
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -280,6 +286,25 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def holds_run(purpose: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Run `fn(spec, run, ...)` while holding the shared lock of the run folder `run`.
+
+    The run is opened first: `Run.open` may take the exclusive lock for a moment to finish a
+    commit that a kill cut short, which it could not do under this process's shared lock.
+    """
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def wrapper(spec: Any, run: str | os.PathLike[str], *args: Any, **kwargs: Any) -> Any:
+            opened = runs.Run.open(run)
+            with runs.locked(opened.path, purpose, shared=True):
+                return fn(spec, run, *args, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
 def open_run(
     spec: Any,
     run: str | os.PathLike[str],
@@ -405,18 +430,28 @@ def write_results(
     readers of the old layout find the latest result. Returns the final folder.
     """
     parent = run / kind
-    parent.mkdir(parents=True, exist_ok=True)
+    if parent.is_symlink() or (parent.exists() and not parent.is_dir()):
+        raise runs.RunFolderError(
+            f"{parent} is not a folder of the run (a symlink or a file): results are never "
+            "written through it; remove it"
+        )
+    parent.mkdir(exist_ok=True)
     final = parent / key
-    tmp = parent / f".{key}.tmp-{os.getpid()}"
-    old = parent / f".{key}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    if final.is_symlink():
+        raise runs.RunFolderError(f"{final} is a symlink: results are never written through it")
+    # Fresh names (mkdtemp creates its folder exclusively): nothing planted at a predictable
+    # name is ever followed or removed.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", suffix=".tmp", dir=parent))
+    old = Path(tempfile.mkdtemp(prefix=f".{key}.", suffix=".old", dir=parent))
+    old.rmdir()  # only its unique name is wanted
     try:
         data = dict(write(tmp))
         data["results"] = f"{kind}/{key}"
         runs.write_json(tmp / json_name, data)
-        if final.exists():
+        try:
             os.replace(final, old)
+        except FileNotFoundError:
+            pass  # the first result of these settings
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -183,11 +183,30 @@ def read_json(path: Path) -> Any:
         raise RunFolderError(f"cannot read {path}: {err.strerror or err}") from None
 
 
+# What `eval` and `verify` write into a run folder: a folder per setting and a copy of the
+# latest JSON (propdsl.results). They belong to the run's weights: a replaced run drops them.
+EVAL_DIR, VERIFY_DIR = "eval", "verify"
+EVAL_JSON, VERIFY_JSON = "eval.json", "verify.json"
+RESULT_DIRS = (EVAL_DIR, VERIFY_DIR)
+RESULT_COPIES = (EVAL_JSON, VERIFY_JSON)
+
+
 def clear(run: Path) -> None:
-    """Remove a run's files from its folder (other files are left alone).
+    """Remove a run's files and its eval / verify results from its folder (other files are left
+    alone).
 
     The manifest goes last, so an interrupted clear leaves a folder still recognised as a run.
     """
+    import shutil
+
+    for name in RESULT_COPIES:
+        _remove(run / name)
+    for name in RESULT_DIRS:
+        path = run / name
+        if path.is_symlink() or not path.is_dir():
+            _remove(path)  # a symlink is removed, never followed
+        else:
+            shutil.rmtree(path)
     for name in RUN_FILES:
         _remove(run / name)
     remove_temporaries(run)

@@ -74,6 +74,7 @@ class TrainOptions:
     threads: int | None = None
     seed: int | None = None
     resume: bool = False
+    force: bool = False  # replace a run already in `out` (and its eval / verify results)
     model: str | None = None  # "pkg.module:factory" for a user model
     quiet: bool = False
     eval_samples: int = 256  # validation samples for per-epoch property satisfaction
@@ -449,6 +450,10 @@ def _train_in(
     on_epoch: Callable[[dict[str, Any]], None] | None,
 ) -> TrainResult:
     remembered: dict[str, Any] = {}
+    if options.resume and options.force:
+        raise UsageError(
+            "--resume continues the run in the folder and --force replaces it: use one"
+        )
     if options.resume:
         remembered = _run_config(run)
         recorded = remembered["model"].get("user")
@@ -458,7 +463,7 @@ def _train_in(
                 f"code, so name it to continue: --model {recorded}"
             )
     else:
-        _check_fresh_folder(run)
+        _check_fresh_folder(run, options.force)
     seed = _whole("seed", *_setting("seed", options.seed, remembered, block, 0), run, 0, MAX_SEED)
     epochs = _whole(
         "epochs", *_setting("epochs", options.epochs, remembered, block, 10), run, 1, None
@@ -525,7 +530,8 @@ def _train_in(
                 )
                 _write(run, lambda: _write_config(run, spec, config), "config.json")
             else:
-                _check_fresh_folder(run)  # again, now that this process holds the folder
+                # again, now that this process holds the folder
+                _check_fresh_folder(run, options.force)
                 _start_fresh(run, spec, config)
                 start_epoch, best_acc, metrics = 0, -1.0, []
             started = True
@@ -722,8 +728,9 @@ def _run_config(run: Path) -> dict[str, Any]:
     return config
 
 
-def _check_fresh_folder(run: Path) -> None:
-    """A fresh run may replace an earlier run in `run`, never files another tool wrote there."""
+def _check_fresh_folder(run: Path, force: bool = False) -> None:
+    """A fresh run may replace an earlier run in `run` when asked to (`force`), never files
+    another tool wrote there."""
     try:
         if not (run.exists() or run.is_symlink()):
             return
@@ -736,22 +743,39 @@ def _check_fresh_folder(run: Path) -> None:
         return
     try:
         if (run / runs.CONFIG).exists():
-            if runs.is_run_config(runs.read_json(run / runs.CONFIG)):
-                return
+            config = runs.read_json(run / runs.CONFIG)
+            if runs.is_run_config(config):
+                if force:
+                    return
+                raise runs.RunFolderError(
+                    f"{run} holds a run ({_describe_run(run, config)}): continue it with "
+                    "--resume, or replace it and its eval / verify results with --force; "
+                    "nothing was changed"
+                )
         elif runs.read_manifest(run) is not None:
-            return  # an earlier run whose clearing was interrupted
-    except runs.RunFolderError:
-        pass
+            return  # an earlier run whose replacement was interrupted
+    except runs.RunFolderError as err:
+        if "holds a run" in str(err):
+            raise
     raise runs.RunFolderError(
         f"{run} is not a propdsl run folder: it holds {', '.join(present)}, which propdsl train "
         "did not write; nothing was changed (choose another --out, or remove those files)"
     )
 
 
+def _describe_run(run: Path, config: dict[str, Any]) -> str:
+    try:
+        manifest = runs.read_manifest(run)
+    except runs.RunFolderError:
+        manifest = None
+    done = f"epoch {manifest.epoch}" if manifest is not None else "no finished epoch"
+    return f"{done} of {config.get('epochs', '?')}, trained from {config.get('spec', '?')}"
+
+
 def _start_fresh(run: Path, spec: Spec, config: dict[str, Any]) -> None:
     def write() -> None:
         if any((run / n).exists() or (run / n).is_symlink() for n in runs.RUN_FILES):
-            log.warning("%s holds an earlier run; starting afresh (its files are replaced)", run)
+            log.warning("%s held an earlier run: replaced (--force)", run)
         runs.clear(run)
         # config.json first: from then on the folder is recognisably a run, whatever follows
         runs.write_json(run / runs.CONFIG, config)

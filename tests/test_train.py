@@ -208,7 +208,9 @@ def test_a_fresh_run_replaces_an_old_one_and_text_specs_get_a_default_folder(tmp
     (run / "notes.txt").write_text("mine")
     train(spec, options(run, eval_samples=8, seed=1))
     first = weights(run / "best.safetensors")
-    train(spec, options(run, eval_samples=8))  # an earlier propdsl run: replaced
+    with pytest.raises(propdsl.UsageError, match="holds a run"):
+        train(spec, options(run, eval_samples=8))  # an earlier propdsl run: kept
+    train(spec, options(run, eval_samples=8, force=True))  # replaced when asked to
     assert len(weights(run / "best.safetensors")) == 4  # two Linear layers
     assert not torch.equal(weights(run / "best.safetensors")["1.weight"], first["1.weight"])
     assert json.loads((run / "config.json").read_text())["seed"] == 0

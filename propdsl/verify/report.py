@@ -18,10 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from propdsl import runs
 from propdsl.errors import UsageError
 from propdsl.results import (
     Checkpoint,
     RunSetup,
+    holds_run,
     load_split,
     open_run,
     positive_count,
@@ -41,8 +43,8 @@ from propdsl.verify.run import (
 )
 
 DEFAULT_SAMPLES = 100
-VERIFY_DIR = "verify"
-VERIFY_JSON = "verify.json"
+VERIFY_DIR = runs.VERIFY_DIR  # RUN/verify/<method>-<key>/verify.json
+VERIFY_JSON = runs.VERIFY_JSON
 COUNTEREXAMPLE_LIMIT = 8  # columns of a counterexample PNG (the .npz holds every one)
 
 
@@ -133,6 +135,7 @@ def _reasons(v: PropertyVerdicts) -> list[str | None]:
     return [g if g else f for g, f in zip(given, fallback, strict=True)]
 
 
+@holds_run("verify")
 def verify_run(
     spec: Any,
     run: str | Path,

@@ -70,7 +70,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 def opts(out: Path, **kw) -> TrainOptions:
-    return TrainOptions(**{"quiet": True, "threads": 1, **kw, "out": out})
+    # force: the sweeps train over an earlier run in the same folder on purpose
+    force = not kw.get("resume", False)
+    return TrainOptions(**{"quiet": True, "threads": 1, "force": force, **kw, "out": out})
 
 
 def cli_run(*args: str):
@@ -273,7 +275,7 @@ def epoch_two(boundaries: list[str]) -> range:
 def test_the_boundaries_are_what_one_commit_per_epoch_writes(boundaries):
     # clearing the earlier run (all its files), config + spec + fsync, then per epoch: temporaries,
     # the manifest, the renames, one fsync (7 files when best moves, 5 when it stays)
-    clear = ["_remove"] * len(runs.RUN_FILES)
+    clear = ["_remove"] * (len(runs.RESULT_COPIES) + len(runs.RESULT_DIRS) + len(runs.RUN_FILES))
     start = ["_write_new", "_replace"] * 2 + ["_fsync_dir"]
 
     def commit(n):
@@ -389,7 +391,7 @@ def test_a_second_training_into_a_busy_folder_fails_fast_naming_the_holder(tmp_p
             os._exit(code)
     try:
         assert os.read(ready_r, 1) == b"1"
-        second = cli_run("train", str(path), "--out", str(run), "--seed", "3", "-q")
+        second = cli_run("train", str(path), "--out", str(run), "--seed", "3", "--force", "-q")
         refused = cli_run("train", str(path), "--out", str(run), "--resume", "-q")
     finally:
         os.write(go_w, b"1")
@@ -927,3 +929,47 @@ def test_a_seed_beyond_the_generators_range_is_a_usage_error(tmp_path):
     assert result.exit_code == 2 and "Traceback" not in result.output
     with pytest.raises(propdsl.UsageError, match="seed must be a whole number between 0 and"):
         train(propdsl.load(SPEC), opts(tmp_path / "api", seed=2**60))
+
+
+def test_a_fresh_training_never_replaces_a_run_without_force(tmp_path):
+    # A second `train` into a run folder used to replace the run after a log line; now it is
+    # refused (exit 2, nothing changed) unless --force, which also drops the replaced run's
+    # eval / verify results (they belong to its weights).
+    path = spec_file(tmp_path)
+    run = tmp_path / "run"
+    assert cli_run("train", str(path), "--out", str(run), "--epochs", "1", "-q").exit_code == 0
+    done = cli_run("eval", str(path), "--run", str(run), "--samples", "4", "--no-plots", "-q")
+    assert done.exit_code == 0, done.output
+    assert (run / "eval").is_dir() and (run / "eval.json").exists()
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    again = cli_run("train", str(path), "--out", str(run), "--epochs", "2", "-q")
+    assert again.exit_code == 2, again.output
+    assert "holds a run (epoch 1 of 1" in again.stderr and "--force" in again.stderr
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    both = cli_run("train", str(path), "--out", str(run), "--resume", "--force", "-q")
+    assert both.exit_code == 2 and "use one" in both.stderr
+    forced = cli_run("train", str(path), "--out", str(run), "--epochs", "2", "--force", "-q")
+    assert forced.exit_code == 0, forced.output
+    assert runs.read_manifest(run).epoch == 2
+    assert not (run / "eval").exists() and not (run / "eval.json").exists()
+
+
+@pytest.mark.parametrize("command", ["eval", "verify", "export"])
+def test_readers_of_a_run_fail_fast_while_a_training_holds_it(trained, command, tmp_path):
+    path, run = trained
+    args = [command, str(path), "--run", str(run), "--samples", "2"]
+    args += [str(tmp_path / "out")] if command == "export" else []
+    with runs.locked(run, "train"):  # what a training holds for its whole run
+        result = cli_run(*args)
+    assert result.exit_code == 2, result.output
+    assert "in use" in result.stderr and not (run / "eval").exists()
+
+
+def test_results_are_never_written_through_a_planted_symlink(trained, tmp_path):
+    path, run = trained
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (run / "eval").symlink_to(outside, target_is_directory=True)
+    result = cli_run("eval", str(path), "--run", str(run), "--samples", "2", "--no-plots")
+    assert result.exit_code == 2, result.output
+    assert "symlink" in result.stderr and list(outside.iterdir()) == []
