@@ -247,6 +247,15 @@ def test_console_script(spec_file):
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
 
 
+def test_python_dash_m_runs_the_same_command_line(spec_file):
+    ok = subprocess.run(
+        [sys.executable, "-m", "propdsl", "check", str(spec_file)], capture_output=True, text=True
+    )
+    assert ok.returncode == 0 and "robust(x : Tensor[2], y : Label[3])" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "propdsl", "nope"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
 # -- eval, verify, export: what a new user meets (issue 13) ----------------------------------------
 RUN_SPEC = """\
 network f : Tensor[1, 8, 8] -> Tensor[10]
