@@ -379,9 +379,9 @@ def keywords_from_signature(
 
 
 def _hints(fn: Any) -> dict[str, Any]:
-    target = fn.__init__ if isinstance(fn, type) else fn
+    # a class's annotations are its (dataclass) fields, those of its bases included
     try:
-        return typing.get_type_hints(target)
+        return typing.get_type_hints(fn)
     except Exception:  # noqa: BLE001 - unresolvable annotations: fall back on the raw text
         return {}
 

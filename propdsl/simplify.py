@@ -228,7 +228,7 @@ def nnf(node: I.Node, negate: bool = False) -> I.Node:
         booleans = node.left.ty == BOOL and node.op in ("==", "!=")
         if scalar or booleans:
             return I.Cmp(_FLIP[node.op], node.left, node.right, span=node.span)
-    return I.Not(node, span=node.span) if negate else node
+    return I.Not(node, span=getattr(node, "span", None)) if negate else node
 
 
 # -- linear forms --------------------------------------------------------------------------------

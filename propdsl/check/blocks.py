@@ -452,6 +452,3 @@ class _LossScope:
                 return c.bad(e.span)
             method = v
         return I.Fn("certified", (), REAL, (("property", name.id), ("method", method)), span=e.span)
-
-
-_TYPE_NAMES: dict[str, Ty] = {"Real": REAL, "Nat": NAT, "Bool": BOOL, "String": STRING}

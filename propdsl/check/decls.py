@@ -7,6 +7,7 @@ types (`propdsl.check.expr`), so they are shape-polymorphic.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from propdsl import ast as A
@@ -40,7 +41,7 @@ class Declarations(Names):
                 self.all_top.setdefault(d.name, getattr(d, "name_span", None))
         for d in module.decls:
             if isinstance(d, A.Block):
-                if self.within_limits(lambda d=d: self.check_block(d, top)) == "fatal":
+                if self.within_limits(functools.partial(self.check_block, d, top)) == "fatal":
                     break
                 continue
             prev = top.names.get(d.name)
@@ -63,7 +64,7 @@ class Declarations(Names):
             reported = len(self.diags)
             self._declaring = d.name
             try:
-                entry = self.within_limits(lambda d=d: self.check_decl(d, top))
+                entry = self.within_limits(functools.partial(self.check_decl, d, top))
             finally:
                 self._declaring = None
             if entry == "fatal":
@@ -254,16 +255,16 @@ class Declarations(Names):
                     ty = expect
             if i == 1 and net is not None:
                 k = self.networks[net].out.shape[0]
-                expect = IndexTy(k, True)
+                label = IndexTy(k, True)
                 if p.annotation is None:
-                    ty = expect
+                    ty = label
                 elif not isinstance(ty, ErrTy) and (not isinstance(ty, IndexTy) or ty.k != k):
                     self.error(
                         f"'{p.name}' is a label of {net}'s {k} classes, but is annotated {ty}",
                         p.annotation.span,
                         f"annotate it Label[{k}] or leave the annotation out",
                     )
-                    ty = expect
+                    ty = label
             if ty is ERR and p.annotation is None and "network" not in self.failed.values():
                 several = len(visible_networks(self.networks, scope)) > 1
                 self.error(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 from propdsl import ast as A
 from propdsl import ir as I
@@ -54,7 +55,8 @@ class Expressions(Names):
     def infer(self, e: A.Expr, scope: Scope) -> I.Node:
         self.enter(e.span)
         try:
-            return getattr(self, f"_infer_{type(e).__name__}")(e, scope)
+            rule: Callable[[A.Expr, Scope], I.Node] = getattr(self, f"_infer_{type(e).__name__}")
+            return rule(e, scope)
         finally:
             self.leave()
 

@@ -62,6 +62,9 @@ class Scope:
     parent: Scope | None = None
     # The outermost scope of the prelude's definitions (`build_prelude`).
     is_prelude: bool = False
+    # `own_var_names`' cache: the bindings seen so far and their variables' names.
+    _seen: int = field(default=0, repr=False, compare=False)
+    _var_names: set[str] = field(default_factory=set, repr=False, compare=False)
 
     def lookup(self, name: str) -> Any:
         s: Scope | None = self
@@ -88,15 +91,14 @@ class Scope:
         Cached and extended as bindings are added (they are never replaced), so that a spec
         with many lets and quantifiers costs linear work, not a walk of every let per binder.
         """
-        cache = self.__dict__.setdefault("_var_cache", [0, set()])
-        if cache[0] != len(self.names):
-            for entry in itertools.islice(self.names.values(), cache[0], None):
+        if self._seen != len(self.names):
+            for entry in itertools.islice(self.names.values(), self._seen, None):
                 if isinstance(entry, ValueEntry):
-                    cache[1].update(
+                    self._var_names.update(
                         n.name for n in I.walk_unique(entry.node) if isinstance(n, I.Var)
                     )
-            cache[0] = len(self.names)
-        return cache[1]
+            self._seen = len(self.names)
+        return self._var_names
 
 
 def is_prelude_scope(scope: Scope) -> bool:
