@@ -387,93 +387,62 @@ def _hints(fn: Any) -> dict[str, Any]:
 
 
 # -- the built-in entries -------------------------------------------------------------------------
+def _entry(kind: Kind, name: str, target: str | None, keywords: Mapping[str, Kw] | None = None,
+           **facts: Any) -> Entry:  # fmt: skip
+    return Entry(kind=kind, name=name, target=target, keywords=keywords or {}, **facts)
+
+
 _FUZZY_XI = real(DECAY)  # fuzzy truths stay in [0, 1]
 _SIGNED_XI = real(NON_NEGATIVE)  # 0: the closure semantics
-
+_LOGICS = "propdsl.logics"
 _declare(
     Kind.LOGIC,
     [
-        Entry(
-            kind=Kind.LOGIC,
-            name="dl2",
-            keywords={"xi": real(POSITIVE)},
-            target="propdsl.logics.dl2:DL2",
-            summary="DL2 (Fischer et al. 2019): a distance, 0 where the property holds",
-        ),
-        Entry(
-            kind=Kind.LOGIC,
-            name="godel",
-            keywords={"xi": _FUZZY_XI},
-            target="propdsl.logics.fuzzy:Godel",
+        _entry(Kind.LOGIC, "dl2", f"{_LOGICS}.dl2:DL2", {"xi": real(POSITIVE)}),
+        _entry(
+            Kind.LOGIC,
+            "godel",
+            f"{_LOGICS}.fuzzy:Godel",
+            {"xi": _FUZZY_XI},
             aliases=("goedel", "gödel"),
-            summary="Goedel fuzzy logic: min / max",
         ),
-        Entry(
-            kind=Kind.LOGIC,
-            name="kleene_dienes",
-            keywords={"xi": _FUZZY_XI},
-            target="propdsl.logics.fuzzy:KleeneDienes",
+        _entry(
+            Kind.LOGIC,
+            "kleene_dienes",
+            f"{_LOGICS}.fuzzy:KleeneDienes",
+            {"xi": _FUZZY_XI},
             aliases=("kd",),
-            summary="Kleene-Dienes fuzzy logic: Goedel with max(1 - a, b) implication",
         ),
-        Entry(
-            kind=Kind.LOGIC,
-            name="lukasiewicz",
-            keywords={"xi": _FUZZY_XI},
-            target="propdsl.logics.fuzzy:Lukasiewicz",
+        _entry(
+            Kind.LOGIC,
+            "lukasiewicz",
+            f"{_LOGICS}.fuzzy:Lukasiewicz",
+            {"xi": _FUZZY_XI},
             aliases=("łukasiewicz",),
-            summary="Lukasiewicz fuzzy logic: bounded sums",
         ),
-        Entry(
-            kind=Kind.LOGIC,
-            name="reichenbach",
-            keywords={"xi": _FUZZY_XI},
-            target="propdsl.logics.fuzzy:Reichenbach",
-            summary="Reichenbach fuzzy logic: product and probabilistic sum",
+        _entry(Kind.LOGIC, "reichenbach", f"{_LOGICS}.fuzzy:Reichenbach", {"xi": _FUZZY_XI}),
+        _entry(
+            Kind.LOGIC, "goguen", f"{_LOGICS}.fuzzy:Goguen", {"xi": _FUZZY_XI}, aliases=("product",)
         ),
-        Entry(
-            kind=Kind.LOGIC,
-            name="goguen",
-            keywords={"xi": _FUZZY_XI},
-            target="propdsl.logics.fuzzy:Goguen",
-            aliases=("product",),
-            summary="Goguen (product) fuzzy logic",
+        _entry(
+            Kind.LOGIC, "yager", f"{_LOGICS}.fuzzy:Yager", {"p": real(POSITIVE), "xi": _FUZZY_XI}
         ),
-        Entry(
-            kind=Kind.LOGIC,
-            name="yager",
-            keywords={"p": real(POSITIVE), "xi": _FUZZY_XI},
-            target="propdsl.logics.fuzzy:Yager",
-            summary="Yager fuzzy logic with parameter p",
+        _entry(
+            Kind.LOGIC,
+            "stl",
+            f"{_LOGICS}.quantitative:STL",
+            {"k": real(POSITIVE), "xi": _SIGNED_XI},
         ),
-        Entry(
-            kind=Kind.LOGIC,
-            name="stl",
-            keywords={"k": real(POSITIVE), "xi": _SIGNED_XI},
-            target="propdsl.logics.quantitative:STL",
-            summary="smooth STL robustness with sharpness k",
+        _entry(
+            Kind.LOGIC,
+            "qll",
+            f"{_LOGICS}.quantitative:QLL",
+            {"p": real(POSITIVE), "xi": _SIGNED_XI},
         ),
-        Entry(
-            kind=Kind.LOGIC,
-            name="qll",
-            keywords={"p": real(POSITIVE), "xi": _SIGNED_XI},
-            target="propdsl.logics.quantitative:QLL",
-            summary="quantitative logic QLL with parameter p",
-        ),
-        Entry(
-            kind=Kind.LOGIC,
-            name="violation",
-            target="propdsl.logics.quantitative:Violation",
-            summary="the hard signed violation the attacks climb (not for training)",
-            trainable=False,
-        ),
-        Entry(
-            kind=Kind.LOGIC,
-            name="boolean",
-            target="propdsl.logics.boolean:Boolean",
-            aliases=("bool",),
-            summary="exact satisfaction (not for training)",
-            trainable=False,
+        # for attacks and exact evaluation, not for a train block
+        _entry(Kind.LOGIC, "violation", f"{_LOGICS}.quantitative:Violation", trainable=False),
+        _entry(
+            Kind.LOGIC, "boolean", f"{_LOGICS}.boolean:Boolean", aliases=("bool",), trainable=False
         ),
     ],
 )
@@ -490,59 +459,55 @@ DATA_COMMON: dict[str, Kw] = {
 DATA_FILES: dict[str, Kw] = {**DATA_COMMON, "root": STRING, "download": BOOL}
 DATA_PATH: dict[str, Kw] = {**DATA_COMMON, "path": STRING, "root": STRING}
 REQUIRES_PATH = (("path", '"file.npz"'),)
-
-
-def _data(name: str, keywords: Mapping[str, Kw], **facts: Any) -> Entry:
-    return Entry(kind=Kind.DATA, name=name, keywords=keywords, **facts)
-
-
 _declare(
     Kind.DATA,
     [
-        _data("digits", DATA_COMMON, target="propdsl.data:DIGITS", shape=((1, 8, 8), 10)),
-        _data("breast_cancer", DATA_COMMON, target="propdsl.data:BREAST_CANCER", shape=((30,), 2)),
-        _data("mnist", DATA_FILES, target="propdsl.data:MNIST", shape=((1, 28, 28), 10)),
-        _data(
+        _entry(Kind.DATA, "digits", "propdsl.data:DIGITS", DATA_COMMON, shape=((1, 8, 8), 10)),
+        _entry(
+            Kind.DATA, "breast_cancer", "propdsl.data:BREAST_CANCER", DATA_COMMON, shape=((30,), 2)
+        ),
+        _entry(Kind.DATA, "mnist", "propdsl.data:MNIST", DATA_FILES, shape=((1, 28, 28), 10)),
+        _entry(
+            Kind.DATA,
             "fashion_mnist",
+            "propdsl.data:FASHION_MNIST",
             DATA_FILES,
-            target="propdsl.data:FASHION_MNIST",
             shape=((1, 28, 28), 10),
         ),
-        _data("cifar10", DATA_FILES, target="propdsl.data:CIFAR10", shape=((3, 32, 32), 10)),
-        _data("svhn", DATA_FILES, target="propdsl.data:SVHN", shape=((3, 32, 32), 10)),
-        _data("tensors", DATA_PATH, target="propdsl.data:TENSORS", required=REQUIRES_PATH),
+        _entry(Kind.DATA, "cifar10", "propdsl.data:CIFAR10", DATA_FILES, shape=((3, 32, 32), 10)),
+        _entry(Kind.DATA, "svhn", "propdsl.data:SVHN", DATA_FILES, shape=((3, 32, 32), 10)),
+        _entry(Kind.DATA, "tensors", "propdsl.data:TENSORS", DATA_PATH, required=REQUIRES_PATH),
     ],
 )
 
+_SURROGATE = real(POSITIVE)
 _declare(
     Kind.ATTACK,
     [
-        Entry(
-            kind=Kind.ATTACK,
-            name="pgd",
-            keywords={
+        _entry(
+            Kind.ATTACK,
+            "pgd",
+            "propdsl.loss.attacks:PGD",
+            {
                 "steps": nat(NON_NEGATIVE, "0: the start point only"),
                 "restarts": nat(AT_LEAST_ONE),
                 "step_size": real(POSITIVE),
                 "random_start": BOOL,
-                "surrogate_beta": real(POSITIVE),
+                "surrogate_beta": _SURROGATE,
             },
-            target="propdsl.loss.attacks:PGD",
-            summary="projected gradient ascent (Madry et al. 2018)",
         ),
-        Entry(
-            kind=Kind.ATTACK,
-            name="apgd",
-            keywords={
+        _entry(
+            Kind.ATTACK,
+            "apgd",
+            "propdsl.loss.attacks:APGD",
+            {
                 "steps": nat(NON_NEGATIVE),
                 "restarts": nat(AT_LEAST_ONE),
                 "rho": real(UNIT),
                 "momentum": real(UNIT),
                 "random_start": BOOL,
-                "surrogate_beta": real(POSITIVE),
+                "surrogate_beta": _SURROGATE,
             },
-            target="propdsl.loss.attacks:APGD",
-            summary="Auto-PGD (Croce and Hein 2020)",
         ),
     ],
 )
@@ -550,10 +515,10 @@ _declare(
 _declare(
     Kind.METHOD,
     [
-        Entry(
-            kind=Kind.METHOD,
-            name=m.value,
-            target=f"propdsl.verify.bounds:Method.{m.name}",
+        _entry(
+            Kind.METHOD,
+            m.value,
+            f"propdsl.verify.bounds:Method.{m.name}",
             certified=m in (Method.IBP, Method.CROWN_IBP),
         )
         for m in Method
@@ -563,105 +528,81 @@ _declare(
 _declare(
     Kind.ACTIVATION,
     [
-        Entry(kind=Kind.ACTIVATION, name="relu", target="torch.nn:ReLU"),
-        Entry(kind=Kind.ACTIVATION, name="tanh", target="torch.nn:Tanh"),
-        Entry(
-            kind=Kind.ACTIVATION,
-            name="leaky_relu",
-            keywords={"negative_slope": real(UNIT)},
-            target="torch.nn:LeakyReLU",
-        ),
-        Entry(
-            kind=Kind.ACTIVATION,
-            name="softplus",
-            keywords={"beta": real(POSITIVE)},
-            target="torch.nn:Softplus",
-        ),
-        Entry(kind=Kind.ACTIVATION, name="sigmoid", target="torch.nn:Sigmoid"),
+        _entry(Kind.ACTIVATION, "relu", "torch.nn:ReLU"),
+        _entry(Kind.ACTIVATION, "tanh", "torch.nn:Tanh"),
+        _entry(Kind.ACTIVATION, "leaky_relu", "torch.nn:LeakyReLU", {"negative_slope": real(UNIT)}),
+        _entry(Kind.ACTIVATION, "softplus", "torch.nn:Softplus", {"beta": real(POSITIVE)}),
+        _entry(Kind.ACTIVATION, "sigmoid", "torch.nn:Sigmoid"),
     ],
 )
 
 # The options of an activation given on the model itself (`mlp(activation = softplus, beta = 5)`).
 ACTIVATION_OPTIONS: dict[str, Kw] = {"beta": real(POSITIVE), "negative_slope": real(UNIT)}
-_LAYERS = "one value for every conv layer, or one per layer"
-
 _declare(
     Kind.MODEL,
     [
-        Entry(
-            kind=Kind.MODEL,
-            name="mlp",
-            keywords={"hidden": nats(WIDTH), "activation": ACTIVATION, **ACTIVATION_OPTIONS},
-            target="propdsl.models:mlp",
-            summary="fully connected layers",
+        _entry(
+            Kind.MODEL,
+            "mlp",
+            "propdsl.models:mlp",
+            {"hidden": nats(WIDTH), "activation": ACTIVATION, **ACTIVATION_OPTIONS},
         ),
-        Entry(
-            kind=Kind.MODEL,
-            name="cnn",
-            keywords={
+        _entry(
+            Kind.MODEL,
+            "cnn",
+            "propdsl.models:cnn",
+            {
                 "channels": nats(CHANNELS),
                 "hidden": nats(WIDTH),
                 "activation": ACTIVATION,
                 **ACTIVATION_OPTIONS,
                 "kernel": nats(KERNEL),
                 "stride": nats(KERNEL),
-                "padding": nats(PADDING, _LAYERS),
+                "padding": nats(PADDING, "one value for every conv layer, or one per layer"),
             },
-            target="propdsl.models:cnn",
-            summary="convolutions, then fully connected layers",
         ),
-        # A model passed in from the CLI (--model pkg.mod:factory) or the API.
-        Entry(kind=Kind.MODEL, name="user", summary="the model given with --model or the API"),
+        # the model passed in from the CLI (--model pkg.mod:factory) or the API
+        _entry(Kind.MODEL, "user", None),
     ],
 )
 
-_LR = real(POSITIVE)
-_DECAY = real(NON_NEGATIVE)
-
+_LR, _WEIGHT_DECAY = real(POSITIVE), real(NON_NEGATIVE)
+_ADAM = {"lr": _LR, "weight_decay": _WEIGHT_DECAY}
 _declare(
     Kind.OPTIMIZER,
     [
-        Entry(
-            kind=Kind.OPTIMIZER,
-            name="sgd",
-            keywords={
+        _entry(
+            Kind.OPTIMIZER,
+            "sgd",
+            "torch.optim:SGD",
+            {
                 "lr": _LR,
                 "momentum": real(FRACTION),
-                "weight_decay": _DECAY,
+                "weight_decay": _WEIGHT_DECAY,
                 "nesterov": Kw(type="Bool", note="`true` needs a momentum > 0"),
             },
-            target="torch.optim:SGD",
         ),
-        Entry(
-            kind=Kind.OPTIMIZER,
-            name="adam",
-            keywords={"lr": _LR, "weight_decay": _DECAY},
-            target="torch.optim:Adam",
-        ),
-        Entry(
-            kind=Kind.OPTIMIZER,
-            name="adamw",
-            keywords={"lr": _LR, "weight_decay": _DECAY},
-            target="torch.optim:AdamW",
-        ),
+        _entry(Kind.OPTIMIZER, "adam", "torch.optim:Adam", _ADAM),
+        _entry(Kind.OPTIMIZER, "adamw", "torch.optim:AdamW", _ADAM),
     ],
 )
 
+_SCHEDULERS = "torch.optim.lr_scheduler"
 _declare(
     Kind.SCHEDULE,
     [
-        Entry(kind=Kind.SCHEDULE, name="none"),
-        Entry(
-            kind=Kind.SCHEDULE,
-            name="step",
-            keywords={"step_size": nat(AT_LEAST_ONE, "epochs"), "gamma": real(DECAY)},
-            target="torch.optim.lr_scheduler:StepLR",
+        _entry(Kind.SCHEDULE, "none", None),
+        _entry(
+            Kind.SCHEDULE,
+            "step",
+            f"{_SCHEDULERS}:StepLR",
+            {"step_size": nat(AT_LEAST_ONE, "epochs"), "gamma": real(DECAY)},
         ),
-        Entry(
-            kind=Kind.SCHEDULE,
-            name="cosine",
-            keywords={"min_lr": real(NON_NEGATIVE)},
-            target="torch.optim.lr_scheduler:CosineAnnealingLR",
+        _entry(
+            Kind.SCHEDULE,
+            "cosine",
+            f"{_SCHEDULERS}:CosineAnnealingLR",
+            {"min_lr": real(NON_NEGATIVE)},
             parameters={"min_lr": "eta_min"},
         ),
     ],
