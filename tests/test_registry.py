@@ -199,6 +199,20 @@ def test_every_built_in_function_is_documented():
             assert f"`{key}: {kw.describe()}`" in section, (name, key)
 
 
+def test_the_records_targets_are_the_implementations():
+    from propdsl.builtins import BUILTINS, EXPLAINERS
+    from propdsl.registry import resolve_target
+
+    for rec in BUILTINS.values():
+        if rec.target is not None:
+            assert callable(resolve_target(rec.target)), rec.name
+    # an explainer's target takes (model, x, y) and the record's keywords
+    for name in EXPLAINERS:
+        params = _parameters(resolve_target(BUILTINS[name].target))
+        assert list(params)[:3] == ["model", "x", "y"], name
+        assert set(BUILTINS[name].keywords) <= set(params), name
+
+
 def test_the_records_rules_exist_in_the_checker():
     from propdsl.builtins import BUILTINS
     from propdsl.check import Checker
@@ -410,6 +424,16 @@ def test_names_that_specs_would_confuse_are_refused(clean_registries):
     assert R.lookup(Kind.DATA, "ones") is not None
     with pytest.raises(R.RegistryError, match="already taken"):
         R.register(R.Entry(kind=Kind.LOGIC, name="mine", aliases=("kd",)))
+
+
+def test_the_registration_functions_are_at_the_top_level():
+    from propdsl.data import register_dataset
+    from propdsl.logics import register_logic
+    from propdsl.models import register_model
+
+    assert propdsl.register_logic is register_logic
+    assert propdsl.register_dataset is register_dataset
+    assert propdsl.register_model is register_model
 
 
 def test_schema_types_from_annotations():
