@@ -44,6 +44,9 @@ __all__ = [
     "load_onnx",
     "onnx_forward",
     "read_vnnlib",
+    "register_dataset",
+    "register_logic",
+    "register_model",
 ]
 
 _LAZY = {
@@ -57,13 +60,20 @@ _LAZY = {
     "load_onnx": "propdsl.interop.onnx_import",
     "onnx_forward": "propdsl.interop.onnx_import",
     "read_vnnlib": "propdsl.interop.vnnlib",
+    # user registrations: what they add, a spec loaded afterwards may name (docs/architecture.md)
+    "register_logic": "propdsl.logics",
+    "register_dataset": "propdsl.data",
+    "register_model": "propdsl.models",
 }
 
 if TYPE_CHECKING:
     from propdsl.api import Property, Spec, load
+    from propdsl.data import register_dataset
     from propdsl.interop.onnx_import import load_onnx, onnx_forward
     from propdsl.interop.vnnlib import read_vnnlib
+    from propdsl.logics import register_logic
     from propdsl.loss.attacks import APGD, PGD
+    from propdsl.models import register_model
     from propdsl.verify.bounds import bounds
     from propdsl.verify.jacobian import jacobian_bounds
 

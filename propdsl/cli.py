@@ -18,7 +18,7 @@ from typing import Annotated, Any
 
 import typer
 
-from propdsl import __version__
+from propdsl import __version__, registry
 from propdsl.errors import PropdslError, SpecError, UsageError
 
 EXIT_SPEC = 1
@@ -36,6 +36,11 @@ app = typer.Typer(
 _state = {"debug": False}
 
 
+def _or_list(names: tuple[str, ...]) -> str:
+    """`a, b or c`, for help texts."""
+    return ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else "".join(names)
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"propdsl {__version__}")
@@ -51,10 +56,31 @@ def _main(
     debug: Annotated[
         bool, typer.Option("--debug", help="Show Python tracebacks for internal errors.")
     ] = False,
+    plugin: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--plugin",
+            help="Import a module that registers logics, data sources or models before the "
+            "command runs: pkg.module or file.py (repeatable).",
+        ),
+    ] = None,
 ) -> None:
     _state["debug"] = debug
     _install_output()
     _calm_threads()
+    _load_plugins(plugin or [])
+
+
+def _load_plugins(refs: list[str]) -> None:
+    """The entry points of the group `propdsl.plugins`, then each `--plugin` (docs:
+    propdsl.plugins). A plugin that fails is a usage error naming it."""
+    from propdsl.plugins import PluginError, load_entry_points, load_plugins
+
+    try:
+        load_entry_points()
+        load_plugins(refs)
+    except PluginError as err:
+        _fail(f"error: {err}", EXIT_USAGE)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ARG001
@@ -454,7 +480,8 @@ def verify_cmd(
     method: Annotated[
         str | None,
         typer.Option(
-            help="ibp, crown_ibp, crown or alpha_crown (default: the verify block's, else crown)."
+            help=f"{_or_list(registry.names(registry.Kind.METHOD))} (default: the verify "
+            "block's, else crown)."
         ),
     ] = None,
     param: ParamOpt = None,
@@ -485,14 +512,14 @@ def verify_cmd(
     positive_seconds("--timeout", timeout)
     from propdsl.api import load, parse_overrides
     from propdsl.train import set_threads
-    from propdsl.verify.bounds import Method
     from propdsl.verify.report import verify_run
 
+    chosen: registry.Method | None = None
     if method is not None:
         try:
-            method = Method(method).value  # "CROWN-IBP" is crown_ibp, as in the library
+            chosen = registry.Method(method)  # "CROWN-IBP" is crown_ibp, as in the library
         except ValueError:
-            known = ", ".join(m.value for m in Method)
+            known = ", ".join(m.value for m in registry.Method)
             raise UsageError(f"--method must be one of {known}, got {method!r}") from None
     set_threads(threads)
     loaded = load(spec, parse_overrides(param or []))
@@ -500,7 +527,7 @@ def verify_cmd(
         report = verify_run(
             loaded,
             run,
-            method=method,
+            method=chosen,
             split=split,
             samples=samples,
             timeout=timeout,

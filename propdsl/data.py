@@ -175,7 +175,38 @@ def register_dataset(source: DataSource, *, replace: bool = False) -> None:
     """
     if source.name in _SOURCES and not replace:
         raise DataError(f"a data source named '{source.name}' is already registered")
+    _register_for_specs(source, replace)
     _SOURCES[source.name] = source
+
+
+def _register_for_specs(source: DataSource, replace: bool) -> None:
+    """Make the source nameable in specs (`train f on name(...)`): an entry of the torch-free
+    registry the checker reads. The built-in sources are declared there already (their entries
+    name these module's constants, `propdsl.data:DIGITS`); another source takes the keywords
+    `load_dataset` passes on, with `path` required when it reads a file, and its shape when it
+    is known without loading."""
+    from propdsl import registry
+
+    declared = registry.lookup(registry.Kind.DATA, source.name)
+    if declared is not None and declared.builtin and not replace:
+        return
+    keywords = registry.DATA_PATH if source.uses_path else registry.DATA_FILES
+    shape = None
+    if source.input_shape is not None and source.num_classes is not None:
+        shape = (tuple(source.input_shape), int(source.num_classes))
+    entry = registry.Entry(
+        kind=registry.Kind.DATA,
+        name=source.name,
+        keywords=keywords,
+        summary=source.description,
+        builtin=False,
+        shape=shape,
+        required=registry.REQUIRES_PATH if source.uses_path else (),
+    )
+    try:
+        registry.register(entry, replace=replace)
+    except registry.RegistryError as err:
+        raise DataError(str(err)) from None
 
 
 def available_datasets() -> tuple[str, ...]:
@@ -883,57 +914,57 @@ _FASHION_NAMES = (
     "Ankle boot",
 )
 
-for _source_def in (
-    DataSource(
-        "digits",
-        _load_digits,
-        "scikit-learn's 8x8 digits (1797 images, bundled: works offline), pixels / 16",
-        (1, 8, 8),
-        10,
-    ),
-    DataSource(
-        "breast_cancer",
-        _load_breast_cancer,
-        "scikit-learn's Wisconsin breast cancer (569 x 30 features), min-max scaled on train",
-        (30,),
-        2,
-        minmax_scale=True,
-    ),
-    DataSource(
-        "mnist",
-        _idx_source("mnist", "MNIST", _DIGIT_NAMES),
-        "MNIST from root/MNIST/raw (IDX files), pixels / 255",
-        (1, 28, 28),
-        10,
-    ),
-    DataSource(
-        "fashion_mnist",
-        _idx_source("fashion_mnist", "FashionMNIST", _FASHION_NAMES),
-        "Fashion-MNIST from root/FashionMNIST/raw (IDX files), pixels / 255",
-        (1, 28, 28),
-        10,
-    ),
-    DataSource(
-        "cifar10",
-        _load_cifar10,
-        "CIFAR-10 from root/cifar-10-batches-py (python batches), pixels / 255",
-        (3, 32, 32),
-        10,
-    ),
-    DataSource(
-        "svhn",
-        _load_svhn,
-        "SVHN from root/{train,test}_32x32.mat, pixels / 255, digit 0 labelled 0",
-        (3, 32, 32),
-        10,
-    ),
-    DataSource(
-        "tensors",
-        _load_tensors,
-        "arrays x, y (optionally x_test, y_test, class_names) from an .npz file, used as given",
-        info=_tensors_info,
-        uses_path=True,
-    ),
-):
+# The built-in sources, by the names the registry's entries give as their targets.
+DIGITS = DataSource(
+    "digits",
+    _load_digits,
+    "scikit-learn's 8x8 digits (1797 images, bundled: works offline), pixels / 16",
+    (1, 8, 8),
+    10,
+)
+BREAST_CANCER = DataSource(
+    "breast_cancer",
+    _load_breast_cancer,
+    "scikit-learn's Wisconsin breast cancer (569 x 30 features), min-max scaled on train",
+    (30,),
+    2,
+    minmax_scale=True,
+)
+MNIST = DataSource(
+    "mnist",
+    _idx_source("mnist", "MNIST", _DIGIT_NAMES),
+    "MNIST from root/MNIST/raw (IDX files), pixels / 255",
+    (1, 28, 28),
+    10,
+)
+FASHION_MNIST = DataSource(
+    "fashion_mnist",
+    _idx_source("fashion_mnist", "FashionMNIST", _FASHION_NAMES),
+    "Fashion-MNIST from root/FashionMNIST/raw (IDX files), pixels / 255",
+    (1, 28, 28),
+    10,
+)
+CIFAR10 = DataSource(
+    "cifar10",
+    _load_cifar10,
+    "CIFAR-10 from root/cifar-10-batches-py (python batches), pixels / 255",
+    (3, 32, 32),
+    10,
+)
+SVHN = DataSource(
+    "svhn",
+    _load_svhn,
+    "SVHN from root/{train,test}_32x32.mat, pixels / 255, digit 0 labelled 0",
+    (3, 32, 32),
+    10,
+)
+TENSORS = DataSource(
+    "tensors",
+    _load_tensors,
+    "arrays x, y (optionally x_test, y_test, class_names) from an .npz file, used as given",
+    info=_tensors_info,
+    uses_path=True,
+)
+for _source_def in (DIGITS, BREAST_CANCER, MNIST, FASHION_MNIST, CIFAR10, SVHN, TENSORS):
     register_dataset(_source_def)
 del _source_def

@@ -27,8 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from propdsl import options as O
-from propdsl import runs
+from propdsl import registry, runs
 from propdsl.api import Spec
 from propdsl.check import BlockInfo, OptionValue
 from propdsl.errors import CheckError, PropdslError, UsageError
@@ -55,12 +54,12 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 
 # Torch's thread pools crash beyond a few thousand threads: the spec checker's range, one table.
-MAX_THREADS = int(O.THREADS.hi)
+MAX_THREADS = int(registry.THREADS.hi)
 # Weights above this size mean training exploded (zoo models on [0, 1] inputs stay far below):
 # such an epoch never becomes `last` or `best`.
 MAX_ABS_WEIGHT = 1e6
 # Seeds feed `seed * 100_003 + epoch` into torch's 64-bit generators (the checker's range).
-MAX_SEED = int(O.SEED.hi)
+MAX_SEED = int(registry.SEED.hi)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -272,12 +272,14 @@ def test_negative_infinity_is_shown_as_written():
 def test_every_numeric_option_has_a_range_and_the_docs_show_it():
     from pathlib import Path
 
-    from propdsl import options as O
+    from propdsl import registry as R
+    from propdsl.builtins import BUILTINS
 
     doc = (Path(__file__).resolve().parents[1] / "docs" / "language.md").read_text()
-    tables = [*O.OPTION_TABLES.values(), O.DATASETS, O.EXPLAINER_KEYWORDS]
-    keywords = [(k, kw) for t in tables for opts in t.values() for k, kw in opts.items()]
-    keywords += [*O.TRAIN_KEYS.items(), *O.VERIFY_KEYS.items(), *O.ACTIVATION_OPTIONS.items()]
+    schemas = [e.keywords for kind in R.Kind for e in R.entries(kind) if e.builtin]
+    schemas += [b.keywords for b in BUILTINS.values()]
+    keywords = [(k, kw) for schema in schemas for k, kw in schema.items()]
+    keywords += [*R.TRAIN_KEYS.items(), *R.VERIFY_KEYS.items(), *R.ACTIVATION_OPTIONS.items()]
     for key, kw in keywords:
         if kw.type in ("Real", "Nat", "List[Nat]") and key != "baseline":
             assert kw.bounds is not None, key
@@ -297,12 +299,12 @@ def test_every_numeric_option_has_a_range_and_the_docs_show_it():
     ],
 )
 def test_bounds(bounds, inside, outside, shown):
-    from propdsl import options as O
+    from propdsl import registry as R
 
-    b = getattr(O, bounds)
+    b = getattr(R, bounds)
     assert all(v in b for v in inside) and not any(v in b for v in outside)
     assert b.show() == shown
-    kw = O.Kw(type="Real", bounds=b)
+    kw = R.Kw(type="Real", bounds=b)
     assert not kw.allows(math.inf) and not kw.allows(1e39) and not kw.allows(math.nan)
 
 

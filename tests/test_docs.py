@@ -295,6 +295,13 @@ def _entries(text: str, *, continued: bool) -> list[tuple[str, str]]:
     `continued`, indented lines that start with `[` continue the command above (a synopsis)."""
     group = _app()
     globals_ = _options(group)
+    # global options that take a value (`--plugin MODULE`): the value is not the command
+    valued = {
+        o
+        for p in group.params
+        if p.param_type_name == "option" and not getattr(p, "is_flag", False)
+        for o in p.opts
+    }
     out: list[list[str]] = []
     for raw in text.split("\n"):
         line = _COMMENT.sub("", raw)
@@ -305,7 +312,7 @@ def _entries(text: str, *, continued: bool) -> list[tuple[str, str]]:
             words = m.group(1).split()
             k = 0
             while k < len(words) and words[k].strip("[]") in globals_:
-                k += 1
+                k += 2 if words[k].strip("[]") in valued else 1
             name = words[k] if k < len(words) and words[k] in group.commands else ""
             if name or words[0].startswith("-") or words[0].startswith("[-"):
                 out.append([name, " ".join(words if not name else words[:k] + words[k + 1 :])])

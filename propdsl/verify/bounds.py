@@ -16,7 +16,6 @@ The engine works on the bound graph of `propdsl.verify.graph` (one rule per oper
 
 from __future__ import annotations
 
-import enum
 import math
 from dataclasses import dataclass
 from typing import cast
@@ -25,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from propdsl.region import INF, Region, RegionError
+from propdsl.registry import Method, NamedEnum
 from propdsl.verify.graph import BoundGraph, build_graph
 from propdsl.verify.layers import (
     ActivationRule,
@@ -37,31 +37,11 @@ from propdsl.verify.layers import (
     concretize_box,
 )
 
-__all__ = ["AlphaOptions", "Method", "bounds"]
+__all__ = ["AlphaOptions", "Method", "NamedEnum", "bounds"]
 
 
-class NamedEnum(enum.Enum):
-    """An enum whose members can also be given as their value's string, ignoring case,
-    surrounding spaces and '-' for '_' ("Alpha-CROWN" is `Method.ALPHA_CROWN`)."""
-
-    @classmethod
-    def _missing_(cls, value: object) -> enum.Enum | None:
-        if isinstance(value, str):
-            key = value.strip().lower().replace("-", "_")
-            for member in cls:
-                if member.value == key:
-                    return member
-        return None
-
-
-class Method(NamedEnum):
-    """Bound propagation method; the strings "ibp", "crown_ibp", "crown" and "alpha_crown"
-    also work. CROWN-IBP is CROWN's backward pass over IBP's intermediate bounds."""
-
-    IBP = "ibp"
-    CROWN_IBP = "crown_ibp"
-    CROWN = "crown"
-    ALPHA_CROWN = "alpha_crown"
+# `Method` lives in the torch-free registry (the checker and the CLI parse it without torch);
+# this module is where the engine and its callers import it from.
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -175,6 +155,8 @@ def compute_bounds(
 
 
 def _method(method: Method | str) -> Method:
+    """The one conversion at the engine's boundary (`bounds`, `compute_bounds` and the Jacobian
+    bounds take a name too); callers inside propdsl pass a `Method`."""
     try:
         return method if isinstance(method, Method) else Method(method)
     except ValueError:

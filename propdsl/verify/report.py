@@ -20,6 +20,7 @@ import torch
 
 from propdsl import runs
 from propdsl.errors import UsageError
+from propdsl.registry import Method
 from propdsl.results import (
     Checkpoint,
     RunSetup,
@@ -39,6 +40,7 @@ from propdsl.verify.run import (
     UNSUPPORTED,
     VERIFIED,
     PropertyVerdicts,
+    as_method,
     verify,
 )
 
@@ -140,7 +142,7 @@ def verify_run(
     spec: Any,
     run: str | Path,
     *,
-    method: str | None = None,
+    method: Method | str | None = None,
     split: str = "test",
     samples: int | None = None,
     timeout: float | None = None,
@@ -176,7 +178,8 @@ def verify_run(
     )
     spec, model = setup.spec, setup.model
     vb = spec.verify_block
-    method = method or (vb.get("method").name if vb is not None and vb.get("method") else "crown")
+    # `method` (a `Method`, or its name from a library caller), else the block's, else CROWN
+    chosen = as_method(method or (vb.get("method") if vb is not None else None) or Method.CROWN)
     if timeout is None and vb is not None and vb.get("timeout") is not None:
         timeout = positive_seconds("the verify block's timeout", vb.get("timeout"))
     falsifier = None
@@ -205,7 +208,7 @@ def verify_run(
                 x,
                 y,
                 [name],
-                method=method,
+                method=chosen,
                 falsifier=falsifier,
                 timeout=timeout,
                 generator=generator,
@@ -215,13 +218,13 @@ def verify_run(
     n = int(x.shape[0])
     settings = {
         "command": "verify",
-        "method": str(method),
+        "method": chosen.value,
         "timeout": timeout,
         "properties": names,
         "falsifier": repr(falsifier),
         "device": dev.type,
     }
-    key = result_key(setup, split=split, n=n, settings=settings, prefix=str(method))
+    key = result_key(setup, split=split, n=n, settings=settings, prefix=chosen.value)
     folder = setup.path / VERIFY_DIR / key
     written: list[Path] = []  # relative to the folder
 
@@ -230,7 +233,7 @@ def verify_run(
             written.append(path.relative_to(tmp))
         data = {
             **setup.record(),
-            "method": method,
+            "method": chosen.value,
             "split": split,
             "samples": n,
             "seed": setup.seed,
@@ -262,7 +265,7 @@ def verify_run(
         progress("done", len(names), len(names))
     paths = tuple(folder / p for p in written)
     return VerifyReport(
-        str(method),
+        chosen.value,
         split,
         n,
         verdicts,

@@ -133,7 +133,7 @@ def verify_property(
     reasons: list[str | None] = [None] * batch
     margin = torch.full((batch,), float("nan"), dtype=torch.float64)
     deadline = None if timeout is None else t0 + timeout * batch
-    method = Method(method) if not isinstance(method, Method) else method
+    method = as_method(method)
     was = model.training
     model.eval()
     try:
@@ -387,12 +387,20 @@ def verify(
     names = properties if properties is not None else _default_properties(spec)
     for n in names:
         spec.property(n)  # a clear error for unknown names
+    chosen = as_method(method)
+    return {n: verify_property(spec, n, model, x, y, method=chosen, **options) for n in names}
+
+
+def as_method(method: Method | str) -> Method:
+    """A bound method given by the library's caller (`spec.verify(method="crown")`), converted
+    once here; inside propdsl it travels as a `Method`."""
+    if isinstance(method, Method):
+        return method
     try:
-        method = method if isinstance(method, Method) else Method(method)
+        return Method(method)
     except ValueError:
         known = ", ".join(m.value for m in Method)
         raise UsageError(f"unknown verification method {method!r}; use {known}") from None
-    return {n: verify_property(spec, n, model, x, y, method=method, **options) for n in names}
 
 
 def _default_properties(spec: Any) -> list[str]:
