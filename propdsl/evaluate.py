@@ -42,8 +42,9 @@ from torch import Tensor, nn
 from propdsl import ir as I
 from propdsl import runs
 from propdsl.api import Spec
+from propdsl.attacks import APGD, PGD, run_attack
 from propdsl.errors import UsageError
-from propdsl.loss.attacks import APGD, PGD, run_attack
+from propdsl.interpret import differentiates
 from propdsl.region import Region
 from propdsl.results import (
     Checkpoint,
@@ -87,8 +88,6 @@ ARA_BISECTIONS = 12
 ARA_MAX_RMSE = 1.0
 EXPLAIN_PERTURBATIONS = 16
 GRID_SAMPLES = 6
-
-_EXPLAINERS = frozenset({"saliency", "gradient_x_input", "integrated_gradients", "smoothgrad"})
 
 
 # -- results -------------------------------------------------------------------------------------
@@ -330,7 +329,7 @@ def evaluate(
             continue
         steps.start(f"property {name}")
         prop_attack = strong
-        if relu and _explains(prop.formula) and strong.surrogate_beta is None:
+        if relu and differentiates(prop.formula) and strong.surrogate_beta is None:
             prop_attack = dataclasses.replace(strong, surrogate_beta=SURROGATE_BETA)
         t0 = time.perf_counter()
         try:
@@ -449,13 +448,6 @@ def _mean(v: Tensor) -> float:
     return float(v.float().mean())
 
 
-def _explains(formula: I.Node) -> bool:
-    """Whether the formula differentiates a network (saliency maps and `grad`)."""
-    return any(
-        isinstance(n, I.Fn) and (n.fn in _EXPLAINERS or n.fn == "grad") for n in I.walk(formula)
-    )
-
-
 def _sized_by_eps(spec: Spec) -> set[str]:
     """The properties whose formula changes with `eps` (also through defaults such as
     `param delta : Real = 2 * eps`)."""
@@ -492,7 +484,7 @@ def _curve_property(spec: Spec, name: str, *, label: bool = True) -> bool:
         isinstance(n, I.Quant) and not all(isinstance(d, I.Range) for d in n.domains)
         for n in I.walk(prop.formula)
     )
-    return reads_label and region and not _explains(prop.formula)
+    return reads_label and region and not differentiates(prop.formula)
 
 
 def _holds(

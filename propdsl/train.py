@@ -997,7 +997,8 @@ def evaluate_epoch(model, val_ds, prop_losses, device, samples: int) -> dict[str
     """
     if len(val_ds) == 0:
         return {"val_accuracy": None, **{f"satisfied[{name}]": None for name in prop_losses}}
-    from propdsl.evaluate import SURROGATE_BETA, _explains
+    from propdsl.evaluate import SURROGATE_BETA
+    from propdsl.interpret import differentiates
 
     x, y = val_ds.x.to(device), val_ds.y.to(device)
     out: dict[str, Any] = {"val_accuracy": accuracy(model, x, y)}
@@ -1010,7 +1011,7 @@ def evaluate_epoch(model, val_ds, prop_losses, device, samples: int) -> dict[str
     with torch.no_grad():
         for name, loss in prop_losses.items():
             attack = loss.attack
-            smooth = relu and attack.surrogate_beta is None and _explains(loss.formula)
+            smooth = relu and attack.surrogate_beta is None and differentiates(loss.formula)
             if smooth:
                 loss.attack = dataclasses.replace(attack, surrogate_beta=SURROGATE_BETA)
             try:

@@ -904,7 +904,7 @@ def test_verified_never_meets_a_counterexample_many(kind, seed, eps, L, tau, del
 def _check_verdicts(kind, seed, eps, L, tau, delta, p, q):
     """spec.verify's verdicts against an independent search: never `verified` where the search
     refutes the property; `falsified` points lie in the region (and violate Lipschitz bounds)."""
-    from propdsl.loss.attacks import PGD
+    from propdsl.attacks import PGD
 
     net, _ = make_net(kind, seed)
     prm = dict(eps=eps, L=L, tau=tau, delta=delta, p=p, q=q)

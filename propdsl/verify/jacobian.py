@@ -33,8 +33,7 @@ from torch import Tensor, nn
 
 from propdsl import ir as I
 from propdsl.explain import _EPS
-from propdsl.logics import get_logic
-from propdsl.loss.compile import CompileConfig, Compiler, Env
+from propdsl.interpret import BOOLEAN, Env, Interpreter, sample_env
 from propdsl.region import INF, Region, RegionError
 from propdsl.verify.bounds import (
     Method,
@@ -1074,11 +1073,8 @@ def to_jacobian_query(
         Unsupported: a strict Lipschitz inequality (false where the two points coincide), or
             an explanation without certified bounds (smoothgrad, integrated gradients).
     """
-    values = {params[0]: x}
-    if len(params) > 1 and y is not None:
-        values[params[1]] = y
-    env = Env(models, values, x.shape[0], get_logic("boolean"), CompileConfig())
-    compiler = Compiler()
+    env = sample_env(models, params, x, y, logic=BOOLEAN)
+    interpreter = Interpreter()
     node = formula
     variables: list[I.Var] = []
     domains: list[I.Domain] = []
@@ -1092,7 +1088,7 @@ def to_jacobian_query(
         node = node.body
     if not 1 <= len(variables) <= 2 or any(_over_region(n) for n in I.walk(node)):
         return None
-    regions = {v.name: compiler._domain(d)(env) for v, d in zip(variables, domains, strict=True)}  # noqa: SLF001
+    regions = {v.name: interpreter.domain(d)(env) for v, d in zip(variables, domains, strict=True)}
     for var, reg in regions.items():
         # The hull below would turn an empty region's placeholder point into a box: refuse it
         # (the verifier decides such samples as vacuous before building a query).
@@ -1102,7 +1098,7 @@ def to_jacobian_query(
         region = _hull(*regions.values())
     else:
         region = regions[variables[0].name]
-    matcher = _Matcher(compiler, env, networks, set(regions))
+    matcher = _Matcher(interpreter, env, networks, set(regions))
     try:
         root = matcher.clause(node)
     except _NoMatch:
@@ -1129,8 +1125,10 @@ _UPPER_BOUNDED = ("norm", "mse")  # compared with <=
 
 
 class _Matcher:
-    def __init__(self, compiler: Compiler, env: Env, networks: dict[str, int], binders: set[str]):
-        self.compiler = compiler
+    def __init__(
+        self, interpreter: Interpreter, env: Env, networks: dict[str, int], binders: set[str]
+    ):
+        self.interpreter = interpreter
         self.env = env
         self.networks = networks
         self.binders = binders
@@ -1145,7 +1143,7 @@ class _Matcher:
     def value(self, node: I.Node) -> Tensor:
         """A sub-formula free of the quantified inputs, evaluated exactly per sample."""
         with torch.enable_grad():  # explanations of the sample need input gradients
-            return self.compiler(node)(self.env).detach()
+            return self.interpreter(node)(self.env).detach()
 
     def per_sample(self, node: I.Node) -> Tensor:
         v = self.value(node).reshape(-1)

@@ -181,7 +181,7 @@ def verify_run(
         timeout = positive_seconds("the verify block's timeout", vb.get("timeout"))
     falsifier = None
     if vb is not None and vb.get("attack") is not None:
-        from propdsl.loss.compile import resolve_attack
+        from propdsl.attacks import resolve_attack
 
         falsifier = resolve_attack(vb.get("attack"))
     names = list(properties) if properties is not None else None

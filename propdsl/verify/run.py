@@ -46,9 +46,9 @@ import torch
 from torch import Tensor, nn
 
 from propdsl import ir as I
+from propdsl.attacks import APGD
 from propdsl.errors import UsageError
-from propdsl.loss.attacks import APGD
-from propdsl.loss.compile import EmptyRegionWarning
+from propdsl.interpret import EmptyRegionWarning, differentiates
 from propdsl.verify.bounds import AlphaOptions, Method, bounds
 from propdsl.verify.jacobian import JacobianQuery, to_jacobian_query
 from propdsl.verify.layers import UnsupportedLayerError
@@ -138,7 +138,7 @@ def verify_property(
     model.eval()
     try:
         attack = falsifier or default_falsifier()
-        if _needs_surrogate(prop.formula) and getattr(attack, "surrogate_beta", None) is None:
+        if differentiates(prop.formula) and getattr(attack, "surrogate_beta", None) is None:
             attack = dataclasses.replace(attack, surrogate_beta=10.0)
         loss = spec.loss(name, logic="dl2", attack=attack, generator=generator)
         with warnings.catch_warnings():
@@ -358,14 +358,6 @@ def _region_quantifiers(formula: I.Node) -> set[str]:
 
     visit(formula, True)
     return kinds
-
-
-def _needs_surrogate(formula) -> bool:
-    return any(
-        isinstance(n, I.Fn)
-        and n.fn in ("saliency", "gradient_x_input", "integrated_gradients", "smoothgrad", "grad")
-        for n in I.walk(formula)
-    )
 
 
 def _positioned(spec: Any, err: Unsupported) -> str:
