@@ -46,16 +46,15 @@ from propdsl.attacks import APGD, PGD, run_attack
 from propdsl.errors import UsageError
 from propdsl.interpret import differentiates
 from propdsl.region import Region
-from propdsl.results import (
+from propdsl.results import positive_count, result_key, write_results
+from propdsl.session import (
     Checkpoint,
     ParamSource,
     holds_run,
-    load_split,
+    load_samples,
     open_run,
-    positive_count,
-    result_key,
+    resolve_device,
     show_params,
-    write_results,
 )
 
 __all__ = [
@@ -234,7 +233,7 @@ def evaluate(
 
     Args:
         spec: the loaded spec (normally the run's own `spec.prop`); the run's params are the
-            defaults of the params the spec was not loaded with (`propdsl.results.run_params`).
+            defaults of the params the spec was not loaded with (`propdsl.session.run_params`).
         run: the run folder written by `propdsl train`.
         split: `test`, `val`, `train` or `all` of the verify block's data source (else the
             train block's, else the run's); the split is drawn with the run's seed, so it is the
@@ -272,8 +271,6 @@ def evaluate(
     >>> result = evaluate(spec, "runs/digits", samples=200)         # doctest: +SKIP
     >>> print(render_table(result))                                 # doctest: +SKIP
     """
-    from propdsl.train import resolve_device
-
     positive_count("samples", samples)
     positive_count("batch", batch)
     if explain_radius is not None:
@@ -297,14 +294,9 @@ def evaluate(
     spec, model, run_path = setup.spec, setup.model, setup.path
     seed = setup.seed if seed is None else int(seed)
 
-    ds = load_split(setup, split)
+    ds = load_samples(setup, split, samples, dev)
     x, y = ds.x, ds.y
-    if samples is not None:
-        x, y = x[:samples], y[:samples]
-    x, y = x.to(dev), y.to(dev)
     n = int(x.shape[0])
-    if n == 0:
-        raise UsageError(f"the {split} split is empty")
     box = (0.0, 1.0) if bool(x.min() >= 0) and bool(x.max() <= 1) else None
     relu = any(isinstance(m, nn.ReLU) for m in model.modules())
     log.info("evaluating %s on %d %s samples", run_path, n, split)

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from propdsl.errors import UsageError
 from propdsl.region import INF
-from propdsl.results import holds_run
+from propdsl.session import holds_run
 
 __all__ = [
     "Atom",
