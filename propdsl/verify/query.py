@@ -199,7 +199,7 @@ def to_query(
         node = node.body
     if not (isinstance(node, I.Quant) and node.kind == "forall"):
         # `max` / `min` over a region count too: the attack only bounds them from one side.
-        if any(_over_region(n) for n in I.walk(formula)):
+        if any(over_region(n) for n in I.walk(formula)):
             raise Unsupported(
                 "the verifier handles properties of the form 'forall v in region: ...'",
                 getattr(formula, "span", None),
@@ -229,7 +229,7 @@ def to_query(
         body = I.Quant("forall", tuple(v for v, _ in finite), tuple(d for _, d in finite), body)
     builder.binder = var.name
     for n in I.walk(body):
-        if _over_region(n):
+        if over_region(n):
             raise Unsupported("nested quantifiers over regions are not supported", n.span)
     region = builder.interpreter.domain(dom)(env)
     root = builder.clause(body, env)
@@ -440,7 +440,7 @@ def _product(sizes: list[int]) -> list[tuple[int, ...]]:
     return out
 
 
-def _over_region(node: I.Node) -> bool:
+def over_region(node: I.Node) -> bool:
     """A quantifier (forall, exists, max, min) over a ball or a box."""
     return isinstance(node, I.Quant) and not all(isinstance(d, I.Range) for d in node.domains)
 
