@@ -73,6 +73,7 @@ __all__ = [
 ]
 
 # Torch's thread pools crash beyond a few thousand threads: the spec checker's range, one table.
+assert O.THREADS.hi is not None  # the checker's range has an upper end
 MAX_THREADS = int(O.THREADS.hi)
 
 

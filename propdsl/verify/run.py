@@ -256,7 +256,9 @@ def _leading_region_quantifiers(formula: I.Node) -> tuple[str | None, list[str]]
     """The kind and variables of the region quantifiers the formula starts with: a chain of
     `forall` (or of `exists`) over regions, each region free of the chain's earlier variables,
     so that the chain ranges over the product of its regions (empty when one of them is)."""
-    node, kind, names = formula, None, []
+    node: I.Node = formula
+    kind: str | None = None
+    names: list[str] = []
     while (
         isinstance(node, I.Quant)
         and node.kind in ("forall", "exists")
@@ -289,6 +291,7 @@ def _loose_reason(method: Method, margin: float, strict: bool) -> str:
 
 
 def _timeout_reason(timeout: float | None, batch: int, *, before: bool) -> str:
+    assert timeout is not None  # only called when a deadline was set
     when = "before its bounds were computed" if before else "while its bounds were computed"
     return (
         f"timeout: the budget of {timeout:g} s per sample ({timeout * batch:g} s for "
