@@ -91,8 +91,9 @@ class Interpreter:
     """IR -> closures, hash-consed by structural equality of the nodes.
 
     Subclasses add node kinds or replace how one is evaluated: a method `_Kind(node, free)`
-    (Kind the IR class's name) returns the node's `Code`. `logical(node)` says which values
-    depend on the logic; `target` and `kind` name the backend in error messages.
+    (Kind the IR class's name) returns the node's `Code`, a method `_fn_name(node, free)` that of
+    the built-in function `name`. `logical(node)` says which values depend on the logic;
+    `target` and `kind` name the backend in error messages.
     """
 
     target: ClassVar[str] = "an exact evaluation"
@@ -218,6 +219,11 @@ class Interpreter:
             return self._grad(node, free)
         if fn in EXPLAINERS:
             return self._explainer(node, free, args)
+        # A subclass compiles a function of its own with a method `_fn_<name>` (looked up here,
+        # not by overriding `_Fn`, which would add a frame to every level of a deep expression).
+        special = getattr(self, f"_fn_{fn}", None)
+        if special is not None:
+            return special(node, free)
         impl = FUNCTIONS.get(fn)
         if impl is None:
             raise CompileError(f"'{fn}' has no {self.kind} implementation")

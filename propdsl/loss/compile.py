@@ -127,9 +127,7 @@ class Compiler(Interpreter):
 
         return Lambda(node, free | outer, run)
 
-    def _Fn(self, node: I.Fn, free):
-        if node.fn != "certified":
-            return super()._Fn(node, free)
+    def _fn_certified(self, node: I.Fn, free):
         try:
             from propdsl.loss.certified import compile_certified
         except ModuleNotFoundError as err:
