@@ -153,3 +153,49 @@ print(json.dumps(sorted(m for m in sys.modules
         [sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, check=True
     )
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+def _imports(path: Path) -> set[str]:
+    """Every propdsl module a file imports, at the top, inside functions or for type checking."""
+    import ast
+
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+    return {n for n in names if n.startswith("propdsl")}
+
+
+def _under(names: set[str], *packages: str) -> set[str]:
+    return {n for n in names for p in packages if n == p or n.startswith(p + ".")}
+
+
+PROPDSL = ROOT / "propdsl"
+
+
+@pytest.mark.parametrize(
+    ("files", "forbidden"),
+    [
+        # the verifier: neither the loss side nor training
+        (sorted((PROPDSL / "verify").rglob("*.py")), ("propdsl.loss", "propdsl.train")),
+        # the bound engine: networks over regions, never the IR
+        (
+            [PROPDSL / "verify" / f for f in ("bounds.py", "layers.py", "graph.py")],
+            ("propdsl.ir", "propdsl.interpret", "propdsl.simplify", "propdsl.api"),
+        ),
+        # the interpreter: shared by both back ends, so it imports neither
+        (
+            sorted((PROPDSL / "interpret").rglob("*.py")),
+            ("propdsl.loss", "propdsl.verify", "propdsl.train", "propdsl.attacks"),
+        ),
+        # the attacks: regions and models only
+        ([PROPDSL / "attacks.py"], ("propdsl.loss", "propdsl.verify", "propdsl.ir")),
+    ],
+    ids=["verify", "engine", "interpret", "attacks"],
+)
+def test_the_back_ends_import_boundaries(files, forbidden):
+    assert files
+    crossing = {str(f.relative_to(ROOT)): _under(_imports(f), *forbidden) for f in files}
+    assert not {f: n for f, n in crossing.items() if n}
