@@ -10,7 +10,7 @@ digits MLP and CNN:
   kept per sample, then the DL2 loss `sum_{j != y} max(f_j - f_y, 0) + [f_j == f_y]` at that
   point and the exact truth `argmax f = y` there.
 * `run_attack + hand`: the hand-written margin and DL2 loss, with the library's attack loop
-  (`propdsl.loss.attacks.run_attack`) in between.
+  (`propdsl.attacks.run_attack`) in between.
 
 The ratio compiled / hand is the whole overhead of the library (target <= 1.05); compiled /
 (run_attack + hand) the compiler's own share. Another row gives the explanation-stability step
@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import propdsl
+from propdsl.attacks import run_attack
 from propdsl.data import load_dataset
-from propdsl.loss.attacks import run_attack
 from propdsl.models import build_model
 from propdsl.region import Region
 

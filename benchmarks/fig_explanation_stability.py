@@ -42,8 +42,8 @@ import torch
 from torch import Tensor, nn
 
 import propdsl
+from propdsl.attacks import APGD
 from propdsl.explain import saliency
-from propdsl.loss import APGD
 from propdsl.region import Region
 from propdsl.runs import Run
 from propdsl.train import TrainOptions, load_split, set_threads, train

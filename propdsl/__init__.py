@@ -50,8 +50,8 @@ __all__ = [
 ]
 
 _LAZY = {
-    "PGD": "propdsl.loss.attacks",
-    "APGD": "propdsl.loss.attacks",
+    "PGD": "propdsl.attacks",
+    "APGD": "propdsl.attacks",
     "load": "propdsl.api",
     "bounds": "propdsl.verify.bounds",
     "jacobian_bounds": "propdsl.verify.jacobian",
@@ -68,11 +68,11 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from propdsl.api import Property, Spec, load
+    from propdsl.attacks import APGD, PGD
     from propdsl.data import register_dataset
     from propdsl.interop.onnx_import import load_onnx, onnx_forward
     from propdsl.interop.vnnlib import read_vnnlib
     from propdsl.logics import register_logic
-    from propdsl.loss.attacks import APGD, PGD
     from propdsl.models import register_model
     from propdsl.verify.bounds import bounds
     from propdsl.verify.jacobian import jacobian_bounds

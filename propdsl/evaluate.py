@@ -42,19 +42,19 @@ from torch import Tensor, nn
 from propdsl import ir as I
 from propdsl import runs
 from propdsl.api import Spec
+from propdsl.attacks import APGD, PGD, run_attack
 from propdsl.errors import UsageError
-from propdsl.loss.attacks import APGD, PGD, run_attack
+from propdsl.interpret import differentiates
 from propdsl.region import Region
-from propdsl.results import (
+from propdsl.results import positive_count, result_key, write_results
+from propdsl.session import (
     Checkpoint,
     ParamSource,
     holds_run,
-    load_split,
+    load_samples,
     open_run,
-    positive_count,
-    result_key,
+    resolve_device,
     show_params,
-    write_results,
 )
 
 __all__ = [
@@ -87,8 +87,6 @@ ARA_BISECTIONS = 12
 ARA_MAX_RMSE = 1.0
 EXPLAIN_PERTURBATIONS = 16
 GRID_SAMPLES = 6
-
-_EXPLAINERS = frozenset({"saliency", "gradient_x_input", "integrated_gradients", "smoothgrad"})
 
 
 # -- results -------------------------------------------------------------------------------------
@@ -235,7 +233,7 @@ def evaluate(
 
     Args:
         spec: the loaded spec (normally the run's own `spec.prop`); the run's params are the
-            defaults of the params the spec was not loaded with (`propdsl.results.run_params`).
+            defaults of the params the spec was not loaded with (`propdsl.session.run_params`).
         run: the run folder written by `propdsl train`.
         split: `test`, `val`, `train` or `all` of the verify block's data source (else the
             train block's, else the run's); the split is drawn with the run's seed, so it is the
@@ -273,8 +271,6 @@ def evaluate(
     >>> result = evaluate(spec, "runs/digits", samples=200)         # doctest: +SKIP
     >>> print(render_table(result))                                 # doctest: +SKIP
     """
-    from propdsl.train import resolve_device
-
     positive_count("samples", samples)
     positive_count("batch", batch)
     if explain_radius is not None:
@@ -298,14 +294,9 @@ def evaluate(
     spec, model, run_path = setup.spec, setup.model, setup.path
     seed = setup.seed if seed is None else int(seed)
 
-    ds = load_split(setup, split)
+    ds = load_samples(setup, split, samples, dev)
     x, y = ds.x, ds.y
-    if samples is not None:
-        x, y = x[:samples], y[:samples]
-    x, y = x.to(dev), y.to(dev)
     n = int(x.shape[0])
-    if n == 0:
-        raise UsageError(f"the {split} split is empty")
     box = (0.0, 1.0) if bool(x.min() >= 0) and bool(x.max() <= 1) else None
     relu = any(isinstance(m, nn.ReLU) for m in model.modules())
     log.info("evaluating %s on %d %s samples", run_path, n, split)
@@ -330,7 +321,7 @@ def evaluate(
             continue
         steps.start(f"property {name}")
         prop_attack = strong
-        if relu and _explains(prop.formula) and strong.surrogate_beta is None:
+        if relu and differentiates(prop.formula) and strong.surrogate_beta is None:
             prop_attack = dataclasses.replace(strong, surrogate_beta=SURROGATE_BETA)
         t0 = time.perf_counter()
         try:
@@ -449,13 +440,6 @@ def _mean(v: Tensor) -> float:
     return float(v.float().mean())
 
 
-def _explains(formula: I.Node) -> bool:
-    """Whether the formula differentiates a network (saliency maps and `grad`)."""
-    return any(
-        isinstance(n, I.Fn) and (n.fn in _EXPLAINERS or n.fn == "grad") for n in I.walk(formula)
-    )
-
-
 def _sized_by_eps(spec: Spec) -> set[str]:
     """The properties whose formula changes with `eps` (also through defaults such as
     `param delta : Real = 2 * eps`)."""
@@ -492,7 +476,7 @@ def _curve_property(spec: Spec, name: str, *, label: bool = True) -> bool:
         isinstance(n, I.Quant) and not all(isinstance(d, I.Range) for d in n.domains)
         for n in I.walk(prop.formula)
     )
-    return reads_label and region and not _explains(prop.formula)
+    return reads_label and region and not differentiates(prop.formula)
 
 
 def _holds(

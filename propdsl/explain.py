@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 Explainer = Callable[[Tensor], Tensor]
-_EPS = 1e-12
+NORM_EPS = 1e-12
 
 
 # -- attributions --------------------------------------------------------------------------------
@@ -199,7 +199,7 @@ def _pair(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
 
 def _unit(v: Tensor) -> Tensor:
     # A zero map stays zero (no direction), so its cosine with anything is 0.
-    return v / v.norm(dim=1, keepdim=True).clamp_min(_EPS)
+    return v / v.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
 
 
 def cosine(a: Tensor, b: Tensor) -> Tensor:

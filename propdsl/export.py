@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from propdsl.errors import UsageError
 from propdsl.region import INF
-from propdsl.results import holds_run
+from propdsl.session import holds_run
 
 __all__ = [
     "Atom",
@@ -184,7 +184,7 @@ def _two_point_reason(formula: Any) -> str | None:
     """Why a property over two quantified inputs (a Lipschitz bound) has no VNN-LIB file, or
     None when the formula quantifies over one input."""
     from propdsl import ir as I
-    from propdsl.verify.jacobian import _norm_of_difference
+    from propdsl.verify.jacobian import norm_of_difference
 
     node, names = formula, []
     while isinstance(node, I.Quant):
@@ -196,7 +196,7 @@ def _two_point_reason(formula: Any) -> str | None:
         node = node.body
     if len(names) < 2:
         return None
-    ps = sorted({_norm_name(t[2]) for n in I.walk(node) if (t := _norm_of_difference(n))})
+    ps = sorted({_norm_name(t[2]) for n in I.walk(node) if (t := norm_of_difference(n))})
     head = (
         f"it compares the network at {len(names)} inputs ({', '.join(names)}), and a VNN-LIB "
         "file as export writes it states one input and one output of one network"

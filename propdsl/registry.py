@@ -487,7 +487,7 @@ _declare(
         _entry(
             Kind.ATTACK,
             "pgd",
-            "propdsl.loss.attacks:PGD",
+            "propdsl.attacks:PGD",
             {
                 "steps": nat(NON_NEGATIVE, "0: the start point only"),
                 "restarts": nat(AT_LEAST_ONE),
@@ -499,7 +499,7 @@ _declare(
         _entry(
             Kind.ATTACK,
             "apgd",
-            "propdsl.loss.attacks:APGD",
+            "propdsl.attacks:APGD",
             {
                 "steps": nat(NON_NEGATIVE),
                 "restarts": nat(AT_LEAST_ONE),

@@ -3,6 +3,10 @@
 Determinism: every epoch's shuffling, attack starts and dropout draw from generators seeded by
 (seed, epoch), so a run resumed from its last checkpoint ends with the same weights as an
 uninterrupted run with the same seed.
+
+Devices, threads, data splits and models come from `propdsl.session` (the run setup every
+command shares); `set_threads`, `resolve_device`, `load_split` (`session.load_block_split`)
+and `MAX_THREADS` stay importable from here.
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import platform
 import signal
 import sys
@@ -31,6 +34,15 @@ from propdsl import registry, runs
 from propdsl.api import Spec
 from propdsl.check import BlockInfo, OptionValue
 from propdsl.errors import CheckError, PropdslError, UsageError
+from propdsl.session import (
+    MAX_THREADS,
+    build_from_config,
+    data_kwargs,
+    model_config,
+    resolve_device,
+    set_threads,
+)
+from propdsl.session import load_block_split as load_split
 from propdsl.source import Diagnostic
 
 log = logging.getLogger("propdsl.train")
@@ -53,8 +65,6 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.started = started
 
 
-# Torch's thread pools crash beyond a few thousand threads: the spec checker's range, one table.
-MAX_THREADS = int(registry.THREADS.hi)
 # Weights above this size mean training exploded (zoo models on [0, 1] inputs stay far below):
 # such an epoch never becomes `last` or `best`.
 MAX_ABS_WEIGHT = 1e6
@@ -86,42 +96,6 @@ class TrainResult:
     metrics: list[dict[str, Any]] = field(default_factory=list)
 
 
-def default_threads() -> int:
-    """All cores this process may use, at most 8 (small models gain nothing beyond that)."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:
-        n = os.cpu_count() or 1
-    return max(1, min(n, 8))
-
-
-def set_threads(threads: int | None) -> int:
-    """Set torch's CPU threads (None: `default_threads()`); 1..MAX_THREADS, else UsageError."""
-    if threads is not None and (
-        not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= MAX_THREADS
-    ):
-        raise UsageError(f"threads must be between 1 and {MAX_THREADS}, got {threads!r}")
-    n = threads or default_threads()
-    torch.set_num_threads(n)
-    try:
-        torch.set_num_interop_threads(1)
-    except RuntimeError:
-        pass  # already set once in this process
-    return n
-
-
-def resolve_device(name: str | None) -> torch.device:
-    name = name or "auto"
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"device '{name}' asked for, but CUDA is not available here")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"unknown device '{name}': use auto, cpu, cuda or cuda:N") from None
-
-
 def run_folder(spec: Spec, options: TrainOptions) -> Path:
     """Where `train` writes: `options.out`, else `runs/<spec file stem>` (`runs/spec` for text)."""
     if options.out is not None:
@@ -144,104 +118,6 @@ def _block(spec: Spec) -> BlockInfo:
 
 def _name_span(spec: Spec, block: BlockInfo):
     return block.span
-
-
-def data_kwargs(block: BlockInfo) -> dict[str, Any]:
-    name, kwargs = block.data
-    return dict(kwargs)
-
-
-def load_split(spec: Spec, block: BlockInfo, split: str, *, seed: int, root: Path | None = None):
-    """One split of the block's data source, checked against the network's declared type."""
-    from propdsl.data import DataError, load_dataset
-
-    name, _ = block.data
-    kwargs = data_kwargs(block)
-    kwargs.pop("split", None)
-    kwargs.setdefault("seed", seed)
-    if name == "tensors" and root is not None:
-        kwargs.setdefault("root", str(root))
-    try:
-        ds = load_dataset(name, split=split, **kwargs)
-    except DataError as err:
-        hint = getattr(err, "hint", None)
-        raise CheckError([Diagnostic(str(err), block.span, hint)], spec.source) from None
-    net = spec.networks[block.network]
-    if tuple(ds.input_shape) != net.inp.shape or ds.num_classes > net.out.shape[0]:
-        raise CheckError(
-            [
-                Diagnostic(
-                    f"data source '{name}' gives Tensor[{', '.join(map(str, ds.input_shape))}] "
-                    f"inputs in {ds.num_classes} classes, but network '{block.network}' is "
-                    f"{net.show()}",
-                    block.span,
-                )
-            ],
-            spec.source,
-        )
-    return ds
-
-
-def model_config(
-    spec: Spec, block: BlockInfo, user_ref: str | None, given: nn.Module | None = None
-) -> dict[str, Any]:
-    net = spec.networks[block.network]
-    if given is not None:
-        # A model object from the API: the run can only be reopened with the same code, so the
-        # config names its class (and the --model reference, when there is one).
-        cls = type(given)
-        return {
-            "name": "user",
-            "kwargs": {},
-            "user": user_ref,
-            "class": f"{cls.__module__}.{cls.__qualname__}",
-            "input_shape": list(net.inp.shape),
-            "num_classes": net.out.shape[0],
-        }
-    option = block.get("model", OptionValue("mlp"))
-    kwargs = {}
-    for key, value in option.kwargs:
-        if isinstance(value, OptionValue):
-            value = [value.name, value.kw()]
-        elif isinstance(value, tuple):
-            value = list(value)
-        kwargs[key] = value
-    if option.name == "cnn" and isinstance(kwargs.get("hidden"), list):
-        hidden = kwargs["hidden"]
-        kwargs["hidden"] = hidden[0] if len(hidden) == 1 else hidden
-    if option.name == "user" and user_ref is None:
-        raise UsageError("the spec's model is `user`: pass --model pkg.module:factory")
-    return {
-        "name": option.name,
-        "kwargs": kwargs,
-        "user": user_ref,
-        "input_shape": list(net.inp.shape),
-        "num_classes": net.out.shape[0],
-    }
-
-
-def build_from_config(config: dict[str, Any], seed: int, user_ref: str | None = None) -> nn.Module:
-    """The model a config's `model` entry describes. A user model is imported only from
-    `user_ref`, the reference the caller was given (`--model`), never from the config: a run
-    folder is data and names code without running it."""
-    from propdsl.models import build_model, check_model, load_user_model
-
-    shape, classes = tuple(config["input_shape"]), int(config["num_classes"])
-    recorded = config.get("user")
-    if recorded or config.get("name") == "user":
-        if user_ref is None:
-            named = f" '{recorded}'" if recorded else ""
-            raise UsageError(
-                f"the model is the user model{named}: user code runs only when named, "
-                f"pass --model {recorded or 'pkg.module:factory'}"
-            )
-        if recorded and not runs.same_model_ref(user_ref, recorded):
-            raise UsageError(f"--model {user_ref} is not the run's model '{recorded}'")
-        model = load_user_model(user_ref, input_shape=shape, num_classes=classes, seed=seed)
-        check_model(model, shape, classes)
-        return model
-    kwargs = {k: tuple(v) if k == "activation" else v for k, v in config["kwargs"].items()}
-    return build_model(config["name"], shape, classes, seed=seed, **kwargs)
 
 
 def _build_spec_model(
@@ -996,7 +872,8 @@ def evaluate_epoch(model, val_ds, prop_losses, device, samples: int) -> dict[str
     """
     if len(val_ds) == 0:
         return {"val_accuracy": None, **{f"satisfied[{name}]": None for name in prop_losses}}
-    from propdsl.evaluate import SURROGATE_BETA, _explains
+    from propdsl.evaluate import SURROGATE_BETA
+    from propdsl.interpret import differentiates
 
     x, y = val_ds.x.to(device), val_ds.y.to(device)
     out: dict[str, Any] = {"val_accuracy": accuracy(model, x, y)}
@@ -1009,7 +886,7 @@ def evaluate_epoch(model, val_ds, prop_losses, device, samples: int) -> dict[str
     with torch.no_grad():
         for name, loss in prop_losses.items():
             attack = loss.attack
-            smooth = relu and attack.surrogate_beta is None and _explains(loss.formula)
+            smooth = relu and attack.surrogate_beta is None and differentiates(loss.formula)
             if smooth:
                 loss.attack = dataclasses.replace(attack, surrogate_beta=SURROGATE_BETA)
             try:

@@ -10,16 +10,18 @@ import pytest
 import torch
 from torch import nn
 
-from propdsl.explain import cosine, saliency
-from propdsl.loss import (
+from propdsl.attacks import (
     APGD,
     PGD,
     AttackResult,
     VanishingGradientWarning,
+    _apgd_checkpoints,
+    resolve_attack,
     run_attack,
     smooth_relu,
 )
-from propdsl.loss.attacks import _apgd_checkpoints
+from propdsl.errors import UsageError
+from propdsl.explain import cosine, saliency
 from propdsl.region import Region
 
 INF = math.inf
@@ -329,3 +331,27 @@ def test_cuda(kind):
     gen = torch.Generator(device="cuda").manual_seed(0)
     res = run_attack(kind(surrogate_beta=5.0), lambda x: x @ w, [region], generator=gen)
     assert res.points[0].device.type == "cuda" and bool(region.contains(res.points[0]).all())
+
+
+def test_the_old_places_re_export_the_attacks():
+    """`propdsl.attacks` was `propdsl.loss.attacks`: code importing from the old module, from
+    `propdsl.loss` or from `propdsl` gets the same objects."""
+    import propdsl
+    import propdsl.loss
+    import propdsl.loss.attacks as old
+
+    for name in ("APGD", "PGD", "AttackResult", "VanishingGradientWarning", "run_attack"):
+        assert getattr(old, name) is getattr(propdsl.loss, name) is globals()[name], name
+    assert old.smooth_relu is smooth_relu
+    assert propdsl.PGD is PGD and propdsl.APGD is APGD
+
+
+def test_resolve_attack_takes_options_names_and_none():
+    assert resolve_attack(None) == PGD()
+    assert resolve_attack("apgd") == APGD()
+    given = PGD(steps=3)
+    assert resolve_attack(given) is given
+    with pytest.raises(UsageError, match="unknown attack 'fgsm'; known attacks: pgd, apgd"):
+        resolve_attack("fgsm")
+    with pytest.raises(UsageError, match="expected a name or an option value"):
+        resolve_attack(3)

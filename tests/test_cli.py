@@ -362,7 +362,7 @@ def test_a_warning_is_one_line_without_a_source_line(monkeypatch):
     and then the source line `result = run_attack(`."""
     import warnings
 
-    from propdsl.loss.attacks import VanishingGradientWarning
+    from propdsl.attacks import VanishingGradientWarning
 
     def summary(self):
         warnings.warn("the attack cannot move", VanishingGradientWarning, stacklevel=1)

@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import propdsl
+from propdsl.attacks import AttackResult
 from propdsl.logics import LogicError
 from propdsl.loss import compile as C
-from propdsl.loss.attacks import AttackResult
 from propdsl.models import build_model
 
 ROOT = Path(__file__).resolve().parent.parent

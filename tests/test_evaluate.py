@@ -11,6 +11,7 @@ import torch
 
 import propdsl
 from propdsl import runs
+from propdsl.attacks import APGD, PGD, VanishingGradientWarning
 from propdsl.data import load_dataset
 from propdsl.errors import UsageError
 from propdsl.evaluate import (
@@ -22,7 +23,6 @@ from propdsl.evaluate import (
     render_table,
     show_attack,
 )
-from propdsl.loss.attacks import APGD, PGD, VanishingGradientWarning
 
 PNG = b"\x89PNG\r\n\x1a\n"
 TEST_LIMIT = 40

@@ -28,6 +28,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from onnx.reference import ReferenceEvaluator  # noqa: E402
 
 import propdsl  # noqa: E402
+from propdsl.attacks import PGD, run_attack  # noqa: E402
 from propdsl.errors import UsageError  # noqa: E402
 from propdsl.interop import onnx_import  # noqa: E402
 from propdsl.interop.onnx_import import (  # noqa: E402
@@ -37,7 +38,6 @@ from propdsl.interop.onnx_import import (  # noqa: E402
     load_onnx,
     onnx_forward,
 )
-from propdsl.loss.attacks import PGD, run_attack  # noqa: E402
 from propdsl.region import Region  # noqa: E402
 from propdsl.verify import UnsupportedLayerError  # noqa: E402
 

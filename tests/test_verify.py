@@ -26,8 +26,8 @@ from typer.testing import CliRunner
 
 import propdsl
 from propdsl import runs
+from propdsl.attacks import APGD, PGD
 from propdsl.errors import UsageError
-from propdsl.loss.attacks import APGD, PGD
 from propdsl.region import Region
 from propdsl.verify import AlphaOptions
 from propdsl.verify.query import Unsupported, to_query

@@ -192,8 +192,8 @@ def _margin(problem: Problem, y: torch.Tensor) -> torch.Tensor:
 def check_polarity(root: Path, row: dict, *, steps: int, restarts: int) -> bool:
     """Whether an attack finds a violation; a found one is confirmed with onnxruntime, and
     sampled points never violate an `unsat` instance."""
+    from propdsl.attacks import PGD, run_attack
     from propdsl.interop.onnx_import import load_onnx, onnx_forward
-    from propdsl.loss.attacks import PGD, run_attack
 
     onnx_path = root / row["benchmark"] / row["onnx"]
     model = load_onnx(onnx_path)
@@ -249,7 +249,7 @@ def test_polarity_on_some_instances(onnx: str, vnnlib: str, expected: bool) -> N
 
 @pytest.mark.slow
 # a few ACAS Xu boxes start where every ReLU is stable and the objective flat: the attack warns
-@pytest.mark.filterwarnings("ignore::propdsl.loss.attacks.VanishingGradientWarning")
+@pytest.mark.filterwarnings("ignore::propdsl.attacks.VanishingGradientWarning")
 def test_polarity_on_every_instance() -> None:
     pytest.importorskip("onnxruntime")
     root = require_vnncomp()

@@ -1,6 +1,8 @@
-"""Losses from properties, and the attacks that find the worst points of their quantifiers."""
+"""Losses from properties: the loss side of the interpreter (`propdsl.interpret`), with logics,
+attack-driven quantifiers and certified terms. The attacks live in `propdsl.attacks`; their
+names are re-exported here as before."""
 
-from propdsl.loss.attacks import (
+from propdsl.attacks import (
     APGD,
     PGD,
     AttackResult,

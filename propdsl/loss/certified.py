@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from propdsl import ir as I
+from propdsl.interpret import CompileError, Env, EvalConfig, lookup, warn_empty
 from propdsl.types import shape_of
 
 BIG = 1e4  # the soft violation of clauses decided exactly: exp(-BIG) is 0, and no inf / NaN
@@ -48,7 +49,7 @@ BIG = 1e4  # the soft violation of clauses decided exactly: exp(-BIG) is 0, and 
 __all__ = ["certified_loss", "compile_certified"]
 
 
-def compile_certified(node: I.Fn, compiler: Any) -> Callable[[Any], Tensor]:
+def compile_certified(node: I.Fn, compiler: Any) -> Callable[[Env], Tensor]:
     """`env -> [B]` per-sample certified loss of `certified(p, method = ...)`.
 
     Args:
@@ -56,8 +57,6 @@ def compile_certified(node: I.Fn, compiler: Any) -> Callable[[Any], Tensor]:
         compiler: the `Compiler` of the train block's loss (it knows the properties' formulas
             and parameter names).
     """
-    from propdsl.loss.compile import CompileError, _lookup
-
     name = str(node.option("property"))
     method = str(node.option("method", "ibp"))
     if method not in ("ibp", "crown_ibp"):
@@ -79,9 +78,9 @@ def compile_certified(node: I.Fn, compiler: Any) -> Callable[[Any], Tensor]:
     ):
         raise CompileError(f"certified({name}): the property quantifies over no region")
 
-    def run(env: Any) -> Tensor:
-        x = _lookup(env, "x")
-        y = _lookup(env, "y") if len(params) > 1 else None
+    def run(env: Env) -> Tensor:
+        x = lookup(env, "x")
+        y = lookup(env, "y") if len(params) > 1 else None
         return certified_loss(
             formula,
             params,
@@ -106,11 +105,10 @@ def certified_loss(
     y: Tensor | None,
     *,
     method: str = "ibp",
-    config: Any = None,
+    config: EvalConfig | None = None,
     name: str = "property",
 ) -> Tensor:
     """The per-sample certified loss (see the module docstring) of a property's normal form."""
-    from propdsl.loss.compile import CompileError
     from propdsl.verify.bounds import Method, bounds
     from propdsl.verify.query import Unsupported, to_query
 
@@ -128,9 +126,7 @@ def certified_loss(
     empty = query.region.is_empty()
     keep = (~empty).nonzero().flatten()
     if bool(empty.any()):
-        from propdsl.loss.compile import _warn_empty
-
-        _warn_empty((query.variable or "the input",), "forall")
+        warn_empty((query.variable or "the input",), "forall")
     lower = C.new_zeros(C.shape[0], C.shape[1])
     if C.shape[1] > 0 and keep.numel() > 0:
         model = models[query.network]

@@ -16,6 +16,12 @@ knows how to propagate:
 
 A plain `BoundRule` with only `ibp` is enough for interval bound propagation.
 
+The Jacobian bounds (`propdsl.verify.jacobian`) read each rule's derivative beside its bounds:
+an activation's `derivative_range(l, u)` (the range of f' on [l, u]), a nonlinear rule's
+`derivative_backward`, and an affine rule's `abs_backward` (through |M|) and `forward_linear`
+(M applied forwards); affine rules without their own get the generic ones from their matrix.
+So a new activation, bounds and derivative, is one class.
+
 `REGISTRY` maps module classes, functions and tensor-method names to rule classes;
 `register_rule(key, ...)(RuleClass)` adds or replaces an entry, so a new layer is one new class:
 
@@ -35,6 +41,7 @@ True
 from __future__ import annotations
 
 import abc
+import copy
 import math
 import operator
 from collections.abc import Callable, Sequence
@@ -48,6 +55,7 @@ from torch import Tensor, nn
 from propdsl.errors import PropdslError
 
 __all__ = [
+    "DERIVATIVES",
     "REGISTRY",
     "ActivationRule",
     "AffineRule",
@@ -60,6 +68,9 @@ __all__ = [
     "Relaxation",
     "SShapedRule",
     "UnsupportedLayerError",
+    "derivative_range",
+    "interval_product",
+    "register_derivative",
     "register_rule",
     "rule_for_call",
     "rule_for_module",
@@ -70,6 +81,22 @@ Interval = tuple[Tensor, Tensor]
 
 class UnsupportedLayerError(PropdslError, NotImplementedError):
     """The model contains a layer or function that no bound rule covers (or covers only in part)."""
+
+
+class NoForwardMap(Exception):
+    """An affine layer whose linear part cannot be applied forwards within the size limits."""
+
+
+# The generic `AffineRule.forward_linear` materialises matrices of at most this many entries.
+FORWARD_DENSE_LIMIT = 1 << 20
+
+
+def interval_product(a_lo: Tensor, a_hi: Tensor, d_lo: Tensor, d_hi: Tensor) -> Interval:
+    """The hull of {a * d : a in [a_lo, a_hi], d in [d_lo, d_hi]}, element-wise."""
+    p1, p2, p3, p4 = a_lo * d_lo, a_lo * d_hi, a_hi * d_lo, a_hi * d_hi
+    lo = torch.minimum(torch.minimum(p1, p2), torch.minimum(p3, p4))
+    hi = torch.maximum(torch.maximum(p1, p2), torch.maximum(p3, p4))
+    return lo, hi
 
 
 # -- calls ---------------------------------------------------------------------------------------
@@ -163,6 +190,16 @@ class BoundRule(abc.ABC):
     def ibp(self, *inputs: Interval) -> Interval:
         """Element-wise bounds [B, *out_shape] of the output, given bounds of each input."""
 
+    def derivative_backward(self, lo: Tensor, hi: Tensor, lower: Tensor, upper: Tensor) -> Interval:
+        """Interval bounds of R . d out / d x for every R in [lo, hi] ([B', S, *out_shape]),
+        valid at every x of the input box [lower, upper] ([B, *in_shape]): the Jacobian bounds'
+        step through a nonlinear single-input operation (affine rules take theirs from
+        `backward` and `abs_backward`)."""
+        raise UnsupportedLayerError(
+            f"{self.call.describe()}: Jacobian bounds need an AffineRule or an ActivationRule "
+            "for every operation"
+        )
+
 
 class AffineRule(BoundRule):
     """An operation that is affine in its bounded inputs: out = sum_k M_k x_k + c.
@@ -172,12 +209,52 @@ class AffineRule(BoundRule):
     """
 
     mixes: ClassVar[bool] = True
+    # True when every M_k is non-negative (reshapes, averages): then |M_k| = M_k.
+    nonnegative: ClassVar[bool] = False
 
     @abc.abstractmethod
     def backward(self, A: Tensor) -> tuple[list[Tensor | None], Tensor | None]:
         """Coefficients A [B', S, *out_shape] on the output -> coefficients on each input
         ([B', S, *in_shape_k], None for an input that does not occur) and the constant
         A . c of shape [B', S] (None when zero). B' is 1 or the batch size."""
+
+    def abs_backward(self, R: Tensor) -> list[Tensor | None]:
+        """R |M_k| for each bounded input k, for R [B', S, *out_shape] >= 0: the radius of an
+        interval Jacobian through the layer. Generic: M from `backward` of the identity (rules
+        override it with a map that does not materialise M)."""
+        if self.nonnegative:
+            return self.backward(R)[0]
+        out_shape = self.call.out_shape
+        n = math.prod(out_shape)
+        eye = torch.eye(n, dtype=R.dtype, device=R.device).reshape(1, n, *out_shape)
+        coeffs, _ = self.backward(eye)
+        out: list[Tensor | None] = []
+        for coeff, shape in zip(coeffs, self.call.in_shapes, strict=True):
+            if coeff is None:
+                out.append(None)
+                continue
+            M = coeff.reshape(coeff.shape[0], n, -1).abs()  # [1 or B, n_out, n_in]
+            out.append((R.flatten(2) @ M).reshape(*R.shape[:2], *shape))
+        return out
+
+    def forward_linear(self, k: int, G: Tensor) -> Tensor:
+        """M_k G on G [*lead, *in_shape_k] -> [*lead, *out_shape]: the linear part of input k
+        applied forwards (the adjoint of `backward`), for the Jacobian's linear pass. Generic:
+        M_k from `backward` of the identity, up to `FORWARD_DENSE_LIMIT` entries, beyond which
+        it raises `NoForwardMap` (rules override it with their own map)."""
+        in_shape, out_shape = self.call.in_shapes[k], self.call.out_shape
+        lead = G.shape[: G.dim() - len(in_shape)]
+        n_out, n_in = math.prod(out_shape), math.prod(in_shape)
+        if n_out * n_in > FORWARD_DENSE_LIMIT:
+            raise NoForwardMap(self.call.describe())
+        eye = torch.eye(n_out, dtype=G.dtype, device=G.device).reshape(1, n_out, *out_shape)
+        coeff = self.backward(eye)[0][k]
+        if coeff is None:
+            return G.new_zeros(*lead, *out_shape)
+        # [1 or B, n_out, *in_shape] -> [1 or B, 1, ..., n_in, n_out], batched like G
+        M = coeff.reshape(coeff.shape[0], *([1] * (len(lead) - 2)), n_out, n_in).mT
+        out = G.reshape(*lead, n_in) @ M
+        return out.reshape(*out.shape[:-1], *out_shape)
 
     def ibp(self, *inputs: Interval) -> Interval:
         # Generic and exact per input: backward from the identity, concretised over each box.
@@ -240,6 +317,22 @@ class ActivationRule(BoundRule):
         """Where alpha-CROWN projects the parameters after each step: numbers, or tensors
         [k or 1, *lower.shape]."""
         return 0.0, 1.0
+
+    def derivative_range(self, lower: Tensor, upper: Tensor) -> Interval:
+        """Element-wise bounds of f' over the pre-activation bounds [lower, upper] ([B, *shape]),
+        valid for the gradient autograd computes too (at a kink, every one-sided derivative).
+        Needed for Jacobian bounds only; the engine reads it through `derivative_range`, so a
+        function registered with `register_derivative` takes precedence."""
+        raise UnsupportedLayerError(
+            f"{self.call.describe()}: no derivative range for {type(self).__name__}; give the "
+            "rule a derivative_range method, or register one with "
+            f"@propdsl.verify.jacobian.register_derivative({type(self).__name__})"
+        )
+
+    def derivative_backward(self, lo: Tensor, hi: Tensor, lower: Tensor, upper: Tensor) -> Interval:
+        # The chain rule through an element-wise map: R * f', an interval product per element.
+        d_lo, d_hi = derivative_range(self, lower, upper)
+        return interval_product(lo, hi, d_lo.unsqueeze(1), d_hi.unsqueeze(1))
 
 
 # -- registry ------------------------------------------------------------------------------------
@@ -306,6 +399,74 @@ def rule_for_call(target: Any) -> type[BoundRule] | None:
         return REGISTRY.get(target)
     except TypeError:  # unhashable target
         return None
+
+
+DerivativeRange = Callable[[ActivationRule, Tensor, Tensor], Interval]
+
+# Derivative ranges registered for rule classes one does not own: rule class ->
+# (rule, lower, upper) -> (d_lo, d_hi). A rule's own `derivative_range` method is the usual place.
+DERIVATIVES: dict[type, DerivativeRange] = {}
+
+
+def register_derivative(*rules: type) -> Callable[[DerivativeRange], DerivativeRange]:
+    """Function decorator: the range of the derivative of the activations bound by `rules`
+    (ActivationRule subclasses; subclasses of a registered rule inherit it), for a rule class
+    without its own `derivative_range` method, or to replace it.
+
+    The function receives the rule and the pre-activation bounds [B, *shape] and returns
+    element-wise bounds of f' over them, valid for the gradient autograd computes too (at a
+    kink, every one-sided derivative).
+
+    >>> from torch import nn
+    >>> from propdsl.verify import ActivationRule, register_rule
+    >>> from propdsl.verify.jacobian import jacobian_bounds
+    >>> class Cube(nn.Module):
+    ...     def forward(self, x):
+    ...         return x ** 3
+    >>> @register_rule(Cube)
+    ... class CubeRule(ActivationRule):
+    ...     def function(self, x):
+    ...         return x ** 3
+    ...     def relax(self, lower, upper, alpha=None):
+    ...         raise NotImplementedError  # IBP only
+    >>> @register_derivative(CubeRule)
+    ... def cube_derivative(rule, lower, upper):
+    ...     closest = torch.minimum(torch.maximum(torch.zeros_like(lower), lower), upper)
+    ...     return 3 * closest**2, 3 * torch.maximum(lower**2, upper**2)
+    >>> net = nn.Sequential(nn.Linear(2, 2), Cube(), nn.Linear(2, 1))
+    >>> lo, hi = jacobian_bounds(net, torch.zeros(1, 2), torch.ones(1, 2), method="ibp")
+    >>> lo.shape
+    torch.Size([1, 1, 2])
+    >>> del REGISTRY[Cube], DERIVATIVES[CubeRule]
+    """
+    if not rules:
+        raise TypeError("register_derivative needs at least one ActivationRule subclass")
+
+    def decorate(fn: DerivativeRange) -> DerivativeRange:
+        for rule in rules:
+            if not (isinstance(rule, type) and issubclass(rule, ActivationRule)):
+                raise TypeError(
+                    f"register_derivative takes ActivationRule subclasses, not {rule!r}"
+                )
+            DERIVATIVES[rule] = fn
+        return fn
+
+    return decorate
+
+
+def derivative_range(rule: ActivationRule, lower: Tensor, upper: Tensor) -> Interval:
+    """Bounds of the activation's derivative on [lower, upper]: along the rule's class
+    hierarchy, the first registered function (`DERIVATIVES`) or `derivative_range` method."""
+    for cls in type(rule).__mro__:
+        fn = DERIVATIVES.get(cls)
+        if fn is not None:
+            return fn(rule, lower, upper)
+        if cls is ActivationRule:
+            break
+        method = vars(cls).get("derivative_range")
+        if method is not None:
+            return method(rule, lower, upper)
+    return rule.derivative_range(lower, upper)  # ActivationRule's: names what is missing
 
 
 # -- tensor helpers shared with the engine -------------------------------------------------------
@@ -378,6 +539,12 @@ class LinearRule(AffineRule):
     def backward(self, A: Tensor) -> tuple[list[Tensor | None], Tensor | None]:
         bias = None if self.bias is None else sum_spec(A @ self.bias)
         return [A @ self.weight], bias
+
+    def abs_backward(self, R: Tensor) -> list[Tensor | None]:
+        return [R @ self.weight.abs()]
+
+    def forward_linear(self, k: int, G: Tensor) -> Tensor:
+        return G @ self.weight.mT
 
 
 # Convolutions with at most this many (input, output) pairs run backwards as one dense matrix.
@@ -490,12 +657,30 @@ class Conv2dRule(AffineRule):
         )
         return [back.reshape(*lead, *back.shape[1:])], bias
 
+    def abs_backward(self, R: Tensor) -> list[Tensor | None]:
+        # Each (input, output) pair of a convolution meets at most one kernel entry, so |M| is
+        # the convolution with |W|.
+        twin = copy.copy(self)
+        twin.weight, twin.bias, twin._matrix = self.weight.abs(), None, None
+        return twin.backward(R)[0]
+
+    def forward_linear(self, k: int, G: Tensor) -> Tensor:
+        in_shape, out_shape = self.call.in_shapes[0], self.call.out_shape
+        lead = G.shape[: G.dim() - len(in_shape)]
+        dense = self._dense()  # [N_in, N_out], the images of the unit inputs
+        if dense is not None:
+            return (G.reshape(*lead, -1) @ dense).reshape(*lead, *out_shape)
+        out = self._conv(G.reshape(-1, *in_shape), self.weight, None)
+        return out.reshape(*lead, *out_shape)
+
 
 @register_rule(nn.AvgPool2d, F.avg_pool2d)
 class AvgPool2dRule(AffineRule):
     """Average pooling: a depth-wise convolution with a constant kernel (non-negative weights,
     so IBP is exact). Unusual settings (ceil_mode, padding excluded from the count, a divisor
     override) go through autograd."""
+
+    nonnegative = True
 
     def __init__(self, call: Call):
         super().__init__(call)
@@ -538,10 +723,17 @@ class AvgPool2dRule(AffineRule):
         back = F.conv_transpose2d(flat, weight, None, self.stride, self.padding, pad, channels)
         return [back.reshape(*lead, *in_shape)], None
 
+    def forward_linear(self, k: int, G: Tensor) -> Tensor:
+        in_shape = self.call.in_shapes[0]
+        lead = G.shape[: G.dim() - len(in_shape)]
+        return self._pool(G.reshape(-1, *in_shape)).reshape(*lead, *self.call.out_shape)
+
 
 @register_rule(nn.AdaptiveAvgPool2d, F.adaptive_avg_pool2d)
 class AdaptiveAvgPool2dRule(AffineRule):
     """Adaptive average pooling (non-negative weights: IBP is exact; backward by autograd)."""
+
+    nonnegative = True
 
     def __init__(self, call: Call):
         super().__init__(call)
@@ -558,6 +750,12 @@ class AdaptiveAvgPool2dRule(AffineRule):
         fn = lambda x: F.adaptive_avg_pool2d(x, self.size)  # noqa: E731
         coeffs, _ = _vjp_backward(fn, A, self.call.in_shapes)
         return coeffs, None
+
+    def forward_linear(self, k: int, G: Tensor) -> Tensor:
+        in_shape = self.call.in_shapes[0]
+        lead = G.shape[: G.dim() - len(in_shape)]
+        out = F.adaptive_avg_pool2d(G.reshape(-1, *in_shape), self.size)
+        return out.reshape(*lead, *self.call.out_shape)
 
 
 @register_rule(
@@ -577,6 +775,7 @@ class ReshapeRule(AffineRule):
     """Any per-sample reshape (the element order is kept; the batch dimension stays first)."""
 
     mixes = False
+    nonnegative = True
 
     def ibp(self, *inputs: Interval) -> Interval:
         ((lo, hi),) = inputs
@@ -585,6 +784,10 @@ class ReshapeRule(AffineRule):
 
     def backward(self, A: Tensor) -> tuple[list[Tensor | None], Tensor | None]:
         return [A.reshape(*A.shape[:2], *self.call.in_shapes[0])], None
+
+    def forward_linear(self, k: int, G: Tensor) -> Tensor:
+        lead = G.shape[: G.dim() - len(self.call.in_shapes[0])]
+        return G.reshape(*lead, *self.call.out_shape)
 
 
 @register_rule(
@@ -606,12 +809,16 @@ class IdentityRule(AffineRule):
     deterministic network, whatever the module's training flag)."""
 
     mixes = False
+    nonnegative = True
 
     def ibp(self, *inputs: Interval) -> Interval:
         return inputs[0]
 
     def backward(self, A: Tensor) -> tuple[list[Tensor | None], Tensor | None]:
         return [A], None
+
+    def forward_linear(self, k: int, G: Tensor) -> Tensor:
+        return G
 
 
 class ElementwiseLinearRule(AffineRule):
@@ -670,6 +877,18 @@ class ElementwiseLinearRule(AffineRule):
             coeffs.append(_sum_to(A if scale is None else A * scale, shape))
         bias = None if self.shift is None else sum_spec(A * self.shift)
         return coeffs, bias
+
+    def abs_backward(self, R: Tensor) -> list[Tensor | None]:
+        out: list[Tensor | None] = []
+        for scale, shape in zip(self.scales, self.call.in_shapes, strict=True):
+            scaled = R if scale is None else R * scale.abs()
+            out.append(scaled.sum_to_size((*R.shape[:2], *shape)))
+        return out
+
+    def forward_linear(self, k: int, G: Tensor) -> Tensor:
+        lead = G.shape[: G.dim() - len(self.call.in_shapes[k])]
+        scale = self.scales[k]
+        return (G if scale is None else G * scale).expand(*lead, *self.call.out_shape)
 
 
 @register_rule(nn.BatchNorm1d, nn.BatchNorm2d)
@@ -812,6 +1031,10 @@ class ReLURule(ActivationRule):
     def init_alpha(self, lower: Tensor, upper: Tensor) -> Tensor | None:
         return (upper >= -lower).to(lower.dtype).unsqueeze(0)
 
+    def derivative_range(self, lower: Tensor, upper: Tensor) -> Interval:
+        # autograd takes relu'(0) = 0; {0, 1} are the one-sided derivatives there.
+        return (lower > 0).to(lower.dtype), (upper > 0).to(lower.dtype)
+
 
 @register_rule(nn.LeakyReLU, F.leaky_relu)
 class LeakyReLURule(ActivationRule):
@@ -851,6 +1074,18 @@ class LeakyReLURule(ActivationRule):
 
     def init_alpha(self, lower: Tensor, upper: Tensor) -> Tensor | None:
         return self.relu.init_alpha(lower, upper)
+
+    def derivative_range(self, lower: Tensor, upper: Tensor) -> Interval:
+        s = self.slope
+        # autograd takes the slope s at 0; 1 is the right derivative there.
+        negative, positive = lower <= 0, upper >= 0
+        both = negative & positive
+        one = torch.ones_like(lower)
+        value = torch.where(negative, s * one, one)  # used where only one side is possible
+        return (
+            torch.where(both, min(s, 1.0) * one, value),
+            torch.where(both, max(s, 1.0) * one, value),
+        )
 
 
 def _secant(f_lo: Tensor, f_hi: Tensor, lower: Tensor, upper: Tensor, fallback: Tensor) -> Tensor:
@@ -902,6 +1137,9 @@ class ConvexActivationRule(ActivationRule):
     def alpha_range(self, lower: Tensor, upper: Tensor) -> tuple[Tensor | float, Tensor | float]:
         return self.derivative(lower).unsqueeze(0), self.derivative(upper).unsqueeze(0)
 
+    def derivative_range(self, lower: Tensor, upper: Tensor) -> Interval:
+        return self.derivative(lower), self.derivative(upper)  # increasing: f is convex
+
 
 @register_rule(nn.Softplus, F.softplus)
 class SoftplusRule(ConvexActivationRule):
@@ -950,6 +1188,12 @@ class SoftplusRule(ConvexActivationRule):
         tiny = torch.finfo(slope.dtype).tiny
         s = slope.detach().clamp(tiny, 1.0 - torch.finfo(slope.dtype).eps)
         return torch.logit(s) / self.beta
+
+    def derivative_range(self, lower: Tensor, upper: Tensor) -> Interval:
+        # torch's softplus is x above threshold / beta, where autograd's derivative is 1.
+        linear = self.beta * upper > self.threshold
+        upper_d = torch.where(linear, torch.ones_like(upper), self.derivative(upper))
+        return self.derivative(lower), upper_d
 
 
 class SShapedRule(ActivationRule):
@@ -1021,6 +1265,13 @@ class SShapedRule(ActivationRule):
     def alpha_range(self, lower: Tensor, upper: Tensor) -> tuple[Tensor | float, Tensor | float]:
         peak = self.derivative(torch.minimum(torch.maximum(torch.zeros_like(lower), lower), upper))
         return 0.0, peak.unsqueeze(0)
+
+    def derivative_range(self, lower: Tensor, upper: Tensor) -> Interval:
+        # f' increases on x <= 0 and decreases on x >= 0: the largest value is at the point of
+        # [l, u] closest to 0 (0 itself when l < 0 < u), the smallest at an end point.
+        df = self.derivative
+        closest = torch.minimum(torch.maximum(torch.zeros_like(lower), lower), upper)
+        return torch.minimum(df(lower), df(upper)), df(closest)
 
 
 @register_rule(nn.Sigmoid, torch.sigmoid, F.sigmoid, "sigmoid")

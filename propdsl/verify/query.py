@@ -28,8 +28,15 @@ from torch import Tensor
 from propdsl import ir as I
 from propdsl import simplify
 from propdsl.errors import PropdslError
-from propdsl.logics import get_logic
-from propdsl.loss.compile import CompileConfig, Compiler, Env
+from propdsl.interpret import (
+    BOOLEAN,
+    Env,
+    EvalConfig,
+    Interpreter,
+    env_device,
+    env_dtype,
+    sample_env,
+)
 from propdsl.region import Region
 from propdsl.source import Span
 from propdsl.types import shape_of
@@ -167,7 +174,7 @@ def to_query(
     y: Tensor | None,
     models: dict[str, Any],
     *,
-    config: CompileConfig | None = None,
+    config: EvalConfig | None = None,
 ) -> Query | None:
     """The query of `formula` for samples (x, y); None when it has no quantified input.
 
@@ -177,17 +184,14 @@ def to_query(
         networks: output size of each network by name.
         x, y: the batch.
         models: the networks (to evaluate constants such as `f(x)` at the data point).
-        config: compile settings; its `radius_scale` (the training eps ramp-up) scales every
+        config: evaluation settings; its `radius_scale` (the training eps ramp-up) scales every
             ball's radius. Default: radii as written.
 
     Raises:
         Unsupported: the formula is outside the linear fragment (with the offending position).
     """
-    values = {params[0]: x}
-    if len(params) > 1 and y is not None:
-        values[params[1]] = y
-    env = Env(models, values, x.shape[0], get_logic("boolean"), config or CompileConfig())
-    builder = _Builder(Compiler(), networks, env)
+    env = sample_env(models, params, x, y, logic=BOOLEAN, config=config)
+    builder = _Builder(Interpreter(), networks, env)
     node = formula
     outer_finite: list[I.Quant] = []
     while isinstance(node, I.Quant) and all(isinstance(d, I.Range) for d in node.domains):
@@ -195,7 +199,7 @@ def to_query(
         node = node.body
     if not (isinstance(node, I.Quant) and node.kind == "forall"):
         # `max` / `min` over a region count too: the attack only bounds them from one side.
-        if any(_over_region(n) for n in I.walk(formula)):
+        if any(over_region(n) for n in I.walk(formula)):
             raise Unsupported(
                 "the verifier handles properties of the form 'forall v in region: ...'",
                 getattr(formula, "span", None),
@@ -225,16 +229,16 @@ def to_query(
         body = I.Quant("forall", tuple(v for v, _ in finite), tuple(d for _, d in finite), body)
     builder.binder = var.name
     for n in I.walk(body):
-        if _over_region(n):
+        if over_region(n):
             raise Unsupported("nested quantifiers over regions are not supported", n.span)
-    region = builder.compiler._domain(dom)(env)  # noqa: SLF001 - shared domain evaluation
+    region = builder.interpreter.domain(dom)(env)
     root = builder.clause(body, env)
     return Query(builder.network or next(iter(networks)), region, root, var.name, builder.rows)
 
 
 class _Builder:
-    def __init__(self, compiler: Compiler, networks: dict[str, int], env: Env):
-        self.compiler = compiler
+    def __init__(self, interpreter: Interpreter, networks: dict[str, int], env: Env):
+        self.interpreter = interpreter
         self.networks = networks
         self.env = env
         self.binder = ""
@@ -242,7 +246,7 @@ class _Builder:
         self.rows: list[Rows] = []
 
     def eval(self, node: I.Node, env: Env) -> Tensor:
-        return self.compiler(node)(env)
+        return self.interpreter(node)(env)
 
     def clause(self, node: I.Node, env: Env) -> Any:
         if isinstance(node, I.Const) and isinstance(node.value, bool):
@@ -323,12 +327,12 @@ class _Builder:
         ranges: list[I.Range] = list(node.domains)  # type: ignore[arg-type]
         for combo in _product([r.k for r in ranges]):
             values = {
-                v.name: torch.full((env.batch,), c, dtype=torch.long, device=_device(env))
+                v.name: torch.full((env.batch,), c, dtype=torch.long, device=env_device(env))
                 for v, c in zip(node.vars, combo, strict=True)
             }
             sub = env.child(values)
             child = self.clause(node.body, sub)
-            mask = torch.zeros(env.batch, dtype=torch.bool, device=_device(env))
+            mask = torch.zeros(env.batch, dtype=torch.bool, device=env_device(env))
             for r, c in zip(ranges, combo, strict=True):
                 if r.exclude is not None:
                     mask |= self.eval(r.exclude, env).long() == c
@@ -344,7 +348,11 @@ class _Builder:
             parts = []
             for c in range(rng.k):
                 sub = env.child(
-                    {var.name: torch.full((env.batch,), c, dtype=torch.long, device=_device(env))}
+                    {
+                        var.name: torch.full(
+                            (env.batch,), c, dtype=torch.long, device=env_device(env)
+                        )
+                    }
                 )
                 parts.append(self.form_rows(inner, sub))
             return All(parts)
@@ -361,13 +369,13 @@ class _Builder:
             self.network = term.net
             size = self.networks[term.net]
             if C is None:
-                C = torch.zeros(batch, 1, size, dtype=_dtype(env), device=_device(env))
+                C = torch.zeros(batch, 1, size, dtype=env_dtype(env), device=env_device(env))
             idx = self.eval(term.index[0], env).long().reshape(-1)
             idx = idx.expand(batch) if idx.numel() == 1 else idx
             C[torch.arange(batch, device=C.device), 0, idx] += term.coef
         if C is None:
             size = self.networks[self.network or next(iter(self.networks))]
-            C = torch.zeros(batch, 1, size, dtype=_dtype(env), device=_device(env))
+            C = torch.zeros(batch, 1, size, dtype=env_dtype(env), device=env_device(env))
         d = self.eval(form.const, env).to(C.dtype).reshape(-1)
         d = d.expand(batch) if d.numel() == 1 else d
         d = d.reshape(batch, 1)
@@ -411,7 +419,7 @@ class _Builder:
         bound = torch.log((k - 1) * eta / (1 - eta)).nan_to_num(nan=math.inf)
         bound = torch.where(eta <= 0, -math.inf, torch.where(eta >= 1, math.inf, bound))
         y = self.eval(left.indices[0], env).long().reshape(-1).expand(batch)
-        C = torch.zeros(batch, k, k, dtype=_dtype(env), device=_device(env))
+        C = torch.zeros(batch, k, k, dtype=env_dtype(env), device=env_device(env))
         rows = torch.arange(batch, device=C.device)
         for j in range(k):
             C[rows, j, y] += 1.0
@@ -432,7 +440,7 @@ def _product(sizes: list[int]) -> list[tuple[int, ...]]:
     return out
 
 
-def _over_region(node: I.Node) -> bool:
+def over_region(node: I.Node) -> bool:
     """A quantifier (forall, exists, max, min) over a ball or a box."""
     return isinstance(node, I.Quant) and not all(isinstance(d, I.Range) for d in node.domains)
 
@@ -441,22 +449,3 @@ def _strip_linear(node: I.Node) -> I.Node:
     if isinstance(node, I.Linear):
         return node.atom
     return simplify._rebuild(node, _strip_linear)
-
-
-def _device(env: Env):
-    e: Env | None = env
-    while e is not None:
-        for v in e.values.values():
-            return v.device
-        e = e.parent
-    return torch.device("cpu")
-
-
-def _dtype(env: Env):
-    e: Env | None = env
-    while e is not None:
-        for v in e.values.values():
-            if v.is_floating_point():
-                return v.dtype
-        e = e.parent
-    return torch.get_default_dtype()

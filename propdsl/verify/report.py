@@ -19,18 +19,15 @@ import numpy as np
 import torch
 
 from propdsl import runs
-from propdsl.errors import UsageError
 from propdsl.registry import Method
-from propdsl.results import (
+from propdsl.results import positive_count, positive_seconds, result_key, write_results
+from propdsl.session import (
     Checkpoint,
     RunSetup,
     holds_run,
-    load_split,
+    load_samples,
     open_run,
-    positive_count,
-    positive_seconds,
-    result_key,
-    write_results,
+    resolve_device,
 )
 from propdsl.verify.run import (
     FALSIFIED,
@@ -161,8 +158,6 @@ def verify_run(
     `spec_differs_ok`. `progress(stage, done, total)` is called before each property and at
     the end. Counts and the timeout are checked before any work.
     """
-    from propdsl.train import resolve_device
-
     positive_count("samples", samples)
     positive_seconds("timeout", timeout)
     dev = resolve_device(device)
@@ -184,7 +179,7 @@ def verify_run(
         timeout = positive_seconds("the verify block's timeout", vb.get("timeout"))
     falsifier = None
     if vb is not None and vb.get("attack") is not None:
-        from propdsl.loss.compile import resolve_attack
+        from propdsl.attacks import resolve_attack
 
         falsifier = resolve_attack(vb.get("attack"))
     names = list(properties) if properties is not None else None
@@ -288,9 +283,10 @@ def open_run_data(
     checkpoint: Checkpoint | str | None = None,
     spec_differs_ok: bool = False,
 ) -> tuple[RunSetup, Any, Any]:
-    """A run opened for the spec (`propdsl.results.open_run`: checked to fit, the run's params
+    """A run opened for the spec (`propdsl.session.open_run`: checked to fit, the run's params
     as defaults, the chosen checkpoint) and the first samples of a split of the spec's verify
-    (else train) data source, drawn with the run's seed: what `verify` and `export` work on.
+    (else train) data source, drawn with the run's seed (`propdsl.session.load_samples`): what
+    `verify` and `export` work on.
 
     `samples`: None for the verify block's `samples`, else 100.
     """
@@ -303,13 +299,11 @@ def open_run_data(
         device=device,
         spec_differs_ok=spec_differs_ok,
     )
-    ds = load_split(setup, split)
     block = setup.spec.verify_block
     n = samples or (block.get("samples") if block is not None else None) or DEFAULT_SAMPLES
     n = positive_count("the verify block's samples", n)
-    if len(ds) == 0:
-        raise UsageError(f"the {split} split is empty")
-    return setup, ds.x[:n].to(device), ds.y[:n].to(device)
+    ds = load_samples(setup, split, n, device)
+    return setup, ds.x, ds.y
 
 
 def _num(v: Any) -> float | None:

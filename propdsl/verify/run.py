@@ -46,9 +46,9 @@ import torch
 from torch import Tensor, nn
 
 from propdsl import ir as I
+from propdsl.attacks import APGD
 from propdsl.errors import UsageError
-from propdsl.loss.attacks import APGD
-from propdsl.loss.compile import EmptyRegionWarning
+from propdsl.interpret import EmptyRegionWarning, differentiates
 from propdsl.verify.bounds import AlphaOptions, Method, bounds
 from propdsl.verify.jacobian import JacobianQuery, to_jacobian_query
 from propdsl.verify.layers import UnsupportedLayerError
@@ -138,7 +138,7 @@ def verify_property(
     model.eval()
     try:
         attack = falsifier or default_falsifier()
-        if _needs_surrogate(prop.formula) and getattr(attack, "surrogate_beta", None) is None:
+        if differentiates(prop.formula) and getattr(attack, "surrogate_beta", None) is None:
             attack = dataclasses.replace(attack, surrogate_beta=10.0)
         loss = spec.loss(name, logic="dl2", attack=attack, generator=generator)
         with warnings.catch_warnings():
@@ -256,7 +256,9 @@ def _leading_region_quantifiers(formula: I.Node) -> tuple[str | None, list[str]]
     """The kind and variables of the region quantifiers the formula starts with: a chain of
     `forall` (or of `exists`) over regions, each region free of the chain's earlier variables,
     so that the chain ranges over the product of its regions (empty when one of them is)."""
-    node, kind, names = formula, None, []
+    node: I.Node = formula
+    kind: str | None = None
+    names: list[str] = []
     while (
         isinstance(node, I.Quant)
         and node.kind in ("forall", "exists")
@@ -289,6 +291,7 @@ def _loose_reason(method: Method, margin: float, strict: bool) -> str:
 
 
 def _timeout_reason(timeout: float | None, batch: int, *, before: bool) -> str:
+    assert timeout is not None  # only called when a deadline was set
     when = "before its bounds were computed" if before else "while its bounds were computed"
     return (
         f"timeout: the budget of {timeout:g} s per sample ({timeout * batch:g} s for "
@@ -358,14 +361,6 @@ def _region_quantifiers(formula: I.Node) -> set[str]:
 
     visit(formula, True)
     return kinds
-
-
-def _needs_surrogate(formula) -> bool:
-    return any(
-        isinstance(n, I.Fn)
-        and n.fn in ("saliency", "gradient_x_input", "integrated_gradients", "smoothgrad", "grad")
-        for n in I.walk(formula)
-    )
 
 
 def _positioned(spec: Any, err: Unsupported) -> str:

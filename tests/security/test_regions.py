@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import propdsl
-from propdsl.loss.attacks import APGD
+from propdsl.attacks import APGD
 from propdsl.loss.compile import EmptyRegionWarning
 from propdsl.region import Region
 from propdsl.verify.run import FALSIFIED, UNKNOWN, VERIFIED
