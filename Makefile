@@ -23,9 +23,12 @@ demo: $(STAMP)
 	$(VENV)/bin/propdsl eval specs/digits.prop --run runs/demo
 	$(VENV)/bin/propdsl verify specs/digits.prop --run runs/demo --samples 100
 
+# style, types (mypy) and the import layers of docs/architecture.md (lint-imports)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check propdsl tests benchmarks examples
 	$(VENV)/bin/ruff format --check propdsl tests benchmarks examples
+	$(VENV)/bin/mypy propdsl
+	$(VENV)/bin/lint-imports
 
 # the whole suite, slow end-to-end and fuzz tests included (what CI runs)
 test: lint
@@ -39,4 +42,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/run.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .hypothesis dist build
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .import_linter_cache .hypothesis dist build

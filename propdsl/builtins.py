@@ -39,6 +39,8 @@ class Builtin:
         selects: `"max"` / `"min"` for argmax / argmin: the position of the largest / smallest
             element (compared with a label, the simplifier rewrites it into margins).
         domain: builds a quantifier's domain (`ball`, `box`, `range`).
+        sampled: an explainer that averages gradients over sampled points (integrated gradients,
+            SmoothGrad): no exact Jacobian bounds exist for it.
         metric: `"similarity"` (larger is closer: `cosine`, `topk_overlap`) or `"distance"`
             (smaller is closer: `norm`, `mse`), for explanation-stability properties.
         notation: the pretty-printer's form, `{0}` the argument and `{p}` the norm's subscript;
@@ -52,6 +54,7 @@ class Builtin:
     keywords: Mapping[str, Kw] = field(default_factory=dict)
     explainer: bool = False
     input_gradient: bool = False
+    sampled: bool = False
     selects: str | None = None
     domain: bool = False
     metric: str | None = None
@@ -66,7 +69,9 @@ def _records(*records: Builtin) -> dict[str, Builtin]:
     return {r.name: r for r in records}
 
 
-def _explainer(name: str, keywords: Mapping[str, Kw] | None = None) -> Builtin:
+def _explainer(
+    name: str, keywords: Mapping[str, Kw] | None = None, *, sampled: bool = False
+) -> Builtin:
     return Builtin(
         name=name,
         rule="explainer",
@@ -74,6 +79,7 @@ def _explainer(name: str, keywords: Mapping[str, Kw] | None = None) -> Builtin:
         keywords=keywords or {},
         explainer=True,
         input_gradient=True,
+        sampled=sampled,
         target=f"propdsl.explain:{name}",
     )
 
@@ -100,8 +106,13 @@ BUILTINS: Mapping[str, Builtin] = MappingProxyType(
         _explainer(
             "integrated_gradients",
             {"steps": nat(EXPLAIN_SAMPLES), "baseline": real()},
+            sampled=True,
         ),
-        _explainer("smoothgrad", {"noise": real(NON_NEGATIVE), "samples": nat(EXPLAIN_SAMPLES)}),
+        _explainer(
+            "smoothgrad",
+            {"noise": real(NON_NEGATIVE), "samples": nat(EXPLAIN_SAMPLES)},
+            sampled=True,
+        ),
         Builtin(name="norm", rule="norm", arity=(1, 2), metric="distance", notation="‖{0}‖{p}"),
         Builtin(name="max", rule="extreme", arity=(1, 2)),
         Builtin(name="min", rule="extreme", arity=(1, 2)),
@@ -129,7 +140,12 @@ BUILTIN_NAMES = frozenset(("classes",))
 RESERVED = frozenset(BUILTINS) | BUILTIN_NAMES
 
 EXPLAINERS = tuple(n for n, r in BUILTINS.items() if r.explainer)
+# exact functions of the input gradient at the point, which Jacobian bounds cover
+EXACT_EXPLAINERS = tuple(n for n in EXPLAINERS if not BUILTINS[n].sampled)
+SAMPLED_EXPLAINERS = tuple(n for n in EXPLAINERS if BUILTINS[n].sampled)
 INPUT_GRADIENTS = frozenset(n for n, r in BUILTINS.items() if r.input_gradient)
+SIMILARITIES = tuple(n for n, r in BUILTINS.items() if r.metric == "similarity")
+DISTANCES = tuple(n for n, r in BUILTINS.items() if r.metric == "distance")
 
 
 def record(name: str) -> Builtin | None:

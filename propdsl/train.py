@@ -69,6 +69,7 @@ class TrainingInterrupted(KeyboardInterrupt):
 # such an epoch never becomes `last` or `best`.
 MAX_ABS_WEIGHT = 1e6
 # Seeds feed `seed * 100_003 + epoch` into torch's 64-bit generators (the checker's range).
+assert registry.SEED.hi is not None  # the checker's range has an upper end
 MAX_SEED = int(registry.SEED.hi)
 
 

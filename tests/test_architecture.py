@@ -71,7 +71,10 @@ def _run(tree: Path, code: str) -> subprocess.CompletedProcess[str]:
 
 def test_adding_a_built_in_as_the_page_says(tmp_path):
     edits, example = _blocks()
-    assert {path for path, _, _ in edits} == {"propdsl/builtins.py", "propdsl/interpret/builtins.py"}
+    assert {path for path, _, _ in edits} == {
+        "propdsl/builtins.py",
+        "propdsl/interpret/builtins.py",
+    }
     tree = _tree(tmp_path)
     before = _run(tree, example)
     assert before.returncode != 0 and "unknown name 'softsign'" in before.stderr

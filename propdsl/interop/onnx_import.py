@@ -33,7 +33,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -361,11 +361,12 @@ class _Converter:
         self.graph.lint()
         module = fx.GraphModule(self.root, self.graph, class_name="OnnxNetwork")
         module.eval()
-        module.input_shape = self.input_shape
-        module.output_shape = tuple(result.example.shape[1:])
-        module.num_outputs = math.prod(module.output_shape)
-        module.onnx_input_shape = self.onnx_input_shape
-        module.source = str(self.path)
+        info: Any = module  # the attributes below are plain data on the module
+        info.input_shape = self.input_shape
+        info.output_shape = tuple(result.example.shape[1:])
+        info.num_outputs = math.prod(info.output_shape)
+        info.onnx_input_shape = self.onnx_input_shape
+        info.source = str(self.path)
         return module
 
     def convert(self, node: Any) -> None:
@@ -532,7 +533,7 @@ class _Converter:
                 f"shapes {list(shapes[0])} and {list(shapes[1])} do not broadcast"
             ) from None
         per = self.per_sample(out)
-        args = []
+        args: list[Any] = []
         for v in (a, b):
             if isinstance(v, _Dyn):
                 args.append(self.to_rank(v, len(per)))
@@ -650,7 +651,7 @@ class _Converter:
         if shape[-1] != w.shape[0]:
             raise self.malformed(f"shapes {list(shape)} and {list(w.shape)} do not multiply")
         y = self.linear(x, w.T)
-        return y, self.root.get_submodule(str(y.node.target))
+        return y, cast(nn.Linear, self.root.get_submodule(str(y.node.target)))
 
     def left_product(self, w: Any, x: _Dyn) -> _Dyn:
         """W @ x for a constant matrix W: a Linear layer over the second-last axis of x."""
@@ -801,7 +802,7 @@ class _Converter:
         )
         with torch.no_grad():
             conv.weight.copy_(self.constant(w))
-            if b is not None:
+            if b is not None and conv.bias is not None:
                 conv.bias.copy_(self.constant(b))
         y = self.module(conv, img)
         if lifted:
@@ -1002,7 +1003,7 @@ class _Converter:
 # -- the comparison with onnxruntime -------------------------------------------------------------
 
 
-def _check_with_onnxruntime(module: fx.GraphModule, model: Any, path: Path) -> None:
+def _check_with_onnxruntime(module: Any, model: Any, path: Path) -> None:
     try:
         import onnxruntime as ort
     except ImportError:

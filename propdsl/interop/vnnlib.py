@@ -536,8 +536,8 @@ def _disjunct(rows: list[_Row], outputs: int) -> tuple[np.ndarray, list[Fraction
 
 
 def _problem(
-    box: list[tuple[Sequence, Sequence]],
-    disjuncts: list[tuple[np.ndarray, Sequence]],
+    box: Sequence[tuple[Sequence, Sequence]],
+    disjuncts: Sequence[tuple[np.ndarray, Sequence]],
     sizes: _Sizes,
     dtype: torch.dtype,
     name: str,

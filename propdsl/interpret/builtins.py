@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from propdsl import explain
 from propdsl import ir as I
+from propdsl.builtins import EXPLAINERS, INPUT_GRADIENTS
 from propdsl.region import lp_norm
 
 __all__ = [
@@ -34,16 +35,11 @@ __all__ = [
 
 Implementation = Callable[[list[Tensor], list[tuple[int, ...]], dict[str, Any]], Tensor]
 
-# Attribution methods: maps of the input gradient of a network's output (docs/losses.md).
-EXPLAINERS = ("saliency", "gradient_x_input", "integrated_gradients", "smoothgrad")
-
 
 def differentiates(formula: I.Node) -> bool:
     """Whether the formula differentiates a network with respect to its input (an explainer or
     `grad`): the attacks on such a formula need a smooth surrogate on ReLU networks."""
-    return any(
-        isinstance(n, I.Fn) and (n.fn in EXPLAINERS or n.fn == "grad") for n in I.walk(formula)
-    )
+    return any(isinstance(n, I.Fn) and n.fn in INPUT_GRADIENTS for n in I.walk(formula))
 
 
 def align(v: Tensor, shape: tuple[int, ...], nd: int) -> Tensor:

@@ -217,7 +217,8 @@ def _diagnose(err: Any, source: Source) -> Diagnostic:
     import lark
 
     if isinstance(err, lark.exceptions.UnexpectedCharacters):
-        char = source.text[err.pos_in_stream] if err.pos_in_stream < len(source.text) else ""
+        pos = err.pos_in_stream
+        char = source.text[pos] if pos is not None and pos < len(source.text) else ""
         span = Span(err.line, err.column, err.line, err.column + 1)
         hint = None
         if char == "'":
@@ -513,7 +514,8 @@ def _make_builder() -> type:
         def conditional(self, meta, c):
             return A.IfExpr(c[0], c[1], c[2], span=_span(meta))
 
-        def _binary(op):  # noqa: N805 - a helper building methods
+        @staticmethod
+        def _binary(op: str) -> Any:  # a helper building methods
             def method(self, meta, c):
                 return A.Binary(op, c[0], c[-1], span=_span(meta))
 

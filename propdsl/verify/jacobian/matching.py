@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from propdsl import ir as I
+from propdsl.builtins import DISTANCES, EXACT_EXPLAINERS, SAMPLED_EXPLAINERS, SIMILARITIES
 from propdsl.interpret import BOOLEAN, Env, Interpreter, sample_env
 from propdsl.region import Region, RegionError
 from propdsl.verify.bounds import Method, _method
@@ -172,8 +173,8 @@ def _hull(*regions: Region) -> Region:
     return Region.box(lo, hi)
 
 
-_LOWER_BOUNDED = ("cosine", "topk_overlap")  # compared with >=
-_UPPER_BOUNDED = ("norm", "mse")  # compared with <=
+_LOWER_BOUNDED = SIMILARITIES  # compared with >=
+_UPPER_BOUNDED = DISTANCES  # compared with <=
 
 
 class _Matcher:
@@ -323,11 +324,11 @@ class _Matcher:
     def explainer(self, node: I.Node) -> tuple[str, str, I.Node]:
         """(kind, network, label) of `saliency(f, x', y)`, `grad(f(x')[y], x')` or
         `gradient_x_input(f, x', y)` at a quantified input."""
-        if isinstance(node, I.Fn) and node.fn in ("saliency", "gradient_x_input"):
+        if isinstance(node, I.Fn) and node.fn in EXACT_EXPLAINERS:
             point, label = node.args
             if self._binder(point) and self.free(label):
                 return node.fn, str(node.option("net")), label
-        if isinstance(node, I.Fn) and node.fn in ("smoothgrad", "integrated_gradients"):
+        if isinstance(node, I.Fn) and node.fn in SAMPLED_EXPLAINERS:
             raise Unsupported(
                 f"'{node.fn}' has no certified bounds; Jacobian bounds cover saliency, "
                 "grad(f(x')[y], x') and gradient_x_input",
