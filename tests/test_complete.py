@@ -58,8 +58,10 @@ def make_mlp(seed: int, n_in: int, hidden: list[int], n_out: int) -> nn.Sequenti
 
 
 def make_problem(net: nn.Sequential, seed: int, n_in: int, n_out: int, n_disjuncts: int, rows: int):
-    """A random box and random disjuncts whose thresholds sit inside the outputs' range on
-    random points (so that both answers occur)."""
+    """A random box and random disjuncts whose thresholds sit near the low end of the rows'
+    values on random points, moved by a random margin either way (so that both answers occur,
+    and no threshold equals a value the network takes: a network whose outputs are constant on
+    the box would otherwise put the answer on floating-point rounding)."""
     gen = torch.Generator().manual_seed(seed)
     centre = torch.rand(1, n_in, generator=gen, dtype=torch.float64) * 2 - 1
     radius = 0.05 + torch.rand(1, n_in, generator=gen, dtype=torch.float64) * 0.6
@@ -71,13 +73,11 @@ def make_problem(net: nn.Sequential, seed: int, n_in: int, n_out: int, n_disjunc
     for _ in range(n_disjuncts):
         A = torch.randn(rows, n_out, generator=gen, dtype=torch.float64)
         values = ys @ A.T  # [200, rows]
-        q = torch.rand(rows, generator=gen, dtype=torch.float64) * 0.3
-        b = (
-            torch.quantile(values, q, dim=0).diagonal()
-            if rows > 1
-            else torch.quantile(values[:, 0], q)
-        )
-        disjuncts.append(Disjunct(A, b.reshape(rows)))
+        q = torch.rand(rows, generator=gen, dtype=torch.float64) * 0.1
+        b = torch.stack([torch.quantile(values[:, r], q[r]) for r in range(rows)])
+        spread = values.std(dim=0) + 1e-2
+        shift = (torch.rand(rows, generator=gen, dtype=torch.float64) * 2 - 1) * 0.3 * spread
+        disjuncts.append(Disjunct(A, b - shift.abs().clamp_min(1e-3) * shift.sign()))
     return Problem(Region.box(lo, hi), tuple(disjuncts), f"random {seed}")
 
 
@@ -574,3 +574,70 @@ def test_complete_verdicts_agree_with_a_grid():
                 with torch.no_grad():
                     assert not bool(truth(name, net(point), y[b : b + 1])[0])
     assert counts.get("verified") and counts.get("falsified")
+
+
+def test_conjunction_refuted_by_combining_row_bounds():
+    """Rows y0 <= 0 and y1 <= 0 with linear lower bounds y0 >= x, y1 >= 0.1 - x on [-1, 1]:
+    neither bound is positive, their best combination (1/2, 1/2) is 0.05 > 0 everywhere."""
+    A = torch.eye(2, dtype=torch.float64)
+    problem = Problem(
+        Region.box(-torch.ones(1, 1, dtype=torch.float64), torch.ones(1, 1, dtype=torch.float64)),
+        (Disjunct(A, torch.zeros(2, dtype=torch.float64)),),
+    )
+    rows = rows_of(problem, torch.float64)
+    lower = torch.tensor([[-1.0, -0.9]], dtype=torch.float64)
+    coeffs = torch.tensor([[[1.0], [-1.0]]], dtype=torch.float64)
+    bias = torch.tensor([[0.0, 0.1]], dtype=torch.float64)
+    lo, hi = -torch.ones(1, 1, dtype=torch.float64), torch.ones(1, 1, dtype=torch.float64)
+    open_ = torch.ones(1, 1, dtype=torch.bool)
+    assert not bool(rows.refuted(lower)[0, 0])
+    refuted, value = rows.judge(lower, coeffs, bias, lo, hi, open_)
+    assert bool(refuted[0, 0])
+    assert float(value[0, 0]) == pytest.approx(0.05, abs=1e-3)
+    # with bias 0.0 instead of 0.1 the rows meet at x = 0 (value 0): not refuted
+    refuted, value = rows.judge(
+        lower, coeffs, torch.zeros(1, 2, dtype=torch.float64), lo, hi, open_
+    )
+    assert not bool(refuted[0, 0]) and float(value[0, 0]) <= 1e-12
+
+
+def test_a_candidate_must_pass_alone():
+    """The final check runs the model on the point alone: a point that satisfies a disjunct
+    only when evaluated in a batch (rounding differs between batch sizes; here exaggerated) is
+    no counterexample. Regression: such points were returned and failed the final check."""
+    from propdsl.verify.bab.search import Context
+
+    class BatchDependent(nn.Module):
+        def forward(self, x):
+            return x.sum(1, keepdim=True) - (1.0 if x.shape[0] > 1 else 0.0)
+
+    model = BatchDependent()
+    lo = torch.full((1, 2), 0.25, dtype=torch.float64)
+    problem = Problem(Region.box(lo, lo + 0.1), (Disjunct(torch.ones(1, 1), torch.zeros(1)),))
+    region = problem.region
+    ctx = Context(
+        model=model,
+        problem=problem,
+        rows=rows_of(problem, torch.float64),
+        options=CompleteOptions(),
+        region_m=region,
+        region_b=region,
+        t0=0.0,
+        deadline=math.inf,
+        progress=None,
+        generator=torch.Generator(),
+    )
+    points = lo + 0.1 * torch.rand(5, 2, dtype=torch.float64)
+    assert bool(problem.violated_at(model(points)).all())  # in a batch: all "violate"
+    assert ctx.confirm(points, "test") is None
+
+
+@pytest.mark.slow
+def test_input_splitting_does_not_shave_slivers():
+    """A 4-input network and three 3-row conjunctions (unsat) that input splitting left open
+    after 30 s by splitting one side to its float resolution (one child proved, the other as
+    before, again and again); with the aspect limit it is decided."""
+    net = make_mlp(169541, 4, [9], 3)
+    problem = make_problem(net, 169541, 4, 3, 3, 3)
+    result = solve(net, problem, options=CompleteOptions(branching="input", **FAST))
+    assert result.answer is Answer.UNSAT, result.reason

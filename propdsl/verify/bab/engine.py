@@ -38,7 +38,9 @@ class Bounded:
     alphas: per ReLU layer, the output rows' slopes [B, R, n_t] (None without optimisation).
     betas: per ReLU layer, the multipliers [B, R, n_t] (None without splits or optimisation).
     relu_coeffs: per ReLU layer, the coefficients [B, R, n_t] of the rows' linear bound on
-    that layer's output (branching scores). input_coeffs [B, R, n_in]: on the input.
+    that layer's output (branching scores). input_coeffs [B, R, n_in] and input_bias [B, R]:
+    the rows' linear lower bounds `A_r y >= input_coeffs_r . x + input_bias_r` (the last
+    iterate's), valid on the sub-domain.
     """
 
     lower: Tensor
@@ -48,6 +50,8 @@ class Bounded:
     betas: list[Tensor] | None
     relu_coeffs: list[Tensor]
     input_coeffs: Tensor
+    input_bias: Tensor
+    box: tuple[Tensor, Tensor] | None = None  # the sub-domains' input boxes, flat (input splitting)
 
     def unstable(self) -> Tensor:
         """[B] the number of neurons whose sign the bounds leave open."""
@@ -149,12 +153,16 @@ class Bounder:
             (prop.bounds[i][0].reshape(batch, -1), prop.bounds[i][1].reshape(batch, -1))
             for i in self.pre_nodes
         ]
+        # Empty when a neuron's lower bound exceeds its upper one by more than rounding could:
+        # the two come from different sums, and a neuron pinned to one value (a split at the
+        # boundary z = 0, a box of width 0) may see them cross by an ulp.
         infeasible = torch.zeros(batch, dtype=torch.bool, device=lo.device)
+        eps = 64 * torch.finfo(self.dtype).eps
         for a, b in pre:
-            infeasible |= (a > b).any(dim=1)
+            infeasible |= (a - b > eps * (1 + a.abs() + b.abs())).any(dim=1)
         if weights is None:
             weights = torch.ones(batch, spec.shape[1], dtype=self.dtype, device=lo.device)
-        lower, alphas, betas, record, A_in = self._output(
+        lower, alphas, betas, record, A_in, bias_in = self._output(
             prop, spec, iterations, lr_alpha, lr_beta, alpha_init, beta_init, weights, deadline
         )
         with torch.no_grad():
@@ -175,6 +183,7 @@ class Bounder:
             betas=betas,
             relu_coeffs=relu_coeffs,
             input_coeffs=A_in.reshape(A_in.shape[0], A_in.shape[1], -1).expand(batch, -1, -1),
+            input_bias=bias_in.detach().expand(batch, spec.shape[1]),
         )
 
     def _node_dict(self, per_layer: list) -> dict:
@@ -200,7 +209,7 @@ class Bounder:
         beta_init: list[Tensor] | None,
         weights: Tensor,
         deadline: float | None = None,
-    ) -> tuple[Tensor, list[Tensor] | None, list[Tensor] | None, dict[int, Tensor], Tensor]:
+    ) -> tuple[Tensor, list[Tensor] | None, list[Tensor] | None, dict[int, Tensor], Tensor, Tensor]:
         """The output rows' bound: CROWN, or alpha / beta optimised for `iterations` steps."""
         out = self.graph.output
         batch = prop.batch
@@ -208,7 +217,7 @@ class Bounder:
         if iterations == 0:
             with torch.no_grad():
                 A, bias = prop.backward(out, spec, record=record)
-                return prop.concretize(A, bias), None, None, record, A
+                return prop.concretize(A, bias), None, None, record, A, bias
         alphas = prop._init_alphas(spec, intermediate=False)  # noqa: SLF001 - the engine's own
         if alpha_init is not None:
             with torch.no_grad():
@@ -237,7 +246,7 @@ class Bounder:
         if not params:
             with torch.no_grad():
                 A, bias = prop.backward(out, spec, record=record)
-                return prop.concretize(A, bias), None, None, record, A
+                return prop.concretize(A, bias), None, None, record, A, bias
         rates = [lr_alpha] * len(alphas) + [lr_beta] * len(betas)
         optimiser = _Adam(params, rates)
         best: Tensor | None = None
@@ -277,7 +286,7 @@ class Bounder:
                 full_betas.append(betas[i].detach().reshape(batch, spec.shape[1], n))
             else:
                 full_betas.append(torch.zeros(batch, spec.shape[1], n, dtype=self.dtype))
-        return best, full_alphas, full_betas, record, A.detach()
+        return best, full_alphas, full_betas, record, A.detach(), bias.detach()
 
     # -- leaves --------------------------------------------------------------------------------
     def affine_forms(

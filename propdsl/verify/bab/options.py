@@ -69,8 +69,10 @@ class CompleteOptions:
             centre, its worst row's bound minimiser) before they are checked.
         attack_every, attack_domains: every this many rounds the falsifier also climbs from the
             worst-bounded open sub-domains (this many).
-        lp_leaves: decide sub-domains without unstable neurons exactly by linear programming
-            (boxes, L-inf and L1 balls).
+        lp_leaves: decide sub-domains with at most `lp_unstable` unstable neurons exactly by
+            linear programming, one program per sign pattern of those neurons (boxes, L-inf
+            and L1 balls).
+        lp_unstable: see `lp_leaves`.
         dtype: the bound computations' precision (the user's model checks counterexamples).
         max_domains: open sub-domains kept at most (memory); beyond, the search stops with
             `unknown`.
@@ -96,6 +98,7 @@ class CompleteOptions:
     attack_every: int = 5
     attack_domains: int = 32
     lp_leaves: bool = True
+    lp_unstable: int = 2
     dtype: torch.dtype = torch.float64
     max_domains: int = 300_000
     seed: int = 0
@@ -110,7 +113,7 @@ class CompleteOptions:
         _positive_int("input_split_dims", self.input_split_dims, 0)
         for name in ("iterations", "root_iterations", "input_iterations", "candidates"):
             _positive_int(name, getattr(self, name), 0)
-        for name in ("attack_steps", "attack_restarts", "probe_steps"):
+        for name in ("attack_steps", "attack_restarts", "probe_steps", "lp_unstable"):
             _positive_int(name, getattr(self, name), 0)
         _positive_int("attack_every", self.attack_every)
         _positive_int("attack_domains", self.attack_domains, 0)

@@ -25,7 +25,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -41,6 +41,8 @@ from propdsl.verify.bounds import AlphaOptions
 from propdsl.verify.problem import Answer, Problem
 
 __all__ = ["Context", "Found", "InputSearch", "ReluSearch"]
+
+MAX_ASPECT = 2.0**10  # input splitting: the widest side over the narrowest, relative to the region
 
 
 @dataclass
@@ -90,11 +92,21 @@ class Context:
         if not bool(hit.any()):
             return None
         if self.rows is None:  # a disjunct without rows: every point of the region violates
-            i = int(hit.nonzero()[0])
-            return Found(x[i : i + 1].detach(), y[i : i + 1].detach(), how)
-        score = self.rows.violation(y).masked_fill(~hit, -math.inf)
-        i = int(score.argmax())
-        return Found(x[i : i + 1].detach(), y[i : i + 1].detach(), how)
+            score = hit.to(y.dtype)
+        else:
+            score = self.rows.violation(y.flatten(1)).masked_fill(~hit, -math.inf)
+        # The answer's final check runs the model on the point alone, and a batch can round
+        # differently: a point on a disjunct's boundary must pass alone too.
+        one = region_batch(self.region_m, 1)
+        for i in torch.argsort(score, descending=True)[:8].tolist():
+            if not bool(hit[i]):
+                break
+            xi = x[i : i + 1].detach()
+            with torch.no_grad():
+                yi = self.model(xi)
+            if bool(one.contains(xi)[0]) and bool(self.problem.violated_at(yi.flatten(1))[0]):
+                return Found(xi, yi.detach(), how)
+        return None
 
 
 def _dtype_of(model: nn.Module) -> torch.dtype:
@@ -256,6 +268,21 @@ class _Search:
         )
 
     # -- shared steps ------------------------------------------------------------------------
+    def boxes(self, bounded: Bounded) -> tuple[Tensor, Tensor]:
+        """The sub-domains' input boxes, flat [B, n]."""
+        raise NotImplementedError
+
+    def judge(self, bounded: Bounded, open_: Tensor) -> tuple[Tensor, Tensor]:
+        """[B, D] refuted disjuncts and [B] values (+inf where proved) of bounded sub-domains."""
+        lo, hi = self.boxes(bounded)
+        refuted, value = self.rows.judge(
+            bounded.lower, bounded.input_coeffs, bounded.input_bias, lo, hi, open_
+        )
+        still = open_ & ~refuted
+        value = torch.where(still, value, torch.full_like(value, math.inf)).amin(dim=1)
+        value = torch.where(bounded.infeasible, torch.full_like(value, math.inf), value)
+        return refuted, value
+
     def evaluate(
         self, bounded: Bounded, open_: Tensor, parent_lower: Tensor | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
@@ -264,10 +291,9 @@ class _Search:
         under refinement (its slopes change with the bounds), and the better one is kept."""
         if parent_lower is not None:
             bounded.lower = torch.maximum(bounded.lower, parent_lower)
-        refuted = self.rows.refuted(bounded.lower)
+        refuted, value = self.judge(bounded, open_)
         open_ = open_ & ~refuted
         proved = bounded.infeasible | ~open_.any(dim=1)
-        value = self.rows.domain_value(bounded.lower, open_)
         self.ctx.count("domains_bounded", int(open_.shape[0]))
         self.ctx.count("infeasible_domains", int(bounded.infeasible.sum()))
         return open_, proved, value
@@ -296,43 +322,61 @@ class _Search:
         region: Region,
         open_: Tensor,
         signs: list[Tensor] | None,
-        reference: list[tuple[Tensor, Tensor]] | None,
+        bounded: Bounded,
     ) -> tuple[Tensor, Tensor]:
-        """Decide the leaf sub-domains (mask) by LP: the masks of those refuted (certified)
-        and of those left undecided (nothing more to split). Sets `found` on a confirmed
-        counterexample."""
+        """Decide the leaf sub-domains (mask; at most `lp_unstable` unstable neurons each) by
+        linear programming, one program per sign pattern of their unstable neurons and open
+        disjunct: the masks of those refuted (certified) and of those left undecided. Sets
+        `found` on a confirmed counterexample."""
         idx = leaves.nonzero().flatten()
         refuted = torch.zeros_like(leaves)
         undecided = torch.zeros_like(leaves)
         if idx.numel() == 0 or not (self.options.lp_leaves and self.leaf_lp):
             return refuted, undecided
-        sub = _subregion(region, idx)
-        G, g, layers = self.bounder.affine_forms(
-            sub,
-            None if signs is None else [s[idx] for s in signs],
-            None if reference is None else [(a[idx], b[idx]) for a, b in reference],
+        n = leaves.shape[0]
+        base = (
+            [torch.zeros(n, size, dtype=torch.int8) for size in self.bounder.sizes]
+            if signs is None
+            else signs
         )
-        lo, hi = sub.bounding_box()
-        l1 = None
-        for pos, d in enumerate(idx.tolist()):
+        # one row per (leaf, sign pattern of its unstable neurons)
+        owner, pattern_signs = [], [[] for _ in base]
+        for d in idx.tolist():
+            unstable = [((lo[d] < 0) & (hi[d] > 0)).nonzero().flatten() for lo, hi in bounded.pre]
+            k = sum(u.numel() for u in unstable)
+            for code in range(2**k):
+                bit = 0
+                for t, u in enumerate(unstable):
+                    s = base[t][d].clone()
+                    for j in u.tolist():
+                        s[j] = 1 if (code >> bit) & 1 else -1
+                        bit += 1
+                    pattern_signs[t].append(s)
+                owner.append(d)
+        rows_idx = torch.tensor(owner)
+        all_signs = [torch.stack(p) for p in pattern_signs]
+        sub = _subregion(region, rows_idx)
+        G, g, layers = self.bounder.affine_forms(
+            sub, all_signs, [(lo[rows_idx], hi[rows_idx]) for lo, hi in bounded.pre]
+        )
+        lo_box, hi_box = sub.bounding_box()
+        verdict: dict[int, bool] = {}
+        for pos, d in enumerate(owner):
             if self.ctx.out_of_time():
+                verdict[d] = False
                 break
             W_rows, c_rows = [], []
-            if signs is not None:
-                for (W, c), s in zip(layers, signs, strict=True):
-                    sd = s[d].to(W.dtype)
-                    k = (sd != 0).nonzero().flatten()
-                    W_rows.append(sd[k, None] * W[pos, k])
-                    c_rows.append(sd[k] * c[pos, k])
-            n_in = G.shape[2]
-            split_W = torch.cat(W_rows).numpy() if W_rows else np.zeros((0, n_in))
-            split_c = torch.cat(c_rows).numpy() if c_rows else np.zeros(0)
+            for (W, c), s in zip(layers, all_signs, strict=True):
+                sd = s[pos].to(W.dtype)
+                k = (sd != 0).nonzero().flatten()
+                W_rows.append(sd[k, None] * W[pos, k])
+                c_rows.append(sd[k] * c[pos, k])
+            split_W = torch.cat(W_rows).numpy()
+            split_c = torch.cat(c_rows).numpy()
+            l1 = None
             if sub.centre is not None and sub.p == 1:
-                l1 = (
-                    sub.centre[pos].flatten().double().numpy(),
-                    float(sub.radius[pos]),  # type: ignore[index]
-                )
-            all_refuted = True
+                radius = cast(Tensor, sub.radius)
+                l1 = (sub.centre[pos].flatten().double().numpy(), float(radius[pos]))
             for dj in open_[d].nonzero().flatten().tolist():
                 r = (self.rows.disjunct == dj).nonzero().flatten()
                 self.ctx.count("lp_calls")
@@ -343,8 +387,8 @@ class _Search:
                     self.rows.strict[r].numpy(),
                     split_W,
                     split_c,
-                    lo[pos].flatten().double().numpy(),
-                    hi[pos].flatten().double().numpy(),
+                    lo_box[pos].flatten().double().numpy(),
+                    hi_box[pos].flatten().double().numpy(),
                     l1,
                 )
                 if res.point is not None:
@@ -358,21 +402,27 @@ class _Search:
                         self.found = found
                         return refuted, undecided
                 if not res.refuted:
-                    all_refuted = False
+                    verdict[d] = False
                     if math.isfinite(res.certified):
                         self.undecided_worst = min(self.undecided_worst, res.certified)
-            if all_refuted:
+            verdict.setdefault(d, True)
+        for d in idx.tolist():
+            if verdict.get(d, False):
                 refuted[d] = True
                 self.ctx.count("lp_refuted")
-            else:
+            elif d in verdict:
                 self.undecided += 1
                 undecided[d] = True
         return refuted, undecided
 
 
 def _subregion(region: Region, idx: Tensor) -> Region:
+    """The sub-domains idx (repeats allowed) of a batched region; tensors that broadcast over
+    the batch stay as they are."""
+    batch = region.shape[0]
+
     def pick(t: Tensor | None) -> Tensor | None:
-        if t is None or t.dim() == 0 or t.shape[0] == 1 and idx.numel() != 1:
+        if t is None or t.dim() == 0 or t.shape[0] != batch:
             return t
         return t[idx]
 
@@ -407,9 +457,15 @@ class InputSearch(_Search):
         region = self._region(lo, hi)
         weights = self.rows.row_weights(open_)
         self.ctx.count("bound_calls")
-        return self.bounder.bound(
+        bounded = self.bounder.bound(
             region, iterations=self.iterations, weights=weights, deadline=self.ctx.deadline
         )
+        bounded.box = (lo.flatten(1), hi.flatten(1))
+        return bounded
+
+    def boxes(self, bounded: Bounded) -> tuple[Tensor, Tensor]:
+        assert bounded.box is not None
+        return bounded.box
 
     def process(
         self,
@@ -450,9 +506,9 @@ class InputSearch(_Search):
             )
             self.found = found
             return
-        leaves = bounded.unstable() == 0
+        leaves = bounded.unstable() <= self.options.lp_unstable
         if bool(leaves.any()):
-            refuted, undecided = self.decide_leaves(leaves, region, open_, None, None)
+            refuted, undecided = self.decide_leaves(leaves, region, open_, None, bounded)
             if self.found is not None:
                 return
             self._prove(refuted, depth)
@@ -495,15 +551,16 @@ class InputSearch(_Search):
         open_ = parents["open"].repeat_interleave(2 * nd, 0)
         bounded = self._bound(flat_lo, flat_hi, open_)
         bounded.lower = torch.maximum(bounded.lower, parents["lower"].repeat_interleave(2 * nd, 0))
-        refuted = self.rows.refuted(bounded.lower)
-        value = self.rows.domain_value(bounded.lower, open_ & ~refuted)
-        value = torch.where(bounded.infeasible, torch.full_like(value, math.inf), value)
-        # A proved child counts 0; the sum rewards one-sided progress, and ties (the child
-        # holding the worst corner often keeps the parent's bound) go to the wider side.
+        _, value = self.judge(bounded, open_)
+        # A proved child counts 0: the sum rewards one-sided progress (with ties, as the child
+        # holding the worst corner often keeps the parent's bound, going to the wider side).
+        # One-sided progress can shave slivers off one face forever while the rest of the box
+        # keeps its bound: a side may not get narrower (relative to the region's) than the
+        # widest side over MAX_ASPECT, nor reach the float resolution.
         pair = value.clamp(max=0.0).reshape(k, nd, 2).sum(dim=2)
         rel = ((hi - lo)[:, dims] / (self.root_hi - self.root_lo).flatten()[dims]).clamp_min(0)
-        # a side already at the float resolution cannot be split further
-        pair = torch.where(rel > 1e-12, pair + 1e-9 * rel, torch.full_like(pair, -math.inf))
+        floor = (rel.amax(dim=1, keepdim=True) / MAX_ASPECT).clamp_min(1e-12)
+        pair = torch.where(rel > floor, pair + 1e-9 * rel, torch.full_like(pair, -math.inf))
         best = pair.argmax(dim=1)  # [k]
         pick = (torch.arange(k) * nd + best).repeat_interleave(2) * 2 + torch.tensor([0, 1]).repeat(
             k
@@ -541,6 +598,7 @@ def rows_of_bounded(b: Bounded, rows: Tensor) -> Bounded:
         betas=None if b.betas is None else [a[:, rows] for a in b.betas],
         relu_coeffs=[a[:, rows] for a in b.relu_coeffs],
         input_coeffs=b.input_coeffs[:, rows],
+        input_bias=b.input_bias[:, rows],
     )
 
 
@@ -553,6 +611,8 @@ def _take(b: Bounded, keep: Tensor) -> Bounded:
         betas=None if b.betas is None else [a[keep] for a in b.betas],
         relu_coeffs=[a[keep] for a in b.relu_coeffs],
         input_coeffs=b.input_coeffs[keep],
+        input_bias=b.input_bias[keep],
+        box=None if b.box is None else (b.box[0][keep], b.box[1][keep]),
     )
 
 
@@ -574,6 +634,11 @@ class ReluSearch(_Search):
 
     def _region(self, n: int) -> Region:
         return region_batch(self.ctx.region_b, n)
+
+    def boxes(self, bounded: Bounded) -> tuple[Tensor, Tensor]:
+        n = bounded.lower.shape[0]
+        lo, hi = self.box
+        return lo.flatten(1).expand(n, -1), hi.flatten(1).expand(n, -1)
 
     def bound_root(self) -> Bounded:
         """alpha-CROWN over the whole region, intermediate slopes optimised too: the
@@ -630,10 +695,10 @@ class ReluSearch(_Search):
             )
             self.found = found
             return
-        leaves = bounded.unstable() == 0
+        leaves = bounded.unstable() <= self.options.lp_unstable
         if bool(leaves.any()):
             refuted, undecided = self.decide_leaves(
-                leaves, self._region(n_open), open_, signs, bounded.pre
+                leaves, self._region(n_open), open_, signs, bounded
             )
             if self.found is not None:
                 return
@@ -741,8 +806,7 @@ class ReluSearch(_Search):
         )
         self.ctx.count("lookahead_domains", n * reps)
         out.lower = torch.maximum(out.lower, bounded.lower.repeat_interleave(reps, 0))
-        value = self.rows.domain_value(out.lower, child_open & ~self.rows.refuted(out.lower))
-        value = torch.where(out.infeasible, torch.full_like(value, math.inf), value)
+        _, value = self.judge(out, child_open)
         worse = value.reshape(n, k, 2).amin(dim=2)
         # candidates that are not unstable (score -1) never win
         worse = torch.where(cand_score >= 0, worse, torch.full_like(worse, -math.inf))

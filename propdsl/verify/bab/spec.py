@@ -104,6 +104,53 @@ class Rows:
             self.A.dtype
         )
 
+    def judge(
+        self,
+        lower: Tensor,
+        coeffs: Tensor,
+        bias: Tensor,
+        lo: Tensor,
+        hi: Tensor,
+        open_: Tensor,
+        steps: int = 25,
+    ) -> tuple[Tensor, Tensor]:
+        """[B, D] refuted disjuncts and [B, D] disjunct values of sub-domains, from the rows'
+        bounds `lower` [B, R] and their linear lower bounds `coeffs . x + bias` ([B, R, n],
+        [B, R]) over the sub-domains' boxes [B, n].
+
+        A conjunction can be empty while no single row is refuted (`y0 <= 0 and y1 <= 0` with
+        y1 = 0.1 - y0). For lambda >= 0 summing to 1, `min over the box of sum_r lambda_r
+        (coeffs_r . x + bias_r - b_r)` is a lower bound of `sum_r lambda_r (A_r y - b_r)` on the
+        sub-domain, positive only where every point violates some row: it refutes the disjunct
+        (>= 0 suffices when every row is strict). lambda climbs this concave function by
+        projected supergradient steps; every iterate is sound.
+        """
+        refuted = self.refuted(lower)
+        value = self.disjunct_value(lower)
+        for d in range(self.n_disjuncts):
+            idx = (self.disjunct == d).nonzero().flatten()
+            active = (open_[:, d] & ~refuted[:, d]).nonzero().flatten()
+            if idx.numel() < 2 or active.numel() == 0 or steps == 0:
+                continue
+            L = coeffs[active][:, idx]  # [b, m, n]
+            c = bias[active][:, idx] - self.b[idx].to(bias)  # [b, m]
+            box_lo, box_hi = lo[active], hi[active]
+            m = idx.numel()
+            lam = torch.full((active.numel(), m), 1.0 / m, dtype=L.dtype, device=L.device)
+            best = torch.full((active.numel(),), -math.inf, dtype=L.dtype, device=L.device)
+            for k in range(steps):
+                weights = (lam.unsqueeze(-1) * L).sum(1)
+                corner = torch.where(weights >= 0, box_lo, box_hi)
+                rows = (L @ corner.unsqueeze(-1)).squeeze(-1) + c  # the rows at the minimiser
+                best = torch.maximum(best, (lam * rows).sum(1))
+                scale = rows.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
+                lam = _project_simplex(lam + (0.5 / (k + 1) ** 0.5) * rows / scale)
+            strict = bool(self.strict[idx].all())
+            ok = (best > 0) | (best >= 0) if strict else best > 0
+            refuted[active, d] |= ok
+            value[active, d] = torch.maximum(value[active, d], best)
+        return refuted, value
+
     def violation(self, y: Tensor) -> Tensor:
         """[P] max over disjuncts of min over rows of b_r - A_r y: > 0 where some disjunct's
         rows all hold with room (the falsifier climbs it; the exact check is the problem's)."""
@@ -132,3 +179,13 @@ def rows_of(problem: Problem, dtype: torch.dtype) -> Rows:
         torch.cat(owner),
         len(problem.disjuncts),
     )
+
+
+def _project_simplex(v: Tensor) -> Tensor:
+    """Euclidean projection of each row of v onto the probability simplex (Duchi et al. 2008)."""
+    u, _ = v.sort(dim=1, descending=True)
+    css = u.cumsum(dim=1) - 1
+    k = torch.arange(1, v.shape[1] + 1, dtype=v.dtype, device=v.device)
+    rho = ((u - css / k) > 0).to(v.dtype).mul(k).argmax(dim=1, keepdim=True)
+    theta = css.gather(1, rho) / (rho + 1).to(v.dtype)
+    return (v - theta).clamp_min(0)
