@@ -85,10 +85,13 @@ def solve(
 
     Raises:
         UnsupportedLayerError: the model holds a layer without a bound rule.
-        UsageError: ReLU splitting asked for a network with other nonlinearities.
+        UsageError: ReLU splitting asked for a network with other nonlinearities, an
+            unbounded region, or a model not on the CPU.
     """
     if not isinstance(options, CompleteOptions):
         raise TypeError(f"options must be CompleteOptions, got {type(options).__name__}")
+    if any(t.device.type != "cpu" for t in [*model.parameters(), *model.buffers()]):
+        raise UsageError("complete verification runs on the CPU: pass model.cpu()")
     region = problem.region
     if region.shape[0] != 1:
         raise ValueError(f"a problem's region holds one sample, got a batch of {region.shape[0]}")

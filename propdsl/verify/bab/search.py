@@ -2,18 +2,20 @@
 
 Both kinds of splitting share the loop (`_Search.run`):
 
-1. take the `batch / 2` open sub-domains with the worst bounds (best-first);
-2. split each in two: the input box along one dimension at its midpoint, or one unstable ReLU
-   into its active (z >= 0) and inactive (z <= 0) halves;
+1. take the open sub-domains with the worst bounds (best-first);
+2. split each in two: the input box at the midpoint of one dimension (strong branching: every
+   dimension is tried and the best pair kept), or one unstable ReLU into its active (z >= 0)
+   and inactive (z <= 0) halves (chosen when the parent was bounded, with a look-ahead);
 3. bound the children in one call of the engine (`Bounder.bound`): a child whose bounds refute
-   every open disjunct, or whose constraints are contradictory, is proved;
+   every open disjunct (`Rows.judge`), or whose constraints are contradictory, is proved;
 4. evaluate the network at each open child's candidate points (its centre, the minimising
-   vertex of its worst row's linear bound): any point that satisfies a disjunct ends the search
-   with `sat`;
-5. decide children without unstable neurons (the network is affine there) by linear
-   programming (`lp.solve_leaf`), which gives a counterexample or a certified refutation;
-6. pick each open child's split and put it back in the pool; every few rounds the falsifier
-   climbs from the worst open sub-domains.
+   vertex of its worst row's linear bound) after a few gradient steps: a point that satisfies
+   a disjunct ends the search with `sat`;
+5. decide children with at most `lp_unstable` unstable neurons (the network is affine on each
+   sign pattern of them) by linear programming (`lp.solve_leaf`), which gives a counterexample
+   or a certified refutation;
+6. put the rest back in the pool; every few rounds the falsifier climbs from the worst open
+   sub-domains.
 
 `unsat` only when the pool is empty and every sub-domain was proved; `sat` only with a point
 the user's model confirms; at the deadline `timeout`.
@@ -363,7 +365,7 @@ class _Search:
         verdict: dict[int, bool] = {}
         for pos, d in enumerate(owner):
             if self.ctx.out_of_time():
-                verdict[d] = False
+                verdict.pop(d, None)  # this leaf stays open (in the pool)
                 break
             W_rows, c_rows = [], []
             for (W, c), s in zip(layers, all_signs, strict=True):
