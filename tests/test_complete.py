@@ -641,3 +641,25 @@ def test_input_splitting_does_not_shave_slivers():
     problem = make_problem(net, 169541, 4, 3, 3, 3)
     result = solve(net, problem, options=CompleteOptions(branching="input", **FAST))
     assert result.answer is Answer.UNSAT, result.reason
+
+
+def test_a_property_decided_per_sample_without_rows():
+    """`y == 1` over a region: no rows at all; false samples are falsified at any point of
+    their region, true ones verified. Regression: problems_from_query failed an assertion."""
+    spec = propdsl.load(
+        "network f : Tensor[2] -> Tensor[3]\n"
+        "property p(x, y) =\n  forall x' in ball(x, 0.1, inf) & box(0, 1):\n    y == 1\n"
+    )
+    prop = spec.property("p")
+    net = make_mlp(0, 2, [4], 3)
+    x = torch.rand(3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1, 2])
+    with torch.no_grad():
+        q = to_query(prop.formula, [p for p, _ in prop.params], {"f": 3}, x, y, {"f": net})
+    statuses, _, points = complete_verdicts(q, net, CompleteOptions(**FAST))
+    assert statuses == ["falsified", "verified", "falsified"]
+    for b in (0, 2):
+        assert bool(
+            region_batch(problems_from_query(q, 3)[b].region, 1).contains(points[b : b + 1])[0]
+        )
+    assert bool(points[1].isnan().all())

@@ -277,7 +277,7 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 # -- propdsl's own properties ----------------------------------------------------------------------
 
 
-def problems_from_query(query: Query) -> list[Problem]:
+def problems_from_query(query: Query, num_outputs: int | None = None) -> list[Problem]:
     """One `Problem` per sample of `query`: its region and the violation of its property.
 
     The query's tree says where the property holds: a leaf's rows `C f + d >= 0` (`> 0` where
@@ -287,10 +287,13 @@ def problems_from_query(query: Query) -> list[Problem]:
     `c . f + d > 0` becomes `c . f <= -d` (a plain row), a row `c . f + d >= 0` becomes the
     strict `c . f < -d` (a `StrictDisjunct` row; see `StrictDisjunct`). A row with `d = +inf`
     always holds (its negation never: the conjunction is dropped), one with `d = -inf` never
-    holds (its negation always: the row is dropped from the conjunction).
+    holds (its negation always: the row is dropped from the conjunction). A conjunction left
+    without rows holds everywhere; `num_outputs` (the network's flattened output size) shapes
+    it when the query has no rows at all.
 
     Raises:
         Unsupported: the negation has more than MAX_DISJUNCTS disjuncts for some sample.
+        ValueError: a disjunct without rows, no rows in the query, and no `num_outputs`.
     """
     if query.region is None:
         raise Unsupported("the property has no quantified input region")
@@ -307,7 +310,12 @@ def problems_from_query(query: Query) -> list[Problem]:
         disjuncts: list[Disjunct] = []
         seen: set[tuple[int, ...]] = set()
         for conj in dnf:
-            assert C is not None and d is not None and strict is not None
+            if C is None or d is None or strict is None:  # no rows anywhere: conj is empty
+                if num_outputs is None:
+                    raise ValueError("problems_from_query needs num_outputs for this query")
+                empty = torch.zeros(0, num_outputs, dtype=torch.float64)
+                disjuncts = [Disjunct(empty, torch.zeros(0, dtype=torch.float64))]
+                break
             rows = []
             impossible = False
             for s in sorted(set(conj)):
@@ -400,7 +408,7 @@ def complete_verdicts(
     sample was not falsified). `progress(sample, Progress)` follows each sample's search.
     """
     assert query.region is not None
-    problems = problems_from_query(query)
+    problems = problems_from_query(query, _num_outputs(query, model))
     shape = query.region.shape
     ref = query.region.centre if query.region.centre is not None else query.region.lo
     assert ref is not None
@@ -431,8 +439,20 @@ def complete_verdicts(
     return statuses, reasons, points
 
 
+def _num_outputs(query: Query, model: nn.Module) -> int:
+    if query.rows:
+        return int(query.rows[0].C.shape[-1])
+    assert query.region is not None
+    lo, hi = query.region.bounding_box()
+    with torch.no_grad(), _eval_mode(model):
+        return int(model(((lo[:1] + hi[:1]) / 2).to(_dtype_of(model))).flatten(1).shape[1])
+
+
 def _holds_at(query: Query, b: int, output: Tensor) -> bool:
     """Whether the property holds for sample b at the point whose outputs are `output`."""
+    if not query.rows:
+        empty = torch.zeros(query.region.shape[0] if query.region is not None else 1, 0)
+        return bool(query.decide(empty)[b])
     C, _, _ = query.matrix()
     y = output.flatten().to(C.dtype)
     values = torch.zeros(C.shape[0], C.shape[1], dtype=C.dtype, device=C.device)
