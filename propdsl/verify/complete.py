@@ -188,8 +188,7 @@ def _solve(ctx: Context) -> tuple[Answer, str, Found | None]:
             "splitting (branching='input')"
         )
     if branching is Branching.AUTO:
-        use_input = numel <= options.input_split_dims or not bounder.relu_only
-        branching = Branching.INPUT if use_input else Branching.RELU
+        branching = _auto_branching(ctx, bounder, numel)
     if branching is Branching.RELU and not bounder.relus:
         branching = Branching.INPUT  # an affine network: nothing to split but the input
     if branching is Branching.INPUT:
@@ -197,6 +196,23 @@ def _solve(ctx: Context) -> tuple[Answer, str, Found | None]:
         answer, reason = search.run()
         return answer, reason, search.found
     return _relu_search(ctx, bounder)
+
+
+def _auto_branching(ctx: Context, bounder: Bounder, numel: int) -> Branching:
+    """Input splitting for networks with other nonlinearities than ReLUs and for small inputs
+    (L2 balls included), unless CROWN leaves at most `relu_split_unstable` ReLUs unstable over
+    the whole region: then ReLU splitting's tree is small and its leaves exact, where input
+    splitting can need ever smaller boxes along a thin margin."""
+    if not bounder.relu_only:
+        return Branching.INPUT
+    if numel > ctx.options.input_split_dims:
+        return Branching.RELU
+    if ctx.region_b.centre is not None and ctx.region_b.p == 2:
+        return Branching.INPUT  # no linear program decides a leaf of an L2 ball
+    root = bounder.bound(region_batch(ctx.region_b, 1))
+    ctx.count("bound_calls")
+    unstable = int(root.unstable()[0])
+    return Branching.RELU if unstable <= ctx.options.relu_split_unstable else Branching.INPUT
 
 
 def _relu_search(ctx: Context, bounder: Bounder) -> tuple[Answer, str, Found | None]:

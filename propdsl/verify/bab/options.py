@@ -13,8 +13,9 @@ __all__ = ["Branching", "CompleteOptions", "Progress", "SubdomainBound"]
 
 
 class Branching(NamedEnum):
-    """How sub-domains are split. `auto`: the input when it has at most `input_split_dims`
-    entries (or the network has activations other than ReLU), else ReLUs."""
+    """How sub-domains are split. `auto`: the input when the network has activations other
+    than ReLU, or when the input has at most `input_split_dims` entries and CROWN leaves more
+    than `relu_split_unstable` ReLUs unstable over the region; else ReLUs."""
 
     AUTO = "auto"
     INPUT = "input"
@@ -49,7 +50,9 @@ class CompleteOptions:
         batch: sub-domains bounded per call of the bound engine (the children of batch / 2
             parents).
         branching: `Branching.AUTO`, `INPUT` or `RELU` (or its name).
-        input_split_dims: `auto` splits the input when it has at most this many entries.
+        input_split_dims, relu_split_unstable: `auto` splits the input when it has at most
+            `input_split_dims` entries, unless CROWN leaves at most `relu_split_unstable` ReLUs
+            unstable over the whole region (a tree of ReLU splits is then small).
         bound: the sub-domains' bound with ReLU splitting (`SubdomainBound.BETA` by default);
             with input splitting `crown` is plain CROWN and `alpha` / `beta` optimise the slopes.
         iterations: alpha / beta optimisation steps per sub-domain bound.
@@ -83,6 +86,7 @@ class CompleteOptions:
     batch: int = 256
     branching: Branching | str = Branching.AUTO
     input_split_dims: int = 16
+    relu_split_unstable: int = 16
     bound: SubdomainBound | str = SubdomainBound.BETA
     iterations: int = 20
     lr_alpha: float = 0.1
@@ -111,6 +115,7 @@ class CompleteOptions:
         object.__setattr__(self, "branching", _member(Branching, self.branching, "branching"))
         object.__setattr__(self, "bound", _member(SubdomainBound, self.bound, "bound"))
         _positive_int("input_split_dims", self.input_split_dims, 0)
+        _positive_int("relu_split_unstable", self.relu_split_unstable, 0)
         for name in ("iterations", "root_iterations", "input_iterations", "candidates"):
             _positive_int(name, getattr(self, name), 0)
         for name in ("attack_steps", "attack_restarts", "probe_steps", "lp_unstable"):
