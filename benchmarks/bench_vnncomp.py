@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import os
 import statistics
 import time
@@ -95,13 +94,8 @@ def run_instance(root: Path, row: dict[str, str], options_kw: dict[str, Any]) ->
     )
     try:
         session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-        inp = session.get_inputs()[0]
-        input_shape = tuple(d if isinstance(d, int) else 1 for d in inp.shape)
-        num_outputs = math.prod(
-            d if isinstance(d, int) else 1 for d in session.get_outputs()[0].shape
-        )
         model = propdsl.load_onnx(onnx_path)
-        problems = propdsl.read_vnnlib(vnnlib_path, input_shape, num_outputs)
+        problems = propdsl.read_vnnlib(vnnlib_path, model.input_shape, model.num_outputs)
     except Exception as exc:  # a file the readers cannot take: reported, not fatal
         record.update(answer="error", seconds=time.perf_counter() - start, reason=repr(exc))
         return _judge(record)
@@ -229,7 +223,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--benchmark", nargs="*", choices=BENCHMARKS, help="default: all")
     parser.add_argument("--limit", type=int, help="the first N instances of each benchmark")
-    parser.add_argument("--data", help="the instances' folder (default: PROPDSL_VNNCOMP, shared/)")
+    parser.add_argument(
+        "--data", help="the instances' folder (default: PROPDSL_VNNCOMP, ../shared/vnncomp2021)"
+    )
     parser.add_argument("--out", help="write the JSON report (summary and every instance) here")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(

@@ -41,6 +41,12 @@ __all__ = [
     "bounds",
     "jacobian_bounds",
     "load",
+    "load_onnx",
+    "onnx_forward",
+    "read_vnnlib",
+    "register_dataset",
+    "register_logic",
+    "register_model",
 ]
 
 _LAZY = {
@@ -51,11 +57,23 @@ _LAZY = {
     "jacobian_bounds": "propdsl.verify.jacobian",
     "Spec": "propdsl.api",
     "Property": "propdsl.api",
+    "load_onnx": "propdsl.interop.onnx_import",
+    "onnx_forward": "propdsl.interop.onnx_import",
+    "read_vnnlib": "propdsl.interop.vnnlib",
+    # user registrations: what they add, a spec loaded afterwards may name (docs/architecture.md)
+    "register_logic": "propdsl.logics",
+    "register_dataset": "propdsl.data",
+    "register_model": "propdsl.models",
 }
 
 if TYPE_CHECKING:
     from propdsl.api import Property, Spec, load
+    from propdsl.data import register_dataset
+    from propdsl.interop.onnx_import import load_onnx, onnx_forward
+    from propdsl.interop.vnnlib import read_vnnlib
+    from propdsl.logics import register_logic
     from propdsl.loss.attacks import APGD, PGD
+    from propdsl.models import register_model
     from propdsl.verify.bounds import bounds
     from propdsl.verify.jacobian import jacobian_bounds
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from importlib import resources
@@ -12,7 +13,7 @@ from typing import Any
 from propdsl import ir as I
 from propdsl.check import BlockInfo, Checked, Scope, build_prelude, check
 from propdsl.errors import UsageError
-from propdsl.source import Source, Span
+from propdsl.source import MAX_SOURCE_BYTES, Source, Span, printable
 from propdsl.syntax import format_module, parse
 from propdsl.types import Ty
 
@@ -290,19 +291,75 @@ def load(spec: str | os.PathLike[str], params: dict[str, Any] | None = None) -> 
 
 
 def read_source(spec: str | os.PathLike[str]) -> Source:
+    """The spec's text and name, from a path (a `str` ending in `.prop` or any `PathLike`) or
+    from the text itself.
+
+    Raises `UsageError` for a missing or unreadable file, one that is not a regular file (a
+    directory, a FIFO, a device such as /dev/zero: refused before anything is read, since reading
+    them may never end), one larger than `MAX_SOURCE_BYTES`, or one that is not UTF-8.
+    """
     if isinstance(spec, os.PathLike) or (
         isinstance(spec, str) and "\n" not in spec and spec.strip().endswith(".prop")
     ):
-        path = Path(spec)
-        try:
-            return Source(path.read_text(encoding="utf-8"), str(spec))
-        except FileNotFoundError:
-            raise UsageError(f"no such spec file: {spec}") from None
-        except (IsADirectoryError, PermissionError, UnicodeDecodeError) as err:
-            raise UsageError(f"cannot read spec file {spec}: {err}") from None
+        return Source(_read_spec_file(Path(spec)), str(spec))
     if not isinstance(spec, str):
         raise UsageError(f"expected a path or spec text, got {type(spec).__name__}")
+    if (
+        len(spec) > MAX_SOURCE_BYTES
+        or len(spec.encode("utf-8", "surrogatepass")) > MAX_SOURCE_BYTES
+    ):
+        raise UsageError(f"the spec text is larger than {_size(MAX_SOURCE_BYTES)}")
     return Source(spec, "<spec>")
+
+
+def _read_spec_file(path: Path) -> str:
+    # Opened without blocking (a FIFO would wait for a writer) and checked on the open file, not
+    # on the name, so that nothing can be swapped in between the check and the read.
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    shown = printable(str(path))
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise UsageError(f"no such spec file: {shown}") from None
+    except OSError as err:
+        raise UsageError(f"cannot read spec file {shown}: {err.strerror or err}") from None
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise UsageError(f"cannot read spec file {shown}: it is a directory")
+        if not stat.S_ISREG(info.st_mode):
+            raise UsageError(
+                f"cannot read spec file {shown}: not a regular file (a device, FIFO or socket)"
+            )
+        if info.st_size > MAX_SOURCE_BYTES:
+            raise UsageError(
+                f"spec file {shown} is {_size(info.st_size)}; "
+                f"specs may be at most {_size(MAX_SOURCE_BYTES)}"
+            )
+        # At most one byte past the limit: a file that grows while it is read is caught too.
+        with os.fdopen(fd, "rb", closefd=True) as f:
+            fd = -1
+            data = f.read(MAX_SOURCE_BYTES + 1)
+    except OSError as err:
+        raise UsageError(f"cannot read spec file {shown}: {err.strerror or err}") from None
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    if len(data) > MAX_SOURCE_BYTES:
+        raise UsageError(f"spec file {shown} is larger than {_size(MAX_SOURCE_BYTES)}")
+    try:
+        # utf-8-sig: a byte order mark, which some editors write, is no part of the text
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise UsageError(
+            f"cannot read spec file {shown}: it is not UTF-8 text (byte {err.start})"
+        ) from None
+
+
+def _size(n: int) -> str:
+    if n < 1024**2:
+        return f"{n / 1024:.0f} KiB"
+    return f"{n / 1024**2:.1f} MiB" if n < 1024**3 else f"{n / 1024**3:.1f} GiB"
 
 
 def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, str]:

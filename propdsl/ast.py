@@ -6,6 +6,7 @@ Spans are carried for diagnostics but excluded from equality, so `parse(format(a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from propdsl.source import Span
 
@@ -17,7 +18,10 @@ def _span() -> Span | None:
 # -- expressions ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Expr:
-    pass
+    if TYPE_CHECKING:  # every expression has one (a field of each subclass, with a default)
+
+        @property
+        def span(self) -> Span | None: ...
 
 
 @dataclass(frozen=True)
@@ -134,6 +138,13 @@ class Quantified(Expr):
 @dataclass(frozen=True)
 class Decl:
     name: str
+    if TYPE_CHECKING:  # every declaration has them (fields of each subclass, with defaults)
+
+        @property
+        def span(self) -> Span | None: ...
+
+        @property
+        def name_span(self) -> Span | None: ...
 
 
 @dataclass(frozen=True)

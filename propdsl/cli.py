@@ -6,15 +6,19 @@ Exit codes: 0 success, 1 a spec error (positioned diagnostics on stderr), 2 a us
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
+import time
 import traceback
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from propdsl import __version__
+from propdsl import __version__, registry
 from propdsl.errors import PropdslError, SpecError, UsageError
 
 EXIT_SPEC = 1
@@ -32,6 +36,11 @@ app = typer.Typer(
 _state = {"debug": False}
 
 
+def _or_list(names: tuple[str, ...]) -> str:
+    """`a, b or c`, for help texts."""
+    return ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else "".join(names)
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"propdsl {__version__}")
@@ -47,8 +56,126 @@ def _main(
     debug: Annotated[
         bool, typer.Option("--debug", help="Show Python tracebacks for internal errors.")
     ] = False,
+    plugin: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--plugin",
+            help="Import a module that registers logics, data sources or models before the "
+            "command runs: pkg.module or file.py (repeatable).",
+        ),
+    ] = None,
 ) -> None:
     _state["debug"] = debug
+    _install_output()
+    _calm_threads()
+    _load_plugins(plugin or [])
+
+
+def _load_plugins(refs: list[str]) -> None:
+    """The entry points of the group `propdsl.plugins`, then each `--plugin` (docs:
+    propdsl.plugins). A plugin that fails is a usage error naming it."""
+    from propdsl.plugins import PluginError, load_entry_points, load_plugins
+
+    try:
+        load_entry_points()
+        load_plugins(refs)
+    except PluginError as err:
+        _fail(f"error: {err}", EXIT_USAGE)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ARG001
+    """A warning as one line, `warning: ...`: no file name, line number or source line (those
+    point into propdsl, not at anything the user can change)."""
+    stream = file if file is not None else sys.stderr
+    try:
+        stream.write(f"warning: {message}\n")
+    except OSError:
+        pass
+
+
+class _WarningLines(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        prefix = "warning" if record.levelno < logging.ERROR else "error"
+        sys.stderr.write(f"{prefix}: {record.getMessage()}\n")
+
+
+def _install_output() -> None:
+    """Warnings and the library's log warnings as one line each on stderr."""
+    warnings.showwarning = _show_warning
+    logger = logging.getLogger("propdsl")
+    if not any(isinstance(h, _WarningLines) for h in logger.handlers):
+        handler = _WarningLines(level=logging.WARNING)
+        logger.addHandler(handler)
+
+
+def _calm_threads() -> None:
+    """Let idle OpenMP threads sleep instead of spinning (unless the user chose otherwise).
+
+    Training, evaluation and verification run many small tensor operations; with the default
+    (spinning) wait policy, torch's threads busy-wait between them, and as soon as another
+    process needs a core they slow each other down many times over (an attack step on the
+    digits CNN took 25-40 ms instead of 3 ms with two threads on two shared cores;
+    benchmarks/bench_eval.py). Called before any command runs: only effective before torch is
+    first imported.
+    """
+    chosen = "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ
+    if "torch" not in sys.modules and not chosen:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+
+class _Display:
+    """Progress of a long command: a rich bar on a terminal, a line per stage on stderr
+    otherwise, nothing with -q. Called as `display(stage, done, total)`."""
+
+    def __init__(self, what: str, quiet: bool):
+        self.what = what
+        self.quiet = quiet
+        self.live = not quiet and sys.stderr.isatty()
+        self.bar: Any = None
+        self.task: Any = None
+        self.t0 = time.perf_counter()
+
+    def __enter__(self) -> _Display:
+        if self.live:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
+            self.bar = Progress(
+                TextColumn(f"{self.what}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.description}"),
+                TimeElapsedColumn(),
+                console=Console(stderr=True),
+                transient=True,
+            )
+            self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if self.quiet:
+            return
+        if self.bar is not None:
+            if self.task is None:
+                self.task = self.bar.add_task(stage, total=total)
+            self.bar.update(self.task, completed=done, total=total, description=stage)
+            return
+        elapsed = time.perf_counter() - self.t0
+        if done >= total:
+            sys.stderr.write(f"{self.what}: done in {elapsed:.0f}s\n")
+        else:
+            sys.stderr.write(f"{self.what} {done + 1}/{total}: {stage} ({elapsed:.0f}s so far)\n")
+        sys.stderr.flush()
 
 
 def _fail(message: str, code: int) -> None:
@@ -148,11 +275,27 @@ def train_cmd(
         str | None, typer.Option(help="auto (GPU when present), cpu, cuda or cuda:N.")
     ] = None,
     threads: Annotated[
-        int | None, typer.Option(help="Torch CPU threads (default: the usable cores, <= 8).", min=1)
+        int | None,
+        typer.Option(
+            help="Torch CPU threads, 1..1024 (default: the usable cores, <= 8).", min=1, max=1024
+        ),
     ] = None,
-    seed: Annotated[int | None, typer.Option(help="Override the block's seed.", min=0)] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Override the block's seed.", min=0, max=2**32 - 1)
+    ] = None,
     resume: Annotated[
-        bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue the run in --out from its last epoch, with its own settings.",
+        ),
+    ] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Replace a run already in --out (and its eval / verify results).",
+        ),
     ] = False,
     model: Annotated[
         str | None, typer.Option("--model", help="A user model: pkg.module:factory or file.py:f.")
@@ -162,12 +305,18 @@ def train_cmd(
     """Train the spec's network as its train block says; write a run folder.
 
     Ctrl-C (or SIGTERM) stops the run; its folder keeps the last finished epoch, and `--resume`
-    continues from there to the same weights an uninterrupted run ends with.
+    continues from there, with the run's own settings, to the same weights an uninterrupted run
+    ends with.
     """
     from propdsl.api import load, parse_overrides
-    from propdsl.train import TrainOptions, run_folder, train
+    from propdsl.train import RunWriteError, TrainingInterrupted, TrainOptions, run_folder, train
 
-    loaded = load(spec, parse_overrides(param or []))
+    overrides = parse_overrides(param or [])
+    if resume and not overrides:
+        # A resumed run keeps the params it started with (unless the spec text changed, which
+        # the trainer refuses with a clear message).
+        overrides = _run_params(spec, out) or {}
+    loaded = load(spec, overrides)
     options = TrainOptions(
         out=out,
         epochs=epochs,
@@ -176,18 +325,34 @@ def train_cmd(
         threads=threads,
         seed=seed,
         resume=resume,
+        force=force,
         model=model,
         quiet=quiet,
     )
+    folder = run_folder(loaded, options)
+    command = _resume_command(spec, folder, model)
     try:
         result = train(loaded, options)
-    except KeyboardInterrupt:
-        folder = run_folder(loaded, options)
+    except TrainingInterrupted as stop:
+        if not stop.started:
+            _fail(
+                f"interrupted before the run started; {folder} holds nothing of it: run the "
+                "same command again",
+                130,
+            )
+        if stop.epoch == 0:
+            _fail(
+                f"interrupted before the first epoch finished; {folder} holds no checkpoint "
+                f"yet. Start it again, with the same settings, with\n  {command}",
+                130,
+            )
         _fail(
-            f"interrupted; {folder} keeps the last finished epoch: continue with\n"
-            f"  propdsl train {spec} --out {folder} --resume",
+            f"interrupted; {folder} keeps epoch {stop.epoch}: continue with\n  {command}",
             130,
         )
+    except RunWriteError as err:
+        again = command if (folder / "config.json").exists() else "the same command again"
+        _fail(f"error: {err}\n  then: {again}", EXIT_USAGE)
     last = result.metrics[-1] if result.metrics else {}
     if not quiet:
         acc = last.get("val_accuracy")
@@ -195,7 +360,70 @@ def train_cmd(
         typer.echo(f"run folder: {result.run}{acc_text}")
 
 
+def _run_params(spec: Path, out: Path | None) -> dict[str, Any] | None:
+    """The params a run to resume was trained with, when its spec text is this spec's."""
+    from propdsl.api import read_source
+    from propdsl.runs import RunFolderError, is_run_config, read_json, spec_hash
+
+    stem = spec.stem if spec.name.endswith(".prop") else "spec"
+    folder = out if out is not None else Path("runs") / (stem or "spec")
+    try:
+        config = read_json(folder / "config.json")
+        text = read_source(spec).text
+    except (RunFolderError, UsageError):
+        return None  # the trainer reports it
+    if not is_run_config(config) or config.get("spec_sha256") != spec_hash(text):
+        return None
+    params = config.get("params")
+    return dict(params) if isinstance(params, dict) else None
+
+
+def _resume_command(spec: Path, folder: Path, model: str | None) -> str:
+    """The command that continues the run in `folder`: the folder remembers every setting that
+    shapes the run, except the user model, which is code and is never taken from a folder."""
+    import shlex
+
+    words = ["propdsl", "train", str(spec), "--out", str(folder), "--resume"]
+    if model is not None:
+        words += ["--model", model]
+    return shlex.join(words)
+
+
 RunOpt = Annotated[Path, typer.Option("--run", help="The run folder written by propdsl train.")]
+SplitOpt = Annotated[str, typer.Option(help="train, val or test.")]
+ModelOpt = Annotated[str | None, typer.Option("--model", help="The run's user model.")]
+DeviceOpt = Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+ThreadsOpt = Annotated[int | None, typer.Option(help="Torch CPU threads.")]
+CheckpointOpt = Annotated[
+    str,
+    typer.Option(
+        "--checkpoint",
+        help="best (the epoch of best validation accuracy; the last one where there is none) "
+        "or last.",
+    ),
+]
+SpecDiffersOpt = Annotated[
+    bool,
+    typer.Option(
+        "--spec-differs-ok",
+        help="Accept a spec whose text is not the run's spec.prop (results in their own folder).",
+    ),
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
+
+
+def _checked_common(
+    split: str, checkpoint: str, samples: int | None, threads: int | None = None
+) -> None:
+    """The options eval, verify and export share, checked before anything is loaded."""
+    from propdsl.results import Checkpoint, positive_count
+
+    if split not in ("train", "val", "test"):
+        raise UsageError(f"--split must be train, val or test, got {split!r}")
+    if checkpoint not in {c.value for c in Checkpoint}:
+        raise UsageError(f"--checkpoint must be best or last, got {checkpoint!r}")
+    positive_count("--samples", samples)
+    positive_count("--threads", threads)
 
 
 @app.command("eval")
@@ -204,26 +432,43 @@ def eval_cmd(
     spec: SpecArg,
     run: RunOpt,
     param: ParamOpt = None,
-    split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
+    split: SplitOpt = "test",
     samples: Annotated[int | None, typer.Option(help="Evaluate the first N samples only.")] = None,
+    checkpoint: CheckpointOpt = "best",
     plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write PNG plots.")] = True,
-    model: Annotated[str | None, typer.Option("--model", help="The run's user model.")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
-    threads: Annotated[int | None, typer.Option(help="Torch CPU threads.", min=1)] = None,
+    spec_differs_ok: SpecDiffersOpt = False,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    threads: ThreadsOpt = None,
+    quiet: QuietOpt = False,
 ) -> None:
-    """Evaluate a trained run: clean accuracy, constraint accuracy and security, plots."""
+    """Evaluate a trained run: clean accuracy, constraint accuracy and security, plots.
+
+    The run's params are the defaults (--param overrides them). Results go to
+    RUN/eval/<key>/ (eval.json and the PNGs), one folder per setting; RUN/eval.json is a copy
+    of the latest eval.json.
+    """
+    _checked_common(split, checkpoint, samples, threads)
     from propdsl.api import load, parse_overrides
     from propdsl.train import set_threads
 
-    if split not in ("train", "val", "test"):
-        raise UsageError(f"--split must be train, val or test, got {split!r}")
     set_threads(threads)
     from propdsl.evaluate import evaluate, render_table
 
     loaded = load(spec, parse_overrides(param or []))
-    result = evaluate(
-        loaded, run, split=split, samples=samples, plots=plots, model_ref=model, device=device
-    )
+    with _Display("eval", quiet) as display:
+        result = evaluate(
+            loaded,
+            run,
+            split=split,
+            samples=samples,
+            plots=plots,
+            model_ref=model,
+            device=device,
+            checkpoint=checkpoint,
+            spec_differs_ok=spec_differs_ok,
+            progress=display,
+        )
     typer.echo(render_table(result))
 
 
@@ -235,11 +480,12 @@ def verify_cmd(
     method: Annotated[
         str | None,
         typer.Option(
-            help="ibp, crown_ibp, crown or alpha_crown (default: the verify block's, else crown)."
+            help=f"{_or_list(registry.names(registry.Kind.METHOD))} (default: the verify "
+            "block's, else crown)."
         ),
     ] = None,
     param: ParamOpt = None,
-    split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
+    split: SplitOpt = "test",
     samples: Annotated[int | None, typer.Option(help="How many samples (default 100).")] = None,
     timeout: Annotated[
         float | None, typer.Option(help="Seconds per sample before unknown.")
@@ -247,41 +493,56 @@ def verify_cmd(
     prop: Annotated[
         list[str] | None, typer.Option("--property", help="Verify only these (repeatable).")
     ] = None,
-    model: Annotated[str | None, typer.Option("--model", help="The run's user model.")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
-    threads: Annotated[int | None, typer.Option(help="Torch CPU threads.", min=1)] = None,
+    checkpoint: CheckpointOpt = "best",
+    spec_differs_ok: SpecDiffersOpt = False,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    threads: ThreadsOpt = None,
+    quiet: QuietOpt = False,
 ) -> None:
-    """Verify a trained run: falsify with a strong attack, then prove with bound propagation."""
+    """Verify a trained run: falsify with a strong attack, then prove with bound propagation.
+
+    The run's params are the defaults (--param overrides them). Results go to
+    RUN/verify/<method>-<key>/ (verify.json, counterexamples/), one folder per setting;
+    RUN/verify.json is a copy of the latest verify.json.
+    """
+    from propdsl.results import positive_seconds
+
+    _checked_common(split, checkpoint, samples, threads)
+    positive_seconds("--timeout", timeout)
     from propdsl.api import load, parse_overrides
     from propdsl.train import set_threads
-    from propdsl.verify.bounds import Method
     from propdsl.verify.report import verify_run
 
+    chosen: registry.Method | None = None
     if method is not None:
         try:
-            method = Method(method).value  # "CROWN-IBP" is crown_ibp, as in the library
+            chosen = registry.Method(method)  # "CROWN-IBP" is crown_ibp, as in the library
         except ValueError:
-            known = ", ".join(m.value for m in Method)
+            known = ", ".join(m.value for m in registry.Method)
             raise UsageError(f"--method must be one of {known}, got {method!r}") from None
-    if split not in ("train", "val", "test"):
-        raise UsageError(f"--split must be train, val or test, got {split!r}")
     set_threads(threads)
     loaded = load(spec, parse_overrides(param or []))
-    report = verify_run(
-        loaded,
-        run,
-        method=method,
-        split=split,
-        samples=samples,
-        timeout=timeout,
-        properties=prop or None,
-        model_ref=model,
-        device=device,
-    )
+    with _Display("verify", quiet) as display:
+        report = verify_run(
+            loaded,
+            run,
+            method=chosen,
+            split=split,
+            samples=samples,
+            timeout=timeout,
+            properties=prop or None,
+            model_ref=model,
+            device=device,
+            checkpoint=checkpoint,
+            spec_differs_ok=spec_differs_ok,
+            progress=display,
+        )
     typer.echo(report.table())
     typer.echo(f"verdicts: {report.json_path}")
     for path in report.counterexample_paths:
         typer.echo(f"counterexamples: {path}")
+    typer.echo(f"  and {Path(run) / 'verify.json'}, a copy of this verify.json (the latest)")
 
 
 @app.command("export")
@@ -297,7 +558,7 @@ def export_cmd(
         str, typer.Option("--to", help="vnnlib (VNN-LIB 1.0, as in VNN-COMP) or vnnlib2.")
     ] = "vnnlib",
     param: ParamOpt = None,
-    split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
+    split: SplitOpt = "test",
     samples: Annotated[int | None, typer.Option(help="How many samples (default 100).")] = None,
     timeout: Annotated[
         float | None, typer.Option(help="Seconds per instance in instances.csv (default 60).")
@@ -305,16 +566,23 @@ def export_cmd(
     prop: Annotated[
         list[str] | None, typer.Option("--property", help="Export only these (repeatable).")
     ] = None,
-    model: Annotated[str | None, typer.Option("--model", help="The run's user model.")] = None,
+    checkpoint: CheckpointOpt = "best",
+    spec_differs_ok: SpecDiffersOpt = False,
+    model: ModelOpt = None,
 ) -> None:
-    """Export a trained run: the network as ONNX, each (sample, property) as a VNN-LIB file."""
-    from propdsl.api import load, parse_overrides
-    from propdsl.export import export_run
+    """Export a trained run: the network as ONNX, each (sample, property) as a VNN-LIB file.
+
+    The run's params are the defaults (--param overrides them).
+    """
+    from propdsl.results import positive_seconds
 
     if to not in ("vnnlib", "vnnlib2"):
         raise UsageError(f"--to must be vnnlib or vnnlib2, got {to!r}")
-    if split not in ("train", "val", "test"):
-        raise UsageError(f"--split must be train, val or test, got {split!r}")
+    _checked_common(split, checkpoint, samples)
+    positive_seconds("--timeout", timeout)
+    from propdsl.api import load, parse_overrides
+    from propdsl.export import export_run
+
     loaded = load(spec, parse_overrides(param or []))
     report = export_run(
         loaded,
@@ -326,6 +594,8 @@ def export_cmd(
         properties=prop or None,
         timeout=timeout,
         model_ref=model,
+        checkpoint=checkpoint,
+        spec_differs_ok=spec_differs_ok,
     )
     typer.echo(f"network: {report.onnx}")
     typer.echo(f"{len(report.files)} VNN-LIB files in {report.out / 'vnnlib'}")

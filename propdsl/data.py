@@ -31,6 +31,7 @@ import os
 import pickle
 import struct
 import zipfile
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,7 +175,38 @@ def register_dataset(source: DataSource, *, replace: bool = False) -> None:
     """
     if source.name in _SOURCES and not replace:
         raise DataError(f"a data source named '{source.name}' is already registered")
+    _register_for_specs(source, replace)
     _SOURCES[source.name] = source
+
+
+def _register_for_specs(source: DataSource, replace: bool) -> None:
+    """Make the source nameable in specs (`train f on name(...)`): an entry of the torch-free
+    registry the checker reads. The built-in sources are declared there already (their entries
+    name these module's constants, `propdsl.data:DIGITS`); another source takes the keywords
+    `load_dataset` passes on, with `path` required when it reads a file, and its shape when it
+    is known without loading."""
+    from propdsl import registry
+
+    declared = registry.lookup(registry.Kind.DATA, source.name)
+    if declared is not None and declared.builtin and not replace:
+        return
+    keywords = registry.DATA_PATH if source.uses_path else registry.DATA_FILES
+    shape = None
+    if source.input_shape is not None and source.num_classes is not None:
+        shape = (tuple(source.input_shape), int(source.num_classes))
+    entry = registry.Entry(
+        kind=registry.Kind.DATA,
+        name=source.name,
+        keywords=keywords,
+        summary=source.description,
+        builtin=False,
+        shape=shape,
+        required=registry.REQUIRES_PATH if source.uses_path else (),
+    )
+    try:
+        registry.register(entry, replace=replace)
+    except registry.RegistryError as err:
+        raise DataError(str(err)) from None
 
 
 def available_datasets() -> tuple[str, ...]:
@@ -359,7 +391,12 @@ def load_dataset(
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise DataError(f"limit must be a positive integer, got {limit!r}")
     seed = _check_seed(seed)
-    raw = source.load(_options(source, root, download, path))
+    options = _options(source, root, download, path)
+    raw = source.load(options)
+    origin = f"{options.path}" if source.uses_path and options.path else f"data source '{name}'"
+    for array, key in ((raw.x, "x"), (raw.x_test, "x_test")):
+        if array is not None:
+            _check_finite(array, f"{origin}: '{key}'")
     official_test = raw.x_test is not None
     num_classes = _num_classes(raw)
 
@@ -388,9 +425,12 @@ def load_dataset(
     if source.minmax_scale:
         x = _minmax(x_all[index], x_all[parts["train"]])
     else:
-        x = np.asarray(x_all[index], dtype=np.float32)
+        with np.errstate(over="ignore"):  # reported just below, with the file
+            x = np.asarray(x_all[index], dtype=np.float32)
         if raw.divisor != 1.0:
             x /= np.float32(raw.divisor)
+    # float64 values beyond float32's range become infinite in the conversion
+    _check_finite(x, f"{origin}: the '{split}' split's inputs (as float32)")
     y = np.asarray(y_all[index], dtype=np.int64)
     return Dataset(
         x=torch.from_numpy(np.ascontiguousarray(x)),
@@ -401,6 +441,19 @@ def load_dataset(
         class_names=raw.class_names,
         split=split,
     )
+
+
+def _check_finite(array: np.ndarray, what: str) -> None:
+    """Inputs must be finite: a NaN or infinite pixel makes every region around it, every
+    bound and every counterexample NaN."""
+    if array.dtype.kind not in "fc":
+        return
+    bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+    if bad:
+        raise DataError(
+            f"{what} has {bad} NaN or infinite values",
+            hint="inputs must be finite numbers: fix or drop those samples",
+        )
 
 
 class _Concat:
@@ -724,6 +777,53 @@ def _open_npz(path: Path) -> Any:
         raise DataError(f"cannot read {path} as an .npz file: {exc}") from exc
 
 
+def _npy_header(archive: zipfile.ZipFile, key: str, path: Path) -> tuple[tuple[int, ...], Any]:
+    """(shape, dtype) of array `key` of an .npz from its .npy header, checked against the
+    member's size: a header that claims more (or less) data than the file holds is refused."""
+    try:
+        info = archive.getinfo(f"{key}.npy")
+        with archive.open(info) as member:
+            version = np.lib.format.read_magic(member)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(member)
+            else:
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(member)
+            offset = member.tell()
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise DataError(f"cannot read array '{key}' of {path}: {exc}") from exc
+    if dtype.hasobject:
+        raise DataError(
+            f"{path}: '{key}' holds Python objects (dtype {dtype}), not numbers; "
+            "save numeric arrays"
+        )
+    expected = offset + math.prod(shape) * dtype.itemsize
+    if info.file_size != expected:
+        raise DataError(
+            f"{path}: the header of '{key}' claims shape {tuple(shape)} of {dtype} "
+            f"({expected - offset} bytes), but the file holds {info.file_size - offset} bytes: "
+            "the file is truncated or corrupt"
+        )
+    return tuple(shape), dtype
+
+
+def _check_npz(path: Path) -> None:
+    """Every member of an .npz is an .npy whose header matches its size (no object arrays)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            keys = [n[: -len(".npy")] for n in archive.namelist() if n.endswith(".npy")]
+            for key in keys:
+                _npy_header(archive, key, path)
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise DataError(f"cannot read {path} as an .npz file: {exc}") from exc
+
+
+def _array(npz: Any, key: str, path: Path) -> np.ndarray:
+    try:
+        return npz[key]
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise DataError(f"cannot read array '{key}' of {path}: {exc}") from exc
+
+
 def _labels(array: np.ndarray, path: Path, key: str) -> np.ndarray:
     if array.ndim != 1:
         raise DataError(f"{path}: '{key}' must be one label per sample, got shape {array.shape}")
@@ -738,6 +838,7 @@ def _labels(array: np.ndarray, path: Path, key: str) -> np.ndarray:
 
 def _load_tensors(options: SourceOptions) -> RawData:
     path = _npz_path(options)
+    _check_npz(path)
     with _open_npz(path) as npz:
         keys = set(npz.files)
         for needed in ("x", "y"):
@@ -747,10 +848,14 @@ def _load_tensors(options: SourceOptions) -> RawData:
                 )
         if ("x_test" in keys) != ("y_test" in keys):
             raise DataError(f"{path}: 'x_test' and 'y_test' come together")
-        x, y = npz["x"], _labels(npz["y"], path, "y")
-        x_test = npz["x_test"] if "x_test" in keys else None
-        y_test = _labels(npz["y_test"], path, "y_test") if "y_test" in keys else None
-        class_names = tuple(str(c) for c in npz["class_names"]) if "class_names" in keys else None
+        x, y = _array(npz, "x", path), _labels(_array(npz, "y", path), path, "y")
+        x_test = _array(npz, "x_test", path) if "x_test" in keys else None
+        y_test = _labels(_array(npz, "y_test", path), path, "y_test") if "y_test" in keys else None
+        class_names = (
+            tuple(str(c) for c in _array(npz, "class_names", path))
+            if "class_names" in keys
+            else None
+        )
     for inputs, labels, what in ((x, y, "x"), (x_test, y_test, "x_test")):
         if inputs is None or labels is None:
             continue
@@ -775,24 +880,21 @@ def _load_tensors(options: SourceOptions) -> RawData:
 def _tensors_info(options: SourceOptions) -> tuple[tuple[int, ...], int]:
     path = _npz_path(options)
     # The input shape comes from the .npy header inside the archive; only labels are read.
+    _check_npz(path)
     try:
-        with zipfile.ZipFile(path) as archive, archive.open("x.npy") as member:
-            version = np.lib.format.read_magic(member)
-            if version == (1, 0):
-                shape = np.lib.format.read_array_header_1_0(member)[0]
-            else:
-                shape = np.lib.format.read_array_header_2_0(member)[0]
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+        with zipfile.ZipFile(path) as archive:
+            shape, _ = _npy_header(archive, "x", path)
+    except (OSError, zipfile.BadZipFile) as exc:
         raise DataError(f"cannot read array 'x' of {path}: {exc}") from exc
     if len(shape) < 2:
         raise DataError(f"{path}: 'x' {shape} must be [N, ...]")
     with _open_npz(path) as npz:
         keys = set(npz.files)
         if "class_names" in keys:
-            return tuple(shape[1:]), len(npz["class_names"])
+            return tuple(shape[1:]), len(_array(npz, "class_names", path))
         if "y" not in keys:
             raise DataError(f"{path} has no array 'y'")
-        labels = [_labels(npz[k], path, k) for k in ("y", "y_test") if k in keys]
+        labels = [_labels(_array(npz, k, path), path, k) for k in ("y", "y_test") if k in keys]
     return tuple(shape[1:]), max((int(lab.max()) for lab in labels if len(lab)), default=-1) + 1
 
 
@@ -812,57 +914,57 @@ _FASHION_NAMES = (
     "Ankle boot",
 )
 
-for _source_def in (
-    DataSource(
-        "digits",
-        _load_digits,
-        "scikit-learn's 8x8 digits (1797 images, bundled: works offline), pixels / 16",
-        (1, 8, 8),
-        10,
-    ),
-    DataSource(
-        "breast_cancer",
-        _load_breast_cancer,
-        "scikit-learn's Wisconsin breast cancer (569 x 30 features), min-max scaled on train",
-        (30,),
-        2,
-        minmax_scale=True,
-    ),
-    DataSource(
-        "mnist",
-        _idx_source("mnist", "MNIST", _DIGIT_NAMES),
-        "MNIST from root/MNIST/raw (IDX files), pixels / 255",
-        (1, 28, 28),
-        10,
-    ),
-    DataSource(
-        "fashion_mnist",
-        _idx_source("fashion_mnist", "FashionMNIST", _FASHION_NAMES),
-        "Fashion-MNIST from root/FashionMNIST/raw (IDX files), pixels / 255",
-        (1, 28, 28),
-        10,
-    ),
-    DataSource(
-        "cifar10",
-        _load_cifar10,
-        "CIFAR-10 from root/cifar-10-batches-py (python batches), pixels / 255",
-        (3, 32, 32),
-        10,
-    ),
-    DataSource(
-        "svhn",
-        _load_svhn,
-        "SVHN from root/{train,test}_32x32.mat, pixels / 255, digit 0 labelled 0",
-        (3, 32, 32),
-        10,
-    ),
-    DataSource(
-        "tensors",
-        _load_tensors,
-        "arrays x, y (optionally x_test, y_test, class_names) from an .npz file, used as given",
-        info=_tensors_info,
-        uses_path=True,
-    ),
-):
+# The built-in sources, by the names the registry's entries give as their targets.
+DIGITS = DataSource(
+    "digits",
+    _load_digits,
+    "scikit-learn's 8x8 digits (1797 images, bundled: works offline), pixels / 16",
+    (1, 8, 8),
+    10,
+)
+BREAST_CANCER = DataSource(
+    "breast_cancer",
+    _load_breast_cancer,
+    "scikit-learn's Wisconsin breast cancer (569 x 30 features), min-max scaled on train",
+    (30,),
+    2,
+    minmax_scale=True,
+)
+MNIST = DataSource(
+    "mnist",
+    _idx_source("mnist", "MNIST", _DIGIT_NAMES),
+    "MNIST from root/MNIST/raw (IDX files), pixels / 255",
+    (1, 28, 28),
+    10,
+)
+FASHION_MNIST = DataSource(
+    "fashion_mnist",
+    _idx_source("fashion_mnist", "FashionMNIST", _FASHION_NAMES),
+    "Fashion-MNIST from root/FashionMNIST/raw (IDX files), pixels / 255",
+    (1, 28, 28),
+    10,
+)
+CIFAR10 = DataSource(
+    "cifar10",
+    _load_cifar10,
+    "CIFAR-10 from root/cifar-10-batches-py (python batches), pixels / 255",
+    (3, 32, 32),
+    10,
+)
+SVHN = DataSource(
+    "svhn",
+    _load_svhn,
+    "SVHN from root/{train,test}_32x32.mat, pixels / 255, digit 0 labelled 0",
+    (3, 32, 32),
+    10,
+)
+TENSORS = DataSource(
+    "tensors",
+    _load_tensors,
+    "arrays x, y (optionally x_test, y_test, class_names) from an .npz file, used as given",
+    info=_tensors_info,
+    uses_path=True,
+)
+for _source_def in (DIGITS, BREAST_CANCER, MNIST, FASHION_MNIST, CIFAR10, SVHN, TENSORS):
     register_dataset(_source_def)
 del _source_def

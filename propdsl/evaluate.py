@@ -12,8 +12,9 @@ For one split of the spec's data (the verify block's source, else the train bloc
 * the accuracy-robustness area of Woods et al. (2019) from per-sample minimal adversarial RMSE
   distances found by bisection over the radius of an L2 ball.
 
-Everything is written to `eval.json` in the run folder, with PNG plots next to it. The exact
-definitions are in `docs/evaluation.md`.
+Everything is written to `eval.json` in a folder of the run for these settings,
+`RUN/eval/<key>/` (see `propdsl.results`), with PNG plots next to it; `RUN/eval.json` is a copy
+of the latest. The exact definitions are in `docs/evaluation.md`.
 
 Why the attack ignores the training logic: a loss under a differentiable logic is a smoothed
 version of the property, and attacking a model with the logic it was trained on measures how
@@ -30,8 +31,7 @@ import logging
 import math
 import os
 import time
-import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,12 +43,24 @@ from propdsl import ir as I
 from propdsl import runs
 from propdsl.api import Spec
 from propdsl.errors import UsageError
-from propdsl.loss.attacks import APGD, PGD, VanishingGradientWarning, run_attack
+from propdsl.loss.attacks import APGD, PGD, run_attack
 from propdsl.region import Region
+from propdsl.results import (
+    Checkpoint,
+    ParamSource,
+    holds_run,
+    load_split,
+    open_run,
+    positive_count,
+    result_key,
+    show_params,
+    write_results,
+)
 
 __all__ = [
     "DEFAULT_ATTACK",
     "DEFAULT_EPS_GRID",
+    "EVAL_DIR",
     "EVAL_JSON",
     "AccuracyRobustness",
     "EvalResult",
@@ -63,7 +75,8 @@ __all__ = [
 
 log = logging.getLogger("propdsl.evaluate")
 
-EVAL_JSON = "eval.json"
+EVAL_JSON = runs.EVAL_JSON
+EVAL_DIR = runs.EVAL_DIR  # RUN/eval/<key>/eval.json
 DEFAULT_ATTACK = APGD(steps=50, restarts=3)
 RANDOM_POINTS = PGD(steps=0, random_start=True)  # zero steps: the point is the uniform start
 DEFAULT_EPS_GRID = (0.0, 0.025, 0.05, 0.1, 0.15, 0.2)
@@ -152,11 +165,52 @@ class EvalResult:
     skipped: Mapping[str, str]
     json_path: Path
     plots: tuple[Path, ...]
+    checkpoint: str = "best"
+    checkpoint_epoch: int | None = None
+    params: tuple[ParamSource, ...] = ()
+    header: str = ""  # checkpoint, params and notes, as `RunSetup.header` gives them
+    results: Path | None = None  # the folder of this setting's results
+
+
+Progress = Callable[[str, int, int], None]
+
+
+class _Steps:
+    """Counts the stages of an evaluation for a `progress(stage, done, total)` callback."""
+
+    def __init__(self, progress: Progress | None, total: int):
+        self.progress = progress
+        self.total = total
+        self.finished = 0
+
+    def start(self, stage: str) -> None:
+        if self.progress is not None:
+            self.progress(stage, min(self.finished, self.total), self.total)
+        self.finished += 1
+
+    def skip(self, count: int) -> None:
+        self.finished += count
+
+    def done(self) -> None:
+        if self.progress is not None:
+            self.progress("done", self.total, self.total)
+
+
+def _positive_radius(name: str, value: Any, *, zero: bool = False) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(v) or v < 0 or (v == 0 and not zero):
+        what = "non-negative" if zero else "positive"
+        raise UsageError(f"{name} must be {what} and finite, got {value!r}")
+    return v
 
 
 # -- the evaluation ------------------------------------------------------------------------------
 
 
+@holds_run("eval")
 def evaluate(
     spec: Spec,
     run: str | os.PathLike[str],
@@ -172,11 +226,16 @@ def evaluate(
     batch: int = 256,
     explain_radius: float | None = None,
     curve_properties: Sequence[str] | None = None,
+    checkpoint: Checkpoint | str | None = None,
+    spec_differs_ok: bool = False,
+    progress: Progress | None = None,
 ) -> EvalResult:
-    """Evaluate a run's best checkpoint on one split of the spec's data; write `eval.json`.
+    """Evaluate a checkpoint of a run on one split of the spec's data; write the results into
+    `RUN/eval/<key>/` (see `propdsl.results`) and a copy of `eval.json` into the run folder.
 
     Args:
-        spec: the loaded spec (normally the run's own `spec.prop`).
+        spec: the loaded spec (normally the run's own `spec.prop`); the run's params are the
+            defaults of the params the spec was not loaded with (`propdsl.results.run_params`).
         run: the run folder written by `propdsl train`.
         split: `test`, `val`, `train` or `all` of the verify block's data source (else the
             train block's, else the run's); the split is drawn with the run's seed, so it is the
@@ -191,14 +250,23 @@ def evaluate(
         curve_properties: the properties of the curve (None: the classification-robustness-
             like ones: of `(x, y)`, reading the label, over a region sized by `eps`, no
             gradients; where there are none, every such property of `x` or `(x, y)`).
-        plots: write PNG plots into the run folder (matplotlib).
+        plots: write PNG plots beside `eval.json` (matplotlib).
         seed: seeds the random points and the attacks' starts (None: the run's seed).
         batch: samples per forward pass.
         explain_radius: L-inf radius of the explanation metrics (None: the spec's `eps`, else
             0.1).
+        checkpoint: `best` (default; the last one for a run without a best one) or `last`.
+        spec_differs_ok: accept a spec whose text is not the run's `spec.prop` (else a
+            `UsageError`); its results get a folder of their own.
+        progress: called as `progress(stage, done, total)` before each stage and once at the
+            end with `done == total` (the CLI draws it).
 
     Returns:
         `EvalResult` with every number and the paths written.
+
+    Raises:
+        UsageError: before any work, for a spec that does not fit the run, a count that is not
+            positive, an unknown property name or checkpoint.
 
     >>> import propdsl                                              # doctest: +SKIP
     >>> spec = propdsl.load("runs/digits/spec.prop")                # doctest: +SKIP
@@ -207,27 +275,32 @@ def evaluate(
     """
     from propdsl.train import resolve_device
 
-    opened = runs.Run.open(run)
-    run_path = opened.path
-    if opened.config.get("spec_sha256") not in (None, runs.spec_hash(spec.source.text)):
-        log.warning("the spec differs from the one %s was trained with", run_path)
-    run_seed = int(opened.config.get("seed", 0))
-    seed = run_seed if seed is None else int(seed)
+    positive_count("samples", samples)
+    positive_count("batch", batch)
+    if explain_radius is not None:
+        _positive_radius("explain_radius", explain_radius)
+    for e in eps_grid or ():
+        _positive_radius("eps_grid", e, zero=True)
     strong = attack if attack is not None else DEFAULT_ATTACK
     if not isinstance(strong, PGD | APGD):
         raise UsageError(f"attack must be PGD(...) or APGD(...), got {type(strong).__name__}")
-    if batch < 1:
-        raise UsageError(f"batch must be positive, got {batch}")
     for name in curve_properties or ():
         spec.property(name)  # a clear error for an unknown name, before any work
     dev = resolve_device(device)
+    setup = open_run(
+        spec,
+        run,
+        checkpoint=checkpoint,
+        model_ref=model_ref,
+        device=dev,
+        spec_differs_ok=spec_differs_ok,
+    )
+    spec, model, run_path = setup.spec, setup.model, setup.path
+    seed = setup.seed if seed is None else int(seed)
 
-    model = opened.load_model("best", model_ref, dev)
-    ds = _load_split(spec, opened, split, run_seed)
+    ds = load_split(setup, split)
     x, y = ds.x, ds.y
     if samples is not None:
-        if samples < 1:
-            raise UsageError(f"samples must be positive, got {samples}")
         x, y = x[:samples], y[:samples]
     x, y = x.to(dev), y.to(dev)
     n = int(x.shape[0])
@@ -237,18 +310,25 @@ def evaluate(
     relu = any(isinstance(m, nn.ReLU) for m in model.modules())
     log.info("evaluating %s on %d %s samples", run_path, n, split)
 
+    grid = tuple(float(e) for e in (DEFAULT_EPS_GRID if eps_grid is None else eps_grid))
+    has_eps = getattr(spec.param_types.get("eps"), "kind", None) == "Real"
+    closed = [name for name, p in spec.properties.items() if len(p.params) in (1, 2)]
+    planned_curve = _curve_choice(spec, closed, curve_properties) if grid and has_eps else []
+    steps = _Steps(progress, len(closed) + len(planned_curve) * len(grid) + 3)
+
     with torch.no_grad():
         predicted = _predict(model, x, batch)
     clean = float((predicted == y).float().mean())
 
     props: dict[str, PropertyResult] = {}
     skipped: dict[str, str] = {}
-    grid_points: dict[str, tuple[str, Tensor]] = {}
+    grid_points: dict[str, tuple[str, Tensor, Tensor]] = {}
     attacks: dict[str, PGD | APGD] = {}
     for name, prop in spec.properties.items():
-        if len(prop.params) not in (1, 2):
+        if name not in closed:
             skipped[name] = "not a property of one sample (x) or (x, y)"
             continue
+        steps.start(f"property {name}")
         prop_attack = strong
         if relu and _explains(prop.formula) and strong.surrogate_beta is None:
             prop_attack = dataclasses.replace(strong, surrogate_beta=SURROGATE_BETA)
@@ -260,7 +340,7 @@ def evaluate(
             )
         except UsageError as err:  # CompileError: a property this backend cannot attack
             skipped[name] = str(err)
-            warnings.warn(f"property '{name}' skipped: {err}", stacklevel=2)
+            log.warning("property '%s' skipped: %s", name, err)
             continue
         attacks[name] = prop_attack
         log.info("property %s: %.1fs", name, time.perf_counter() - t0)
@@ -269,48 +349,49 @@ def evaluate(
         )
         for var, pts in points.items():
             if tuple(pts.shape[1:]) == tuple(x.shape[1:]):
-                grid_points[name] = (var, pts)
+                grid_points[name] = (var, pts, secure[: pts.shape[0]])
                 break
 
-    grid = tuple(float(e) for e in (DEFAULT_EPS_GRID if eps_grid is None else eps_grid))
     curve: dict[str, tuple[float, ...]] = {}
-    if grid and getattr(spec.param_types.get("eps"), "kind", None) == "Real":
-        for name in _curve_choice(spec, props, curve_properties):
-            t0 = time.perf_counter()
-            known = {float(spec.params["eps"]): props[name].security}
-            curve[name] = _security_curve(
-                spec, name, attacks[name], grid, known, model, x, y, batch, seed, dev
-            )
-            log.info("security curve of %s: %.1fs", name, time.perf_counter() - t0)
+    for name in planned_curve:
+        if name not in props:  # skipped above
+            steps.skip(len(grid))
+            continue
+        t0 = time.perf_counter()
+        known = {float(spec.params["eps"]): props[name].security}
+        curve[name] = _security_curve(
+            spec, name, attacks[name], grid, known, model, x, y, batch, seed, dev, steps
+        )
+        log.info("security curve of %s: %.1fs", name, time.perf_counter() - t0)
 
     radius = explain_radius
     if radius is None:
         eps = spec.params.get("eps")
         radius = float(eps) if isinstance(eps, int | float) and not isinstance(eps, bool) else 0.1
+    steps.start("explanation metrics")
     t0 = time.perf_counter()
     explanation = _explanation_metrics(model, x, y, float(radius), box, batch, seed, dev)
     log.info("explanation metrics: %.1fs", time.perf_counter() - t0)
+    steps.start("accuracy-robustness area")
     t0 = time.perf_counter()
     robustness = _robustness(model, x, y, predicted, box, batch, seed, dev)
     log.info("accuracy-robustness area: %.1fs", time.perf_counter() - t0)
 
-    json_path = run_path / EVAL_JSON
-    written: list[Path] = []
-    if plots:
-        written = _plots(
-            run_path,
-            spec,
-            x,
-            y,
-            predicted,
-            model,
-            grid,
-            curve,
-            robustness,
-            grid_points,
-            clean,
-        )
-    result = EvalResult(
+    steps.start("writing results" + (" and plots" if plots else ""))
+    settings = {
+        "command": "eval",
+        "attack": show_attack(strong),
+        "attacks": {k: show_attack(a) for k, a in attacks.items()},
+        "eps_grid": list(grid) if curve else [],
+        "curve_properties": list(curve),
+        "batch": batch,
+        "seed": seed,
+        "explain_radius": float(radius),
+        "device": dev.type,
+    }
+    key = result_key(setup, split=split, n=n, settings=settings)
+    folder = run_path / EVAL_DIR / key
+    partial = EvalResult(
         run=run_path,
         split=split,
         n=n,
@@ -324,30 +405,40 @@ def evaluate(
         explanation=explanation,
         robustness=robustness,
         skipped=skipped,
-        json_path=json_path,
-        plots=tuple(written),
+        json_path=folder / EVAL_JSON,
+        plots=(),
+        checkpoint=setup.checkpoint.value,
+        checkpoint_epoch=setup.checkpoint_epoch,
+        params=setup.params,
+        header=setup.header(),
+        results=folder,
     )
-    runs.write_json(json_path, _to_json(result, opened, ds.name))
-    return result
+    names: list[str] = []
 
+    def write(tmp: Path) -> dict[str, Any]:
+        if plots:
+            written = _plots(
+                tmp,
+                run_path,
+                spec,
+                x,
+                y,
+                predicted,
+                model,
+                grid,
+                curve,
+                robustness,
+                grid_points,
+                clean,
+            )
+            names.extend(p.name for p in written)
+        data = _to_json(partial, setup, ds.name, names)
+        data["settings"] = settings
+        return data
 
-def _load_split(spec: Spec, opened: runs.Run, split: str, seed: int):
-    from propdsl.data import DataError, load_dataset
-    from propdsl.train import load_split
-
-    block = spec.verify_block or spec.train_block
-    if block is not None:
-        return load_split(spec, block, split, seed=seed, root=Path(spec.name).parent)
-    data = dict(opened.config.get("data") or {})
-    name = data.pop("name", None)
-    if name is None:
-        raise UsageError("the spec has no train or verify block and the run names no data")
-    data.pop("split", None)
-    data.setdefault("seed", seed)
-    try:
-        return load_dataset(name, split=split, **data)
-    except DataError as err:
-        raise UsageError(str(err)) from None
+    write_results(run_path, EVAL_DIR, key, EVAL_JSON, write)
+    steps.done()
+    return dataclasses.replace(partial, plots=tuple(folder / name for name in names))
 
 
 def _predict(model: nn.Module, x: Tensor, batch: int) -> Tensor:
@@ -372,9 +463,7 @@ def _sized_by_eps(spec: Spec) -> set[str]:
     return {n for n in spec.properties if a.properties[n].formula != b.properties[n].formula}
 
 
-def _curve_choice(
-    spec: Spec, props: Mapping[str, PropertyResult], asked: Sequence[str] | None
-) -> list[str]:
+def _curve_choice(spec: Spec, props: Sequence[str], asked: Sequence[str] | None) -> list[str]:
     if asked is not None:
         return [name for name in asked if name in props]
     sized = _sized_by_eps(spec)
@@ -437,20 +526,43 @@ def _holds(
     return torch.cat(truth), points
 
 
-def _security_curve(spec, name, attack, grid, known, model, x, y, batch, seed, device):
+def _security_curve(spec, name, attack, grid, known, model, x, y, batch, seed, device, steps):
     values = []
     for eps in grid:
+        steps.start(f"security of {name} at eps {eps:g}")
         if eps in known:  # the spec's own radius: the same attack with the same seed, done
             values.append(known[eps])
             continue
-        with warnings.catch_warnings():
-            if eps == 0:  # nothing to climb in a point-sized region: a flat start is expected
-                warnings.simplefilter("ignore", VanishingGradientWarning)
-            truth, _ = _holds(
-                spec.with_params(eps=eps), name, attack, model, x, y, batch, seed, device
-            )
+        at = spec.with_params(eps=eps)
+        run = attack
+        if _point_regions(at.properties[name].formula):
+            # Every region is one point (a ball of radius 0): each step of the attack projects
+            # back onto it, so its start is its answer; the same truth without the steps.
+            run = dataclasses.replace(attack, steps=0, restarts=1)
+        truth, _ = _holds(at, name, run, model, x, y, batch, seed, device)
         values.append(_mean(truth))
     return tuple(values)
+
+
+def _point_regions(formula: I.Node) -> bool:
+    """Whether every region a quantifier of the formula ranges over is a ball of radius 0
+    (possibly intersected with boxes), i.e. at most one point."""
+
+    def point(d: I.Domain) -> bool:
+        parts = d.parts if isinstance(d, I.Inter) else (d,)
+        return any(
+            isinstance(p, I.Ball) and isinstance(p.radius, I.Const) and p.radius.value == 0
+            for p in parts
+        )
+
+    domains = [
+        d
+        for n in I.walk(formula)
+        if isinstance(n, I.Quant)
+        for d in n.domains
+        if not isinstance(d, I.Range)
+    ]
+    return bool(domains) and all(point(d) for d in domains)
 
 
 # -- explanation metrics -------------------------------------------------------------------------
@@ -656,16 +768,14 @@ def _num(v: float | None) -> float | None:
     return v if v is not None and math.isfinite(v) else None
 
 
-def _to_json(result: EvalResult, opened: runs.Run, data: str) -> dict[str, Any]:
+def _to_json(result: EvalResult, setup: Any, data: str, plots: Sequence[str]) -> dict[str, Any]:
     ex, ara = result.explanation, result.robustness
     return {
-        "run": str(result.run),
-        "spec_sha256": opened.config.get("spec_sha256"),
+        **setup.record(),
         "data": data,
         "split": result.split,
         "n": result.n,
         "seed": result.seed,
-        "checkpoint": "best" if (result.run / "best.safetensors").exists() else "last",
         "clean_accuracy": result.clean_accuracy,
         "attack": result.attack,
         "random_points": result.random_attack,
@@ -704,24 +814,24 @@ def _to_json(result: EvalResult, opened: runs.Run, data: str) -> dict[str, Any]:
             "median_distance": ara.median,
             "distances": list(ara.distances),
         },
-        "plots": [p.name for p in result.plots],
+        "plots": list(plots),
     }
 
 
 def _plots(
-    run_path, spec, x, y, predicted, model, grid, curve, robustness, grid_points, clean
+    folder, run_path, spec, x, y, predicted, model, grid, curve, robustness, grid_points, clean
 ) -> list[Path]:
     from propdsl import explain, plots
 
     written: list[Path] = []
     rows = runs.read_metrics(run_path)
     if rows:
-        written.append(plots.training_curves(rows, run_path / "training_curves.png"))
+        written.append(plots.training_curves(rows, folder / "training_curves.png"))
     if curve:
         nominal = float(spec.params["eps"]) if "eps" in spec.params else None
         written.append(
             plots.security_curve(
-                grid, curve, run_path / "security_vs_eps.png", nominal=nominal, clean=clean
+                grid, curve, folder / "security_vs_eps.png", nominal=nominal, clean=clean
             )
         )
     if robustness is not None:
@@ -730,14 +840,14 @@ def _plots(
                 robustness.distances,
                 robustness.num_classes,
                 robustness.area,
-                run_path / "accuracy_robustness.png",
+                folder / "accuracy_robustness.png",
             )
         )
     if plots.is_image(tuple(x.shape[1:])):
         k = min(GRID_SAMPLES, x.shape[0])
         xs, ys = x[:k], y[:k]
         sal = explain.saliency(model, xs, ys, create_graph=False)
-        name, points = _grid_choice(grid_points, curve)
+        name, points, holds = _grid_choice(grid_points, curve)
         pts, point_pred = None, None
         if points is not None:
             pts = points[:k]
@@ -749,21 +859,22 @@ def _plots(
                 ys,
                 predicted[:k],
                 sal,
-                run_path / "samples.png",
+                folder / "samples.png",
                 points=pts,
                 point_pred=point_pred,
-                title=f"counterexample: {name}" if name else None,
+                holds=None if holds is None else holds[:k],
+                title=f"the strong attack's points for {name}" if name else None,
             )
         )
     return written
 
 
-def _grid_choice(grid_points, curve) -> tuple[str | None, Tensor | None]:
+def _grid_choice(grid_points, curve) -> tuple[str | None, Tensor | None, Tensor | None]:
     for name in [*curve, *grid_points]:
         if name in grid_points:
-            var, pts = grid_points[name]
-            return f"{name} ({var})", pts
-    return None, None
+            var, pts, holds = grid_points[name]
+            return f"{name} ({var})", pts, holds
+    return None, None, None
 
 
 def _fmt(v: float | None, digits: int = 4) -> str:
@@ -780,11 +891,12 @@ def render_table(result: EvalResult) -> str:
     explanation metrics and the accuracy-robustness area. No brackets, so rich prints it as is
     (an example is in docs/evaluation.md).
     """
-    lines = [
-        f"run {result.run}  split {result.split}  samples {result.n}  seed {result.seed}",
-        f"clean accuracy  {_fmt(result.clean_accuracy)}",
-        "",
-    ]
+    lines = [f"run {result.run}  split {result.split}  samples {result.n}  seed {result.seed}"]
+    if result.header:
+        lines += result.header.splitlines()
+    else:
+        lines.append(f"checkpoint {result.checkpoint}  params: {show_params(result.params)}")
+    lines += [f"clean accuracy  {_fmt(result.clean_accuracy)}", ""]
     heads = ("property", "constraint accuracy", "constraint security", "n")
     names = list(result.properties)
     w = max([len(heads[0]), *(len(n) for n in names)])
@@ -827,8 +939,9 @@ def render_table(result: EvalResult) -> str:
             f"accuracy-robustness area {_fmt(ara.area, 5)} (RMSE; median distance "
             f"{_fmt(ara.median)}; {ara.not_broken} not broken within RMSE {ara.max_rmse:g})"
         )
-    if result.plots:
-        lines.append(f"wrote {result.json_path.name}, " + ", ".join(p.name for p in result.plots))
-    else:
-        lines.append(f"wrote {result.json_path.name}")
+    files = ", ".join([result.json_path.name, *(p.name for p in result.plots)])
+    lines.append("")
+    lines.append(f"wrote {result.json_path.parent}: {files}")
+    if result.results is not None:
+        lines.append(f"  and {result.run / EVAL_JSON}, a copy of this eval.json (the latest)")
     return "\n".join(lines)

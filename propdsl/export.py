@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from propdsl.errors import UsageError
 from propdsl.region import INF
+from propdsl.results import holds_run
 
 __all__ = [
     "Atom",
@@ -109,14 +110,17 @@ class ExportReport:
 
 
 # -- queries -> instances ------------------------------------------------------------------------
-def instances(query: Any) -> list[Instance]:
-    """The negation of each sample's query (see the module docstring), one `Instance` each."""
+def instances(query: Any) -> list[Instance | None]:
+    """The negation of each sample's query (see the module docstring), one `Instance` each;
+    None for a sample whose region is empty (the ball misses the box): the property holds
+    vacuously there, and the region's bounding box would be a point outside it."""
     from propdsl.verify.query import All, AnyOf, Masked, Rows
 
     if query.region is not None and query.region.centre is not None and query.region.p != INF:
         radius = query.region.radius
         if radius is None or bool((radius > 0).any()):
             raise ValueError("VNN-LIB input constraints are boxes: an L1 / L2 ball is not exported")
+    empty = query.region.is_empty().cpu()
     lo, hi = query.region.bounding_box()
     lo, hi = _numpy(lo.flatten(1)), _numpy(hi.flatten(1))
     rows = {id(r): (_numpy(r.C), _numpy(r.d), r.strict.cpu().numpy()) for r in query.rows}
@@ -157,14 +161,65 @@ def instances(query: Any) -> list[Instance]:
             return negate(node.child, i)
         raise TypeError(type(node).__name__)
 
-    out = []
+    out: list[Instance | None] = []
     for i in range(lo.shape[0]):
+        if bool(empty[i]):
+            out.append(None)
+            continue
         dnf = negate(query.root, i)
         if any(t == () for t in dnf):
             dnf = [()]
         unique = tuple(dict.fromkeys(dnf))
         out.append(Instance(lo[i], hi[i], unique))
     return out
+
+
+EMPTY_REASON = (
+    "the region is empty (the ball does not meet the box): the property holds vacuously, and "
+    "there is no input box to write"
+)
+
+
+def _two_point_reason(formula: Any) -> str | None:
+    """Why a property over two quantified inputs (a Lipschitz bound) has no VNN-LIB file, or
+    None when the formula quantifies over one input."""
+    from propdsl import ir as I
+    from propdsl.verify.jacobian import _norm_of_difference
+
+    node, names = formula, []
+    while isinstance(node, I.Quant):
+        names += [
+            v.name
+            for v, d in zip(node.vars, node.domains, strict=True)
+            if not isinstance(d, I.Range)
+        ]
+        node = node.body
+    if len(names) < 2:
+        return None
+    ps = sorted({_norm_name(t[2]) for n in I.walk(node) if (t := _norm_of_difference(n))})
+    head = (
+        f"it compares the network at {len(names)} inputs ({', '.join(names)}), and a VNN-LIB "
+        "file as export writes it states one input and one output of one network"
+    )
+    if "2" in ps:
+        return (
+            f"{head}; its L2 norm is not linear either, so no linear constraint states it "
+            "(L-inf and L1 norms are piecewise linear, L2 is not); `propdsl verify` decides "
+            "it from Jacobian bounds"
+        )
+    if ps:
+        norms = " and ".join(f"L{p}" for p in ps)
+        return (
+            f"{head}; its {norms} norms are piecewise linear, but the negation needs two "
+            "network copies, a disjunction over the norms' terms and a strict '>' (two equal "
+            "points satisfy the closure '>='), which export does not write; `propdsl verify` "
+            "decides it from Jacobian bounds"
+        )
+    return head
+
+
+def _norm_name(p: float) -> str:
+    return "-inf" if p == INF else str(int(p))
 
 
 def _numpy(t: Tensor) -> np.ndarray:
@@ -318,12 +373,17 @@ def export(
 
     Returns:
         `ExportReport`; properties outside the linear fragment, over L1 / L2 balls or with a
-        single sample too large to write are listed in `skipped` with the reason.
+        single sample too large to write are listed in `skipped` with the reason, and so are
+        samples whose region is empty (`name[i]`: nothing to verify, no input box to write).
+
+    Raises:
+        UsageError: x holds NaN or infinite values.
     """
     from propdsl.verify.query import Unsupported, to_query
-    from propdsl.verify.run import _default_properties, _positioned
+    from propdsl.verify.run import _check_inputs, _default_properties, _positioned
 
     fmt = _format(fmt)
+    _check_inputs(x)
     if len(spec.networks) != 1:
         raise UsageError("export writes one network: the spec declares several")
     ((net_name, net_ty),) = spec.networks.items()
@@ -356,12 +416,16 @@ def export(
                     continue
                 insts = instances(query)
             except Unsupported as err:
-                skipped[name] = _positioned(spec, err)
+                reason = _two_point_reason(prop.formula)
+                skipped[name] = _positioned(spec, Unsupported(reason, err.span) if reason else err)
                 continue
             except ValueError as err:
                 skipped[name] = str(err)
                 continue
             for k, (i, inst) in enumerate(zip(indices, insts, strict=True)):
+                if inst is None:
+                    skipped[f"{name}[{i}]"] = EMPTY_REASON
+                    continue
                 if inst.terms == ():
                     skipped[f"{name}[{i}]"] = "holds whatever the network computes"
                     continue
@@ -387,6 +451,7 @@ def export(
     return ExportReport(out, onnx_path, csv_path, tuple(files), skipped)
 
 
+@holds_run("export")
 def export_run(
     spec: Any,
     run: str | Path,
@@ -398,11 +463,27 @@ def export_run(
     properties: list[str] | None = None,
     timeout: float | None = None,
     model_ref: str | None = None,
+    checkpoint: str | None = None,
+    spec_differs_ok: bool = False,
 ) -> ExportReport:
-    """`propdsl export`: a run's best model and the first `samples` of a split (as `verify`)."""
+    """`propdsl export`: a checkpoint of a run (`best` by default, or `last`) and the first
+    `samples` of a split, opened as `verify` opens them (checked to fit the spec, the run's
+    params as defaults: `propdsl.verify.report.open_run_data`)."""
+    from propdsl.results import positive_seconds
     from propdsl.verify.report import open_run_data
 
-    _, model, x, y = open_run_data(spec, run, split, samples, model_ref, "cpu")
+    positive_seconds("timeout", timeout)
+    setup, x, y = open_run_data(
+        spec,
+        run,
+        split,
+        samples,
+        model_ref,
+        "cpu",
+        checkpoint=checkpoint,
+        spec_differs_ok=spec_differs_ok,
+    )
+    spec, model = setup.spec, setup.model
     vb = spec.verify_block
     if timeout is None:
         timeout = float(vb.get("timeout")) if vb is not None and vb.get("timeout") else 60.0

@@ -266,16 +266,20 @@ class Ball(Domain):
 
 @dataclass(frozen=True)
 class Box(Domain):
+    """`box(lo, hi)`. With scalar bounds the box fits tensors of any shape: `dims` is then the
+    shape its variable is annotated with (`forall z : Tensor[1, 8, 8] in box(0, 1)`)."""
+
     lo: Node
     hi: Node
     span: Span | None = _span()
+    dims: tuple[int, ...] | None = None
 
     @property
     def shape(self) -> tuple[int, ...] | None:
         from propdsl.types import shape_of
 
         s = shape_of(self.lo.ty) or shape_of(self.hi.ty)
-        return s if s else None
+        return s if s else self.dims
 
     def children(self) -> tuple[Node, ...]:
         return (self.lo, self.hi)
@@ -389,25 +393,43 @@ class Linear(Node):
         return (self.atom,)
 
 
+# The traversals below are iterative: however deep a formula, they need no Python recursion.
 def walk(node: Node):
-    """Pre-order traversal of a node and its children."""
-    yield node
-    for c in node.children():
-        yield from walk(c)
+    """Pre-order traversal of a node and its children (a shared node once per occurrence)."""
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        yield n
+        stack.extend(reversed(n.children()))
+
+
+def walk_unique(node: Node):
+    """Every distinct node object under `node` once (linear in the DAG, not the tree)."""
+    seen: set[int] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        yield n
+        stack.extend(n.children())
 
 
 def free_vars(node: Node) -> set[str]:
     """Names of variables used in `node` and not bound inside it."""
-    if isinstance(node, Var):
-        return {node.name}
-    if isinstance(node, Quant):
-        inner: set[str] = set()
-        for c in node.children():
-            inner |= free_vars(c)
-        return inner - {v.name for v in node.vars}
     out: set[str] = set()
-    for c in node.children():
-        out |= free_vars(c)
+    stack: list[tuple[Node, frozenset[str]]] = [(node, frozenset())]
+    while stack:
+        n, bound = stack.pop()
+        if isinstance(n, Var):
+            if n.name not in bound:
+                out.add(n.name)
+            continue
+        if isinstance(n, Quant):
+            # a quantifier binds its variables in its domains and its body alike
+            bound = bound | {v.name for v in n.vars}
+        stack.extend((c, bound) for c in n.children())
     return out
 
 

@@ -226,7 +226,30 @@ def register_model(name: str, factory: Factory, *, replace: bool = False) -> Non
     """
     if name in _MODELS and not replace:
         raise ModelError(f"a model named '{name}' is already registered")
+    _register_for_specs(name, factory, replace)
     _MODELS[name] = factory
+
+
+def _register_for_specs(name: str, factory: Factory, replace: bool) -> None:
+    """Make the model nameable in specs (`model = name(keyword = value)`): an entry of the
+    torch-free registry the checker reads, with the factory's keyword options that a spec can
+    write (numbers, booleans, strings, lists of sizes). `mlp` and `cnn` are declared there
+    already, with the ranges of their options."""
+    from propdsl import registry
+
+    target = f"{getattr(factory, '__module__', '')}:{getattr(factory, '__qualname__', '')}"
+    entry = registry.Entry(
+        kind=registry.Kind.MODEL,
+        name=name,
+        keywords=registry.keywords_from_signature(factory, skip=2, exclude=_RESERVED),
+        target=None if "<" in target or target.startswith(":") else target,
+        summary=(factory.__doc__ or "").strip().split("\n")[0],
+        builtin=False,
+    )
+    try:
+        registry.register(entry, replace=replace)
+    except registry.RegistryError as err:
+        raise ModelError(str(err)) from None
 
 
 def available_models() -> tuple[str, ...]:

@@ -12,7 +12,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["is_image", "robustness_curve", "sample_grid", "security_curve", "training_curves"]
+__all__ = [
+    "counterexample_grid",
+    "is_image",
+    "robustness_curve",
+    "sample_grid",
+    "security_curve",
+    "training_curves",
+]
 
 
 def _figure(width: float, height: float) -> Any:
@@ -22,6 +29,24 @@ def _figure(width: float, height: float) -> Any:
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
     return fig
+
+
+# Series drawn in one panel get different markers, line styles and marker sizes (the first the
+# largest, hollow), so lines that coincide (two properties at 1.0 every epoch) stay visible.
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+_LINES = ("-", "--", "-.", ":")
+
+
+def _style(i: int, count: int) -> dict[str, Any]:
+    size = 4 + 2.5 * max(0, count - 1 - i) if count > 1 else 4
+    return {
+        "marker": _MARKERS[i % len(_MARKERS)],
+        "ms": size,
+        "ls": _LINES[i % len(_LINES)],
+        "mfc": "none" if i < count - 1 else None,
+        "mew": 1.2,
+        "alpha": 0.9,
+    }
 
 
 def _save(fig: Any, path: Path) -> Path:
@@ -60,15 +85,18 @@ def training_curves(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
     sats = [k for k in keys if k.startswith("satisfied[")]
     fig = _figure(13, 3.8)
     ax_loss, ax_acc, ax_sat = fig.subplots(1, 3)
-    for k in losses:
+    for i, k in enumerate(losses):
         label = "total" if k == "loss" else k[len("loss[") : -1]
-        ax_loss.plot(epochs, _column(rows, k), marker="o", ms=3, label=_short(label))
+        ax_loss.plot(epochs, _column(rows, k), label=_short(label), **_style(i, len(losses)))
     ax_loss.set(title="training loss", xlabel="epoch")
     ax_acc.plot(epochs, _column(rows, "val_accuracy"), marker="o", ms=3, color="black")
     ax_acc.set(title="validation accuracy", xlabel="epoch", ylim=(0, 1.02))
-    for k in sats:
-        ax_sat.plot(epochs, _column(rows, k), marker="o", ms=3, label=k[len("satisfied[") : -1])
-    ax_sat.set(title="satisfied at the training attack", xlabel="epoch", ylim=(0, 1.02))
+    for i, k in enumerate(sats):
+        label = k[len("satisfied[") : -1]
+        ax_sat.plot(epochs, _column(rows, k), label=label, **_style(i, len(sats)))
+    ax_sat.set(
+        title="satisfied at the training attack (validation)", xlabel="epoch", ylim=(0, 1.05)
+    )
     for ax, has in ((ax_loss, losses), (ax_sat, sats)):
         if has:
             ax.legend(fontsize=7)
@@ -102,8 +130,8 @@ def security_curve(
     """
     fig = _figure(6, 4)
     ax = fig.subplots()
-    for name, values in curves.items():
-        ax.plot(list(eps), list(values), marker="o", ms=4, label=name)
+    for i, (name, values) in enumerate(curves.items()):
+        ax.plot(list(eps), list(values), label=name, **_style(i, len(curves)))
     if clean is not None:
         ax.axhline(clean, color="grey", ls="--", lw=1, label="clean accuracy")
     if nominal is not None:
@@ -112,7 +140,7 @@ def security_curve(
         title="constraint security against the radius",
         xlabel="eps",
         ylabel="fraction of samples where it holds",
-        ylim=(0, 1.02),
+        ylim=(0, 1.05),
     )
     ax.legend(fontsize=8)
     return _save(fig, path)
@@ -172,10 +200,13 @@ def sample_grid(
     *,
     points: Any = None,
     point_pred: Any = None,
+    holds: Any = None,
     title: str | None = None,
 ) -> Path:
-    """One row per sample: the input, the attack's point and its difference to the input (when
-    given), and the saliency map (summed over channels; red positive, blue negative).
+    """One row per sample: the input (label, prediction), the attack's point (its prediction,
+    and whether the property holds there: `holds[i]`) and its difference to the input (when
+    given), and the saliency map of the label (summed over channels; red positive, blue
+    negative). The difference and saliency panels have colour bars.
 
     >>> import tempfile, pathlib, torch
     >>> x = torch.rand(2, 1, 4, 4)
@@ -185,31 +216,93 @@ def sample_grid(
     """
     k = int(x.shape[0])
     cols = 4 if points is not None else 2
-    fig = _figure(2.2 * cols, 2.2 * k + (0.4 if title else 0))
+    fig = _figure(2.6 * cols, 2.3 * k + (0.4 if title else 0))
     axes = fig.subplots(k, cols, squeeze=False)
     for i in range(k):
         yi, pi = int(y[i]), int(predicted[i])
         img, cmap = _image(x[i])
         axes[i][0].imshow(img, cmap=cmap, vmin=0, vmax=1)
-        axes[i][0].set_title(f"input: label {yi}, pred {pi}", fontsize=8)
+        axes[i][0].set_title(f"sample {i}: label {yi}, pred {pi}", fontsize=8)
         c = 1
         if points is not None:
             img, cmap = _image(points[i])
             axes[i][1].imshow(img, cmap=cmap, vmin=0, vmax=1)
-            shown = "" if point_pred is None else f": pred {int(point_pred[i])}"
-            axes[i][1].set_title(f"attack point{shown}", fontsize=8)
+            text = "attack point"
+            if point_pred is not None:
+                q = int(point_pred[i])
+                text += f": pred {q}" + (" (unchanged)" if q == pi else f" (was {pi})")
+            if holds is not None:
+                text += "\nproperty holds" if bool(holds[i]) else "\nviolated: counterexample"
+            axes[i][1].set_title(text, fontsize=8)
             diff = _heat(points[i] - x[i])
             bound = float(abs(diff).max()) or 1.0
-            axes[i][2].imshow(diff, cmap="RdBu_r", vmin=-bound, vmax=bound)
-            axes[i][2].set_title(f"difference (max {bound:.3g})", fontsize=8)
+            im = axes[i][2].imshow(diff, cmap="RdBu_r", vmin=-bound, vmax=bound)
+            axes[i][2].set_title(f"point - input (max {bound:.3g})", fontsize=8)
+            fig.colorbar(im, ax=axes[i][2], shrink=0.8)
             c = 3
         heat = _heat(saliency[i])
         bound = float(abs(heat).max()) or 1.0
-        axes[i][c].imshow(heat, cmap="RdBu_r", vmin=-bound, vmax=bound)
-        axes[i][c].set_title("saliency of the label", fontsize=8)
+        im = axes[i][c].imshow(heat, cmap="RdBu_r", vmin=-bound, vmax=bound)
+        axes[i][c].set_title(f"saliency of label {yi}", fontsize=8)
+        fig.colorbar(im, ax=axes[i][c], shrink=0.8)
         for ax in axes[i]:
             ax.set_xticks([])
             ax.set_yticks([])
     if title:
         fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+
+def counterexample_grid(
+    x: Any,
+    points: Any,
+    index: Sequence[int],
+    labels: Sequence[int] | None,
+    pred_x: Sequence[int],
+    pred_point: Sequence[int],
+    margins: Sequence[float],
+    path: Path,
+    *,
+    title: str,
+    limit: int = 8,
+) -> Path:
+    """Counterexamples of one property, one column each (the first `limit`): the sample (its
+    index in the split, label and prediction), the counterexample (its prediction and the
+    logit margin there), and their difference with a colour bar.
+
+    `margins[i]`: the logit margin of the reference class at the counterexample (the label,
+    else the class predicted at the sample): `f[c] - max_{j != c} f[j]`, negative where the
+    decision changed.
+
+    >>> import tempfile, pathlib, torch
+    >>> x = torch.rand(2, 1, 4, 4)
+    >>> p = pathlib.Path(tempfile.mkdtemp()) / "c.png"
+    >>> counterexample_grid(x, x, [3, 9], [1, 2], [1, 2], [1, 0], [0.5, -0.2], p, title="t").name
+    'c.png'
+    """
+    n = min(limit, int(x.shape[0]))
+    fig = _figure(2.0 * n + 1.0, 6.6)
+    axes = fig.subplots(3, n, squeeze=False)
+    bound = max(float(abs(_heat(points[i] - x[i])).max()) for i in range(n)) or 1.0
+    im = None
+    for i in range(n):
+        img, cmap = _image(x[i])
+        axes[0][i].imshow(img, cmap=cmap, vmin=0, vmax=1)
+        label = "" if labels is None else f"label {int(labels[i])}, "
+        axes[0][i].set_title(f"#{int(index[i])}: {label}pred {int(pred_x[i])}", fontsize=8)
+        img, cmap = _image(points[i])
+        axes[1][i].imshow(img, cmap=cmap, vmin=0, vmax=1)
+        axes[1][i].set_title(
+            f"pred {int(pred_point[i])}, margin {float(margins[i]):.3g}", fontsize=8
+        )
+        im = axes[2][i].imshow(_heat(points[i] - x[i]), cmap="RdBu_r", vmin=-bound, vmax=bound)
+        for row in range(3):
+            axes[row][i].set_xticks([])
+            axes[row][i].set_yticks([])
+    axes[0][0].set_ylabel("sample")
+    axes[1][0].set_ylabel("counterexample")
+    axes[2][0].set_ylabel("difference")
+    if im is not None:
+        fig.colorbar(im, ax=list(axes[2]), shrink=0.8, label="counterexample - sample")
+    fig.suptitle(title, fontsize=9)
     return _save(fig, path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from propdsl import ir as I
-from propdsl.types import IndexTy
+from propdsl.builtins import BUILTINS
 
 _CMP = {"<": "<", "<=": "≤", ">": ">", ">=": "≥", "==": "=", "!=": "≠"}
 _PREC = {
@@ -106,12 +106,11 @@ def _show(n: I.Node, ctx: int) -> str:
 
 def _fn(n: I.Fn) -> str:
     args = [_show(a, 0) for a in n.args]
-    if n.fn == "norm":
+    rec = BUILTINS.get(n.fn)
+    if rec is not None and rec.notation is not None:
         p = n.option("p")
-        sub = "∞" if p == math.inf else _SUB.get(number(p), number(p))
-        return f"‖{args[0]}‖{sub}"
-    if n.fn == "abs":
-        return f"|{args[0]}|"
+        sub = "" if p is None else "∞" if p == math.inf else _SUB.get(number(p), number(p))
+        return rec.notation.format(*args, p=sub)
     opts = [f"{k}={v}" for k, v in n.options if k != "net"]
     if n.option("net") is not None:
         args = [str(n.option("net"))] + args
@@ -152,7 +151,3 @@ def linear_form(form: I.LinearForm) -> str:
 
 def type_of(ty: object) -> str:
     return ty.show() if hasattr(ty, "show") else str(ty)
-
-
-def _unused() -> None:
-    _ = IndexTy

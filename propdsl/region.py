@@ -3,6 +3,11 @@
 A `Region` is the tensor-level meaning of the language's domains `ball(c, r, p) & box(lo, hi)`.
 Attacks project onto it and sample from it; bound propagation concretises linear functions over it.
 Every tensor carries the batch as its first dimension; `lo` / `hi` broadcast against `centre`.
+
+A region may be empty for some samples: a ball that misses the box (a centre far outside it, as
+with unscaled pixels 0..255 under `box(0, 1)`), or two boxes that do not meet. `is_empty()` says
+which; no consumer may treat such a sample's projection or bounding box as a point of the region
+(there is none). Centres must be finite: a NaN or infinite centre is a `RegionError`.
 """
 
 from __future__ import annotations
@@ -14,7 +19,33 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from propdsl.errors import UsageError
+
 INF = math.inf
+
+# A ball misses its box (the region is empty) when the Lp distance from the centre to the box
+# exceeds the radius by more than `contains`' default tolerance plus a few units of rounding of
+# the region's dtype: decimal data and radii rounded to float32 (1.1 and 0.1 miss each other by
+# 2e-8 there) touch. Such a region's one point is the box point nearest the centre, inside the
+# ball up to that tolerance, as every point the attacks return is.
+_EMPTY_TOL = 1e-6
+
+
+class RegionError(UsageError, ValueError):
+    """A region that cannot be built (a NaN or infinite centre, a NaN radius or box bound) or
+    used as asked (bound propagation over an empty or unbounded region)."""
+
+
+def _check_finite(t: Tensor, what: str, *, allow_inf: bool = False) -> None:
+    bad = t.isnan() if allow_inf else ~torch.isfinite(t)
+    if bool(bad.any()):
+        kind = "NaN" if allow_inf else "NaN or infinite"
+        where = ""
+        if t.dim() > 0 and t.shape[0] > 1:
+            rows = bad.reshape(t.shape[0], -1).any(dim=1).nonzero().flatten().tolist()
+            shown = ", ".join(map(str, rows[:5])) + (", ..." if len(rows) > 5 else "")
+            where = f" (samples {shown})"
+        raise RegionError(f"{what} has {int(bad.sum())} {kind} values{where}")
 
 
 def _per_sample(value: float | Tensor, like: Tensor) -> Tensor:
@@ -25,9 +56,14 @@ def _per_sample(value: float | Tensor, like: Tensor) -> Tensor:
     return value.reshape(-1, *([1] * (like.dim() - 1)))
 
 
+def rows(v: Tensor) -> Tensor:
+    """[B, ...] as [B, n]: one row per sample (a scalar variable, [B], is [B, 1])."""
+    return v.reshape(v.shape[0], -1)
+
+
 def lp_norm(v: Tensor, p: float) -> Tensor:
     """Per-sample Lp norm of a [B, ...] tensor (p in 1, 2, inf)."""
-    flat = v.flatten(1)
+    flat = rows(v)
     if p == INF:
         return flat.abs().amax(dim=1)
     if p == 1:
@@ -69,6 +105,7 @@ class Region:
     ) -> Region:
         if p not in (1, 2, INF):
             raise ValueError(f"ball norm must be 1, 2 or inf, got {p}")
+        _check_finite(centre, "the ball's centre")
         # Convert straight to the centre's dtype: a Python float must not pass through float32.
         r = _per_sample(radius, centre).flatten()
         if r.numel() not in (1, centre.shape[0]):
@@ -79,12 +116,18 @@ class Region:
         to: dict[str, Any] = dict(dtype=centre.dtype, device=centre.device)
         lo_t = None if lo is None else torch.as_tensor(lo, **to)
         hi_t = None if hi is None else torch.as_tensor(hi, **to)
+        for bound, name in ((lo_t, "lower"), (hi_t, "upper")):
+            if bound is not None:
+                _check_finite(bound, f"the box's {name} bound", allow_inf=True)
         return Region(centre=centre, radius=r, p=float(p), lo=lo_t, hi=hi_t)
 
     @staticmethod
     def box(lo: Tensor, hi: Tensor) -> Region:
+        """The box [lo, hi] per sample (bounds [B, ...]; lo > hi somewhere makes it empty)."""
         if lo.shape != hi.shape:
             raise ValueError("box bounds must have the same shape")
+        _check_finite(lo, "the box's lower bound", allow_inf=True)
+        _check_finite(hi, "the box's upper bound", allow_inf=True)
         return Region(centre=None, radius=None, p=INF, lo=lo, hi=hi)
 
     def intersect_box(self, lo: float | Tensor, hi: float | Tensor) -> Region:
@@ -93,6 +136,8 @@ class Region:
         assert ref is not None
         lo_t = torch.as_tensor(lo, dtype=ref.dtype, device=ref.device)
         hi_t = torch.as_tensor(hi, dtype=ref.dtype, device=ref.device)
+        _check_finite(lo_t, "the box's lower bound", allow_inf=True)
+        _check_finite(hi_t, "the box's upper bound", allow_inf=True)
         new_lo = lo_t if self.lo is None else torch.maximum(self.lo, lo_t)
         new_hi = hi_t if self.hi is None else torch.minimum(self.hi, hi_t)
         return Region(self.centre, self.radius, self.p, new_lo, new_hi)
@@ -104,8 +149,71 @@ class Region:
         assert ref is not None
         return ref.shape
 
+    def is_empty(self) -> Tensor:
+        """BoolTensor[B]: which samples' regions have no point at all.
+
+        A box is empty where some `lo > hi`. A ball meets a box exactly when the box point
+        nearest the centre lies within the radius; for every p that point is the centre clipped
+        into the box (each coordinate's distance is minimised independently), so the test is
+        `||centre - clip(centre)||_p > radius` (computed in float64; a distance above the radius
+        by at most `contains`' default tolerance, 1e-6, plus the dtype's rounding counts as
+        touching). Several boxes are intersected element-wise first.
+
+        >>> import torch
+        >>> c = torch.tensor([[0.5, 0.5], [3.0, 0.5], [1.05, 1.05]])
+        >>> Region.ball(c, 0.1, math.inf, lo=0.0, hi=1.0).is_empty().tolist()
+        [False, True, False]
+        >>> Region.ball(c, 0.1, 2, lo=0.0, hi=1.0).is_empty().tolist()  # L2: 0.0707 from the box
+        [False, True, False]
+        >>> Region.ball(c, 0.1, 1, lo=0.0, hi=1.0).is_empty().tolist()  # L1: 0.1 from the box
+        [False, True, False]
+        """
+        shape = self.shape
+        batch = shape[0]
+        empty = torch.zeros(batch, dtype=torch.bool, device=self._device())
+        lo = None if self.lo is None else self.lo.expand(shape)
+        hi = None if self.hi is None else self.hi.expand(shape)
+        if lo is not None and hi is not None:
+            empty |= (lo > hi).reshape(batch, -1).any(dim=1)
+        if self.centre is not None:
+            assert self.radius is not None
+            c = self.centre.double()
+            nearest = c
+            if lo is not None:
+                nearest = torch.maximum(nearest, lo.double())
+            if hi is not None:
+                nearest = torch.minimum(nearest, hi.double())
+            dist = lp_norm(c - nearest, self.p)
+            r = self.radius.double().expand(batch)
+            rounding = 4 * torch.finfo(self.centre.dtype).eps * (r + dist)
+            empty |= dist > r + _EMPTY_TOL + rounding
+        return empty
+
+    def select(self, index: Tensor) -> Region:
+        """The region of the samples `index` (a [K] index or a [B] boolean mask)."""
+        batch = self.shape[0]
+
+        def pick(t: Tensor | None) -> Tensor | None:
+            # Per-sample tensors have the region's number of dimensions (broadcasting aligns
+            # their first one with the batch); others are shared by every sample.
+            if t is None or t.dim() != len(self.shape) or t.shape[0] != batch:
+                return t
+            return t[index]
+
+        radius = None if self.radius is None else self.radius[index]
+        return Region(pick(self.centre), radius, self.p, pick(self.lo), pick(self.hi))
+
+    def _device(self) -> torch.device:
+        ref = self.centre if self.centre is not None else self.lo
+        assert ref is not None
+        return ref.device
+
     def bounding_box(self) -> tuple[Tensor, Tensor]:
-        """Element-wise bounds [B, ...] containing the region (exact for L-inf balls and boxes)."""
+        """Element-wise bounds [B, ...] containing the region (exact for L-inf balls and boxes).
+
+        Meaningless for a sample whose region is empty (`is_empty()`): there it is the box point
+        nearest the centre (or, for plain boxes, bounds with lo > hi), which is not in the region.
+        """
         if self.centre is None:
             assert self.lo is not None and self.hi is not None
             return self.lo.expand(self.shape).clone(), self.hi.expand(self.shape).clone()
@@ -135,7 +243,8 @@ class Region:
         p = 1 and 2 with a box the optimality conditions reduce the problem to one scalar (the
         ball constraint's multiplier) that is found by bisection, returning the feasible end of
         the bracket. The result is feasible whenever the region is non-empty, also when the
-        centre lies outside the box. (For an empty region it is the box point nearest the centre.)
+        centre lies outside the box. For a sample whose region is empty (`is_empty()`) it is the
+        box point nearest the centre, which is NOT in the region: callers must check emptiness.
         """
         if self.centre is None:
             return self.clip_box(z)
@@ -166,13 +275,14 @@ class Region:
             assert self.radius is not None
             ok &= lp_norm(z - self.centre, self.p) <= self.radius + tol
         if self.lo is not None:
-            ok &= (z >= self.lo - tol).flatten(1).all(dim=1)
+            ok &= rows(z >= self.lo - tol).all(dim=1)
         if self.hi is not None:
-            ok &= (z <= self.hi + tol).flatten(1).all(dim=1)
+            ok &= rows(z <= self.hi + tol).all(dim=1)
         return ok
 
     def sample(self, generator: torch.Generator | None = None) -> Tensor:
-        """One random feasible point per sample: uniform in the ball (or box), then projected.
+        """One random feasible point per sample: uniform in the ball (or box), then projected
+        (for an empty sample, a point outside the region, as `project` returns).
 
         For a centre inside the box the projection of a ball point is plain clipping, so the
         points are uniform in the ball with the mass outside the box moved onto its faces.
@@ -210,7 +320,7 @@ def _project_l1(delta: Tensor, r: Tensor) -> Tensor:
     Sort-based soft thresholding (Duchi et al. 2008).
     """
     shape = delta.shape
-    v = delta.flatten(1)
+    v = rows(delta)
     radius = r.flatten()
     inside = v.abs().sum(dim=1) <= radius
     u, _ = v.abs().sort(dim=1, descending=True)
@@ -249,7 +359,7 @@ def _project_ball_box(delta: Tensor, r: Tensor, p: float, dlo: Tensor, dhi: Tens
     if p == 2:  # feasible end `good` = 0 (the box point nearest the centre), bad end = 1
         good, bad = delta.new_zeros(batch), delta.new_ones(batch)
     else:  # feasible end = max |delta| (soft threshold to zero), bad end = 0
-        good, bad = delta.flatten(1).abs().amax(dim=1), delta.new_zeros(batch)
+        good, bad = rows(delta).abs().amax(dim=1), delta.new_zeros(batch)
     done = feasible(at(bad))
     if bool(done.all()):
         return at(bad)

@@ -2,132 +2,339 @@
 
 Layout of a run folder::
 
-    config.json          spec hash, resolved params and settings, versions, seed, model
+    config.json          spec hash, resolved params and settings, versions, seed, model, data hash
     spec.prop            the spec text as trained
+    checkpoint.json      the manifest of the last finished epoch: its number, every file's SHA-256
     metrics.jsonl        one JSON object per epoch
     metrics.csv          the same, as a table
     last.safetensors     weights after the last finished epoch, with last.json (epoch, metrics)
     last.state.pt        optimizer / scheduler state for --resume (torch.load weights_only=True)
     best.safetensors     weights of the epoch with the best validation accuracy, with best.json
+    .lock                held while a process writes the folder (who holds it: pid, host, command)
 
-Checkpoints are written to a temporary file and renamed, so an interruption never leaves a
-half-written checkpoint behind (a power cut may lose the newest epoch: files are not fsynced).
+A run folder is data. Nothing in it is imported or executed: a user model it names is built
+only from a reference the user passes (`--model`), and checkpoints are safetensors plus a
+`weights_only` torch state.
+
+An epoch ends with one commit (`commit_epoch`): every changed file is written to a fresh temporary
+name in the folder, then the manifest naming them is renamed into place (the commit point), then
+the temporaries are renamed to their names and the folder is fsynced once. A process killed
+anywhere leaves the previous epoch's complete set, or a committed set whose last renames
+`recover` completes; it never leaves a mix of two epochs. Temporaries are created with O_EXCL and
+never follow a symlink.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import datetime
+import errno
 import hashlib
+import io
 import json
 import os
-from dataclasses import dataclass
+import re
+import secrets
+import socket
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from propdsl.errors import UsageError
 
+try:  # POSIX: flock locks, released by the kernel when their process dies
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
 CONFIG = "config.json"
 SPEC = "spec.prop"
+MANIFEST = "checkpoint.json"
+LOCK = ".lock"
 METRICS_JSONL = "metrics.jsonl"
 METRICS_CSV = "metrics.csv"
-# Everything `train` writes; a fresh run in an old folder removes these first.
-RUN_FILES = (
-    CONFIG,
-    SPEC,
-    METRICS_JSONL,
-    METRICS_CSV,
+# The files one epoch commits (the best pair only when the epoch improved).
+EPOCH_FILES = (
     "last.safetensors",
     "last.json",
     "last.state.pt",
     "best.safetensors",
     "best.json",
+    METRICS_JSONL,
+    METRICS_CSV,
 )
+# Everything `train` writes; a fresh run in an old folder removes these (the manifest last).
+RUN_FILES = (CONFIG, SPEC, *EPOCH_FILES, MANIFEST)
+MANIFEST_FORMAT = 1
+
+# `.NAME.<12 hex>.tmp`: the temporaries of `_write_new`; anything else is never removed.
+_TEMP = re.compile(r"^\.(?P<name>.+)\.[0-9a-f]{12}\.tmp$")
+
+
+class RunFolderError(UsageError):
+    """A run folder cannot be used as asked: missing, damaged, edited, foreign, or unwritable."""
+
+
+class RunInUse(RunFolderError):
+    """Another process holds the run folder's lock."""
 
 
 def spec_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# -- the write primitives (every change to a run folder goes through these four) ----------------
+_OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+_OPEN_NEW |= getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+
+
+def _write_new(folder: Path, name: str, data: bytes) -> str:
+    """Write `data` to a new file `.NAME.<random>.tmp` in `folder`; returns its name.
+
+    O_EXCL (with O_NOFOLLOW) creates the file or fails: a symlink or file planted under the name
+    is never followed or overwritten, and two writers never share a temporary.
+    """
+    for _ in range(100):
+        tmp = f".{name}.{secrets.token_hex(6)}.tmp"
+        try:
+            fd = os.open(folder / tmp, _OPEN_NEW, 0o666)
+        except FileExistsError:
+            continue
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(folder / tmp)
+            raise
+        return tmp
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(folder))  # pragma: no cover
+
+
+def _replace(src: Path, dst: Path) -> None:
+    """Rename `src` over `dst` (atomic; a symlink at `dst` is replaced, not followed)."""
+    os.replace(src, dst)
+
+
+def _remove(path: Path) -> None:
+    """Remove a file (a symlink itself, never its target); absent is fine."""
+    path.unlink(missing_ok=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the renames in `folder` durable (one fsync; a no-op where directories can't be
+    opened, as on Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on directories; the renames still happened
+    finally:
+        os.close(fd)
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
-    # Written aside and renamed: readers and an interrupted run see the old file or the new one,
-    # never half of one. No fsync: it made every epoch end 3-4 times slower (five files), and
-    # what it adds is only protection of the newest epoch against a power cut.
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
+    """One file, replaced atomically: readers see the old content or the new, never half."""
+    tmp = _write_new(path.parent, path.name, data)
+    try:
+        _replace(path.parent / tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(path.parent / tmp)
+        raise
 
 
-def clear(run: Path) -> None:
-    """Remove a run's files from its folder (other files are left alone)."""
-    for name in RUN_FILES:
-        (run / name).unlink(missing_ok=True)
+def dumps_json(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode()
 
 
 def write_json(path: Path, obj: Any) -> None:
-    _atomic_write(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+    _atomic_write(Path(path), dumps_json(obj))
+
+
+def write_text(path: Path, text: str) -> None:
+    _atomic_write(Path(path), text.encode("utf-8"))
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """Replace one file atomically through a fresh O_EXCL temporary (never through a symlink
+    planted at the name): for result files readers add to a run folder (plots, reports)."""
+    _atomic_write(Path(path), data)
 
 
 def read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise UsageError(f"{path} is missing: is this a propdsl run folder?") from None
-    except json.JSONDecodeError as err:
-        raise UsageError(f"{path} is not valid JSON: {err}") from None
+        raise RunFolderError(f"{path} is missing: is this a propdsl run folder?") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RunFolderError(f"{path} is not valid JSON: {err}") from None
+    except OSError as err:
+        raise RunFolderError(f"cannot read {path}: {err.strerror or err}") from None
+
+
+# What `eval` and `verify` write into a run folder: a folder per setting and a copy of the
+# latest JSON (propdsl.results). They belong to the run's weights: a replaced run drops them.
+EVAL_DIR, VERIFY_DIR = "eval", "verify"
+EVAL_JSON, VERIFY_JSON = "eval.json", "verify.json"
+RESULT_DIRS = (EVAL_DIR, VERIFY_DIR)
+RESULT_COPIES = (EVAL_JSON, VERIFY_JSON)
+
+
+def clear(run: Path) -> None:
+    """Remove a run's files and its eval / verify results from its folder (other files are left
+    alone).
+
+    The manifest goes last, so an interrupted clear leaves a folder still recognised as a run.
+    """
+    import shutil
+
+    for name in RESULT_COPIES:
+        _remove(run / name)
+    for name in RESULT_DIRS:
+        path = run / name
+        if path.is_symlink() or not path.is_dir():
+            _remove(path)  # a symlink is removed, never followed
+        else:
+            shutil.rmtree(path)
+    for name in RUN_FILES:
+        _remove(run / name)
+    remove_temporaries(run)
+
+
+def remove_temporaries(run: Path) -> None:
+    """Remove the temporaries a killed `train` left: only names `_write_new` makes for the run's
+    own files (a reader's eval.json in the making is not touched)."""
+    try:
+        names = os.listdir(run)
+    except OSError:
+        return
+    for name in names:
+        match = _TEMP.match(name)
+        if match and match["name"] in RUN_FILES:
+            with contextlib.suppress(OSError):
+                os.unlink(run / name)
+
+
+# -- checkpoints ---------------------------------------------------------------------------------
+def checkpoint_bytes(model: Any) -> bytes:
+    """The model's weights as safetensors (CPU copies, so they load anywhere)."""
+    from safetensors.torch import save
+
+    return save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
+
+
+def state_bytes(state: dict[str, Any]) -> bytes:
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
 
 
 def save_checkpoint(run: Path, tag: str, model: Any, meta: dict[str, Any]) -> None:
-    """`tag.safetensors` (weights) and `tag.json` (the sidecar: epoch, metrics, ...)."""
-    from safetensors.torch import save
+    """`tag.safetensors` (weights) and `tag.json` (the sidecar), each replaced atomically.
 
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(run / f"{tag}.safetensors", save(tensors))
+    For run folders made by hand (tests, other tools); `train` writes through `commit_epoch`.
+    """
+    _atomic_write(run / f"{tag}.safetensors", checkpoint_bytes(model))
     write_json(run / f"{tag}.json", meta)
 
 
-def load_weights(run: Path, tag: str, model: Any) -> dict[str, Any]:
-    """Load `tag.safetensors` into `model` (in place); returns the sidecar."""
-    from safetensors.torch import load_file
+def _read_bytes(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise RunFolderError(f"{path} is missing: the run has no {what}") from None
+    except OSError as err:
+        raise RunFolderError(f"cannot read {path}: {err.strerror or err}") from None
 
-    path = run / f"{tag}.safetensors"
-    if not path.exists():
-        raise UsageError(f"{path} is missing: the run has no '{tag}' checkpoint")
-    state = load_file(str(path))
+
+def load_weights(run: Path, tag: str, model: Any) -> dict[str, Any]:
+    """Load `tag.safetensors` into `model` (in place); returns the sidecar.
+
+    The file must be safetensors (never a pickle) and, where the run has a manifest, have the
+    SHA-256 the manifest records: a damaged or edited checkpoint is a `RunFolderError`.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    name = f"{tag}.safetensors"
+    path = run / name
+    data = _read_bytes(path, f"'{tag}' checkpoint")
+    expected = _manifest_hash(run, name)
+    if expected is not None and sha256(data) != expected:
+        # A writer may have been renaming this very file: read it once more before judging.
+        data = _read_bytes(path, f"'{tag}' checkpoint")
+        expected = _manifest_hash(run, name)
+        if expected is not None and sha256(data) != expected:
+            raise RunFolderError(
+                f"{path} does not match {run / MANIFEST} (damaged or edited since it was written)"
+            )
+    try:
+        state = load(data)
+    except SafetensorError as err:
+        raise RunFolderError(f"{path} is not a valid safetensors file: {err}") from None
     device = next((p.device for p in model.parameters()), None)
     if device is not None:
         state = {k: v.to(device) for k, v in state.items()}
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
-        raise UsageError(f"{path} does not fit the model: {err}") from None
-    return read_json(run / f"{tag}.json")
+        raise RunFolderError(f"{path} does not fit the model: {err}") from None
+    meta = read_json(run / f"{tag}.json")
+    if not isinstance(meta, dict):
+        raise RunFolderError(f"{run / f'{tag}.json'} is not a JSON object")
+    return meta
 
 
-def save_state(run: Path, state: dict[str, Any]) -> None:
-    import io
+def load_state(run: Path) -> dict[str, Any]:
+    """`last.state.pt`, unpickled with `weights_only=True` (tensors and plain containers only)."""
+    import pickle
+    import warnings
 
-    import torch
-
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    _atomic_write(run / "last.state.pt", buf.getvalue())
-
-
-def load_state(run: Path) -> dict[str, Any] | None:
     import torch
 
     path = run / "last.state.pt"
-    if not path.exists():
-        return None
-    return torch.load(path, map_location="cpu", weights_only=True)
+    data = _read_bytes(path, "optimizer state to resume from")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about unusual pickle protocols
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    # torch's own message suggests loading without weights_only, which would run any code the
+    # file holds: say what happened, never that.
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError) as err:
+        raise RunFolderError(
+            f"{path} is damaged or is not a propdsl optimizer state ({type(err).__name__}); "
+            "it was not loaded: start a new run"
+        ) from None
+    if not isinstance(state, dict):
+        raise RunFolderError(f"{path} is not a propdsl optimizer state (no dict inside)")
+    return state
 
 
-def append_metrics(run: Path, row: dict[str, Any]) -> None:
-    """Append one epoch's metrics to metrics.jsonl and rewrite metrics.csv from it."""
-    with open(run / METRICS_JSONL, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(row, sort_keys=True) + "\n")
-    write_metrics_csv(run)
+# -- metrics -------------------------------------------------------------------------------------
+def metrics_files(rows: list[dict[str, Any]]) -> dict[str, bytes]:
+    """metrics.jsonl and metrics.csv holding exactly `rows`."""
+    jsonl = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    buf = io.StringIO(newline="")
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(rows)
+    return {METRICS_JSONL: jsonl.encode(), METRICS_CSV: buf.getvalue().encode()}
 
 
 def read_metrics(run: Path) -> list[dict[str, Any]]:
@@ -137,33 +344,352 @@ def read_metrics(run: Path) -> list[dict[str, Any]]:
     rows = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
-            # a row cut short by an interruption mid-append; --resume rewrites it
-            continue
+            continue  # a row of a hand-edited file; resume checks the rows against the manifest
+        if isinstance(row, dict):
+            rows.append(row)
     return rows
 
 
-def truncate_metrics(run: Path, epochs: int) -> None:
-    """Keep the first `epochs` rows (a resumed run rewrites what came after its checkpoint)."""
-    rows = [r for r in read_metrics(run) if r.get("epoch", 0) <= epochs]
-    _atomic_write(
-        run / METRICS_JSONL, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode()
+# -- the manifest and the epoch commit -----------------------------------------------------------
+@dataclass(frozen=True)
+class Manifest:
+    """checkpoint.json: the committed epoch and the SHA-256 of every file of its set.
+
+    `staged` maps a file to the temporary it is renamed from (renames a kill may have left
+    undone); `previous` is the epoch before, for the fallback of `recover`.
+    """
+
+    epoch: int
+    files: Mapping[str, str]
+    staged: Mapping[str, str] = field(default_factory=dict)
+    previous: Manifest | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "format": MANIFEST_FORMAT,
+            "epoch": self.epoch,
+            "files": dict(self.files),
+            "staged": dict(self.staged),
+        }
+        if self.previous is not None:
+            out["previous"] = {"epoch": self.previous.epoch, "files": dict(self.previous.files)}
+        return out
+
+    @staticmethod
+    def from_json(obj: Any, where: Path) -> Manifest:
+        def bad(why: str) -> RunFolderError:
+            return RunFolderError(f"{where} is not a propdsl checkpoint manifest: {why}")
+
+        if not isinstance(obj, dict):
+            raise bad("not a JSON object")
+        if obj.get("format") != MANIFEST_FORMAT:
+            raise bad(f"format {obj.get('format')!r}, expected {MANIFEST_FORMAT}")
+
+        def files(o: Any) -> dict[str, str]:
+            if not isinstance(o, dict) or not all(
+                k in EPOCH_FILES and isinstance(v, str) for k, v in o.items()
+            ):
+                raise bad("'files' must map the run's file names to SHA-256 digests")
+            return dict(o)
+
+        def epoch(o: Any) -> int:
+            if not isinstance(o, int) or isinstance(o, bool) or o < 1:
+                raise bad(f"epoch {o!r} is not a positive whole number")
+            return o
+
+        staged = obj.get("staged", {})
+        if not isinstance(staged, dict) or not all(
+            k in EPOCH_FILES and isinstance(v, str) and _TEMP.match(v) and not set("/\\") & set(v)
+            for k, v in staged.items()
+        ):
+            raise bad("'staged' must map the run's file names to temporary names")
+        prev = obj.get("previous")
+        previous = None
+        if prev is not None:
+            if not isinstance(prev, dict):
+                raise bad("'previous' is not a JSON object")
+            previous = Manifest(epoch(prev.get("epoch")), files(prev.get("files")))
+        return Manifest(epoch(obj.get("epoch")), files(obj.get("files")), staged, previous)
+
+
+def read_manifest(run: Path) -> Manifest | None:
+    path = run / MANIFEST
+    if not path.exists():
+        return None
+    return Manifest.from_json(read_json(path), path)
+
+
+def _manifest_hash(run: Path, name: str) -> str | None:
+    """The digest the manifest records for `name`; None without a manifest or while that file's
+    rename is still pending."""
+    try:
+        manifest = read_manifest(run)
+    except RunFolderError:
+        return None  # Run.open and resume report a bad manifest; a reader just skips the check
+    if manifest is None or name not in manifest.files:
+        return None
+    tmp = manifest.staged.get(name)
+    if tmp is not None and (run / tmp).exists():
+        return None
+    return manifest.files[name]
+
+
+def _file_hash(path: Path) -> str | None:
+    try:
+        return sha256(path.read_bytes())
+    except OSError:
+        return None
+
+
+def commit_epoch(run: Path, epoch: int, files: Mapping[str, bytes]) -> Manifest:
+    """Write one epoch's files as one atomic step; returns the new manifest.
+
+    1. every file goes to a fresh temporary in the folder (a failure here, such as a full disk,
+       removes them and leaves the previous epoch as it was);
+    2. the manifest naming the temporaries and the digests of the whole set is renamed into
+       place: the commit point;
+    3. the temporaries are renamed to their names and the folder is fsynced (once per epoch: an
+       fsync of every file made tiny epochs several times slower).
+
+    A process killed in step 3 leaves renames that `recover` completes from the manifest.
+    """
+    previous = read_manifest(run)
+    hashes = dict(previous.files) if previous is not None else {}
+    staged: dict[str, str] = {}
+    try:
+        for name, data in files.items():
+            if name not in EPOCH_FILES:
+                raise ValueError(f"{name} is not a file of an epoch")
+            staged[name] = _write_new(run, name, data)
+            hashes[name] = sha256(data)
+        manifest = Manifest(
+            epoch,
+            hashes,
+            staged,
+            Manifest(previous.epoch, previous.files) if previous is not None else None,
+        )
+        _atomic_write(run / MANIFEST, dumps_json(manifest.to_json()))
+    except BaseException:
+        for tmp in staged.values():
+            with contextlib.suppress(OSError):
+                os.unlink(run / tmp)
+        raise
+    try:
+        for name, tmp in staged.items():
+            _replace(run / tmp, run / name)
+    except BaseException:
+        # Committed: finish what can be finished now; `recover` does the rest later.
+        with contextlib.suppress(OSError):
+            _roll_forward(run, manifest)
+        raise
+    _fsync_dir(run)
+    return manifest
+
+
+def _roll_forward(run: Path, manifest: Manifest) -> None:
+    for name, tmp in manifest.staged.items():
+        if (run / tmp).exists():
+            os.replace(run / tmp, run / name)
+
+
+def recover(run: Path) -> Manifest | None:
+    """Bring a run folder to a committed state: finish the renames of a commit a kill cut short,
+    or, when a staged file is damaged (a power cut before the data reached the disk) and none of
+    its renames happened, fall back to the previous epoch. Removes stray temporaries.
+
+    Call it holding the folder's exclusive lock (`locked`). Returns the manifest (None for a run
+    without one: no epoch committed yet, or a folder by another tool or an older propdsl).
+    """
+    manifest = read_manifest(run)
+    if manifest is None:
+        remove_temporaries(run)
+        return None
+    pending = {n: t for n, t in manifest.staged.items() if (run / t).exists()}
+    if pending:
+        intact = all(_file_hash(run / t) == manifest.files[n] for n, t in pending.items())
+        if intact:
+            _roll_forward(run, manifest)
+        elif len(pending) == len(manifest.staged) and manifest.previous is not None:
+            before = manifest.previous
+            if any(_file_hash(run / n) != h for n, h in before.files.items()):
+                raise RunFolderError(
+                    f"{run}: epoch {manifest.epoch} was cut short and epoch {before.epoch} is "
+                    "damaged too; start a new run"
+                )
+            write_json(run / MANIFEST, before.to_json())
+            manifest = before
+        else:
+            raise RunFolderError(
+                f"{run}: the files of epoch {manifest.epoch} are damaged (cut short by a crash "
+                "or edited); start a new run"
+            )
+        _fsync_dir(run)
+    remove_temporaries(run)
+    return Manifest(manifest.epoch, manifest.files, {}, manifest.previous)
+
+
+def verify(run: Path, manifest: Manifest) -> list[str]:
+    """The files of the manifest's set that are missing or differ from their digests."""
+    return [n for n, h in sorted(manifest.files.items()) if _file_hash(run / n) != h]
+
+
+def needs_recovery(run: Path) -> bool:
+    try:
+        manifest = read_manifest(run)
+    except RunFolderError:
+        return False
+    return manifest is not None and any((run / t).exists() for t in manifest.staged.values())
+
+
+# -- the lock ------------------------------------------------------------------------------------
+def _holder_text(fd: int) -> str:
+    try:
+        raw = os.pread(fd, 4096, 0) if hasattr(os, "pread") else b""
+        info = json.loads(raw.decode("utf-8")) if raw.strip() else None
+    except (OSError, ValueError):
+        info = None
+    if not isinstance(info, dict):
+        return "another process"
+    parts = [f"{info.get('purpose', 'a propdsl command')} by pid {info.get('pid', '?')}"]
+    if info.get("host"):
+        parts.append(f"on {info['host']}")
+    if info.get("since"):
+        parts.append(f"since {info['since']}")
+    text = " ".join(parts)
+    if info.get("command"):
+        text += f" ({info['command']})"
+    return text
+
+
+@contextlib.contextmanager
+def locked(run: str | os.PathLike[str], purpose: str = "train", *, shared: bool = False):
+    """Hold the run folder's lock for the `with` block; raise `RunInUse` at once when taken.
+
+    `shared=False` (train, and whatever rewrites the run's files) excludes every other holder and
+    records who holds it in `.lock` (pid, host, start time, command), for the refusal message.
+    `shared=True` (eval, verify, export: readers that only add their own result files) may be
+    held by several processes at once, never together with an exclusive holder. A shared lock on
+    a folder this user cannot write (read-only media) is skipped: nothing can change it.
+
+    POSIX uses `flock` on `.lock`: the kernel releases it when the holder dies, so a killed run
+    never leaves a stale lock. Elsewhere `filelock` provides the exclusive lock.
+    """
+    folder = Path(run)
+    path = folder / LOCK
+    if fcntl is None:  # pragma: no cover - Windows
+        import filelock
+
+        try:
+            with filelock.FileLock(str(path), timeout=0):
+                yield
+        except filelock.Timeout:
+            raise RunInUse(
+                f"{folder} is in use by another process: wait for it to finish"
+            ) from None
+        return
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as err:
+        if shared and err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            yield
+            return
+        raise RunFolderError(f"cannot lock {folder}: {err.strerror or err} ({path})") from None
+    try:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunInUse(_in_use_message(folder, fd)) from None
+        if not shared:
+            info = {
+                "purpose": purpose,
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                "command": " ".join([Path(a).name for a in sys.argv[:1]] + sys.argv[1:])[:300],
+            }
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(info).encode(), 0)
+        try:
+            yield
+        finally:
+            if not shared:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, 0)  # the record names the current holder only
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def _in_use_message(folder: Path, fd: int) -> str:
+    assert fcntl is not None
+    # An exclusive holder has written its record; readers (shared holders) write none.
+    try:
+        probe = os.open(folder / LOCK, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        probe = None
+    readers_only = False
+    if probe is not None:
+        try:
+            fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            readers_only = True
+        except BlockingIOError:
+            pass
+        finally:
+            os.close(probe)
+    if readers_only:
+        who = "another propdsl process reading it (eval, verify or export)"
+    else:
+        who = _holder_text(fd)
+    return f"{folder} is in use: {who}; wait for it to finish, or use another folder"
+
+
+# -- reading a run -------------------------------------------------------------------------------
+def is_run_config(config: Any) -> bool:
+    """A config.json that propdsl wrote (not some other tool's config.json)."""
+    return (
+        isinstance(config, dict)
+        and isinstance(config.get("model"), dict)
+        and isinstance(config.get("spec_sha256"), str)
+        and isinstance(config.get("versions"), dict)
     )
-    write_metrics_csv(run)
 
 
-def write_metrics_csv(run: Path) -> None:
-    rows = read_metrics(run)
-    keys: list[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    tmp = run / (METRICS_CSV + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, run / METRICS_CSV)
+def check_model_config(config: Any, where: Path) -> dict[str, Any]:
+    """The config's `model` entry, checked for the keys `Run.build_model` reads."""
+    m = config.get("model") if isinstance(config, dict) else None
+    if not isinstance(m, dict):
+        raise RunFolderError(f"{where} has no 'model' object: is this a propdsl run folder?")
+
+    def natural(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+    shape = m.get("input_shape")
+    problems = []
+    if not isinstance(m.get("name"), str):
+        problems.append("'name' is not a string")
+    if not isinstance(shape, list) or not shape or not all(natural(d) for d in shape):
+        problems.append("'input_shape' is not a list of positive whole numbers")
+    if not natural(m.get("num_classes")):
+        problems.append("'num_classes' is not a positive whole number")
+    if not isinstance(m.get("kwargs", {}), dict):
+        problems.append("'kwargs' is not an object")
+    if m.get("user") is not None and not isinstance(m.get("user"), str):
+        problems.append("'user' is not a string")
+    if problems:
+        raise RunFolderError(f"{where}: model entry is malformed: {'; '.join(problems)}")
+    return m
+
+
+def same_model_ref(a: str, b: str) -> bool:
+    """Two references to the same factory: equal, or the same file name and attribute (a
+    `file.py:f` reference given from another working folder)."""
+    if a == b:
+        return True
+    (ma, _, fa), (mb, _, fb) = a.rpartition(":"), b.rpartition(":")
+    files = ma.endswith(".py") and mb.endswith(".py")
+    return files and fa == fb and Path(ma).name == Path(mb).name
 
 
 @dataclass(frozen=True)
@@ -176,34 +702,78 @@ class Run:
 
     @staticmethod
     def open(path: str | os.PathLike[str]) -> Run:
+        """Open a run folder (reading only; a commit a crash cut short is completed first when
+        no other process holds the folder)."""
         p = Path(path)
-        if not p.is_dir():
-            raise UsageError(f"no such run folder: {p}")
+        try:
+            is_dir = p.is_dir()
+        except OSError:
+            is_dir = False
+        if not is_dir:
+            raise RunFolderError(f"no such run folder: {p}")
+        if needs_recovery(p):
+            with contextlib.suppress(RunFolderError):
+                with locked(p, "recovery"):
+                    recover(p)
         config = read_json(p / CONFIG)
+        if not isinstance(config, dict):
+            raise RunFolderError(f"{p / CONFIG} is not a JSON object")
+        check_model_config(config, p / CONFIG)
+        seed = config.get("seed", 0)
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise RunFolderError(f"{p / CONFIG}: seed {seed!r} is not a whole number >= 0")
         spec_path = p / SPEC
         if not spec_path.exists():
-            raise UsageError(f"{spec_path} is missing: is this a propdsl run folder?")
-        return Run(p, config, spec_path.read_text(encoding="utf-8"))
+            raise RunFolderError(f"{spec_path} is missing: is this a propdsl run folder?")
+        try:
+            text = spec_path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise RunFolderError(f"cannot read {spec_path}: {err}") from None
+        return Run(p, config, text)
 
     def build_model(self, model_ref: str | None = None) -> Any:
-        """The network as trained (zoo or user model), weights not yet loaded."""
-        from propdsl.models import build_model, load_user_model
+        """The network as trained (zoo or user model), weights not yet loaded.
 
-        m = self.config["model"]
-        ref = model_ref or m.get("user")
+        A run folder never runs code: a run of a user model is rebuilt only from the reference
+        given here (`--model`), which must name the factory the run records.
+        """
+        from propdsl.models import ModelError, build_model, load_user_model
+
+        m = check_model_config(self.config, self.path / CONFIG)
+        recorded = m.get("user")
         shape, classes = tuple(m["input_shape"]), int(m["num_classes"])
-        if ref:
-            return load_user_model(ref, input_shape=shape, num_classes=classes)
-        if m["name"] == "user":
-            what = f" ({m['class']})" if m.get("class") else ""
-            raise UsageError(
-                f"{self.path} was trained with a model object from the API{what}: "
-                "pass the model reference (--model pkg.module:factory)"
+        if m["name"] == "user" or recorded:
+            if model_ref is None:
+                if recorded:
+                    raise RunFolderError(
+                        f"{self.path} was trained with the user model '{recorded}'; a run folder "
+                        f"never runs code, so name it yourself: --model {recorded}"
+                    )
+                what = f" ({m['class']})" if m.get("class") else ""
+                raise RunFolderError(
+                    f"{self.path} was trained with a model object from the API{what}: "
+                    "pass the model reference (--model pkg.module:factory)"
+                )
+            if recorded and not same_model_ref(model_ref, recorded):
+                raise RunFolderError(
+                    f"--model {model_ref} is not the model {self.path} was trained with "
+                    f"('{recorded}')"
+                )
+            return load_user_model(model_ref, input_shape=shape, num_classes=classes)
+        if model_ref is not None:
+            raise RunFolderError(
+                f"{self.path} was trained with the zoo model '{m['name']}'; --model is only for "
+                "runs of user models"
             )
         kwargs: dict[str, Any] = {
             k: tuple(v) if k == "activation" else v for k, v in m.get("kwargs", {}).items()
         }
-        return build_model(m["name"], shape, classes, **kwargs)
+        try:
+            return build_model(m["name"], shape, classes, **kwargs)
+        except (ModelError, TypeError, ValueError) as err:
+            raise RunFolderError(
+                f"{self.path / CONFIG}: its model cannot be built: {err}"
+            ) from None
 
     def load_model(self, tag: str = "best", model_ref: str | None = None, device: Any = "cpu"):
         model = self.build_model(model_ref).to(device)

@@ -10,10 +10,11 @@ with the equivalent conjunction of `C y + d >= 0` rows used by the verification 
 from __future__ import annotations
 
 import itertools
-import math
 from typing import Any
 
 from propdsl import ir as I
+from propdsl.builtins import BUILTINS
+from propdsl.check.constants import ConstFailure, apply_arith, as_type, compare
 from propdsl.types import BOOL, NAT, REAL, IndexTy, Ty, shape_of
 
 _FLIP = {"<": ">=", "<=": ">", ">": "<=", ">=": "<", "==": "!=", "!=": "=="}
@@ -59,7 +60,7 @@ def _rebuild(node: I.Node, f) -> I.Node:
     if isinstance(node, I.Ball):
         return I.Ball(f(node.centre), f(node.radius), node.p, span=node.span)
     if isinstance(node, I.Box):
-        return I.Box(f(node.lo), f(node.hi), span=node.span)
+        return I.Box(f(node.lo), f(node.hi), span=node.span, dims=node.dims)
     if isinstance(node, I.Inter):
         return I.Inter(tuple(f(p) for p in node.parts), span=node.span)
     if isinstance(node, I.Range):
@@ -82,32 +83,6 @@ def substitute(node: I.Node, params: dict[str, tuple[Ty, Any]]) -> I.Node:
 
 
 # -- folding ------------------------------------------------------------------------------------
-def _pow(a: Any, b: Any) -> Any:
-    out = a**b
-    if isinstance(out, complex):
-        raise ValueError("complex power")
-    return out
-
-
-_OPS = {
-    "+": lambda a, b: a + b,
-    "-": lambda a, b: a - b,
-    "*": lambda a, b: a * b,
-    "/": lambda a, b: a / b,
-    "^": _pow,
-    "max": max,
-    "min": min,
-}
-_CMP_OPS = {
-    "<": lambda a, b: a < b,
-    "<=": lambda a, b: a <= b,
-    ">": lambda a, b: a > b,
-    ">=": lambda a, b: a >= b,
-    "==": lambda a, b: a == b,
-    "!=": lambda a, b: a != b,
-}
-
-
 def _is_const(node: I.Node, value: float) -> bool:
     return isinstance(node, I.Const) and not isinstance(node.value, bool) and node.value == value
 
@@ -119,17 +94,12 @@ def fold(node: I.Node) -> I.Node:
         and isinstance(node.left, I.Const)
         and isinstance(node.right, I.Const)
     ):
+        # the checker's constant folder, with its guards: what has no value stays as it is
         try:
-            out = _OPS[node.op](node.left.value, node.right.value)
-        except (ZeroDivisionError, OverflowError, ValueError, TypeError):
+            out = apply_arith(node.op, node.left.value, node.right.value)
+        except (ConstFailure, TypeError):
             return node
-        if isinstance(out, float) and math.isnan(out):
-            return node
-        if node.type == NAT and isinstance(out, float) and out.is_integer():
-            out = int(out)
-        elif node.type != NAT and not isinstance(out, bool):
-            out = float(out) if not isinstance(out, int) or node.type == REAL else out
-        return I.Const(out, node.type, span=node.span)
+        return I.Const(as_type(out, node.type), node.type, span=node.span)
     if isinstance(node, I.Arith) and shape_of(node.type) == ():
         left, right = node.left, node.right
         if node.op == "*" and _is_const(left, 1) and left.ty in (REAL, NAT):
@@ -150,9 +120,7 @@ def fold(node: I.Node) -> I.Node:
         and isinstance(node.left, I.Const)
         and isinstance(node.right, I.Const)
     ):
-        return I.Const(
-            bool(_CMP_OPS[node.op](node.left.value, node.right.value)), BOOL, span=node.span
-        )
+        return I.Const(compare(node.op, node.left.value, node.right.value), BOOL, span=node.span)
     if isinstance(node, (I.And, I.Or)):
         unit, zero = (True, False) if isinstance(node, I.And) else (False, True)
         items: list[I.Node] = []
@@ -216,7 +184,7 @@ def rewrite_argmax(node: I.Node, names: _Names) -> I.Node:
     at_e = I.Idx(v, (right,), REAL)
     at_j = I.Idx(v, (j,), REAL)
     dom = I.Range(k, label, exclude=right)
-    biggest = left.fn == "argmax"
+    biggest = BUILTINS[left.fn].selects == "max"
     if node.op == "==":
         body = I.Cmp(">", at_e, at_j) if biggest else I.Cmp("<", at_e, at_j)
         return I.Quant("forall", (j,), (dom,), body, span=node.span)
@@ -225,7 +193,9 @@ def rewrite_argmax(node: I.Node, names: _Names) -> I.Node:
 
 
 def _is_argmax(node: I.Node) -> bool:
-    return isinstance(node, I.Fn) and node.fn in ("argmax", "argmin")
+    """argmax or argmin (a built-in that selects a position)."""
+    rec = BUILTINS.get(node.fn) if isinstance(node, I.Fn) else None
+    return rec is not None and rec.selects is not None
 
 
 # -- negation normal form ------------------------------------------------------------------------
@@ -258,7 +228,7 @@ def nnf(node: I.Node, negate: bool = False) -> I.Node:
         booleans = node.left.ty == BOOL and node.op in ("==", "!=")
         if scalar or booleans:
             return I.Cmp(_FLIP[node.op], node.left, node.right, span=node.span)
-    return I.Not(node, span=node.span) if negate else node
+    return I.Not(node, span=getattr(node, "span", None)) if negate else node
 
 
 # -- linear forms --------------------------------------------------------------------------------

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import enum
 from typing import TYPE_CHECKING, Any
 
-from propdsl.check import OptionValue, _show_value
+from propdsl.check import OptionValue, show_value
 from propdsl.pretty import domain, linear_form, number, show
 
 if TYPE_CHECKING:
@@ -39,7 +40,7 @@ def summary(spec: Spec) -> str:
             lines += [f"      {linear_form(f)}" for f in forms]
     for block in spec.blocks:
         data, kwargs = block.data
-        args = ", ".join(f"{k} = {_show_value(v)}" for k, v in kwargs)
+        args = ", ".join(f"{k} = {show_value(v)}" for k, v in kwargs)
         lines.append(f"{block.kind} {block.network} on {data}({args}):")
         for key, value in block.settings:
             lines.append(f"  {key} = {_setting(value)}")
@@ -49,10 +50,10 @@ def summary(spec: Spec) -> str:
 def _setting(value: Any) -> str:
     from propdsl import ir as I
 
-    if isinstance(value, OptionValue):
-        return value.show()
+    if isinstance(value, OptionValue | enum.Enum):
+        return show_value(value)
     if isinstance(value, I.Node):
         return show(value)
     if isinstance(value, tuple):
         return "[" + ", ".join(map(str, value)) + "]"
-    return _show_value(value)
+    return show_value(value)

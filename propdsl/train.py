@@ -7,6 +7,9 @@ uninterrupted run with the same seed.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import hashlib
 import json
 import logging
 import math
@@ -24,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from propdsl import runs
+from propdsl import registry, runs
 from propdsl.api import Spec
 from propdsl.check import BlockInfo, OptionValue
 from propdsl.errors import CheckError, PropdslError, UsageError
@@ -34,7 +37,29 @@ log = logging.getLogger("propdsl.train")
 
 
 class TrainingDiverged(PropdslError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+    """The loss or the weights became NaN or infinite (or the weights exploded); the last good
+    checkpoint is kept."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped `train`. `run` is the run folder, `epoch` its last committed
+    epoch (0: none), `started` whether the folder holds this run's config (so `--resume` can
+    continue it)."""
+
+    def __init__(self, run: Path, epoch: int, started: bool):
+        super().__init__(f"training interrupted; {run} keeps epoch {epoch}")
+        self.run = run
+        self.epoch = epoch
+        self.started = started
+
+
+# Torch's thread pools crash beyond a few thousand threads: the spec checker's range, one table.
+MAX_THREADS = int(registry.THREADS.hi)
+# Weights above this size mean training exploded (zoo models on [0, 1] inputs stay far below):
+# such an epoch never becomes `last` or `best`.
+MAX_ABS_WEIGHT = 1e6
+# Seeds feed `seed * 100_003 + epoch` into torch's 64-bit generators (the checker's range).
+MAX_SEED = int(registry.SEED.hi)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,6 +73,7 @@ class TrainOptions:
     threads: int | None = None
     seed: int | None = None
     resume: bool = False
+    force: bool = False  # replace a run already in `out` (and its eval / verify results)
     model: str | None = None  # "pkg.module:factory" for a user model
     quiet: bool = False
     eval_samples: int = 256  # validation samples for per-epoch property satisfaction
@@ -70,6 +96,11 @@ def default_threads() -> int:
 
 
 def set_threads(threads: int | None) -> int:
+    """Set torch's CPU threads (None: `default_threads()`); 1..MAX_THREADS, else UsageError."""
+    if threads is not None and (
+        not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= MAX_THREADS
+    ):
+        raise UsageError(f"threads must be between 1 and {MAX_THREADS}, got {threads!r}")
     n = threads or default_threads()
     torch.set_num_threads(n)
     try:
@@ -189,25 +220,39 @@ def model_config(
     }
 
 
-def build_from_config(config: dict[str, Any], seed: int) -> nn.Module:
+def build_from_config(config: dict[str, Any], seed: int, user_ref: str | None = None) -> nn.Module:
+    """The model a config's `model` entry describes. A user model is imported only from
+    `user_ref`, the reference the caller was given (`--model`), never from the config: a run
+    folder is data and names code without running it."""
     from propdsl.models import build_model, check_model, load_user_model
 
     shape, classes = tuple(config["input_shape"]), int(config["num_classes"])
-    if config.get("user"):
-        model = load_user_model(config["user"], input_shape=shape, num_classes=classes, seed=seed)
+    recorded = config.get("user")
+    if recorded or config.get("name") == "user":
+        if user_ref is None:
+            named = f" '{recorded}'" if recorded else ""
+            raise UsageError(
+                f"the model is the user model{named}: user code runs only when named, "
+                f"pass --model {recorded or 'pkg.module:factory'}"
+            )
+        if recorded and not runs.same_model_ref(user_ref, recorded):
+            raise UsageError(f"--model {user_ref} is not the run's model '{recorded}'")
+        model = load_user_model(user_ref, input_shape=shape, num_classes=classes, seed=seed)
         check_model(model, shape, classes)
         return model
     kwargs = {k: tuple(v) if k == "activation" else v for k, v in config["kwargs"].items()}
     return build_model(config["name"], shape, classes, seed=seed, **kwargs)
 
 
-def _build_spec_model(spec: Spec, block: BlockInfo, config: dict[str, Any], seed: int) -> nn.Module:
+def _build_spec_model(
+    spec: Spec, block: BlockInfo, config: dict[str, Any], seed: int, user_ref: str | None
+) -> nn.Module:
     """`build_from_config` with the spec's model options: a bad option (a kernel list longer than
     the channels, a CNN that shrinks the image to nothing) is positioned at the train block."""
     from propdsl.models import ModelError
 
     try:
-        return build_from_config(config, seed)
+        return build_from_config(config, seed, user_ref)
     except ModelError as err:
         if config.get("user"):
             raise
@@ -284,11 +329,18 @@ def train(
 ) -> TrainResult:
     """Train the spec's network as its train block says; write a run folder.
 
-    Every epoch ends with a checkpoint (`last.safetensors`, and `best.safetensors` when the
-    validation accuracy improved) and a metrics row: the batch means of the loss and of each of
-    its additive terms, the validation accuracy and each property's satisfaction rate at the
-    training attack's points. A loss that becomes NaN or infinite stops the run with
-    `TrainingDiverged`; the checkpoint of the last finished epoch stays as it was.
+    Every epoch ends with one atomic commit (`propdsl.runs.commit_epoch`) of a checkpoint
+    (`last.safetensors`, and `best.safetensors` when the validation accuracy improved), the
+    optimizer state and a metrics row: the batch means of the loss and of each of its additive
+    terms, the validation accuracy and each property's satisfaction rate at the training
+    attack's points. A loss that becomes NaN or infinite, or weights that do at the end of an
+    epoch (or exceed `MAX_ABS_WEIGHT`), stop the run with `TrainingDiverged`; the checkpoint of
+    the last finished epoch stays as it was. The run folder is locked while training writes it.
+
+    With `options.resume`, the run in the folder continues from its last committed epoch with
+    the settings it started with (epochs, batch, seed, device, threads), except those `options`
+    gives; a user model must be given again (`options.model` or `model`): a run folder names it
+    but never runs it.
 
     Args:
         spec: a loaded spec with a train block.
@@ -300,9 +352,13 @@ def train(
         `TrainResult` with the run folder, the trained model (last epoch) and the metrics rows.
 
     Raises:
-        TrainingDiverged: the loss became NaN or infinite.
+        TrainingDiverged: the loss, or the weights at the end of an epoch, became NaN or infinite
+            (or the weights exploded).
+        TrainingInterrupted: Ctrl-C or SIGTERM (a KeyboardInterrupt saying what the folder keeps).
         CheckError: the data source does not fit the network (positioned at the train block).
-        UsageError: no train block, an unavailable device, a run folder that cannot be resumed.
+        UsageError: no train block, an unavailable device, bad settings;
+            `propdsl.runs.RunFolderError` for a run folder that cannot be resumed, is damaged,
+            edited, another tool's or in use (`RunInUse`), `RunWriteError` when writing it fails.
 
     >>> import propdsl, tempfile
     >>> spec = propdsl.load('''
@@ -330,19 +386,109 @@ def _train(
     on_epoch: Callable[[dict[str, Any]], None] | None,
 ) -> TrainResult:
     block = _block(spec)
-    seed = options.seed if options.seed is not None else int(block.get("seed", 0))
-    epochs = options.epochs if options.epochs is not None else int(block.get("epochs", 10))
-    batch = options.batch if options.batch is not None else int(block.get("batch", 64))
-    threads = set_threads(options.threads or block.get("threads"))
-    device = resolve_device(options.device or block.get("device"))
-    ramp = int(block.get("ramp", 0))
     run = run_folder(spec, options)
+    try:
+        with _terminate_as_interrupt():
+            return _train_in(spec, block, run, options, model, on_epoch)
+    except _Interrupted as stop:
+        raise TrainingInterrupted(
+            run, _kept_epoch(run) if stop.started else 0, stop.started
+        ) from None
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(run, 0, False) from None
+
+
+class _Interrupted(KeyboardInterrupt):
+    """Interrupted while holding the folder; `started`: its config.json is this run's."""
+
+    def __init__(self, started: bool):
+        super().__init__()
+        self.started = started
+
+
+def _kept_epoch(run: Path) -> int:
+    try:
+        manifest = runs.read_manifest(run)
+    except runs.RunFolderError:
+        return 0
+    return manifest.epoch if manifest is not None else 0
+
+
+def _setting(
+    name: str, given: Any, remembered: dict[str, Any], block: BlockInfo, default: Any
+) -> tuple[Any, str]:
+    """A setting that shapes the run: the command's, else (resuming) the run's, else the block's,
+    else the default. A resumed run thus continues with exactly the settings it started with."""
+    if given is not None:
+        return given, "command"
+    if name in remembered:
+        return remembered[name], "run"
+    value = block.get(name)
+    return (default, "default") if value is None else (value, "spec")
+
+
+def _whole(name: str, value: Any, origin: str, run: Path, low: int, high: int | None) -> int:
+    if (
+        not isinstance(value, int)
+        or isinstance(value, bool)
+        or value < low
+        or (high is not None and value > high)
+    ):
+        where = f"{run / runs.CONFIG}: " if origin == "run" else ""
+        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise UsageError(f"{where}{name} must be a whole number {bound}, got {value!r}")
+    return value
+
+
+def _train_in(
+    spec: Spec,
+    block: BlockInfo,
+    run: Path,
+    options: TrainOptions,
+    model: nn.Module | None,
+    on_epoch: Callable[[dict[str, Any]], None] | None,
+) -> TrainResult:
+    remembered: dict[str, Any] = {}
+    if options.resume and options.force:
+        raise UsageError(
+            "--resume continues the run in the folder and --force replaces it: use one"
+        )
+    if options.resume:
+        remembered = _run_config(run)
+        recorded = remembered["model"].get("user")
+        if recorded and options.model is None and model is None:
+            raise UsageError(
+                f"{run} was trained with the user model '{recorded}'; a run folder never runs "
+                f"code, so name it to continue: --model {recorded}"
+            )
+    else:
+        _check_fresh_folder(run, options.force)
+    seed = _whole("seed", *_setting("seed", options.seed, remembered, block, 0), run, 0, MAX_SEED)
+    epochs = _whole(
+        "epochs", *_setting("epochs", options.epochs, remembered, block, 10), run, 1, None
+    )
+    batch = _whole("batch", *_setting("batch", options.batch, remembered, block, 64), run, 1, None)
+    threads_value, threads_origin = _setting("threads", options.threads, remembered, block, None)
+    if threads_value is not None:
+        _whole("threads", threads_value, threads_origin, run, 1, MAX_THREADS)
+    threads = set_threads(threads_value)
+    device_name, device_origin = _setting("device", options.device, remembered, block, None)
+    try:
+        device = resolve_device(device_name)
+    except UsageError as err:
+        if device_origin != "run":
+            raise
+        raise UsageError(
+            f"{run} was trained on '{device_name}': {err}; pass --device to continue elsewhere "
+            "(the weights may then differ in the last bits from a run on one device)"
+        ) from None
+    ramp = int(block.get("ramp", 0))
 
     train_ds = load_split(spec, block, "train", seed=seed, root=Path(spec.name).parent)
     val_ds = load_split(spec, block, "val", seed=seed, root=Path(spec.name).parent)
     mconf = model_config(spec, block, options.model, model)
     if model is None:
-        model = _build_spec_model(spec, block, mconf, seed)
+        model = _build_spec_model(spec, block, mconf, seed, options.model)
     model = model.to(device)
     optimizer = make_optimizer(block, model.parameters())
     schedule = make_schedule(block, optimizer, epochs)
@@ -364,6 +510,7 @@ def _train(
         "threads": threads,
         "ramp": ramp,
         "data": {"name": block.data[0], **data_kwargs(block)},
+        "data_sha256": data_hash(train_ds, val_ds),
         "model": mconf,
         "optimizer": block.get("optimizer", OptionValue("adam")).show(),
         "schedule": block.get("schedule", OptionValue("none")).show(),
@@ -372,23 +519,90 @@ def _train(
         "loss": _show_loss(objective),
         "versions": _versions(),
     }
-    run.mkdir(parents=True, exist_ok=True)
-    start_epoch = 0
-    best_acc = -1.0
-    if options.resume:
-        start_epoch, best_acc = _resume(run, config, model, optimizer, schedule)
-    else:
-        if any((run / name).exists() for name in runs.RUN_FILES):
-            log.warning("%s holds an earlier run; starting afresh (its files are replaced)", run)
-            runs.clear(run)
-        (run / runs.SPEC).write_text(spec.source.text, encoding="utf-8")
-    runs.write_json(run / runs.CONFIG, config)
+    _make_folder(run)
+    started = options.resume  # a run to resume has its config.json already
+    with runs.locked(run, "train"):
+        try:
+            if options.resume:
+                start_epoch, best_acc, metrics = _resume(
+                    run, config, model, optimizer, schedule, epochs
+                )
+                _write(run, lambda: _write_config(run, spec, config), "config.json")
+            else:
+                # again, now that this process holds the folder
+                _check_fresh_folder(run, options.force)
+                _start_fresh(run, spec, config)
+                start_epoch, best_acc, metrics = 0, -1.0, []
+            started = True
+            loop = _Loop(
+                run=run,
+                options=options,
+                model=model,
+                optimizer=optimizer,
+                schedule=schedule,
+                generator=generator,
+                objective=objective,
+                prop_losses=prop_losses,
+                train_ds=train_ds,
+                val_ds=val_ds,
+                device=device,
+                seed=seed,
+                epochs=epochs,
+                batch=batch,
+                ramp=ramp,
+            )
+            return _epochs(loop, start_epoch, best_acc, metrics, on_epoch)
+        except KeyboardInterrupt:
+            raise _Interrupted(started) from None
 
+
+@dataclass(frozen=True, kw_only=True)
+class _Loop:
+    """What the epoch loop works with, resolved and built."""
+
+    run: Path
+    options: TrainOptions
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: Any
+    generator: torch.Generator
+    objective: Any
+    prop_losses: dict[str, Any]
+    train_ds: Any
+    val_ds: Any
+    device: torch.device
+    seed: int
+    epochs: int
+    batch: int
+    ramp: int
+
+
+def _epochs(
+    loop: _Loop,
+    start_epoch: int,
+    best_acc: float,
+    metrics: list[dict[str, Any]],
+    on_epoch: Callable[[dict[str, Any]], None] | None,
+) -> TrainResult:
+    run, options, model, optimizer, schedule = (
+        loop.run,
+        loop.options,
+        loop.model,
+        loop.optimizer,
+        loop.schedule,
+    )
+    generator, objective, prop_losses, device = (
+        loop.generator,
+        loop.objective,
+        loop.prop_losses,
+        loop.device,
+    )
+    seed, epochs, batch, ramp = loop.seed, loop.epochs, loop.batch, loop.ramp
+    train_ds, val_ds = loop.train_ds, loop.val_ds
     x_all, y_all = train_ds.x.to(device), train_ds.y.to(device)
     n = x_all.shape[0]
-    metrics: list[dict[str, Any]] = runs.read_metrics(run)
     progress = _Progress(epochs, quiet=options.quiet)
-    with _terminate_as_interrupt(), progress:
+    with progress:
         for epoch in range(start_epoch + 1, epochs + 1):
             t0 = time.perf_counter()
             torch.manual_seed(seed * 100_003 + epoch)
@@ -420,6 +634,10 @@ def _train(
                 progress.batch(epoch, seen, n, loss_value)
             if schedule is not None:
                 schedule.step()
+            # An epoch whose weights are not finite, or exploded, never becomes last or best.
+            problem = weights_problem(model)
+            if problem is not None:
+                raise TrainingDiverged(_exploded_message(problem, epoch, run))
             train_seconds = time.perf_counter() - t0
             row: dict[str, Any] = {"epoch": epoch}
             row.update({k: v / max(1, steps) for k, v in sums.items()})
@@ -429,7 +647,6 @@ def _train(
             row["train_seconds"] = round(train_seconds, 3)
             row["seconds"] = round(time.perf_counter() - t0, 3)
             meta = {"epoch": epoch, "metrics": row}
-            runs.save_checkpoint(run, "last", model, meta)
             # Without validation data there is nothing to choose by: best is last. While the
             # radius still ramps up the properties are trained on smaller regions than they
             # state, so best follows last and the choice starts at the full radius.
@@ -440,23 +657,178 @@ def _train(
                 improved = acc is None or acc > best_acc
                 if acc is not None:
                     best_acc = max(best_acc, acc)
-            runs.save_state(
-                run,
-                {
-                    "epoch": epoch,
-                    "optimizer": optimizer.state_dict(),
-                    "schedule": schedule.state_dict() if schedule is not None else {},
-                    "best_acc": best_acc,
-                },
-            )
+            state = {
+                "epoch": epoch,
+                "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict() if schedule is not None else {},
+                "best_acc": best_acc,
+            }
+            weights = runs.checkpoint_bytes(model)
+            sidecar = runs.dumps_json(meta)
+            files = {
+                "last.safetensors": weights,
+                "last.json": sidecar,
+                "last.state.pt": runs.state_bytes(state),
+            }
             if improved:
-                runs.save_checkpoint(run, "best", model, meta)
-            runs.append_metrics(run, row)
+                files.update({"best.safetensors": weights, "best.json": sidecar})
+            files.update(runs.metrics_files([*metrics, row]))
+            _write(run, functools.partial(runs.commit_epoch, run, epoch, files), f"epoch {epoch}")
             metrics.append(row)
             progress.epoch(row)
             if on_epoch is not None:
                 on_epoch(row)
     return TrainResult(run, model, metrics)
+
+
+class RunWriteError(runs.RunFolderError):
+    """Writing the run folder failed (a full disk, permissions); `epoch` is the epoch it keeps."""
+
+    def __init__(self, message: str, run: Path, epoch: int):
+        super().__init__(message)
+        self.run = run
+        self.epoch = epoch
+
+
+def _write(run: Path, action: Callable[[], Any], what: str, *, fresh: bool = False) -> Any:
+    """Run a write to the run folder; an OSError (ENOSPC, EACCES, ...) becomes a clear
+    `RunWriteError` saying which epoch the folder still holds (none while a fresh run replaces
+    an earlier one)."""
+    try:
+        return action()
+    except OSError as err:
+        kept = 0 if fresh else _kept_epoch(run)
+        keeps = f"the run keeps epoch {kept}" if kept else "no epoch is kept"
+        raise RunWriteError(
+            f"cannot write {what} to {run}: {err.strerror or err}; {keeps} "
+            "(fix the cause, then resume)",
+            run,
+            kept,
+        ) from None
+
+
+def _make_folder(run: Path) -> None:
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise runs.RunFolderError(f"cannot use {run} as a run folder: it is not a folder") from None
+    except OSError as err:
+        raise runs.RunFolderError(
+            f"cannot create the run folder {run}: {err.strerror or err}"
+        ) from None
+
+
+def _run_config(run: Path) -> dict[str, Any]:
+    """The config.json of a run to resume."""
+    config = runs.read_json(run / runs.CONFIG)
+    if not runs.is_run_config(config):
+        raise runs.RunFolderError(f"{run / runs.CONFIG} was not written by propdsl train")
+    runs.check_model_config(config, run / runs.CONFIG)
+    return config
+
+
+def _check_fresh_folder(run: Path, force: bool = False) -> None:
+    """A fresh run may replace an earlier run in `run` when asked to (`force`), never files
+    another tool wrote there."""
+    try:
+        if not (run.exists() or run.is_symlink()):
+            return
+        if not run.is_dir():
+            raise runs.RunFolderError(f"cannot use {run} as a run folder: it is not a folder")
+        present = [n for n in runs.RUN_FILES if (run / n).exists() or (run / n).is_symlink()]
+    except OSError as err:
+        raise runs.RunFolderError(f"cannot use {run} as a run folder: {err.strerror}") from None
+    if not present:
+        return
+    try:
+        if (run / runs.CONFIG).exists():
+            config = runs.read_json(run / runs.CONFIG)
+            if runs.is_run_config(config):
+                if force:
+                    return
+                raise runs.RunFolderError(
+                    f"{run} holds a run ({_describe_run(run, config)}): continue it with "
+                    "--resume, or replace it and its eval / verify results with --force; "
+                    "nothing was changed"
+                )
+        elif runs.read_manifest(run) is not None:
+            return  # an earlier run whose replacement was interrupted
+    except runs.RunFolderError as err:
+        if "holds a run" in str(err):
+            raise
+    raise runs.RunFolderError(
+        f"{run} is not a propdsl run folder: it holds {', '.join(present)}, which propdsl train "
+        "did not write; nothing was changed (choose another --out, or remove those files)"
+    )
+
+
+def _describe_run(run: Path, config: dict[str, Any]) -> str:
+    try:
+        manifest = runs.read_manifest(run)
+    except runs.RunFolderError:
+        manifest = None
+    done = f"epoch {manifest.epoch}" if manifest is not None else "no finished epoch"
+    return f"{done} of {config.get('epochs', '?')}, trained from {config.get('spec', '?')}"
+
+
+def _start_fresh(run: Path, spec: Spec, config: dict[str, Any]) -> None:
+    def write() -> None:
+        if any((run / n).exists() or (run / n).is_symlink() for n in runs.RUN_FILES):
+            log.warning("%s held an earlier run: replaced (--force)", run)
+        runs.clear(run)
+        # config.json first: from then on the folder is recognisably a run, whatever follows
+        runs.write_json(run / runs.CONFIG, config)
+        runs.write_text(run / runs.SPEC, spec.source.text)
+        runs._fsync_dir(run)
+
+    _write(run, write, "the run's config", fresh=True)
+
+
+def _write_config(run: Path, spec: Spec, config: dict[str, Any]) -> None:
+    """A resumed run's config (settings such as a larger --epochs) and its spec text (the same,
+    as the spec hash was compared; rewritten in case a fresh start was cut short before it)."""
+    runs.write_json(run / runs.CONFIG, config)
+    runs.write_text(run / runs.SPEC, spec.source.text)
+
+
+def data_hash(*datasets: Any) -> str:
+    """SHA-256 of the data a run trains on (every split's inputs and labels, as loaded): a
+    resumed run refuses data that changed since it started (an edited npz, another version)."""
+    h = hashlib.sha256()
+    for ds in datasets:
+        for t in (ds.x, ds.y):
+            t = t.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            if t.numel():
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def weights_problem(model: nn.Module) -> str | None:
+    """None when every weight is finite and at most MAX_ABS_WEIGHT in size; else what is wrong."""
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return f"are not finite ('{name}' holds NaN or infinite values)"
+    for name, p in model.named_parameters():
+        if p.numel() and p.is_floating_point():
+            top = float(p.detach().abs().max())
+            if top > MAX_ABS_WEIGHT:
+                return f"exploded (|w| reaches {top:.3g} in '{name}', over {MAX_ABS_WEIGHT:.0e})"
+    return None
+
+
+def _exploded_message(problem: str, epoch: int, run: Path) -> str:
+    kept = _kept_epoch(run)
+    keeps = (
+        f"the checkpoint of epoch {kept} is kept: {run / 'last.safetensors'}"
+        if kept
+        else "no epoch had finished, so there is no checkpoint"
+    )
+    return (
+        f"the weights after epoch {epoch} {problem}; training stopped and {keeps} "
+        "(try a smaller learning rate)"
+    )
 
 
 def _closed_over_data(spec: Spec, name: str) -> bool:
@@ -505,28 +877,100 @@ def _diverged_message(objective, epoch: int, step: int, run: Path) -> str:
     )
 
 
-def _resume(run: Path, config: dict[str, Any], model, optimizer, schedule) -> tuple[int, float]:
-    old = runs.read_json(run / runs.CONFIG)
-    for key in ("spec_sha256", "seed", "model", "params", "batch"):
+_DIFFERS = {
+    "spec_sha256": "spec text",
+    "seed": "seed",
+    "params": "params",
+    "batch": "batch size",
+    "data_sha256": "training data",
+}
+
+
+def _resume(
+    run: Path, config: dict[str, Any], model, optimizer, schedule, epochs: int
+) -> tuple[int, float, list[dict[str, Any]]]:
+    """Load the last committed epoch; returns (its number, the best accuracy so far, the rows).
+
+    Holding the folder's lock: completes a commit a kill cut short, checks every file against the
+    manifest's digests and the epoch numbers against each other, so a hand-edited or damaged
+    folder is refused rather than resumed into different weights.
+    """
+    old = _run_config(run)
+    for key, what in _DIFFERS.items():
+        if key == "data_sha256" and key not in old:
+            continue  # a run from before data hashing
         if old.get(key) != json.loads(json.dumps(config[key], default=str)):
+            hint = " (was the data file changed?)" if key == "data_sha256" else ""
             raise UsageError(
-                f"cannot resume {run}: its {key} differs from this command's "
+                f"cannot resume {run}: its {what} {'differ' if key == 'params' else 'differs'} "
+                f"from this command's{hint} "
                 "(start a new run with another --out)"
             )
-    if not (run / "last.safetensors").exists():
-        # Interrupted before its first epoch ended: start from scratch in the same folder.
-        runs.truncate_metrics(run, 0)
-        return 0, -1.0
-    runs.load_weights(run, "last", model)
+    if not _same_model(old["model"], json.loads(json.dumps(config["model"], default=str))):
+        raise UsageError(
+            f"cannot resume {run}: its model differs from this command's "
+            "(start a new run with another --out)"
+        )
+    manifest = runs.recover(run)
+    if manifest is None:
+        if (run / "last.safetensors").exists():
+            raise runs.RunFolderError(
+                f"cannot resume {run}: it has checkpoints but no {runs.MANIFEST} (written by an "
+                "older propdsl, or the manifest was removed), so they may not belong to one epoch; "
+                "start a new run"
+            )
+        return 0, -1.0, []  # interrupted before its first epoch ended: start over, same folder
+    bad = runs.verify(run, manifest)
+    if runs.METRICS_CSV in bad:
+        # a view of metrics.jsonl (a spreadsheet may have saved it); the next epoch rewrites it
+        log.warning("%s was changed since epoch %d; it is rewritten", run / runs.METRICS_CSV,
+                    manifest.epoch)  # fmt: skip
+        bad.remove(runs.METRICS_CSV)
+    if bad:
+        raise runs.RunFolderError(
+            f"cannot resume {run}: {', '.join(bad)} differ from {runs.MANIFEST} (damaged or "
+            f"edited since epoch {manifest.epoch} was written)"
+        )
+    epoch = manifest.epoch
+    rows = runs.read_metrics(run)
+    if [r.get("epoch") for r in rows] != list(range(1, epoch + 1)):
+        raise runs.RunFolderError(
+            f"cannot resume {run}: {runs.METRICS_JSONL} does not hold one row for each of "
+            f"epochs 1..{epoch}, the epochs {runs.MANIFEST} lists"
+        )
+    if epoch > epochs:
+        raise UsageError(
+            f"{run} has already trained {epoch} epochs, more than --epochs {epochs}: "
+            "pass a larger --epochs to train on"
+        )
+    meta = runs.load_weights(run, "last", model)
     state = runs.load_state(run)
-    if state is None:
-        raise UsageError(f"cannot resume {run}: last.state.pt is missing")
-    optimizer.load_state_dict(state["optimizer"])
-    if schedule is not None and state.get("schedule"):
-        schedule.load_state_dict(state["schedule"])
-    epoch = int(state["epoch"])
-    runs.truncate_metrics(run, epoch)
-    return epoch, float(state.get("best_acc", -1.0))
+    if meta.get("epoch") != epoch or state.get("epoch") != epoch:
+        raise runs.RunFolderError(
+            f"cannot resume {run}: last.json says epoch {meta.get('epoch')!r} and last.state.pt "
+            f"epoch {state.get('epoch')!r}, but {runs.MANIFEST} says epoch {epoch}"
+        )
+    best_acc = state.get("best_acc", -1.0)
+    if not isinstance(best_acc, int | float) or isinstance(best_acc, bool):
+        raise runs.RunFolderError(f"{run / 'last.state.pt'}: best_acc is not a number")
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        if schedule is not None and state.get("schedule"):
+            schedule.load_state_dict(state["schedule"])
+    except (KeyError, ValueError, TypeError, IndexError, RuntimeError, AttributeError) as err:
+        raise runs.RunFolderError(
+            f"cannot resume {run}: last.state.pt does not fit this optimizer or schedule "
+            f"({type(err).__name__}: {err})"
+        ) from None
+    return epoch, float(best_acc), rows
+
+
+def _same_model(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    a, b = dict(old), dict(new)
+    ra, rb = a.pop("user", None), b.pop("user", None)
+    if a != b or (ra is None) != (rb is None):
+        return False
+    return ra is None or runs.same_model_ref(ra, rb)
 
 
 @torch.no_grad()
@@ -543,20 +987,35 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch: int = 512) -> float:
 def evaluate_epoch(model, val_ds, prop_losses, device, samples: int) -> dict[str, Any]:
     """Validation accuracy and each property's satisfaction rate at the training attack's point.
 
-    Without validation data (`val_fraction = 0`) both are None.
+    Without validation data (`val_fraction = 0`) both are None. Explanation properties (those
+    that differentiate the network: saliency maps, `grad`) of a network with ReLUs are attacked
+    with the training attack on a softplus surrogate (`surrogate_beta = 10`, as `propdsl eval`
+    does, unless the attack sets its own): the input gradient of a ReLU network's saliency map
+    is zero almost everywhere, so without it the attack cannot move from its random start and
+    the column would read 1.000 whatever the network does.
     """
     if len(val_ds) == 0:
         return {"val_accuracy": None, **{f"satisfied[{name}]": None for name in prop_losses}}
+    from propdsl.evaluate import SURROGATE_BETA, _explains
+
     x, y = val_ds.x.to(device), val_ds.y.to(device)
     out: dict[str, Any] = {"val_accuracy": accuracy(model, x, y)}
     xs, ys = x[:samples], y[:samples]
+    relu = any(isinstance(m, nn.ReLU) for m in model.modules())
     was = model.training
     model.eval()
     # The attacks (and explanations) take their input gradients under enable_grad; no graph
     # into the weights is needed here.
     with torch.no_grad():
         for name, loss in prop_losses.items():
-            res = loss(model, xs, ys)
+            attack = loss.attack
+            smooth = relu and attack.surrogate_beta is None and _explains(loss.formula)
+            if smooth:
+                loss.attack = dataclasses.replace(attack, surrogate_beta=SURROGATE_BETA)
+            try:
+                res = loss(model, xs, ys)
+            finally:
+                loss.attack = attack
             out[f"satisfied[{name}]"] = float(res.satisfied.float().mean())
     model.train(was)
     return out

@@ -73,6 +73,24 @@ class ResidualCNN(nn.Module):
         return self.head(h.reshape(h.shape[0], -1))
 
 
+class LayoutCNN(nn.Module):
+    """Padding (zero and constant), permutations, transposes and concatenations (the layout
+    operations of imported ONNX graphs) around a convolution."""
+
+    def __init__(self):
+        super().__init__()
+        self.pad = nn.ZeroPad2d((1, 0, 0, 1))
+        self.conv = nn.Conv2d(1, 2, 2)
+        self.head = nn.Linear(32 + 32 + 40, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.conv(self.pad(x)))  # [2, 4, 4]
+        a = h.permute(0, 2, 3, 1)
+        b = torch.transpose(F.pad(h, (0, 1), value=0.5), 1, 3)  # [5, 4, 2]
+        c = torch.cat([a.flatten(1), torch.tanh(a).flatten(1), b.flatten(1)], dim=1)
+        return self.head(c)
+
+
 def _mlp(act: nn.Module, d_in: int = 3) -> nn.Module:
     return nn.Sequential(nn.Linear(d_in, 7), act, nn.Linear(7, 7), act, nn.Linear(7, 3))
 
@@ -126,6 +144,7 @@ MODELS: dict[str, tuple] = {
     ),
     "residual_mlp": (lambda: ResidualMLP(3), (3,)),
     "residual_cnn": (lambda: ResidualCNN(), (1, 4, 4)),
+    "layout_cnn": (lambda: LayoutCNN(), (1, 4, 4)),
 }
 
 
@@ -468,9 +487,9 @@ class _Product(nn.Module):
 
 
 def test_unsupported_layers_are_named_with_the_rule_to_register() -> None:
-    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(2, 1))
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Softmax(1), nn.Flatten(), nn.Linear(2, 1))
     x = torch.rand(1, 1, 6, 6)
-    with pytest.raises(UnsupportedLayerError, match=r"layer '1' \(nn\.MaxPool2d\).*register_rule"):
+    with pytest.raises(UnsupportedLayerError, match=r"layer '1' \(nn\.Softmax\).*register_rule"):
         bounds(net, x, x)
     with pytest.raises(UnsupportedLayerError, match=r"torch\.abs.*register_rule"):
         bounds(_Max(), x, x)

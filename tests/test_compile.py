@@ -1,9 +1,10 @@
 """The property compiler (propdsl.loss.compile) against hand-written PyTorch.
 
-Every expected value here is computed independently from the definitions (REFERENCE sections 1
-and 2, the atom tables of docs/logics.md): plain tensor formulas and Python loops, never the
-compiler or the logics module read back. Points are fixed by an attack with no steps starting at
-the ball's centre, or injected by replacing the attack with a function that returns given points.
+Every expected value here is computed independently from the definitions of the logics (the
+atom and connective tables of docs/logics.md, after Fischer et al. 2019 and Flinkow et al. 2025):
+plain tensor formulas and Python loops, never the compiler or the logics module read back.
+Points are fixed by an attack with no steps starting at the ball's centre, or injected by
+replacing the attack with a function that returns given points.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ P_YAGER = 2.0  # default Yager exponent
 # -- hand-written semantics --------------------------------------------------------------------
 def hand_conj(logic: str, lhs, rhs, *, strict=False, mask=None):
     """Loss of the conjunction over the last dim of the atoms `lhs <= rhs` (`<` when strict),
-    only where `mask` is True; lhs, rhs: [B, n]. Written from REFERENCE section 2."""
+    only where `mask` is True; lhs, rhs: [B, n]. Written from the logics' definitions."""
     lhs, rhs = torch.broadcast_tensors(lhs, rhs)
     if mask is None:
         mask = torch.ones_like(lhs, dtype=torch.bool)
@@ -718,3 +719,23 @@ def test_example_runs():
     )
     assert done.returncode == 0, done.stderr
     assert "before ->" in done.stdout and "satisfied at attack points" in done.stdout
+
+
+def test_a_scalar_variable_over_a_box_is_attacked_within_it():
+    # `t : Real` is one number per sample ([B]): the attack's region code once assumed [B, ...]
+    # and crashed (exit 70). The worst t of `t * (w . x) <= 1` over [0, 1] is 1 where w . x > 0
+    # and 0 elsewhere; the property holds exactly where w . x <= 1.
+    spec = propdsl.load(
+        "network f : Tensor[2] -> Tensor[1]\n"
+        "property p(x) = forall t : Real in box(0, 1): f(t * x)[0] <= 1\n"
+    )
+    model = nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, 2.0]]))
+    x = torch.tensor([[0.2, 0.1], [1.0, 1.0], [-1.0, 0.0], [0.5, 0.5]])
+    out = spec.loss("p", logic="dl2", attack=propdsl.PGD(steps=20))(model, x)
+    wx = x @ torch.tensor([1.0, 2.0])
+    t = out.counterexample["t"]
+    assert t.shape == (4,) and bool(((t >= 0) & (t <= 1)).all())
+    assert torch.allclose(t, (wx > 0).float(), atol=1e-6)
+    assert out.satisfied.tolist() == (wx <= 1).tolist()

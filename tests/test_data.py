@@ -438,3 +438,119 @@ def test_unknown_names_suggest_the_closest():
         load_dataset("fashion-mnist")
     assert info.value.hint == "did you mean 'fashion_mnist'?"
     assert "cifar10" in info.value.message
+
+
+# -- non-finite and malformed files --------------------------------------------------------------
+
+
+def _npz_members(path: Path) -> dict[str, bytes]:
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        return {name: archive.read(name) for name in archive.namelist()}
+
+
+def _write_members(path: Path, members: dict[str, bytes]) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+
+
+@pytest.mark.parametrize("key", ["x", "x_test"])
+def test_non_finite_inputs_are_data_errors_with_the_file_and_count(tmp_path, key):
+    """Before, NaN / inf pixels loaded silently and verification reported NaN counterexamples."""
+    arrays = {
+        "x": np.random.rand(6, 2),
+        "y": np.array([0, 1] * 3),
+        "x_test": np.random.rand(4, 2),
+        "y_test": np.array([0, 1] * 2),
+    }
+    arrays[key][1, 0] = np.nan
+    arrays[key][2, 1] = -np.inf
+    arrays[key][3, 1] = np.inf
+    path = tmp_path / "d.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(DataError, match=rf"d\.npz: '{key}' has 3 NaN or infinite values"):
+        load_dataset("tensors", path=str(path), split="train")
+
+
+def test_values_beyond_float32_are_data_errors(tmp_path):
+    path = tmp_path / "big.npz"
+    np.savez(path, x=np.array([[1e300, 0.0], [0.0, 0.0]]), y=np.array([0, 1]))
+    with pytest.raises(DataError, match=r"'all' split's inputs \(as float32\) has 1 NaN"):
+        load_dataset("tensors", path=str(path), split="all")
+
+
+def test_a_registered_source_with_nan_names_the_source():
+    from propdsl.data import DataSource, RawData, register_dataset
+
+    x = np.ones((4, 3))
+    x[0, 0] = np.nan
+    src = DataSource("with_nan", lambda o: RawData(x, np.array([0, 1, 0, 1])), "nan")
+    register_dataset(src, replace=True)
+    with pytest.raises(DataError, match=r"data source 'with_nan': 'x' has 1 NaN"):
+        load_dataset("with_nan", split="all")
+
+
+def _malformed(tmp_path: Path) -> dict[str, Path]:
+    good = tmp_path / "good.npz"
+    np.savez(good, x=np.random.rand(10, 3).astype(np.float32), y=np.arange(10) % 2)
+    members = _npz_members(good)
+    files = {}
+    files["object"] = tmp_path / "object.npz"
+    np.savez(files["object"], x=np.array([[1, "a"], [2, 3]], dtype=object), y=np.array([0, 1]))
+    x_npy = members["x.npy"]
+    # a header that claims more rows than the data hold, and one that claims fewer
+    files["larger"] = tmp_path / "larger.npz"
+    _write_members(files["larger"], {**members, "x.npy": x_npy.replace(b"(10, 3)", b"(99, 3)")})
+    files["smaller"] = tmp_path / "smaller.npz"
+    _write_members(files["smaller"], {**members, "x.npy": x_npy.replace(b"(10, 3)", b"(9, 3) ")})
+    files["member"] = tmp_path / "member.npz"  # a truncated array inside an intact archive
+    _write_members(files["member"], {**members, "x.npy": x_npy[:-40]})
+    files["archive"] = tmp_path / "archive.npz"  # the archive itself cut in half
+    raw = good.read_bytes()
+    files["archive"].write_bytes(raw[: len(raw) // 2])
+    return files
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("object", r"'x' holds Python objects \(dtype object\)"),
+        ("larger", r"claims shape \(99, 3\) of float32 \(1188 bytes\), but the file holds 120"),
+        ("smaller", r"claims shape \(9, 3\) of float32 \(108 bytes\), but the file holds 120"),
+        ("member", r"claims shape \(10, 3\) of float32 \(120 bytes\), but the file holds 80"),
+        ("archive", "cannot read .* as an .npz file"),
+    ],
+)
+def test_malformed_npz_files_are_data_errors(tmp_path, case, message):
+    """Before, an object array or a header larger than its data raised a plain ValueError
+    (exit 70 from the CLI) and a header smaller than its data loaded part of the file."""
+    path = str(_malformed(tmp_path)[case])
+    with pytest.raises(DataError, match=message):
+        load_dataset("tensors", path=path, split="all")
+    with pytest.raises(DataError, match=message):
+        dataset_info("tensors", path=path)
+
+
+def test_malformed_data_exits_1_from_the_cli_not_70(tmp_path):
+    from typer.testing import CliRunner
+
+    from propdsl import cli
+
+    files = _malformed(tmp_path)
+    np.savez(tmp_path / "nan.npz", x=np.array([[np.nan, 0.0], [0.0, 1.0]]), y=np.array([0, 1]))
+    files["nan"] = tmp_path / "nan.npz"
+    for case, path in files.items():
+        spec = tmp_path / f"{case}.prop"
+        spec.write_text(
+            "network f : Tensor[3] -> Tensor[2]\n"
+            f'train f on tensors(path = "{path.name}") {{\n'
+            "  epochs = 1\n  loss = cross_entropy\n}\n",
+            encoding="utf-8",
+        )
+        result = CliRunner().invoke(cli.app, ["train", str(spec), "--out", str(tmp_path / case)])
+        assert result.exit_code in (1, 2), (case, result.output)
+        assert "internal error" not in result.output and path.name in result.output, case

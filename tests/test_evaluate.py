@@ -14,6 +14,7 @@ from propdsl import runs
 from propdsl.data import load_dataset
 from propdsl.errors import UsageError
 from propdsl.evaluate import (
+    EVAL_DIR,
     EVAL_JSON,
     accuracy_robustness_area,
     evaluate,
@@ -138,8 +139,17 @@ def test_security_below_random_point_accuracy_for_robustness(linear_run):
 
 def test_eval_json(linear_run):
     _, run, result = linear_run
-    data = json.loads((run / EVAL_JSON).read_text())
-    assert result.json_path == run / EVAL_JSON
+    # The results of this setting in their own folder; RUN/eval.json: a copy of the latest.
+    assert result.results.parent == run / EVAL_DIR
+    assert result.json_path == result.results / EVAL_JSON
+    data = json.loads(result.json_path.read_text())
+    assert json.loads((run / EVAL_JSON).read_text()) == data
+    assert data["results"] == f"eval/{result.results.name}"
+    assert result.results.name.startswith("test-n40-best-")
+    best = json.loads((run / "best.json").read_text())["epoch"]
+    assert data["checkpoint"] == "best" and data["checkpoint_epoch"] == best
+    assert data["params"] == {"eps": 0.05, "delta": 1.0, "tau": 0.9}
+    assert set(data["param_sources"].values()) == {"spec"}
     assert data["split"] == "test" and data["n"] == TEST_LIMIT and data["data"] == "digits"
     assert data["attack"] == "apgd(steps=20, restarts=2)"
     assert data["clean_accuracy"] == pytest.approx(result.clean_accuracy)
@@ -172,7 +182,7 @@ def test_png_files_are_valid(linear_run):
         "samples.png",
     }
     for path in result.plots:
-        assert path.parent == run
+        assert path.parent == result.results
         head = path.read_bytes()[:24]
         assert head[:8] == PNG and head[12:16] == b"IHDR"
         width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
@@ -333,3 +343,385 @@ def test_usage_errors(relu_run):
             curve_properties=["nope"],
             device="cpu",
         )
+
+
+# -- a run opened for a spec: fit, params, checkpoints, result folders (issue 13) ----------------
+
+TABULAR_SPEC = """\
+network f : Tensor[30] -> Tensor[2]
+param eps : Real = 0.02
+property robust(x, y) = forall x' in ball(x, eps, inf): argmax(f(x')) == y
+train f on breast_cancer(split = "train") {
+  model = mlp(hidden = [8])
+  loss  = cross_entropy
+}
+"""
+
+# eps, and a param whose default depends on it; `wide` reads delta.
+PARAM_SPEC = """\
+network f : Tensor[1, 8, 8] -> Tensor[10]
+param eps : Real = 0.05
+param delta : Real = 2 * eps
+param tau : Real = 0.9
+property robust(x, y) = forall x' in ball(x, eps, inf) & box(0, 1): argmax(f(x')) == y
+property wide(x, y) = forall x' in ball(x, delta, inf) & box(0, 1): argmax(f(x')) == y
+train f on digits(split = "train") {
+  model = mlp(hidden = [6])
+  loss  = cross_entropy
+}
+"""
+
+QUICK = {"attack": APGD(steps=2), "eps_grid": (), "device": "cpu"}
+
+
+def _hand_made_run(tmp_path, text, params, *, best_seed=0, last_seed=None, epochs=(3, 5)):
+    """A run folder of an mlp(hidden=[6]) on digits trained with `params`: config.json as
+    `train` writes it (spec hash, params, seed 3), spec.prop, and a best (and a last)
+    checkpoint with their epochs."""
+    from propdsl.models import build_model
+
+    run = tmp_path / "run"
+    run.mkdir(parents=True)
+    (run / runs.SPEC).write_text(text, encoding="utf-8")
+    model_conf = {
+        "name": "mlp",
+        "kwargs": {"hidden": [6]},
+        "user": None,
+        "input_shape": [1, 8, 8],
+        "num_classes": 10,
+    }
+    config = {
+        "spec": "hand.prop",
+        "spec_sha256": runs.spec_hash(text),
+        "params": params,
+        "seed": 3,
+        "model": model_conf,
+    }
+    runs.write_json(run / runs.CONFIG, config)
+    best = build_model("mlp", (1, 8, 8), 10, hidden=[6], seed=best_seed)
+    runs.save_checkpoint(run, "best", best, {"epoch": epochs[0]})
+    if last_seed is not None:
+        last = build_model("mlp", (1, 8, 8), 10, hidden=[6], seed=last_seed)
+        runs.save_checkpoint(run, "last", last, {"epoch": epochs[1]})
+    return run
+
+
+def test_a_spec_that_does_not_fit_the_run_is_a_usage_error_naming_both(relu_run, tmp_path):
+    """A tabular spec on a run of 8x8 images: before, a RuntimeError inside conv/linear."""
+    from propdsl.export import export_run
+    from propdsl.verify.report import verify_run
+
+    _, run = relu_run
+    spec = propdsl.load(TABULAR_SPEC)
+    wanted = r"Tensor\[30\] -> Tensor\[2\].*Tensor\[1, 8, 8\] -> Tensor\[10\]"
+    with pytest.raises(UsageError, match=wanted):
+        evaluate(spec, run, samples=2, plots=False, **QUICK)
+    with pytest.raises(UsageError, match=wanted):
+        verify_run(spec, run, samples=2)
+    with pytest.raises(UsageError, match=wanted):
+        export_run(spec, run, tmp_path / "out", samples=2)
+    assert not (run / EVAL_DIR).exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True])
+def test_sample_counts_are_checked_everywhere(relu_run, tmp_path, bad):
+    """`--samples -3` verified 356 samples (slicing) and 0 meant the default 100."""
+    from propdsl.export import export_run
+    from propdsl.verify.report import verify_run
+
+    spec, run = relu_run
+    with pytest.raises(UsageError, match="samples must be a positive whole number"):
+        evaluate(spec, run, samples=bad, plots=False, **QUICK)
+    with pytest.raises(UsageError, match="samples must be a positive whole number"):
+        verify_run(spec, run, samples=bad)
+    with pytest.raises(UsageError, match="samples must be a positive whole number"):
+        export_run(spec, run, tmp_path / "out", samples=bad)
+    with pytest.raises(UsageError, match="batch must be a positive whole number"):
+        evaluate(spec, run, samples=2, batch=0, plots=False, **QUICK)
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, math.inf, math.nan])
+def test_timeouts_are_positive_and_finite(relu_run, tmp_path, bad):
+    from propdsl.export import export_run
+    from propdsl.verify.report import verify_run
+
+    spec, run = relu_run
+    with pytest.raises(UsageError, match="timeout must be a positive, finite number"):
+        verify_run(spec, run, samples=2, timeout=bad)
+    with pytest.raises(UsageError, match="timeout must be a positive, finite number"):
+        export_run(spec, run, tmp_path / "out", samples=2, timeout=bad)
+
+
+def test_the_runs_params_are_the_default(tmp_path):
+    """A run trained with eps=0.08 is evaluated at 0.08 unless the caller says otherwise; a
+    derived default (delta = 2 * eps) follows the eps in use."""
+    from propdsl.results import open_run
+
+    run = _hand_made_run(tmp_path, PARAM_SPEC, {"eps": 0.08, "delta": 0.16, "tau": 0.9})
+    spec = propdsl.load(PARAM_SPEC)
+    setup = open_run(spec, run)
+    assert setup.spec.params == {"eps": 0.08, "delta": 0.16, "tau": 0.9}
+    assert [(p.name, p.source) for p in setup.params] == [
+        ("eps", "run"),
+        ("delta", "spec"),
+        ("tau", "spec"),
+    ]
+    assert "eps=0.08 (from the run), delta=0.16, tau=0.9" in setup.header()
+    # An override wins, and delta follows it (it was not set at training, only derived).
+    setup = open_run(spec.with_params(eps=0.2), run)
+    assert setup.spec.params == {"eps": 0.2, "delta": 0.4, "tau": 0.9}
+    assert setup.params[0].show() == "eps=0.2 (override; the run was trained with 0.08)"
+    # A delta set at training (not 2 * eps) is the run's, whatever eps is asked for.
+    run2 = _hand_made_run(tmp_path / "b", PARAM_SPEC, {"eps": 0.05, "delta": 0.3, "tau": 0.9})
+    setup = open_run(spec.with_params(eps=0.2), run2)
+    assert setup.spec.params == {"eps": 0.2, "delta": 0.3, "tau": 0.9}
+    assert [p.source for p in setup.params] == ["override", "run", "spec"]
+
+
+def test_eval_uses_the_runs_params_and_records_them(tmp_path):
+    run = _hand_made_run(tmp_path, PARAM_SPEC, {"eps": 0.08, "delta": 0.16, "tau": 0.9})
+    spec = propdsl.load(PARAM_SPEC)
+    result = evaluate(spec, run, samples=4, plots=False, **QUICK)
+    data = json.loads(result.json_path.read_text())
+    assert data["params"]["eps"] == 0.08 and data["param_sources"]["eps"] == "run"
+    assert "params: eps=0.08 (from the run)" in render_table(result)
+    # The same evaluation by hand at eps 0.08: the same security of `robust`.
+    by_hand = evaluate(
+        spec.with_params(eps=0.08), run, samples=4, plots=False, seed=result.seed, **QUICK
+    )
+    assert by_hand.properties["robust"] == result.properties["robust"]
+
+
+def test_results_are_kept_per_setting(tmp_path):
+    """Another param, another checkpoint or another method: another folder; the same settings
+    again: the same folder, replaced (and --no-plots leaves no PNG of another setting)."""
+    from propdsl.verify.report import verify_run
+
+    run = _hand_made_run(tmp_path, PARAM_SPEC, {"eps": 0.05, "delta": 0.1, "tau": 0.9}, last_seed=1)
+    spec = propdsl.load(PARAM_SPEC)
+    a = evaluate(spec, run, samples=4, plots=True, **QUICK)
+    b = evaluate(spec.with_params(eps=0.1), run, samples=4, plots=False, **QUICK)
+    c = evaluate(spec, run, samples=4, plots=False, checkpoint="last", **QUICK)
+    names = sorted(p.name for p in (run / EVAL_DIR).iterdir())
+    assert names == sorted([a.results.name, b.results.name, c.results.name])
+    assert len(set(names)) == 3
+    assert a.results.name.startswith("test-n4-best-")
+    assert b.results.name.startswith("test-n4-best-eps=0.1-")
+    assert c.results.name.startswith("test-n4-last-")
+    assert {p.name for p in a.results.iterdir()} == {EVAL_JSON, *(p.name for p in a.plots)}
+    assert {p.name for p in b.results.iterdir()} == {EVAL_JSON}  # no PNG of another setting
+    # RUN/eval.json: the latest.
+    assert json.loads((run / EVAL_JSON).read_text())["results"] == f"eval/{c.results.name}"
+    # The same settings: the same folder, replaced with the same numbers; nothing left aside.
+    again = evaluate(spec.with_params(eps=0.1), run, samples=4, plots=False, **QUICK)
+    assert again.results == b.results and again.properties == b.properties
+    # The spec's file name is no setting: the run's own spec.prop gives the same folder.
+    own = propdsl.load(run / runs.SPEC).with_params(eps=0.1)
+    assert evaluate(own, run, samples=4, plots=False, **QUICK).results == b.results
+    assert sorted(p.name for p in (run / EVAL_DIR).iterdir()) == names
+    # verify: one folder per method, each with its own verify.json.
+    v1 = verify_run(spec, run, samples=4, method="ibp")
+    v2 = verify_run(spec, run, samples=4, method="crown")
+    assert v1.results != v2.results
+    assert v1.results.name.startswith("ibp-test-n4-best-")
+    assert json.loads(v1.json_path.read_text())["method"] == "ibp"
+    assert json.loads(v2.json_path.read_text())["method"] == "crown"
+    assert json.loads((run / "verify.json").read_text())["method"] == "crown"
+
+
+def test_a_spec_other_than_the_runs_is_refused_unless_accepted(tmp_path):
+    run = _hand_made_run(tmp_path, PARAM_SPEC, {"eps": 0.05, "delta": 0.1, "tau": 0.9})
+    other = propdsl.load(PARAM_SPEC.replace("param tau : Real = 0.9", "param tau : Real = 0.8"))
+    with pytest.raises(UsageError, match="is not the spec .* was trained with"):
+        evaluate(other, run, samples=2, plots=False, **QUICK)
+    result = evaluate(other, run, samples=2, plots=False, spec_differs_ok=True, **QUICK)
+    assert f"-spec{runs.spec_hash(other.source.text)[:6]}-" in result.results.name
+    assert "is not the spec" in render_table(result)
+    assert json.loads(result.json_path.read_text())["spec_differs"] is True
+
+
+def test_the_checkpoint_is_chosen_and_recorded(tmp_path):
+    """`best` and `last` are different weights: the clean accuracy of each by hand."""
+    run = _hand_made_run(tmp_path, PARAM_SPEC, {"eps": 0.05, "delta": 0.1, "tau": 0.9}, last_seed=7)
+    spec = propdsl.load(PARAM_SPEC)
+    ds = load_dataset("digits", split="test", seed=3)
+    x, y = ds.x[:30], ds.y[:30]
+    for tag, epoch in (("best", 3), ("last", 5)):
+        model = runs.Run.open(run).build_model()
+        runs.load_weights(run, tag, model)
+        with torch.no_grad():
+            hand = (model(x).argmax(1) == y).float().mean().item()
+        result = evaluate(spec, run, samples=30, plots=False, checkpoint=tag, **QUICK)
+        assert result.clean_accuracy == pytest.approx(hand)
+        data = json.loads(result.json_path.read_text())
+        assert data["checkpoint"] == tag and data["checkpoint_epoch"] == epoch
+        assert f"checkpoint {tag} (epoch {epoch})" in render_table(result)
+    with pytest.raises(UsageError, match="checkpoint must be best or last"):
+        evaluate(spec, run, samples=2, plots=False, checkpoint="worst", **QUICK)
+
+
+def test_best_falls_back_to_last_and_says_so(tmp_path):
+    run = _hand_made_run(tmp_path, PARAM_SPEC, {"eps": 0.05, "delta": 0.1, "tau": 0.9}, last_seed=7)
+    (run / "best.safetensors").unlink()
+    spec = propdsl.load(PARAM_SPEC)
+    result = evaluate(spec, run, samples=2, plots=False, **QUICK)
+    assert result.checkpoint == "last" and "no best checkpoint" in render_table(result)
+    (run / "last.safetensors").unlink()
+    with pytest.raises(UsageError, match="no best checkpoint"):
+        evaluate(spec, run, samples=2, plots=False, **QUICK)
+
+
+def test_progress_reports_every_stage(relu_run):
+    spec, run = relu_run
+    calls = []
+    evaluate(
+        spec,
+        run,
+        samples=3,
+        plots=False,
+        attack=APGD(steps=1),
+        eps_grid=(0.0, 0.05, 0.1),
+        device="cpu",
+        progress=lambda *a: calls.append(a),
+    )
+    stages = [c[0] for c in calls]
+    total = calls[0][2]
+    # 2 properties, the curve of `robust` at 3 radii, explanations, robustness area, writing.
+    assert total == 2 + 3 + 3 and all(c[2] == total for c in calls)
+    assert stages[:2] == ["property robust", "property stable"]
+    assert "security of robust at eps 0.05" in stages
+    assert [c[1] for c in calls] == list(range(total)) + [total]
+    assert calls[-1][0] == "done"
+
+
+def test_the_point_sized_curve_radius_skips_the_attack_steps(linear_run):
+    """At eps 0 every region is one point, so the attack's start is its answer: the truth
+    without the steps is the truth with them, sample by sample."""
+    from propdsl.evaluate import _holds, _point_regions
+
+    spec, run, _ = linear_run
+    x, y, model = _data_and_model(run)
+    at0 = spec.with_params(eps=0.0)
+    assert _point_regions(at0.properties["robust"].formula)
+    assert not _point_regions(spec.properties["robust"].formula)
+    assert not _point_regions(at0.properties["correct"].formula)  # no region at all
+    full, _ = _holds(at0, "robust", ATTACK, model, x, y, 16, 0, torch.device("cpu"))
+    none = PGD(steps=0, restarts=1)
+    short, _ = _holds(at0, "robust", none, model, x, y, 16, 0, torch.device("cpu"))
+    assert torch.equal(full, short)
+    with torch.no_grad():
+        assert torch.equal(full, model(x).argmax(1) == y)
+
+
+def test_evaluate_epoch_measures_explanation_properties_with_the_surrogate():
+    """The per-epoch satisfaction of a saliency property of a ReLU network: the training
+    attack on the softplus surrogate (as eval does), not a flat objective that cannot move
+    (which read 1.000 every epoch, with a VanishingGradientWarning)."""
+    import dataclasses
+
+    from propdsl.models import build_model
+    from propdsl.train import evaluate_epoch
+
+    spec = propdsl.load(RELU_SPEC.replace("tau : Real = 0.9", "tau : Real = 0.999"))
+    val = load_dataset("digits", split="val", seed=0, limit=200)
+    model = build_model("mlp", (1, 8, 8), 10, hidden=[6], seed=0)
+    generator = torch.Generator().manual_seed(5)
+    loss = spec.loss("stable", generator=generator)
+    attack = loss.attack
+    assert attack.surrogate_beta is None  # the train block's attack: pgd, no surrogate
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", VanishingGradientWarning)
+        row = evaluate_epoch(model, val, {"stable": loss}, "cpu", 24)
+    assert loss.attack is attack  # put back
+    generator.manual_seed(5)
+    smooth = dataclasses.replace(attack, surrogate_beta=10.0)
+    by_hand = spec.loss("stable", attack=smooth, generator=generator)(model, val.x[:24], val.y[:24])
+    assert row["satisfied[stable]"] == pytest.approx(by_hand.satisfied.float().mean().item())
+    assert row["satisfied[stable]"] < 1.0
+
+
+# -- plots say what they show ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """The matplotlib figures the plot functions save, kept for inspection."""
+    from propdsl import plots
+
+    kept = []
+    save = plots._save
+
+    def keep(fig, path):
+        kept.append(fig)
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    return kept
+
+
+def _titles(fig) -> list[str]:
+    return [ax.get_title() for ax in fig.axes]
+
+
+def test_sample_grid_says_whether_the_point_is_a_counterexample(figures, tmp_path):
+    """Rows titled "counterexample" where the prediction did not change, no colour bars:
+    now each attack point says its prediction and whether the property holds there, and the
+    difference and saliency panels have colour bars."""
+    from propdsl import plots
+
+    x = torch.rand(2, 1, 4, 4)
+    plots.sample_grid(
+        x,
+        [3, 5],
+        [3, 5],
+        torch.randn(2, 1, 4, 4),
+        tmp_path / "g.png",
+        points=x.clamp(0.1, 0.9),
+        point_pred=[3, 8],
+        holds=[True, False],
+        title="the strong attack's points for robust (x')",
+    )
+    (fig,) = figures
+    titles = _titles(fig)
+    assert "sample 0: label 3, pred 3" in titles
+    assert "attack point: pred 3 (unchanged)\nproperty holds" in titles
+    assert "attack point: pred 8 (was 5)\nviolated: counterexample" in titles
+    assert not any(t.startswith("counterexample") for t in titles)
+    # 2 rows x 4 panels, and a colour bar beside each difference and saliency panel.
+    colorbars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+    assert len(fig.axes) == 8 + 4 and len(colorbars) == 4
+
+
+def test_counterexample_grid_names_each_sample(figures, tmp_path):
+    from propdsl import plots
+
+    x = torch.rand(3, 1, 4, 4)
+    plots.counterexample_grid(
+        x,
+        x.flip(0),
+        [4, 17, 30],
+        [1, 2, 3],
+        [1, 2, 3],
+        [7, 2, 0],
+        [-0.5, 0.25, -1.0],
+        tmp_path / "c.png",
+        title="robust: 3 of 3 counterexamples",
+    )
+    (fig,) = figures
+    titles = _titles(fig)
+    assert titles[:3] == ["#4: label 1, pred 1", "#17: label 2, pred 2", "#30: label 3, pred 3"]
+    assert "pred 7, margin -0.5" in titles and "pred 0, margin -1" in titles
+    assert sum(ax.get_label() == "<colorbar>" for ax in fig.axes) == 1
+    assert fig.get_suptitle() == "robust: 3 of 3 counterexamples"
+
+
+def test_coinciding_curves_stay_visible(figures, tmp_path):
+    """Two properties at 1.0 at every radius: different markers, the one below larger and
+    hollow, so neither hides the other."""
+    from propdsl import plots
+
+    plots.security_curve([0, 0.1], {"a": [1.0, 1.0], "b": [1.0, 1.0]}, tmp_path / "s.png")
+    (fig,) = figures
+    a, b = fig.axes[0].get_lines()[:2]
+    assert a.get_marker() != b.get_marker() and a.get_linestyle() != b.get_linestyle()
+    assert a.get_markersize() > b.get_markersize() and a.get_markerfacecolor() == "none"

@@ -136,7 +136,7 @@ def test_the_regulariser_raises_the_verified_rate(tmp_path: Path):
         # every falsified sample's counterexample lies in the region and violates the property
         falsified = [i for i, s in enumerate(status["stable_saliency"]) if s == "falsified"]
         if falsified:
-            data = np.load(run / "counterexamples" / "stable_saliency.npz")
+            data = np.load(run / report["results"] / "counterexamples" / "stable_saliency.npz")
             assert sorted(data["index"].tolist()) == falsified
             idx = torch.as_tensor(data["index"])
             points = torch.as_tensor(data["point[x']"])

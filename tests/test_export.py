@@ -337,6 +337,57 @@ def test_marabou_solves_the_exported_queries(exported):
     assert ("verified", "unsat") in seen and ("falsified", "sat") in seen
 
 
+def test_no_vnnlib_for_an_empty_region(tmp_path):
+    """Before, a sample of unscaled pixels (its ball misses box(0, 1)) got a VNN-LIB file for
+    the clamped single point (1, 1), a box outside the region. Now no file: the sample is
+    skipped with the reason, and `instances` gives None for it."""
+    spec = propdsl.load(SPEC)
+    net = relu_net()
+    x = torch.tensor([[0.3, 0.6], [200.0, 17.0], [0.95, 1.08]])  # 2: touches the box
+    y = torch.tensor([0, 1, 2])
+    prop = spec.property("cr")
+    query = to_query(prop.formula, ["x", "y"], {"f": 3}, x, y, {"f": net})
+    got = instances(query)
+    assert got[1] is None and got[0] is not None and got[2] is not None
+    np.testing.assert_allclose(got[2].lower, [0.85, 0.98], atol=1e-6)
+    np.testing.assert_allclose(got[2].upper, [1.0, 1.0], atol=1e-6)
+    report = export(spec, net, x, y, tmp_path / "out", properties=["cr"])
+    names = sorted(p.name for p in report.files)
+    assert names == ["cr_0.vnnlib", "cr_2.vnnlib"]
+    assert not (tmp_path / "out" / "vnnlib" / "cr_1.vnnlib").exists()
+    assert report.skipped == {"cr[1]": report.skipped["cr[1]"]}
+    assert report.skipped["cr[1]"].startswith("the region is empty")
+    assert "holds vacuously" in report.skipped["cr[1]"]
+    rows = (tmp_path / "out" / "instances.csv").read_text().splitlines()
+    assert [r.split(",")[1] for r in rows] == ["vnnlib/cr_0.vnnlib", "vnnlib/cr_2.vnnlib"]
+
+
+def test_two_point_properties_are_skipped_with_the_real_reason(tmp_path):
+    """The skip reason names what VNN-LIB cannot state for each pair of norms, instead of
+    "handles ... two in a Lipschitz bound" for exactly that form."""
+    text = """
+network f : Tensor[2] -> Tensor[3]
+property l2(x) =
+  forall x1 in ball(x, 0.1, inf) & box(0, 1), x2 in ball(x, 0.1, inf) & box(0, 1):
+    norm(f(x1) - f(x2), 2) <= 10 * norm(x1 - x2, 2)
+property linf(x) =
+  forall x1 in ball(x, 0.1, inf) & box(0, 1), x2 in ball(x, 0.1, inf) & box(0, 1):
+    norm(f(x1) - f(x2), inf) <= 10 * norm(x1 - x2, 1)
+property order(x) =
+  forall x1 in ball(x, 0.1, inf), x2 in ball(x, 0.1, inf): f(x1)[0] <= f(x2)[0] + 1
+"""
+    spec = propdsl.load(text)
+    report = export(spec, relu_net(), torch.rand(2, 2), None, tmp_path / "out")
+    assert report.files == ()
+    assert "compares the network at 2 inputs (x1, x2)" in report.skipped["l2"]
+    assert "L2 norm is not linear" in report.skipped["l2"]
+    assert "L-inf and L1 norms are piecewise linear" in report.skipped["linf"]
+    assert "two network copies" in report.skipped["linf"]
+    assert "strict '>'" in report.skipped["linf"]
+    assert report.skipped["order"].startswith("<spec>:")
+    assert "2 inputs (x1, x2)" in report.skipped["order"] and "norm" not in report.skipped["order"]
+
+
 # -- propdsl export ------------------------------------------------------------------------------
 CLI_SPEC = """\
 network f : Tensor[1, 8, 8] -> Tensor[10]
@@ -378,7 +429,11 @@ def test_propdsl_export_end_to_end(tmp_path):
     result = CliRunner().invoke(cli.app, [*args, "--samples", "3", "--param", "eps=0.03"])
     assert result.exit_code == 0, result.output
     assert "3 VNN-LIB files" in result.output
-    assert "skipped lipschitz" in result.output and "Lipschitz" in result.output
+    # the real reasons (two network evaluations; a non-linear L2 norm), not a claim that the
+    # property has the one form it does have
+    skip = next(line for line in result.output.splitlines() if "skipped lipschitz" in line)
+    assert "compares the network at 2 inputs (x1, x2)" in skip
+    assert "L2 norm is not linear" in skip and "or two in a Lipschitz bound" not in skip
     rows = list(csv.reader((out / "instances.csv").read_text().splitlines()))
     assert rows == [["onnx/f.onnx", f"vnnlib/robust_{i}.vnnlib", "30.0"] for i in range(3)]
     lower, upper, _ = read_vnnlib1((out / "vnnlib" / "robust_0.vnnlib").read_text())

@@ -964,6 +964,7 @@ def test_lipschitz_verdicts_follow_the_bound():
 
 def test_jacobian_queries_from_formulas():
     """Which normal forms take the Jacobian route, and their regions."""
+    from propdsl.region import RegionError
     from propdsl.verify.jacobian import JacobianQuery, to_jacobian_query
     from propdsl.verify.query import Unsupported
 
@@ -999,11 +1000,16 @@ property smooth(x, y) =
     for name in VERDICT_PROPERTIES:
         assert isinstance(query(name), JacobianQuery), name
     assert len(query("top").atoms) == 2
-    # x lies outside box(0.5, 1) for some samples: the region grows to the box hull with x
-    x[0] = 0.1
+    # x lies outside box(0.5, 1) (its ball still meets the box): the region grows to the box
+    # hull with x
+    x[0], x[1] = 0.45, 0.7
     far = query("lip_far")
     assert far is not None and far.region.centre is None
-    assert bool((far.region.bounding_box()[0][0] <= 0.1).all())
+    assert bool((far.region.bounding_box()[0][0] <= 0.45).all())
+    # a ball that misses the box is an empty region: no hull of a point outside it
+    x[0] = 0.1
+    with pytest.raises(RegionError, match="region of x' is empty"):
+        query("lip_far")
     for name in ("pair_other", "cos_wrong_way"):
         assert query(name) is None, name
     with pytest.raises(Unsupported, match="strict Lipschitz") as err:
@@ -1055,3 +1061,30 @@ def test_relaxations_and_methods_are_named_by_their_strings():
     assert Method("Alpha-CROWN") is Method.ALPHA_CROWN
     with pytest.raises(ValueError, match="not a valid JacobianRelaxation"):
         JacobianRelaxation("mccormick")
+
+
+class _Twice(nn.Module):
+    """A node read twice by one operation (`h + h`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(3, 4)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.inp(x))
+        return self.out(h + h)
+
+
+@pytest.mark.parametrize("relaxation", ["interval", "linear"])
+def test_a_node_read_twice_by_one_operation_counts_twice_not_four_times(relaxation):
+    # Regression: the linear pass visited the consumer once per reading and summed both
+    # readings each time, so `h + h` counted 4 h and the bounds missed the true Jacobian.
+    torch.manual_seed(0)
+    net = _Twice()
+    x = torch.randn(2, 3)
+    lo, hi = jacobian_bounds(net, x - 0.1, x + 0.1, relaxation=relaxation)
+    for k in range(20):
+        z = x + 0.2 * (torch.rand(x.shape, generator=torch.Generator().manual_seed(k)) - 0.5)
+        J = torch.func.vmap(torch.func.jacrev(net))(z)
+        assert bool(((J >= lo - 1e-6) & (J <= hi + 1e-6)).all())

@@ -627,7 +627,8 @@ def test_cmp_helpers():
 
 
 @pytest.fixture
-def fresh_registry(monkeypatch):
+def fresh_registry(monkeypatch, clean_registries):
+    # the spec registry too (clean_registries): register_logic adds an entry there as well
     monkeypatch.setattr(logics_base, "_REGISTRY", dict(logics_base._REGISTRY))
     monkeypatch.setattr(logics_base, "_ALIASES", dict(logics_base._ALIASES))
 

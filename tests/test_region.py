@@ -9,9 +9,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from scipy.optimize import minimize
+from scipy.optimize import linprog, minimize
 
-from propdsl.region import Region, lp_norm
+from propdsl.region import Region, RegionError, lp_norm
 
 INF = math.inf
 NORMS = (1, 2, INF)
@@ -52,6 +52,7 @@ def regions_and_points(draw):
 @given(regions_and_points())
 def test_project_is_feasible_idempotent_and_optimal(case):
     region, z = case
+    assert not bool(region.is_empty().any())  # a box point within the radius exists
     q = region.project(z)
     assert bool(region.contains(q, tol=1e-9).all())
     assert torch.allclose(region.project(q), q, atol=1e-9)
@@ -196,3 +197,143 @@ def test_bad_balls_are_rejected():
         Region.ball(torch.zeros(1, 2), math.nan)
     with pytest.raises(ValueError, match="entries"):
         Region.ball(torch.zeros(3, 2), torch.tensor([0.1, 0.2]))
+
+
+# -- empty regions -------------------------------------------------------------------------------
+def _distance_to_box(c: np.ndarray, lo: np.ndarray, hi: np.ndarray, p: float) -> float:
+    """min ||c - z||_p over z in [lo, hi], by a solver (a linear program for p = 1 and inf)."""
+    n = len(c)
+    if p == 2:
+        res = minimize(
+            lambda z: ((z - c) ** 2).sum(),
+            np.clip(c, lo, hi) * 0 + (lo + hi) / 2,  # start away from the answer
+            method="L-BFGS-B",
+            bounds=list(zip(lo, hi, strict=True)),
+            options={"ftol": 1e-15, "gtol": 1e-12},
+        )
+        return float(np.sqrt(res.fun))
+    # variables z (n) and t: |c_i - z_i| <= t_i (p = 1, minimise sum t) or <= t (p = inf)
+    m = n if p == 1 else 1
+    cost = np.concatenate([np.zeros(n), np.ones(m)])
+    rows, rhs = [], []
+    for i in range(n):
+        t = np.zeros(m)
+        t[i if p == 1 else 0] = -1
+        e = np.zeros(n)
+        e[i] = 1
+        rows += [np.concatenate([e, t]), np.concatenate([-e, t])]
+        rhs += [c[i], -c[i]]
+    res = linprog(
+        cost,
+        A_ub=np.array(rows),
+        b_ub=np.array(rhs),
+        bounds=list(zip(lo, hi, strict=True)) + [(0, None)] * m,
+        method="highs",
+    )
+    return float(res.fun)
+
+
+@pytest.mark.parametrize("p", NORMS)
+def test_is_empty_agrees_with_a_solver_on_random_balls_and_boxes(p):
+    """Centres inside and far outside boxes (several intersected), radii around the distance:
+    empty exactly where the solver's distance from the centre to the box exceeds the radius."""
+    rng = np.random.default_rng({1: 11, 2: 12, INF: 13}[p])
+    seen = {True: 0, False: 0}
+    for _ in range(60):
+        n = int(rng.integers(1, 5))
+        c = rng.uniform(-1.5, 2.5, n)
+        lo1, lo2 = rng.uniform(-0.5, 0.5, n), rng.uniform(-0.5, 0.5, n)
+        hi1, hi2 = lo1 + rng.uniform(0.2, 1.5, n), lo2 + rng.uniform(0.2, 1.5, n)
+        lo, hi = np.maximum(lo1, lo2), np.minimum(hi1, hi2)
+        t = dict(dtype=torch.float64)
+        region = Region.ball(torch.tensor(c[None], **t), 0.0, p).intersect_box(
+            torch.tensor(lo1, **t), torch.tensor(hi1, **t)
+        )
+        region = region.intersect_box(torch.tensor(lo2, **t), torch.tensor(hi2, **t))
+        if np.any(lo > hi):  # the two boxes do not meet: empty whatever the radius
+            for r in (0.0, 10.0):
+                assert bool(
+                    Region(
+                        region.centre, torch.tensor([r], **t), p, region.lo, region.hi
+                    ).is_empty()[0]
+                )
+            seen[True] += 1
+            continue
+        d = _distance_to_box(c, lo, hi, p)
+        for r in (d * 0.9 - 1e-3, d * 1.1 + 1e-3, 0.0, 0.3):
+            if r < 0 or abs(r - d) < 1e-5:  # within the touching tolerance
+                continue
+            sized = Region(region.centre, torch.tensor([r], **t), p, region.lo, region.hi)
+            empty = bool(sized.is_empty()[0])
+            assert empty == (d > r), (c, lo, hi, r, d)
+            seen[empty] += 1
+            if not empty:  # then the projection really lands in the region
+                q = sized.project(torch.tensor(rng.normal(size=(1, n)), **t))
+                assert bool(sized.contains(q, tol=1e-9)[0])
+    assert seen[True] > 10 and seen[False] > 10
+
+
+def test_empty_regions_by_hand():
+    # unscaled pixels (0..255) under box(0, 1): only an image with every pixel <= 1.1 meets it
+    x = torch.tensor([[0.0, 1.0, 0.5], [0.0, 255.0, 3.0], [1.1, 1.05, 0.0]])
+    assert Region.ball(x, 0.1, INF, lo=0.0, hi=1.0).is_empty().tolist() == [False, True, False]
+    # the L2 distance from (1.1, 1.1) to the unit square is 0.1 * sqrt(2) = 0.1414...
+    c = torch.tensor([[1.1, 1.1]], dtype=torch.float64)
+    assert Region.ball(c, 0.14, 2, lo=0.0, hi=1.0).is_empty().tolist() == [True]
+    assert Region.ball(c, 0.15, 2, lo=0.0, hi=1.0).is_empty().tolist() == [False]
+    # L1: 0.2; L-inf: 0.1
+    assert Region.ball(c, 0.19, 1, lo=0.0, hi=1.0).is_empty().tolist() == [True]
+    assert Region.ball(c, 0.21, 1, lo=0.0, hi=1.0).is_empty().tolist() == [False]
+    assert Region.ball(c, 0.09, INF, lo=0.0, hi=1.0).is_empty().tolist() == [True]
+    # exactly touching (the distance equals the radius): one point, non-empty, projected onto
+    touching = Region.ball(torch.tensor([[1.5, 0.5]], dtype=torch.float64), 0.5, 2, lo=0.0, hi=1.0)
+    assert touching.is_empty().tolist() == [False]
+    q = touching.project(torch.tensor([[3.0, 3.0]], dtype=torch.float64))
+    assert torch.allclose(q, torch.tensor([[1.0, 0.5]], dtype=torch.float64))
+    # the issue's region: ball(x, 0.1, inf) & box(2, 3) around points of [0, 1]
+    far = Region.ball(torch.rand(4, 3), 0.1, INF, lo=2.0, hi=3.0)
+    assert far.is_empty().all()
+    # two boxes that do not meet, and a plain box with lo > hi in one sample
+    assert Region.ball(torch.zeros(1, 2), 5.0, INF, lo=0.0, hi=1.0).intersect_box(
+        2.0, 3.0
+    ).is_empty().tolist() == [True]
+    box = Region.box(torch.tensor([[0.0, 0.0], [0.0, 2.0]]), torch.tensor([[1.0, 1.0]] * 2))
+    assert box.is_empty().tolist() == [False, True]
+    # without a box a ball is never empty
+    assert not Region.ball(torch.full((2, 3), 1e6), 0.0, 2).is_empty().any()
+
+
+def test_select_keeps_per_sample_and_shared_parts():
+    centre = torch.rand(4, 3)
+    region = Region.ball(centre, torch.tensor([0.1, 0.2, 0.3, 0.4]), 2, lo=0.0, hi=1.0)
+    region = region.intersect_box(torch.zeros(4, 3), torch.full((4, 3), 0.9))
+    part = region.select(torch.tensor([3, 1]))
+    assert torch.equal(part.centre, centre[[3, 1]])
+    assert part.radius.tolist() == pytest.approx([0.4, 0.2])
+    assert part.lo.shape == (2, 3) and part.shape == (2, 3)
+    mask = torch.tensor([True, False, False, True])
+    assert torch.equal(region.select(mask).centre, centre[mask])
+    shared = Region.ball(centre, 0.1, INF, lo=0.0, hi=1.0).select(torch.tensor([0]))
+    assert shared.lo.dim() == 0 and shared.centre.shape == (1, 3)
+
+
+def test_non_finite_centres_and_bounds_are_region_errors():
+    x = torch.rand(3, 2)
+    x[1, 0] = math.nan
+    with pytest.raises(RegionError, match=r"centre has 1 NaN or infinite values \(samples 1\)"):
+        Region.ball(x, 0.1, INF, lo=0.0, hi=1.0)
+    with pytest.raises(RegionError, match="centre"):
+        Region.ball(torch.full((2, 2), math.inf), 0.1, 2)
+    with pytest.raises(RegionError, match="lower bound has 1 NaN"):
+        Region.ball(torch.rand(2, 2), 0.1, INF, lo=torch.tensor([0.0, math.nan]), hi=1.0)
+    with pytest.raises(RegionError, match="upper bound"):
+        Region.box(torch.zeros(2, 2), torch.full((2, 2), math.nan))
+    with pytest.raises(RegionError, match="NaN"):
+        Region.ball(torch.rand(2, 2), 0.1).intersect_box(math.nan, 1.0)
+    # an infinite box bound is a half-open box, not an error; RegionError is a UsageError
+    half = Region.ball(torch.rand(2, 2), 0.1, INF, lo=-math.inf, hi=1.0)
+    assert not half.is_empty().any()
+    assert issubclass(RegionError, ValueError)
+    from propdsl.errors import UsageError
+
+    assert issubclass(RegionError, UsageError)

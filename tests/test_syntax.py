@@ -12,6 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from propdsl import ast as A
+from propdsl.errors import ParseError
+from propdsl.source import Diagnostic
 from propdsl.syntax import format_expr, format_module, format_text, parse
 from propdsl.syntax.parser import KEYWORDS
 
@@ -54,7 +56,9 @@ NUMBERS = st.one_of(
 STRINGS = st.text(
     alphabet=st.one_of(
         st.sampled_from("\\\"\n\t#'{}"),
-        st.characters(blacklist_categories=("Cs",)),
+        # what the lexer accepts: no control or invisible characters (tab and newline come from
+        # their escapes above)
+        st.characters(blacklist_categories=("Cc", "Cf", "Zl", "Zp", "Cs")),
     ),
     max_size=8,
 )
@@ -452,3 +456,111 @@ def test_digits_spec_round_trips():
     assert parse(formatted) == module
     assert format_text(formatted) == formatted
     assert re.findall(r"#.*", formatted) == [c.strip() for c in re.findall(r"#.*", text)]
+
+
+# -- deceptive input: ASCII numbers, escapes, hidden characters ----------------------------------
+def _syntax_error(text: str) -> Diagnostic:
+    with pytest.raises(ParseError) as info:
+        parse(text)
+    return info.value.diagnostics[0]
+
+
+@pytest.mark.parametrize("digit", ["\u0665", "\uff15", "\u09eb", "\U0001d7d3"])
+def test_only_ascii_digits_make_numbers(digit):
+    # Python's `\d` and `float` read every Unicode decimal digit: "٥" was the number 5
+    for text in (f"let a = {digit}\n", f"let a = 1.{digit}\n", f"network f : Tensor[{digit}]"):
+        diag = _syntax_error(text)
+        assert diag.message == f"unexpected character {digit!r}", text
+        assert diag.hint.startswith("numbers are written with the ASCII digits 0-9; this is U+")
+        assert diag.span.col == text.index(digit) + 1
+    _syntax_error(f"let a = 1e{digit}\n")  # `1` then the name `e`: no number either
+
+
+def test_the_only_escapes_are_backslash_quote_newline_and_tab():
+    assert expr_of(r'"a\\b\"c\nd\te"') == A.Str('a\\b"c\nd\te')
+    text = 'let p = "C:\\data\\x.npz"\n'
+    with pytest.raises(ParseError) as info:
+        parse(text)
+    assert [(d.message, d.span.col) for d in info.value.diagnostics] == [
+        ("unknown escape '\\d' in a string", text.index("\\d") + 1),
+        ("unknown escape '\\x' in a string", text.index("\\x") + 1),
+    ]
+    assert "write paths with '/'" in info.value.diagnostics[0].hint
+
+
+@given(STRINGS)
+@ROUND_TRIP
+def test_every_accepted_string_round_trips_exactly_through_fmt(value):
+    text = format_text(f"let s = {format_expr(A.Str(value))}\n")
+    (decl,) = parse(text).decls
+    assert decl.body == A.Str(value)
+    assert format_text(text) == text
+
+
+@pytest.mark.parametrize(
+    ("char", "words"),
+    [
+        ("\x00", "the control character U+0000"),
+        ("\x1b", "the control character U+001B"),
+        ("\x7f", "the control character U+007F"),
+        ("\r", "the control character U+000D"),
+        ("\u202e", "the character U+202E RIGHT-TO-LEFT OVERRIDE"),
+        ("\u2066", "the character U+2066 LEFT-TO-RIGHT ISOLATE"),
+        ("\u200b", "the character U+200B ZERO WIDTH SPACE"),
+        ("\ufeff", "the character U+FEFF ZERO WIDTH NO-BREAK SPACE"),
+        ("\u2028", "the character U+2028 LINE SEPARATOR"),
+    ],
+)
+@pytest.mark.parametrize("where", ["code", "comment", "string"])
+def test_hidden_characters_are_refused_everywhere(char, words, where):
+    line = {"code": f"let a ={char} 1", "comment": f"let a = 1  # x{char}y", "string": ""}[where]
+    if where == "string":
+        line = f'let a = f(s = "x{char}y")'
+    text = f"let b = 2\n{line}\n"
+    diag = _syntax_error(text)
+    assert diag.message == f"{words} is not allowed in a spec"
+    assert (diag.span.line, diag.span.col) == (2, line.index(char) + 1)
+
+
+def test_crlf_line_breaks_are_layout():
+    text = "let a = 1  # one\r\nlet b = a\r\n"
+    module = parse(text)
+    assert [d.name for d in module.decls] == ["a", "b"]
+    assert [c.text for c in module.comments] == ["# one"]
+    assert format_text(text) == "let a = 1  # one\nlet b = a\n"
+
+
+class _CountingText(str):
+    """A spec text that counts the characters its searches examine (count, find, rfind)."""
+
+    scanned = 0
+
+    def _charge(self, start, end):
+        start = 0 if start is None else start
+        end = len(self) if end is None else end
+        type(self).scanned += max(0, end - start)
+
+    def count(self, sub, start=None, end=None):
+        self._charge(start, end)
+        return super().count(sub, start, end)
+
+    def find(self, sub, start=None, end=None):
+        found = super().find(sub, start, end)
+        self._charge(start, end if found < 0 else found + len(sub))  # up to the match
+        return found
+
+    def rfind(self, sub, start=None, end=None):
+        self._charge(start, end)
+        return super().rfind(sub, start, end)
+
+
+def test_comment_positions_cost_linear_work():
+    # Each comment's line used to be counted from the start of the text: quadratic work, more
+    # than a minute for a 10 MB file of comments.
+    n = 2000
+    text = _CountingText("let a = 1\n" + "#\n" * n)
+    _CountingText.scanned = 0
+    comments = parse(text).comments
+    assert [c.span.line for c in comments] == list(range(2, n + 2))
+    # a search from each line break to the end would be n * len(text) / 2 characters
+    assert _CountingText.scanned <= 4 * len(text)

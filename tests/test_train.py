@@ -33,6 +33,7 @@ from propdsl.runs import Run
 from propdsl.syntax import format_text
 from propdsl.train import (
     TrainingDiverged,
+    TrainingInterrupted,
     TrainOptions,
     load_split,
     resolve_device,
@@ -204,10 +205,15 @@ def test_a_fresh_run_replaces_an_old_one_and_text_specs_get_a_default_folder(tmp
     spec = propdsl.load(TINY.replace("epochs    = 2", "epochs    = 1").replace("200", "60"))
     run = tmp_path / "run"
     (run).mkdir()
-    (run / "best.safetensors").write_bytes(b"stale")
     (run / "notes.txt").write_text("mine")
-    train(spec, options(run, eval_samples=8))
-    assert len(weights(run / "best.safetensors")) == 4  # two Linear layers: rewritten
+    train(spec, options(run, eval_samples=8, seed=1))
+    first = weights(run / "best.safetensors")
+    with pytest.raises(propdsl.UsageError, match="holds a run"):
+        train(spec, options(run, eval_samples=8))  # an earlier propdsl run: kept
+    train(spec, options(run, eval_samples=8, force=True))  # replaced when asked to
+    assert len(weights(run / "best.safetensors")) == 4  # two Linear layers
+    assert not torch.equal(weights(run / "best.safetensors")["1.weight"], first["1.weight"])
+    assert json.loads((run / "config.json").read_text())["seed"] == 0
     assert (run / "notes.txt").read_text() == "mine"
     assert run_folder(spec, TrainOptions()) == Path("runs") / "spec"
     assert run_folder(propdsl.load(write(tmp_path, TINY)), TrainOptions()) == Path("runs/tiny")
@@ -323,8 +329,6 @@ def test_resume_after_an_interruption_ends_with_the_same_weights(tmp_path, unint
         train(spec, options(run), on_epoch=interrupt)
     assert json.loads((run / "last.json").read_text())["epoch"] == 1
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
-    with open(run / "metrics.jsonl", "a", encoding="utf-8") as fh:
-        fh.write('{"epoch": 2, "lo')  # a row cut short by the interruption
 
     result = train(spec, options(run, resume=True))
     assert [r["epoch"] for r in result.metrics] == [1, 2, 3]
@@ -360,7 +364,7 @@ def test_cli_resume_and_its_refusals(tmp_path, uninterrupted):
     assert nowhere.exit_code == 2 and "config.json is missing" in nowhere.stderr
 
     args = ("train", str(path), "--out", str(run), "--threads", "1", "--resume", "-q")
-    second = cli_run(*args)
+    second = cli_run(*args, "--epochs", "3")
     assert second.exit_code == 0, second.output
     assert_same_weights(run / "last.safetensors", uninterrupted / "last.safetensors")
 
@@ -369,12 +373,16 @@ def test_cli_interrupt_says_how_to_resume(tmp_path, monkeypatch):
     path = write(tmp_path, TINY)
 
     def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
+        raise TrainingInterrupted(tmp_path / "run", 2, True)
 
     monkeypatch.setattr("propdsl.train.train", interrupted)
-    result = cli_run("train", str(path), "--out", str(tmp_path / "run"), "-q")
+    args = ("train", str(path), "--out", str(tmp_path / "run"), "-q")
+    result = cli_run(*args, "--model", "nets.py:make")
     assert result.exit_code == 130
-    assert f"--out {tmp_path / 'run'} --resume" in result.stderr
+    assert result.stderr == (
+        f"interrupted; {tmp_path / 'run'} keeps epoch 2: continue with\n"
+        f"  propdsl train {path} --out {tmp_path / 'run'} --resume --model nets.py:make\n"
+    )
     assert "Traceback" not in result.output
 
 
@@ -532,7 +540,10 @@ def test_a_user_model_by_reference(tmp_path, user_module):
     config = json.loads((run / "config.json").read_text())
     assert config["model"]["user"] == f"{user_module}:make"
     assert isinstance(result.model[2], nn.Tanh)
-    reopened = Run.open(run).load_model("last")
+    # the run folder names the model but never imports it: the caller names it
+    with pytest.raises(propdsl.UsageError, match=f"never runs code.*--model {user_module}:make"):
+        Run.open(run).load_model("last")
+    reopened = Run.open(run).load_model("last", model_ref=f"{user_module}:make")
     x = torch.rand(3, 1, 8, 8)
     result.model.eval()
     with torch.no_grad():

@@ -598,6 +598,166 @@ def test_timeout_gives_unknown_timeout():
     assert TIMEOUT in timed.status
 
 
+# -- empty regions, non-finite inputs, reasons --------------------------------------------------
+EMPTY_SPEC = """\
+network f : Tensor[2] -> Tensor[3]
+param eps : Real = 0.1
+property robust(x, y) = forall x' in ball(x, eps, {p}) & box(0, 1): argmax(f(x')) == y
+property impossible(x) = forall x' in ball(x, eps, {p}) & box(0, 1): f(x')[0] >= 1000
+property far(x) = exists x' in ball(x, eps, {p}) & box(2, 3): f(x')[0] > -1000
+property near(x) = exists x' in ball(x, eps, {p}) & box(0, 1): f(x')[0] > -1000
+property pair(x) =
+  forall x1 in ball(x, eps, {p}) & box(0, 1), x2 in ball(x, eps, {p}) & box(2, 3):
+    f(x1)[0] >= f(x2)[0] + 1000
+property chain(x) =
+  forall x1 in ball(x, eps, {p}) & box(0, 1):
+    forall x2 in ball(x, eps, {p}) & box(2, 3): f(x1)[0] >= 1000
+property either(x) =
+  (forall x1 in ball(x, eps, {p}) & box(2, 3): f(x1)[0] >= 1000)
+  or (exists x2 in ball(x, eps, {p}) & box(2, 3): f(x2)[0] >= -1000)
+property both(x) =
+  (forall x1 in ball(x, eps, {p}) & box(2, 3): f(x1)[0] >= 1000)
+  and (exists x2 in ball(x, eps, {p}) & box(2, 3): f(x2)[0] >= -1000)
+property dependent(x) =
+  forall x1 in ball(x, eps, {p}) & box(0, 1):
+    exists x2 in ball(x1, eps, {p}) & box(2, 3): f(x2)[0] > -1000
+"""
+
+
+def _mixed_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """Samples 0-2 in the unit box (non-empty regions), 3-5 unscaled pixels (0..255): a ball of
+    radius 0.1 around them misses box(0, 1) (sample 5 by 0.15 in one coordinate only)."""
+    gen = torch.Generator().manual_seed(4)
+    inside = torch.rand(3, 2, generator=gen, dtype=torch.float64)
+    pixels = torch.tensor([[0.0, 255.0], [128.0, 3.0], [1.25, 0.5]], dtype=torch.float64)
+    return torch.cat([inside, pixels]), torch.zeros(6, dtype=torch.long)
+
+
+@pytest.mark.parametrize("p", ["inf", "2", "1"])
+def test_empty_regions_get_vacuous_verdicts_with_a_reason(p):
+    """The issue's cases: before, a forall over an empty region was falsified with a
+    counterexample 254 away and an exists over one was `verified` by a point outside it. Now
+    per sample: forall over an empty region is verified, exists falsified, both with the reason
+    and no point; the non-empty samples of the same batch are decided as usual."""
+    net, _ = make_net("relu", 0)
+    spec = propdsl.load(EMPTY_SPEC.format(p=p))
+    x, y = _mixed_batch()
+    gen = torch.Generator().manual_seed(0)
+    out = spec.verify(net, x, y, falsifier=APGD(steps=10), generator=gen)
+    # the regions of samples 0-2 (the others are empty: each of those samples lies more than
+    # 0.1 from box(0, 1))
+    region = Region.ball(x[:3], 0.1, {"inf": INF, "2": 2, "1": 1}[p], lo=0.0, hi=1.0)
+
+    impossible = out["impossible"]  # false on every non-empty region, vacuous on the others
+    assert impossible.status == [FALSIFIED] * 3 + [VERIFIED] * 3
+    for i in range(3, 6):
+        assert impossible.reasons[i].startswith("the region is empty")
+        assert "vacuously" in impossible.reasons[i]
+    points = impossible.counterexamples["x'"]
+    assert bool(region.contains(points[:3]).all())
+    assert bool(points[3:].isnan().all())  # no point outside its region is ever reported
+    with torch.no_grad():
+        assert bool((net(points[:3])[:, 0] < 1000).all())
+
+    robust = out["robust"]
+    assert robust.status[3:] == [VERIFIED] * 3
+    for s, r in zip(robust.status[:3], robust.reasons[:3], strict=True):
+        assert (r is None) == (s in (VERIFIED, FALSIFIED))
+    for i, s in enumerate(robust.status[:3]):
+        if s == FALSIFIED:
+            assert bool(region.contains(robust.counterexamples["x'"][:3])[i])
+
+    far = out["far"]  # box(2, 3) misses every ball: never a witness outside the region
+    assert far.status == [FALSIFIED] * 6 and far.counterexamples == {}
+    assert all(r.startswith("the region is empty") and "no witness" in r for r in far.reasons)
+    near = out["near"]
+    assert near.status == [VERIFIED] * 3 + [FALSIFIED] * 3
+    assert near.reasons[:3] == [None] * 3 and all(
+        r.startswith("the region is") for r in near.reasons[3:]
+    )
+
+    # one empty factor of a product makes it empty; so does an independent nested region
+    assert out["pair"].status == [VERIFIED] * 6
+    assert all("x2" in r for r in out["pair"].reasons)
+    assert out["chain"].status == [VERIFIED] * 6
+    # every region empty: the exact evaluation decides (true or false; true and false)
+    assert out["either"].status == [VERIFIED] * 6
+    assert out["both"].status == [FALSIFIED] * 6
+    for name in ("either", "both"):
+        assert all(r.startswith("every region") for r in out[name].reasons)
+    # an inner region that depends on the outer point: false where x1 has points (no witness
+    # for any of them), never verified there; vacuous where x1's own region is empty
+    assert VERIFIED not in out["dependent"].status[:3]
+    assert out["dependent"].status[3:] == [VERIFIED] * 3
+
+
+def test_bound_propagation_refuses_empty_and_non_finite_regions():
+    from propdsl.region import RegionError
+    from propdsl.verify.bounds import bounds, compute_bounds
+    from propdsl.verify.jacobian import lipschitz_constant
+
+    net, _ = make_net("relu", 0)
+    x, _ = _mixed_batch()
+    region = Region.ball(x, 0.1, INF, lo=0.0, hi=1.0)
+    for method in METHODS:
+        with pytest.raises(RegionError, match=r"empty for 3 of 6 samples \(3, 4, 5\)"):
+            compute_bounds(net, region, method)
+    with pytest.raises(RegionError, match="empty"):
+        lipschitz_constant(net, region=region)
+    lower = torch.zeros(2, 2, dtype=torch.float64)
+    upper = lower + 0.1
+    lower[1, 0] = math.nan
+    with pytest.raises(UsageError, match="NaN"):
+        bounds(net, lower, upper)
+    with pytest.raises(UsageError, match="unbounded"):
+        bounds(net, torch.full((1, 2), -math.inf).double(), torch.zeros(1, 2).double())
+    # the non-empty samples alone are fine
+    lb, ub = compute_bounds(net, region.select(torch.arange(3)), "crown")
+    assert bool(torch.isfinite(lb).all() and (lb <= ub).all())
+
+
+def test_verify_and_export_reject_non_finite_inputs(tmp_path):
+    """Before, a NaN pixel gave a `falsified` verdict with a NaN counterexample."""
+    from propdsl.export import export
+
+    net, _ = make_net("relu", 0)
+    spec = propdsl.load(EMPTY_SPEC.format(p="inf"))
+    x, y = _mixed_batch()
+    x[4, 1] = math.nan
+    x[5, 0] = math.inf
+    with pytest.raises(UsageError, match=r"x has 2 NaN or infinite values \(samples 4, 5\)"):
+        spec.verify(net, x, y, ["robust"])
+    with pytest.raises(UsageError, match="NaN or infinite"):
+        export(spec, net, x, y, tmp_path / "out", properties=["robust"])
+
+
+def test_every_open_verdict_has_a_reason():
+    """unknown: the method and the certified margin that fell short; timeout: the budget;
+    unsupported: the positioned reason, per sample too; plain verdicts: no reason."""
+    net, shape = make_net("relu", 5)
+    spec = propdsl.load(spec_text(shape, INF), {"eps": 0.2})
+    x = torch.rand(8, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = net(x).argmax(1)
+    v = spec.verify(net, x, y, ["cr"], method="ibp", falsifier=CENTRE)["cr"]
+    assert UNKNOWN in v.status and v.reason is None
+    for i, s in enumerate(v.status):
+        if s == UNKNOWN:
+            m = float(v.margin[i])
+            assert m < 0
+            assert v.reasons[i] == (
+                f"the ibp bounds are too loose: certified margin {m:.4g}, a proof needs >= 0; "
+                "a tighter method or a smaller region may prove it"
+            )
+        else:
+            assert v.reasons[i] is None
+    timed = spec.verify(net, x, y, ["cr"], falsifier=CENTRE, timeout=0.0)["cr"]
+    for s, r in zip(timed.status, timed.reasons, strict=True):
+        if s == TIMEOUT:
+            assert r.startswith("timeout: the budget of 0 s per sample (0 s for 8 samples)")
+    un = propdsl.load(UNSUPPORTED_SPEC).verify(net, x, None, ["curved"])["curved"]
+    assert un.status == [UNSUPPORTED] * 8 and un.reasons == [un.reason] * 8
+
+
 # -- the API -------------------------------------------------------------------------------------
 def test_spec_verify_api():
     net, shape = make_net("relu", 7, dtype=torch.float32)
@@ -695,6 +855,11 @@ def test_propdsl_verify_end_to_end(trained_run):
     assert "unsupported" not in result.output  # Lipschitz: Jacobian bounds (docs/jacobian.md)
     data = json.loads((run / "verify.json").read_text())
     assert data["method"] == "crown" and data["samples"] == 12 and data["params"]["eps"] == 0.15
+    assert data["param_sources"]["eps"] == "override" and data["checkpoint"] == "best"
+    folder = run / data["results"]  # RUN/verify/<method>-<key>/, RUN/verify.json its copy
+    assert folder.parent == run / "verify" and folder.name.startswith("crown-test-n12-best-")
+    assert json.loads((folder / "verify.json").read_text()) == data
+    assert f"verdicts: {folder / 'verify.json'}" in result.output
     assert set(data["properties"]) == {"robust", "stable", "lipschitz"}
     robust = data["properties"]["robust"]
     assert sum(robust["rates"].values()) == pytest.approx(1.0)
@@ -707,9 +872,15 @@ def test_propdsl_verify_end_to_end(trained_run):
     assert lipschitz["rates"].get(UNSUPPORTED, 0.0) == 0.0 and lipschitz["reason"] is None
     for s in lipschitz["per_sample"]:
         assert s["status"] != VERIFIED or s["margin"] >= 0
+    # every per-sample entry has a reason; every open verdict says why
+    for prop in data["properties"].values():
+        for s in prop["per_sample"]:
+            assert "reason" in s
+            if s["status"] not in (VERIFIED, FALSIFIED):
+                assert isinstance(s["reason"], str) and s["reason"]
 
     # counterexamples: inside the region, misclassified by the run's model
-    npz = np.load(run / "counterexamples" / "robust.npz")
+    npz = np.load(folder / "counterexamples" / "robust.npz")
     index, x, points = npz["index"], npz["x"], npz["point[x']"]
     assert list(index) == [i for i, s in enumerate(statuses) if s == FALSIFIED]
     test = load_dataset("digits", split="test", seed=0)
@@ -721,7 +892,11 @@ def test_propdsl_verify_end_to_end(trained_run):
     with torch.no_grad():
         pred = model(torch.tensor(points)).argmax(1).numpy()
     assert (pred != labels).all()
-    assert (run / "counterexamples" / "robust.png").exists()
+    assert (folder / "counterexamples" / "robust.png").exists()
+    # every open sample says why
+    for s in robust["per_sample"]:
+        if s["status"] in (UNKNOWN, TIMEOUT):
+            assert s["reason"], s
 
 
 def test_propdsl_verify_with_crown_ibp_reports_its_own_bounds(trained_run):
@@ -769,3 +944,83 @@ def test_propdsl_verify_usage_errors(trained_run):
     assert "ibp, crown_ibp, crown, alpha_crown" in result.output
     result = runner.invoke(cli.app, ["verify", str(spec_path), "--run", str(run / "nope")])
     assert result.exit_code == 2 and "no such run folder" in result.output
+
+
+# -- the report: reasons, counterexample pictures (issue 13) ---------------------------------------
+
+
+def _verdicts(status, margins, reasons=None):
+    from propdsl.verify.run import PropertyVerdicts
+
+    v = PropertyVerdicts("robust", status, torch.tensor(margins, dtype=torch.float64))
+    if reasons is not None:
+        v.reasons = reasons  # what the verifier gives per sample, where it does
+    return v
+
+
+def test_the_table_says_why_samples_are_unknown():
+    from propdsl.verify.report import VerifyReport, _reasons
+
+    nan = float("nan")
+    v = _verdicts([VERIFIED, UNKNOWN, UNKNOWN, TIMEOUT, FALSIFIED], [0.2, -0.31, -0.05, nan, nan])
+    reasons = {"robust": _reasons(v)}
+    assert reasons["robust"][0] is None and reasons["robust"][4] is None
+    assert reasons["robust"][1] == "bounds too loose: certified margin -0.31, a proof needs >= 0"
+    report = VerifyReport("crown", "test", 5, {"robust": v}, Path("v.json"), (), reasons=reasons)
+    lines = report.table().splitlines()
+    row = lines.index(next(line for line in lines if line.startswith("robust")))
+    assert lines[row + 1] == (
+        "  unknown, 2 samples (e.g. #1): bounds too loose: certified margin -0.31, a proof "
+        "needs >= 0"
+    )
+    assert lines[row + 2] == (
+        "  unknown (timeout), 1 sample (e.g. #3): the time limit per sample ran out"
+    )
+    # The verifier's own reasons, where it gives them, come first.
+    given = [None, "the crown bounds are too loose: certified margin -0.31", None, None, None]
+    v = _verdicts(
+        [VERIFIED, UNKNOWN, UNKNOWN, TIMEOUT, FALSIFIED], [0.2, -0.31, -0.05, nan, nan], given
+    )
+    assert _reasons(v)[1] == given[1]
+    assert _reasons(v)[2].startswith("bounds too loose: certified margin -0.05")
+
+
+def test_counterexample_pictures_show_index_label_prediction_and_margin(trained_run, monkeypatch):
+    """The PNG of a property's counterexamples: each column's sample index in the split, its
+    label, the predictions at the sample and at the counterexample, and the label's logit
+    margin at the counterexample, computed here from the saved points."""
+    from propdsl import plots
+    from propdsl.verify.report import verify_run
+
+    spec_path, run = trained_run
+    seen = {}
+
+    def grab(x, points, index, labels, pred_x, pred_point, margins, path, **kw):
+        seen.update(index=list(index), labels=labels, pred_x=pred_x, pred_point=pred_point)
+        seen.update(margins=margins, title=kw["title"])
+        path.write_bytes(b"")
+        return path
+
+    monkeypatch.setattr(plots, "counterexample_grid", grab)
+    spec = propdsl.load(spec_path, {"eps": 0.15})
+    report = verify_run(spec, run, samples=12, properties=["robust"])
+    npz = np.load(report.results / "counterexamples" / "robust.npz")
+    index = list(npz["index"])
+    assert seen["index"] == index[:8]
+    assert f"{min(len(index), 8)} of {len(index)} counterexamples" in seen["title"]
+    model = runs.Run.open(run).load_model()
+    points = torch.tensor(npz["point[x']"][:8])
+    from propdsl.data import load_dataset
+
+    labels = [int(v) for v in load_dataset("digits", split="test", seed=0).y[index[:8]]]
+    assert list(seen["labels"]) == labels
+    with torch.no_grad():
+        logits = model(points)
+        at_x = model(torch.tensor(npz["x"][:8])).argmax(1)
+    for j, label in enumerate(labels):
+        others = torch.cat([logits[j, :label], logits[j, label + 1 :]])
+        assert seen["margins"][j] == pytest.approx(float(logits[j, label] - others.max()), abs=1e-5)
+        assert seen["margins"][j] < 0  # misclassified there: a counterexample
+        assert seen["pred_point"][j] == int(logits[j].argmax()) and seen["pred_x"][j] == int(
+            at_x[j]
+        )

@@ -115,7 +115,8 @@ class Logic(abc.ABC):
         has_negation: False means the compiler must push ``not`` down to the atoms (flipping
             comparisons) and rewrite ``a implies b`` as ``not a or b`` before compiling.
         trainable: False for logics meant for evaluation only (``boolean``, ``violation``).
-        aliases: other names accepted by ``get_logic``.
+        aliases: other names accepted by ``get_logic`` (those set on the class itself: a
+            subclass of ``Godel`` does not inherit ``goedel``).
     """
 
     name: ClassVar[str]
@@ -191,7 +192,7 @@ def register_logic(cls: L) -> L:
             f"{cls.__qualname__}.name must be a lower-case identifier such as 'my_logic', "
             f"got {name!r}"
         )
-    aliases = cls.aliases
+    aliases = _own_aliases(cls)
     if not isinstance(aliases, tuple) or not all(
         isinstance(a, str) and a == a.strip().lower() and a for a in aliases
     ):
@@ -204,10 +205,48 @@ def register_logic(cls: L) -> L:
             raise LogicError(
                 f"logic name '{key}' is already taken by {known.__module__}.{known.__qualname__}"
             )
+    # the spec registry first (it may refuse the name), so that both always agree
+    _register_for_specs(cls)
     _REGISTRY[name] = cls
     for alias in aliases:
         _ALIASES[alias] = name
     return cls
+
+
+def _own_aliases(cls: type[Logic]) -> tuple[str, ...]:
+    """The aliases a class declares itself: a subclass of a built-in logic does not inherit its
+    parent's names (registering it would otherwise clash with the parent's aliases)."""
+    return cls.__dict__.get("aliases", ())
+
+
+def _register_for_specs(cls: type[Logic]) -> None:
+    """Make the logic nameable in specs (`logic = name(keyword = value)`): an entry of the
+    torch-free registry the checker reads. The built-in logics are declared there already;
+    a user's logic gets the keywords of its constructor that a spec can write."""
+    from propdsl import registry
+
+    target = f"{cls.__module__}:{cls.__qualname__}"
+    entry = registry.Entry(
+        kind=registry.Kind.LOGIC,
+        name=cls.name,
+        aliases=tuple(_own_aliases(cls)),
+        keywords=registry.keywords_from_signature(cls),
+        target=None if "<" in target else target,
+        summary=(cls.__doc__ or "").strip().split("\n")[0],
+        builtin=False,
+        trainable=bool(cls.trainable),
+    )
+    try:
+        registry.register(entry, replace=_identity_registered(cls))
+    except registry.RegistryError as err:
+        raise LogicError(str(err)) from None
+
+
+def _identity_registered(cls: type[Logic]) -> bool:
+    """Whether this very class (same module and name) was registered before: a reloaded module
+    registers its logic again, and the spec registry then takes the new class's entry."""
+    known = _lookup(cls.name)
+    return known is not None and _identity(known) == _identity(cls)
 
 
 def _identity(cls: type) -> tuple[str, str]:

@@ -6,7 +6,9 @@
 property moves `x1` and `x2` together), with random starts and restarts.
 
 Guarantees the losses and the falsifier build on:
-  * every returned point lies in its region (`Region.project` after every step);
+  * every returned point lies in its region (`Region.project` after every step), for every
+    sample whose regions are non-empty; `AttackResult.empty` flags the others, whose points are
+    placeholders outside the region (there is no point to return) that no caller may report;
   * the returned point of each sample is the most violating point visited (over all steps and
     all restarts, judged on the true model), so more restarts never do worse than fewer, and the
     first restart repeats a single run with the same generator state;
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from propdsl.region import INF, Region
+from propdsl.region import INF, Region, rows
 
 __all__ = [
     "APGD",
@@ -128,11 +130,15 @@ class AttackResult:
     """The most violating points found, one tensor per binder, and the objective there.
 
     `points[i]` has the shape of `regions[i]`; `value` is the [B] objective evaluated on the true
-    model (no surrogate) at `points`. Both are detached.
+    model (no surrogate) at `points`. Both are detached. `empty` [B] flags the samples for which
+    some region is empty (`Region.is_empty`): the joint region has no point, and their `points`
+    (the box point nearest each centre, finite so that gradients stay finite) and `value` mean
+    nothing: a quantifier over them is vacuous.
     """
 
     points: tuple[Tensor, ...]
     value: Tensor
+    empty: Tensor | None = None  # None: no sample's region is empty
 
 
 # -- the smooth surrogate --------------------------------------------------------------------------
@@ -207,7 +213,8 @@ def run_attack(
         generator: the random source of the starts (on the regions' device).
 
     Returns:
-        `AttackResult` with one detached point tensor per region and the [B] objective there.
+        `AttackResult` with one detached point tensor per region, the [B] objective there, and
+        the [B] mask of samples whose region is empty (their points are not in it).
 
     Steps: L-inf balls (and plain boxes) use the gradient's sign; L2 balls the L2-normalised
     gradient; L1 balls the gradient divided by its largest entry (the largest coordinate moves by
@@ -229,6 +236,9 @@ def run_attack(
     if any(r.shape[0] != batch for r in regions):
         raise ValueError("all regions of one attack must have the same batch size")
 
+    empty = regions[0].is_empty()
+    for r in regions[1:]:
+        empty = empty | r.is_empty()
     with _eval_mode(models):
         problem = _Problem(objective, regions, attack.surrogate_beta, batch)
         best: _Best | None = None
@@ -243,7 +253,7 @@ def run_attack(
             else:
                 best.offer(found.points, found.value)
     assert best is not None
-    return AttackResult(points=tuple(best.points), value=best.value)
+    return AttackResult(points=tuple(best.points), value=best.value, empty=empty)
 
 
 @contextlib.contextmanager
@@ -277,14 +287,14 @@ def _scale(region: Region) -> Tensor:
     if region.radius is not None:
         return region.radius.expand(region.shape[0])
     lo, hi = region.bounding_box()
-    return (hi - lo).flatten(1).amax(dim=1) / 2
+    return rows(hi - lo).amax(dim=1) / 2
 
 
 def _direction(g: Tensor, p: float) -> Tensor:
     """The ascent direction of unit size in the region's norm (see `run_attack`)."""
     if p == INF:
         return g.sign()
-    flat = g.flatten(1)
+    flat = rows(g)
     size = flat.norm(dim=1) if p == 2 else flat.abs().amax(dim=1)
     return g / _column(torch.where(size > 0, size, torch.ones_like(size)), g)
 
@@ -367,13 +377,15 @@ class _Problem:
     def warn_if_flat(self, grads: Sequence[Tensor]) -> None:
         if self.beta is not None:
             return
-        flat = torch.stack([g.flatten(1).abs().amax(dim=1) for g in grads]).amax(dim=0) == 0
+        flat = torch.stack([rows(g).abs().amax(dim=1) for g in grads]).amax(dim=0) == 0
         if 2 * int(flat.sum()) > self.batch:
             warnings.warn(
                 f"the attack objective's input gradient is exactly zero for {int(flat.sum())} of "
                 f"{self.batch} samples at the start, so the attack cannot move; objectives built "
-                "on input gradients (saliency) of ReLU networks are flat almost everywhere: set "
-                "surrogate_beta (e.g. 10) to climb a softplus surrogate",
+                "on input gradients (saliency) of ReLU networks are flat almost everywhere: give "
+                "the attack a softplus surrogate to climb, surrogate_beta (in a spec: "
+                "attack = pgd(steps = 10, surrogate_beta = 10); in Python: "
+                "PGD(surrogate_beta=10))",
                 VanishingGradientWarning,
                 stacklevel=4,
             )

@@ -26,7 +26,9 @@ logsumexp of `-m` over a block of rows, so `softplus(v) = log(1 + sum exp(-m))`)
   true (no loss) and `+BIG` where false (a constant loss without gradient: nothing the network
   does can help).
 
-Strict rows are treated as non-strict (they differ on a set of measure zero).
+Strict rows are treated as non-strict (they differ on a set of measure zero). A sample whose
+region is empty (the ball misses the box) holds vacuously: loss 0 without gradient, and it is
+not bounded (an `EmptyRegionWarning` says so once).
 """
 
 from __future__ import annotations
@@ -120,16 +122,27 @@ def certified_loss(
     if query is None:
         raise CompileError(f"certified({name}): the property quantifies over no region")
     C, d, _ = query.matrix()
-    if C.shape[1] == 0:
-        lower = C.new_zeros(C.shape[0], 0)
-    else:
+    # A sample whose region is empty holds vacuously: no bounds (the engine refuses an empty
+    # region), no loss; the other samples are bounded alone.
+    assert query.region is not None
+    empty = query.region.is_empty()
+    keep = (~empty).nonzero().flatten()
+    if bool(empty.any()):
+        from propdsl.loss.compile import _warn_empty
+
+        _warn_empty((query.variable or "the input",), "forall")
+    lower = C.new_zeros(C.shape[0], C.shape[1])
+    if C.shape[1] > 0 and keep.numel() > 0:
         model = models[query.network]
-        lower, _ = bounds(model, region=query.region, method=Method.IBP, C=C)
+        region, rows = query.region.select(keep), C[keep]
+        part, _ = bounds(model, region=region, method=Method.IBP, C=rows)
         if method == "crown_ibp":
-            crown, _ = bounds(model, region=query.region, method=Method.CROWN, C=C)
-            lower = 0.5 * (lower + crown)
+            crown, _ = bounds(model, region=region, method=Method.CROWN, C=rows)
+            part = 0.5 * (part + crown)
+        lower = lower.index_put((keep,), part)
     margins = lower + d.clamp(-BIG, BIG)
-    return torch.nn.functional.softplus(_violation(query, margins))
+    loss = torch.nn.functional.softplus(_violation(query, margins))
+    return torch.where(empty, torch.zeros_like(loss), loss)
 
 
 def _violation(query: Any, margins: Tensor) -> Tensor:

@@ -16,8 +16,9 @@ See docs/losses.md.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -105,7 +106,8 @@ class Env:
         self.shared: dict[int, Tensor] = {} if shared is None else shared
         self.store: dict[tuple[int, int], Any] = parent.store if parent is not None else {}
         # the attack points of this evaluation: (logic, names, points), for counterexamples
-        self.found: list[tuple[Logic, tuple[str, ...], tuple[Tensor, ...]]] = (
+        # and the mask of samples whose region is empty (None: none is)
+        self.found: list[tuple[Logic, tuple[str, ...], tuple[Tensor, ...], Tensor | None]] = (
             parent.found if parent is not None else []
         )
         # finite quantifier envs: variable -> (its index per parent row [factor], is arange(k))
@@ -757,8 +759,8 @@ class Compiler:
         negate = node.kind in ("exists", "min")  # the attack maximises
 
         def run(env: Env) -> Tensor:
-            sub = env.recall(id(run))
-            if sub is None:
+            record = env.recall(id(run))
+            if record is None:
                 regions = [d(env) for d in domains]
                 # The attack's own chain: the `violation` logic, numbers computed afresh (the
                 # models run in eval mode during the attack), nothing remembered.
@@ -775,13 +777,30 @@ class Compiler:
                     models=list(env.models.values()),
                     generator=env.config.generator,
                 )
+                empty = result.empty
+                if empty is not None and not bool(empty.any()):
+                    empty = None
+                if empty is not None:
+                    _warn_empty(names, node.kind)
                 sub = env.child(dict(zip(names, result.points, strict=True)))
-                env.keep(id(run), sub)
+                env.keep(id(run), (sub, empty))
                 if env.remember:
-                    env.found.append((env.logic, names, result.points))
-            elif sub.parent is not env:
-                sub = _rebind(sub, env)
-            return body(sub)
+                    env.found.append((env.logic, names, result.points, empty))
+            else:
+                sub, empty = record
+                if sub.parent is not env:
+                    sub = _rebind(sub, env)
+            value = body(sub)
+            if empty is None:
+                return value
+            # Over an empty region the quantifier is vacuous: `forall` is true, `exists` false,
+            # `max` -inf and `min` +inf (the bounds of an empty set), whatever the placeholder
+            # point gives; `where` passes no gradient to the placeholder's value.
+            if node.kind in ("forall", "exists"):
+                fill = env.logic.constant(node.kind == "forall", value)
+            else:
+                fill = torch.full_like(value, -math.inf if node.kind == "max" else math.inf)
+            return torch.where(_col(empty, value), fill, value)
 
         return _Lambda(node, free, run)
 
@@ -839,6 +858,31 @@ def _lookup(env: Env, name: str) -> Tensor:
             return e.values[name]
         e = e.parent
     raise CompileError(f"variable '{name}' is not bound")
+
+
+def _col(mask: Tensor, like: Tensor) -> Tensor:
+    return mask.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+class EmptyRegionWarning(UserWarning):
+    """A quantifier ranged over an empty region for some samples (the ball misses the box):
+    it took its vacuous value there (`forall` true, `exists` false)."""
+
+
+def _warn_empty(names: tuple[str, ...], kind: str) -> None:
+    # One message per quantifier kind and variables: the default filter shows it once.
+    meaning = {
+        "forall": "true there (no loss)",
+        "exists": "false there (a constant loss without gradient)",
+        "max": "-inf there",
+        "min": "+inf there",
+    }[kind]
+    warnings.warn(
+        f"the region of {', '.join(names)} is empty for some samples (the ball does not meet "
+        f"the box: are the data in the box's units?); '{kind}' over it is {meaning}",
+        EmptyRegionWarning,
+        stacklevel=2,
+    )
 
 
 def _rebind(sub: Env, env: Env) -> Env:
@@ -1016,13 +1060,23 @@ class LossOutput:
         satisfied: BoolTensor[B], the exact truth of the body at the attack's points.
         value: Tensor[B], the logic's value (truth degree or DL2 loss) of the property.
         counterexample: the attack's points per quantified variable (name -> Tensor[B, ...]),
-            empty when the property has no quantifier over a region.
+            empty when the property has no quantifier over a region. NaN rows where the
+            variable's region is empty (there is no point to report).
+        empty: per quantified variable (the keys of `counterexample`), BoolTensor[B]: its region
+            is empty for the sample, and its quantifier took the vacuous value there (`forall`
+            true, `exists` false).
+        all_empty: BoolTensor[B]: every quantifier over a region that the property evaluated for
+            the sample ranged over an empty region, so `satisfied` is exact there: no attack
+            point entered it. False where the property has no quantifier over a region, or one
+            under a finite quantifier (K regions per sample).
     """
 
     loss: Tensor
     satisfied: Tensor
     value: Tensor
     counterexample: dict[str, Tensor]
+    empty: dict[str, Tensor] = field(default_factory=dict)
+    all_empty: Tensor | None = None
 
 
 def resolve_logic(logic: str | Logic | Any) -> Logic:
@@ -1118,15 +1172,29 @@ class PropertyLoss(nn.Module):
         env = self.env(model, x, y, self.logic)
         value = _b(self.code(env), env)
         points: dict[str, Tensor] = {}
-        for logic, names, pts in env.found:
-            if logic is self.logic:  # the points the loss was evaluated at
-                for name, p in zip(names, pts, strict=True):
-                    points.setdefault(name, p)
+        empty: dict[str, Tensor] = {}
+        batch = x.shape[0]
+        records = [r for r in env.found if r[0] is self.logic]  # the points the loss was at
+        all_empty = torch.full((batch,), bool(records), dtype=torch.bool, device=x.device)
+        for _, names, pts, none_in in records:
+            mask = torch.zeros(pts[0].shape[0], dtype=torch.bool, device=pts[0].device)
+            if none_in is not None:
+                mask = none_in
+            if mask.shape[0] == batch:
+                all_empty = all_empty & mask
+            else:  # K regions per sample (under a finite quantifier): not tracked per sample
+                all_empty = torch.zeros_like(all_empty)
+            for name, p in zip(names, pts, strict=True):
+                if name in points:
+                    continue
+                # No point to report where the region is empty: the placeholder is not in it.
+                points[name] = p if none_in is None else p.masked_fill(_col(mask, p), math.nan)
+                empty[name] = mask
         with torch.no_grad():
             # The exact truth at the same points, reusing the numbers of the loss pass.
             exact = env.with_logic(BOOLEAN)
             satisfied = _b(self.code(exact), exact).bool()
-        return LossOutput(self.logic.loss(value), satisfied, value, points)
+        return LossOutput(self.logic.loss(value), satisfied, value, points, empty, all_empty)
 
 
 class Objective(nn.Module):

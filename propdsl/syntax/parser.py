@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from functools import cache, lru_cache
 from importlib import resources
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 
 from propdsl import ast as A
 from propdsl.errors import ParseError
-from propdsl.source import Diagnostic, Source, Span, suggest
+from propdsl.source import Diagnostic, Source, Span, is_hidden, suggest
 
 DECL_KEYWORDS = ("network", "param", "let", "property", "train", "verify")
 KEYWORDS = frozenset(
@@ -59,6 +60,9 @@ def _parser() -> Any:
 def parse(text: str, name: str = "<spec>") -> A.Module:
     """Parse spec text into a `Module`, raising `ParseError` with every syntax error found."""
     source = Source(text, name)
+    hidden = _hidden_characters(source)
+    if hidden:
+        raise ParseError(hidden, source)
     diagnostics: list[Diagnostic] = []
     tree = None
     offset = 0
@@ -87,7 +91,46 @@ def parse(text: str, name: str = "<spec>") -> A.Module:
     module = builder.transform(tree)
     if builder.diagnostics:
         raise ParseError(builder.diagnostics, source)
-    return A.Module(module.decls, tuple(_comments(text)))
+    return A.Module(module.decls, tuple(_comments(source)))
+
+
+# Characters that are invisible or move the cursor: a spec holding one may read differently from
+# what it is (a bidi override reorders the text on screen, "Trojan Source", Boucher and Anderson
+# 2021), so they are refused everywhere, comments and strings included. Tabs and newlines are
+# layout; a carriage return is accepted only in a CRLF line break.
+def _hidden_characters(source: Source) -> list[Diagnostic]:
+    text = source.text
+    # The distinct characters first (a C-speed pass), so that the search below looks only for
+    # the few that are hidden.
+    found = {ch for ch in set(text) if is_hidden(ch)}
+    if not found:
+        return []
+    out: list[Diagnostic] = []
+    pattern = re.compile("[" + "".join(re.escape(ch) for ch in sorted(found)) + "]")
+    for m in pattern.finditer(text):
+        ch = m.group()
+        if ch == "\r" and text.startswith("\n", m.end()):
+            continue
+        line, col = source.position(m.start())
+        out.append(
+            Diagnostic(
+                f"{_character_words(ch)} is not allowed in a spec",
+                Span(line, col, line, col + 1),
+                "delete it; only spaces, tabs and line breaks may separate tokens"
+                if unicodedata.category(ch) == "Cc"
+                else "delete it (it may be invisible in an editor)",
+            )
+        )
+        if len(out) >= MAX_SYNTAX_ERRORS:
+            break
+    return out
+
+
+def _character_words(ch: str) -> str:
+    """`the control character U+0000`, `the character U+202E RIGHT-TO-LEFT OVERRIDE`."""
+    name = unicodedata.name(ch, "")
+    kind = "control character" if unicodedata.category(ch) == "Cc" else "character"
+    return f"the {kind} U+{ord(ch):04X}" + (f" {name}" if name else "")
 
 
 def _too_deep(tree: Any) -> Diagnostic | None:
@@ -185,6 +228,8 @@ def _diagnose(err: Any, source: Source) -> Diagnostic:
             hint = "use 'or' for disjunction"
         elif char == '"':
             hint = "strings are written in double quotes on one line"
+        elif char and not char.isascii():
+            hint = _non_ascii_hint(char)
         return Diagnostic(f"unexpected character {char!r}", span, hint)
     if isinstance(err, lark.exceptions.UnexpectedToken):
         token = err.token
@@ -228,6 +273,17 @@ def _diagnose(err: Any, source: Source) -> Diagnostic:
     # UnexpectedEOF and other rare cases
     end = len(source.text)
     return Diagnostic("unexpected end of file", source.end_span(), _unfinished_hint(source, end))
+
+
+def _non_ascii_hint(char: str) -> str:
+    """Names, numbers and operators are ASCII: say what the look-alike character really is."""
+    name = unicodedata.name(char, "")
+    what = f"U+{ord(char):04X}" + (f" {name}" if name else "")
+    if unicodedata.category(char) == "Nd":
+        return f"numbers are written with the ASCII digits 0-9; this is {what}"
+    if char.isalpha():
+        return f"names are written in ASCII letters; this is {what}"
+    return f"this is {what}; outside comments and strings a spec is ASCII"
 
 
 _TRAILING_OPERATOR = re.compile(
@@ -308,8 +364,7 @@ def _unclosed_hint(source: Source, end: int) -> str | None:
     if not stack:
         return None
     ch, pos = stack[-1]
-    line = text.count("\n", 0, pos) + 1
-    col = pos - (text.rfind("\n", 0, pos) + 1) + 1
+    line, col = source.position(pos)
     what = "the block's '{'" if ch == "{" else f"the '{ch}'"
     return f"{what} at line {line}, column {col} is never closed"
 
@@ -346,8 +401,33 @@ def _tok_span(tok: Any) -> Span:
     return Span(tok.line, tok.column, tok.end_line, tok.end_column)
 
 
-def _unescape(body: str) -> str:
-    return re.sub(r"\\(.)", lambda m: {"n": "\n", "t": "\t"}.get(m.group(1), m.group(1)), body)
+# The escapes a string knows; any other backslash is an error (a Windows path such as
+# "C:\data\x.npz" would otherwise lose its backslashes silently).
+_ESCAPES = {"\\": "\\", '"': '"', "n": "\n", "t": "\t"}
+
+
+def _unescape(token: Any) -> tuple[str, list[Diagnostic]]:
+    """The value of a STRING token and an error for each unknown escape in it."""
+    body = str(token)[1:-1]
+    problems: list[Diagnostic] = []
+
+    def one(m: re.Match[str]) -> str:
+        ch = m.group(1)
+        if ch in _ESCAPES:
+            return _ESCAPES[ch]
+        # Strings hold one line: the escape's column is the token's plus its offset.
+        col = token.column + 1 + m.start()
+        problems.append(
+            Diagnostic(
+                f"unknown escape '\\{ch}' in a string",
+                Span(token.line, col, token.line, col + 2),
+                "a string knows \\\\, \\\", \\n and \\t; write paths with '/' "
+                "(or '\\\\' for a backslash)",
+            )
+        )
+        return "\\" + ch
+
+    return re.sub(r"\\(.)", one, body), problems
 
 
 def _make_builder() -> type:
@@ -498,7 +578,7 @@ def _make_builder() -> type:
         def number(self, meta, c):
             text = str(c[0])
             value: int | float
-            if re.fullmatch(r"\d+", text) and len(text.lstrip("0")) <= _MAX_INT_DIGITS:
+            if re.fullmatch(r"[0-9]+", text) and len(text.lstrip("0")) <= _MAX_INT_DIGITS:
                 value = int(text)
             else:
                 value = float(text)
@@ -510,7 +590,9 @@ def _make_builder() -> type:
             return A.Num(value, span=_tok_span(c[0]))
 
         def string(self, meta, c):
-            return A.Str(_unescape(str(c[0])[1:-1]), span=_tok_span(c[0]))
+            value, problems = _unescape(c[0])
+            self.diagnostics.extend(problems)
+            return A.Str(value, span=_tok_span(c[0]))
 
         def inf(self, meta, c):
             return A.Num(math.inf, span=_span(meta))
@@ -539,12 +621,14 @@ def _Builder(source: Source) -> Any:  # noqa: N802 - reads as a class at the cal
 _COMMENT_RE = re.compile(r'"(?:[^"\\\n]|\\.)*"|#[^\n]*')
 
 
-def _comments(text: str) -> list[A.Comment]:
+def _comments(source: Source) -> list[A.Comment]:
     out = []
-    for m in _COMMENT_RE.finditer(text):
+    for m in _COMMENT_RE.finditer(source.text):
         if not m.group().startswith("#"):
             continue
-        line = text.count("\n", 0, m.start()) + 1
-        col = m.start() - (text.rfind("\n", 0, m.start()) + 1) + 1
-        out.append(A.Comment(m.group(), Span(line, col, line, col + len(m.group()))))
+        # Positions from the line index: counting newlines up to each comment would make a file
+        # of many comments quadratic.
+        line, col = source.position(m.start())
+        text = m.group().removesuffix("\r")  # the CR of a CRLF line break is no part of it
+        out.append(A.Comment(text, Span(line, col, line, col + len(text))))
     return out

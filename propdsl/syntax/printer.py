@@ -11,6 +11,7 @@ A blank line that separated a top-level comment from the code before or after it
 from __future__ import annotations
 
 import math
+from collections import deque
 
 from propdsl import ast as A
 
@@ -173,7 +174,9 @@ class _Comments:
     """Hands out comments in source order, by the spans of the items they precede or end."""
 
     def __init__(self, comments: tuple[A.Comment, ...]):
-        self.pending = sorted(comments, key=lambda c: (c.span.line, c.span.col))
+        # a deque: comments are taken from the front, one at a time (a list's pop(0) would make
+        # a file of many comments quadratic)
+        self.pending = deque(sorted(comments, key=lambda c: (c.span.line, c.span.col)))
 
     def before(self, span, end_line: int | None = None) -> tuple[list[A.Comment], str | None]:
         """Comments before or inside `span` (leading) and one on its last line (trailing)."""
@@ -182,7 +185,7 @@ class _Comments:
         last = span.end_line if end_line is None else end_line
         leading, trailing = [], None
         while self.pending and self.pending[0].span.line <= last:
-            c = self.pending.pop(0)
+            c = self.pending.popleft()
             if c.span.line == last and c.span.col >= span.end_col and trailing is None:
                 trailing = c.text
             elif c.span.line == last and c.span.col >= span.end_col:
@@ -194,12 +197,12 @@ class _Comments:
     def until(self, line: int) -> list[A.Comment]:
         out = []
         while self.pending and self.pending[0].span.line <= line:
-            out.append(self.pending.pop(0))
+            out.append(self.pending.popleft())
         return out
 
     def rest(self) -> list[A.Comment]:
-        out = self.pending
-        self.pending = []
+        out = list(self.pending)
+        self.pending.clear()
         return out
 
 

@@ -16,7 +16,6 @@ The engine works on the bound graph of `propdsl.verify.graph` (one rule per oper
 
 from __future__ import annotations
 
-import enum
 import math
 from dataclasses import dataclass, field
 from typing import cast
@@ -24,43 +23,25 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 
-from propdsl.region import INF, Region
+from propdsl.region import INF, Region, RegionError
+from propdsl.registry import Method, NamedEnum
 from propdsl.verify.graph import BoundGraph, build_graph
 from propdsl.verify.layers import (
     ActivationRule,
     AffineRule,
     BoundRule,
     Interval,
+    NonlinearRule,
     Relaxation,
     UnsupportedLayerError,
     concretize_box,
 )
 
-__all__ = ["AlphaOptions", "Method", "SplitConstraints", "bounds"]
+__all__ = ["AlphaOptions", "Method", "NamedEnum", "SplitConstraints", "bounds"]
 
 
-class NamedEnum(enum.Enum):
-    """An enum whose members can also be given as their value's string, ignoring case,
-    surrounding spaces and '-' for '_' ("Alpha-CROWN" is `Method.ALPHA_CROWN`)."""
-
-    @classmethod
-    def _missing_(cls, value: object) -> enum.Enum | None:
-        if isinstance(value, str):
-            key = value.strip().lower().replace("-", "_")
-            for member in cls:
-                if member.value == key:
-                    return member
-        return None
-
-
-class Method(NamedEnum):
-    """Bound propagation method; the strings "ibp", "crown_ibp", "crown" and "alpha_crown"
-    also work. CROWN-IBP is CROWN's backward pass over IBP's intermediate bounds."""
-
-    IBP = "ibp"
-    CROWN_IBP = "crown_ibp"
-    CROWN = "crown"
-    ALPHA_CROWN = "alpha_crown"
+# `Method` lives in the torch-free registry (the checker and the CLI parse it without torch);
+# this module is where the engine and its callers import it from.
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -192,11 +173,32 @@ def compute_bounds(
 
 
 def _method(method: Method | str) -> Method:
+    """The one conversion at the engine's boundary (`bounds`, `compute_bounds` and the Jacobian
+    bounds take a name too); callers inside propdsl pass a `Method`."""
     try:
         return method if isinstance(method, Method) else Method(method)
     except ValueError:
         names = ", ".join(m.value for m in Method)
         raise ValueError(f"unknown bound method {method!r}; choose one of {names}") from None
+
+
+def _check_region(region: Region, lo: Tensor, hi: Tensor) -> None:
+    """The engine's entry condition: every sample's region has a point and a finite box.
+
+    The bounding box of an empty region is not a region (a clamped point or lo > hi), and bounds
+    over it would prove anything; an infinite box gives NaN bounds. Callers decide empty
+    samples themselves (a `forall` over one is vacuous) and pass only the others.
+    """
+    empty = region.is_empty()
+    if bool(empty.any()):
+        rows = empty.nonzero().flatten().tolist()
+        shown = ", ".join(map(str, rows[:5])) + (", ..." if len(rows) > 5 else "")
+        raise RegionError(
+            f"the input region is empty for {len(rows)} of {empty.numel()} samples ({shown}): "
+            "the ball does not meet the box, and bounds over an empty region mean nothing"
+        )
+    if not bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+        raise RegionError("the input region is unbounded (an infinite box and no finite ball)")
 
 
 def _input_region(lower: Tensor | None, upper: Tensor | None, region: Region | None) -> Region:
@@ -306,6 +308,7 @@ class _Propagation:
         *,
         constraints: SplitConstraints | None = None,
     ):
+        _check_region(region, lo, hi)
         self.graph = graph
         self.region = region
         self.constraints = constraints
@@ -454,11 +457,16 @@ class _Propagation:
                 pos = A.clamp(min=0)
                 ins = [torch.addcmul(A * r.upper_slope, pos, r.lower_slope - r.upper_slope)]
                 bias = bias + _dot(A, r.upper_bias) + _dot(pos, r.lower_bias - r.upper_bias)
+            elif isinstance(rule, NonlinearRule):
+                ins, b = rule.backward(A, *self.bounds[node.inputs[0]])
+                if b is not None:
+                    bias = bias + b
             else:
                 rule = cast(BoundRule, rule)
                 raise UnsupportedLayerError(
                     f"{rule.call.describe()}: its rule {type(rule).__name__} has interval "
-                    "bounds only; use method='ibp' or give it an AffineRule / ActivationRule"
+                    "bounds only; use method='ibp' or give it an AffineRule / ActivationRule / "
+                    "NonlinearRule"
                 )
             for j, coeff in zip(node.inputs, ins, strict=True):
                 if coeff is not None:
@@ -494,7 +502,7 @@ class _Propagation:
         need = torch.zeros(lo.shape, dtype=torch.bool, device=lo.device)
         for c in self.graph.consumers[i]:
             rule = self.graph.nodes[c].rule
-            if isinstance(rule, ActivationRule):
+            if isinstance(rule, ActivationRule | NonlinearRule):
                 need |= rule.needs_bounds(lo, hi)
         return _first_needed(need.reshape(self.batch, -1), shared=True)
 

@@ -147,10 +147,11 @@ def _solve(ctx: Context) -> tuple[Answer, str, Found | None]:
     lo, hi = ctx.region_b.bounding_box()
     if not bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()):
         raise UsageError("complete verification needs a bounded input region (finite box bounds)")
-    if bool((lo > hi).any()):
+    if bool(ctx.region_b.is_empty()[0]):
         return (
             Answer.UNSAT,
-            "the input region is empty (a lower bound exceeds its upper bound)",
+            "the input region is empty (a lower bound above an upper one, or a ball that "
+            "misses the box): no point violates the property",
             None,
         )
     points = _starts(ctx, options.attack_restarts)

@@ -28,6 +28,7 @@ from propdsl.verify.layers import (
     BoundArg,
     BoundRule,
     Call,
+    NonlinearRule,
     UnsupportedLayerError,
     describe_target,
     rule_for_call,
@@ -58,6 +59,8 @@ class BoundGraph:
     """Nodes in topological order; the last one is the model's output."""
 
     nodes: list[BoundNode]
+    # Each consumer once, even when it reads the node twice (`h + h`): the users sum over a
+    # consumer's inputs themselves.
     consumers: list[list[int]] = field(init=False)
     ancestors: list[frozenset[int]] = field(init=False)
 
@@ -65,7 +68,7 @@ class BoundGraph:
         self.consumers = [[] for _ in self.nodes]
         self.ancestors = []
         for node in self.nodes:
-            for j in node.inputs:
+            for j in dict.fromkeys(node.inputs):
                 self.consumers[j].append(node.index)
             seen: set[int] = set()
             for j in node.inputs:
@@ -77,8 +80,12 @@ class BoundGraph:
         return len(self.nodes) - 1
 
     def is_preactivation(self, i: int) -> bool:
-        """Whether an element-wise nonlinearity reads node i (so its bounds matter)."""
-        return any(isinstance(self.nodes[c].rule, ActivationRule) for c in self.consumers[i])
+        """Whether a nonlinearity (an activation, max pooling) reads node i (so its bounds
+        matter)."""
+        return any(
+            isinstance(self.nodes[c].rule, ActivationRule | NonlinearRule)
+            for c in self.consumers[i]
+        )
 
     def is_direct(self, i: int) -> bool:
         """An affine function of the input that interval arithmetic bounds exactly: a chain of

@@ -35,7 +35,7 @@ from propdsl import ir as I
 from propdsl.explain import _EPS
 from propdsl.logics import get_logic
 from propdsl.loss.compile import CompileConfig, Compiler, Env
-from propdsl.region import INF, Region
+from propdsl.region import INF, Region, RegionError
 from propdsl.verify.bounds import (
     Method,
     NamedEnum,
@@ -57,6 +57,7 @@ from propdsl.verify.layers import (
     Interval,
     LeakyReLURule,
     LinearRule,
+    MaxPool2dRule,
     ReLURule,
     ReshapeRule,
     SoftplusRule,
@@ -280,6 +281,10 @@ def _backward(
             a_lo, a_hi = (mid, mid) if rad is None else (mid - rad, mid + rad)
             lo, hi = _interval_product(a_lo, a_hi, d_lo.unsqueeze(1), d_hi.unsqueeze(1))
             ins, rad_ins = [(lo + hi) / 2], [(hi - lo) / 2]
+        elif isinstance(rule, MaxPool2dRule):
+            a_lo, a_hi = (mid, mid) if rad is None else (mid - rad, mid + rad)
+            lo, hi = rule.derivative_backward(a_lo, a_hi, *pre[node.inputs[0]])
+            ins, rad_ins = [(lo + hi) / 2], [(hi - lo) / 2]
         else:
             raise UnsupportedLayerError(
                 f"{rule.call.describe() if rule is not None else 'the input'}: Jacobian bounds "
@@ -419,6 +424,8 @@ def _linear_pass(
     spec . d out / d node for every activation node; None where an affine layer has no forward
     map within the size limits."""
     nodes = graph.nodes
+    if any(isinstance(node.rule, MaxPool2dRule) for node in nodes):
+        return None  # max pooling has interval derivative bounds only
     # Per activation: the centre of its derivative range [B, 1, *shape] and the error weights
     # max |Lambda_c| d_rad [B, S, n_c].
     centres: dict[int, Tensor] = {}
@@ -1086,6 +1093,11 @@ def to_jacobian_query(
     if not 1 <= len(variables) <= 2 or any(_over_region(n) for n in I.walk(node)):
         return None
     regions = {v.name: compiler._domain(d)(env) for v, d in zip(variables, domains, strict=True)}  # noqa: SLF001
+    for var, reg in regions.items():
+        # The hull below would turn an empty region's placeholder point into a box: refuse it
+        # (the verifier decides such samples as vacuous before building a query).
+        if bool(reg.is_empty().any()):
+            raise RegionError(f"the region of {var} is empty for some samples")
     if len(variables) == 2 and domains[0] != domains[1]:
         region = _hull(*regions.values())
     else:

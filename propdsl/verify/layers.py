@@ -11,6 +11,9 @@ knows how to propagate:
   an upper line per neuron, valid on the neuron's input interval [l, u]; alpha-CROWN optimises
   the slopes of those lines within `alpha_range`.
 
+* `NonlinearRule`: a nonlinearity over several elements (max pooling). `backward(A, l, u)`
+  back-substitutes through a linear lower and upper function built from the input's bounds.
+
 A plain `BoundRule` with only `ibp` is enough for interval bound propagation.
 
 `REGISTRY` maps module classes, functions and tensor-method names to rule classes;
@@ -53,6 +56,7 @@ __all__ = [
     "Call",
     "ElementwiseLinearRule",
     "Interval",
+    "NonlinearRule",
     "Relaxation",
     "SShapedRule",
     "UnsupportedLayerError",
@@ -1047,3 +1051,318 @@ class TanhRule(SShapedRule):
         # 1 - t^2 = a: t = sqrt(1 - a), x = atanh(t).
         a = slope.detach().clamp(torch.finfo(slope.dtype).tiny, 1.0)
         return torch.atanh(torch.sqrt(1 - a))
+
+
+# -- layout rules (transpose, concatenation, zero padding) ----------------------------------------
+
+
+def _per_sample_axis(call: Call, axis: int, rank: int) -> int:
+    """A tensor axis (batch included, negative allowed) as a per-sample axis (0 = the first
+    axis after the batch); the batch axis itself is refused."""
+    full = axis + rank + 1 if axis < 0 else axis
+    if not 0 < full <= rank:
+        raise UnsupportedLayerError(
+            f"{call.describe()}: axis {axis} is the batch dimension or out of range; bound "
+            "propagation treats samples independently"
+        )
+    return full - 1
+
+
+@register_rule(torch.permute, "permute", torch.transpose, "transpose", torch.swapaxes, "swapaxes")
+class PermuteRule(AffineRule):
+    """A permutation of the per-sample axes (`permute`, `transpose`); the batch stays first."""
+
+    mixes = False
+
+    def __init__(self, call: Call):
+        super().__init__(call)
+        rank = len(call.in_shapes[0])
+        target = call.target
+        if target in (torch.transpose, "transpose", torch.swapaxes, "swapaxes"):
+            a = _per_sample_axis(call, call.constant(1, "dim0"), rank)
+            b = _per_sample_axis(call, call.constant(2, "dim1"), rank)
+            order = list(range(rank))
+            order[a], order[b] = order[b], order[a]
+        else:
+            dims = call.constant(1, "dims")
+            if isinstance(dims, int):  # x.permute(0, 2, 1): the dims as separate arguments
+                dims = call.args[1:]
+            dims = [int(d) for d in dims]
+            if len(dims) != rank + 1 or (dims[0] % (rank + 1)) != 0:
+                raise UnsupportedLayerError(
+                    f"{call.describe()}: permutation {dims} moves the batch dimension; bound "
+                    "propagation treats samples independently"
+                )
+            order = [_per_sample_axis(call, d, rank) for d in dims[1:]]
+        self.order = order  # out axis k is in axis order[k] (per sample)
+        self.inverse = [order.index(j) for j in range(rank)]
+
+    def ibp(self, *inputs: Interval) -> Interval:
+        ((lo, hi),) = inputs
+        dims = (0, *(k + 1 for k in self.order))
+        return lo.permute(dims), hi.permute(dims)
+
+    def backward(self, A: Tensor) -> tuple[list[Tensor | None], Tensor | None]:
+        return [A.permute(0, 1, *(k + 2 for k in self.inverse))], None
+
+
+@register_rule(torch.cat, torch.concat, torch.concatenate)
+class CatRule(AffineRule):
+    """Concatenation of input-dependent tensors along a per-sample axis."""
+
+    mixes = False
+
+    def __init__(self, call: Call):
+        super().__init__(call)
+        tensors = call.arg(0, "tensors")
+        if not all(isinstance(t, BoundArg) for t in tensors):
+            raise UnsupportedLayerError(
+                f"{call.describe()}: concatenating constants with input-dependent tensors has no "
+                "bound rule (every concatenated tensor must depend on the input)"
+            )
+        rank = len(call.out_shape)
+        self.axis = _per_sample_axis(call, call.constant(1, "dim", 0), rank)
+        self.order = [t.index for t in tensors]
+        self.sizes = [call.in_shapes[i][self.axis] for i in self.order]
+
+    def ibp(self, *inputs: Interval) -> Interval:
+        lows = [inputs[i][0] for i in self.order]
+        highs = [inputs[i][1] for i in self.order]
+        return torch.cat(lows, self.axis + 1), torch.cat(highs, self.axis + 1)
+
+    def backward(self, A: Tensor) -> tuple[list[Tensor | None], Tensor | None]:
+        pieces = torch.split(A, self.sizes, dim=self.axis + 2)
+        coeffs: list[Tensor | None] = [None] * len(self.call.in_shapes)
+        for i, piece in zip(self.order, pieces, strict=True):
+            coeffs[i] = piece if coeffs[i] is None else coeffs[i] + piece
+        return coeffs, None
+
+
+@register_rule(nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, F.pad)
+class ConstantPadRule(AffineRule):
+    """Padding with a constant (zero padding before a convolution with asymmetric padding);
+    backwards the padding is cut off again."""
+
+    mixes = False
+
+    def __init__(self, call: Call):
+        super().__init__(call)
+        if isinstance(call.target, nn.Module):
+            pad, value, mode = call.module.padding, call.module.value, "constant"
+        else:
+            pad = call.constant(1, "pad")
+            mode = call.constant(2, "mode", "constant")
+            value = call.constant(3, "value", None)
+        if mode != "constant":
+            raise UnsupportedLayerError(f"{call.describe()}: only constant padding is bounded")
+        self.value = 0.0 if value is None else float(value)
+        self.pad = tuple(int(p) for p in pad)
+        if len(self.pad) % 2 or len(self.pad) // 2 > len(call.in_shapes[0]):
+            raise UnsupportedLayerError(f"{call.describe()}: padding {list(pad)} pads the batch")
+        if any(p < 0 for p in self.pad):
+            raise UnsupportedLayerError(f"{call.describe()}: negative padding (cropping)")
+
+    def ibp(self, *inputs: Interval) -> Interval:
+        ((lo, hi),) = inputs
+        return F.pad(lo, self.pad, value=self.value), F.pad(hi, self.pad, value=self.value)
+
+    def backward(self, A: Tensor) -> tuple[list[Tensor | None], Tensor | None]:
+        index: list[slice] = [slice(None)] * A.dim()
+        for k in range(len(self.pad) // 2):  # F.pad lists the last axis first
+            before, after = self.pad[2 * k], self.pad[2 * k + 1]
+            axis = A.dim() - 1 - k
+            index[axis] = slice(before, A.shape[axis] - after)
+        bias = None
+        if self.value != 0.0:
+            # The padded entries are the constant: their coefficients times it.
+            inner = torch.zeros_like(A)
+            inner[tuple(index)] = A[tuple(index)]
+            bias = sum_spec(A - inner) * self.value
+        return [A[tuple(index)]], bias
+
+
+# -- nonlinear operations over several elements --------------------------------------------------
+
+
+class NonlinearRule(BoundRule):
+    """A nonlinear operation that is not element-wise (max pooling). CROWN bounds it with a
+    linear lower and a linear upper function of its input, built from the input's bounds:
+    `backward` takes the coefficients A on the output and the input's bounds and returns
+    coefficients on the input and a constant with A . out >= A_in . x + c on the whole input
+    box (the lower line where A >= 0, the upper one where A < 0). The engine computes CROWN
+    bounds of the input's neurons flagged by `needs_bounds`, as for activations."""
+
+    def needs_bounds(self, lower: Tensor, upper: Tensor) -> Tensor:
+        return torch.ones_like(lower, dtype=torch.bool)
+
+    @abc.abstractmethod
+    def backward(
+        self, A: Tensor, lower: Tensor, upper: Tensor
+    ) -> tuple[list[Tensor | None], Tensor | None]:
+        """A [B', S, *out_shape] -> ([A_in [B, S, *in_shape]], constant [B, S] or None), a
+        sound linear lower bound of A . out over the input box [lower, upper] ([B, *in_shape])."""
+
+
+@register_rule(nn.MaxPool2d, F.max_pool2d, torch.max_pool2d)
+class MaxPool2dRule(NonlinearRule):
+    """2-d max pooling (any kernel, stride, padding, dilation, ceil_mode).
+
+    IBP is exact: the pool of the lower bounds and the pool of the upper bounds.
+
+    CROWN, per output y = max_k x_k over its window, given bounds l_k <= x_k <= u_k:
+
+    * lower line: y >= x_j for the window element j with the largest lower bound (as in
+      DeepPoly, Singh et al. 2019, and auto_LiRPA's BoundMaxPool);
+    * upper line: let i be the element with the largest upper bound and c the largest upper
+      bound of the others. Every other x_k <= c, so y <= max(x_i, c), a convex function of x_i
+      alone, which lies below its chord on [l_i, u_i]:
+      y <= c + (u_i - c) / (u_i - l_i) * (x_i - l_i). When l_i >= c the window is decided
+      (y = x_i, exact). The line never exceeds u_i on the box, so it is pointwise at least as
+      tight as the constant max_k u_k that DeepPoly and auto_LiRPA use for undecided windows.
+    """
+
+    def __init__(self, call: Call):
+        super().__init__(call)
+        if isinstance(call.target, nn.Module):
+            m = call.module
+            kernel, stride, padding = m.kernel_size, m.stride, m.padding
+            dilation, ceil, indices = m.dilation, m.ceil_mode, m.return_indices
+        else:
+            kernel = call.constant(1, "kernel_size")
+            stride = call.constant(2, "stride", None)
+            padding = call.constant(3, "padding", 0)
+            dilation = call.constant(4, "dilation", 1)
+            ceil = call.constant(5, "ceil_mode", False)
+            indices = call.constant(6, "return_indices", False)
+        if indices:
+            raise UnsupportedLayerError(f"{call.describe()}: return_indices=True has no bounds")
+        if len(call.in_shapes[0]) != 3:
+            raise UnsupportedLayerError(
+                f"{call.describe()}: max pooling is bounded on [C, H, W] samples, got "
+                f"{list(call.in_shapes[0])}"
+            )
+        self.kernel = _pair(kernel)
+        self.stride = _pair(stride) if stride not in (None, []) else self.kernel
+        self.padding = _pair(padding)
+        self.dilation = _pair(dilation)
+        self.ceil = bool(ceil)
+        channels, height, width = call.in_shapes[0]
+        out_h, out_w = call.out_shape[-2:]
+        # unfold has no ceil_mode: pad the bottom / right with -inf until the last window fits.
+        extra = [
+            max(0, (o - 1) * s + d * (k - 1) + 1 - (n + 2 * p))
+            for o, s, d, k, n, p in zip(
+                (out_h, out_w),
+                self.stride,
+                self.dilation,
+                self.kernel,
+                (height, width),
+                self.padding,
+                strict=True,
+            )
+        ]
+        ph, pw = self.padding
+        self.pad = (pw, pw + extra[1], ph, ph + extra[0])
+        # Window slot -> flat input position (-1 in the padding), [K, L].
+        positions = torch.arange(height * width, dtype=torch.float64).reshape(1, 1, height, width)
+        positions = self._unfold(F.pad(positions, self.pad, value=-1.0))[0, 0]
+        if positions.shape[-1] != out_h * out_w:
+            raise UnsupportedLayerError(  # pragma: no cover - torch's sizes always match
+                f"{call.describe()}: cannot match the pooling windows to the output"
+            )
+        self.positions = positions.to(torch.long)
+
+    def _unfold(self, x: Tensor) -> Tensor:
+        """[B, C, H', W'] (padded) -> [B, C, K, L]: the K values of each of the L windows."""
+        b, c = x.shape[:2]
+        cols = F.unfold(
+            x.reshape(b * c, 1, *x.shape[-2:]), self.kernel, self.dilation, 0, self.stride
+        )
+        return cols.reshape(b, c, *cols.shape[-2:])
+
+    def _windows(self, x: Tensor) -> Tensor:
+        return self._unfold(F.pad(x, self.pad, value=-math.inf))
+
+    def _pool(self, x: Tensor) -> Tensor:
+        return F.max_pool2d(
+            x, self.kernel, self.stride, self.padding, self.dilation, ceil_mode=self.ceil
+        )
+
+    def ibp(self, *inputs: Interval) -> Interval:
+        ((lo, hi),) = inputs
+        return self._pool(lo), self._pool(hi)
+
+    def lines(self, lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Per output [B, C, L]: the flat input position of the lower line's element, the
+        upper line's element, its slope and its offset (y <= slope * x + offset)."""
+        lo_w, hi_w = self._windows(lower), self._windows(upper)
+        low_slot = lo_w.argmax(2, keepdim=True)
+        if hi_w.shape[2] > 1:
+            top, slots = hi_w.topk(2, dim=2)
+            u, second, up_slot = top[:, :, :1], top[:, :, 1:], slots[:, :, :1]
+        else:
+            u, up_slot = hi_w, torch.zeros_like(low_slot)
+            second = torch.full_like(u, -math.inf)
+        l_up = lo_w.gather(2, up_slot)
+        decided = l_up >= second
+        # c = max(second, l_up) equals `second` where undecided and keeps every branch of the
+        # `where`s finite (an infinite unused branch would give NaN gradients).
+        c = torch.maximum(second, l_up)
+        width = torch.where(decided, torch.ones_like(u), u - l_up)
+        slope = torch.where(decided, torch.ones_like(u), (u - c) / width)
+        offset = torch.where(decided, torch.zeros_like(u), c - slope * l_up)
+        positions = self.positions.to(lower.device).expand(lower.shape[0], lower.shape[1], -1, -1)
+        return (
+            positions.gather(2, low_slot).squeeze(2),
+            positions.gather(2, up_slot).squeeze(2),
+            slope.squeeze(2),
+            offset.squeeze(2),
+        )
+
+    def backward(
+        self, A: Tensor, lower: Tensor, upper: Tensor
+    ) -> tuple[list[Tensor | None], Tensor | None]:
+        low_pos, up_pos, slope, offset = self.lines(lower, upper)
+        batch, channels = lower.shape[:2]
+        rows = A.shape[1]
+        flat = A.reshape(A.shape[0], rows, channels, -1).expand(batch, -1, -1, -1)
+        pos, neg = flat.clamp(min=0), flat.clamp(max=0)
+        coeff = flat.new_zeros(batch, rows, channels, math.prod(self.call.in_shapes[0][-2:]))
+        coeff = coeff.scatter_add(3, low_pos.unsqueeze(1).expand(-1, rows, -1, -1), pos)
+        coeff = coeff.scatter_add(
+            3, up_pos.unsqueeze(1).expand(-1, rows, -1, -1), neg * slope.unsqueeze(1)
+        )
+        bias = (neg * offset.unsqueeze(1)).flatten(2).sum(-1)
+        return [coeff.reshape(batch, rows, *self.call.in_shapes[0])], bias
+
+    def derivative_backward(
+        self, lo: Tensor, hi: Tensor, lower: Tensor, upper: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Interval bounds of R . d out / d x for R in [lo, hi] ([B', S, *out_shape]), valid at
+        every x of the input box [lower, upper] (for the Jacobian bounds).
+
+        d out_o / d x_k is 1 for the element autograd takes as the window's maximum and 0 for
+        the others. Only the elements whose upper bound reaches the window's largest lower
+        bound can be that maximum: for them the derivative lies in [0, 1], or is exactly 1 when
+        there is one of them (a decided window); for the rest it is 0."""
+        lo_w, hi_w = self._windows(lower), self._windows(upper)
+        candidate = hi_w >= lo_w.max(2, keepdim=True).values  # padding (-inf) never is
+        sole = candidate.sum(2, keepdim=True) == 1
+        d_hi = candidate.to(lo.dtype).unsqueeze(1)  # [B, 1, C, K, L]
+        d_lo = (candidate & sole).to(lo.dtype).unsqueeze(1)
+        batch, channels = lower.shape[:2]
+        rows = lo.shape[1]
+        a_lo = lo.reshape(lo.shape[0], rows, channels, 1, -1)
+        a_hi = hi.reshape(hi.shape[0], rows, channels, 1, -1)
+        # d is in [d_lo, d_hi] within [0, 1]: the products' extremes are at d_lo or d_hi.
+        p_lo = torch.minimum(a_lo * d_lo, a_lo * d_hi)
+        p_hi = torch.maximum(a_hi * d_lo, a_hi * d_hi)
+        positions = self.positions.to(lower.device).clamp_min(0)  # padding slots carry 0
+        index = positions.reshape(1, 1, 1, -1).expand(batch, rows, channels, -1)
+        n_in = math.prod(self.call.in_shapes[0][-2:])
+        out_lo = p_lo.new_zeros(batch, rows, channels, n_in)
+        out_hi = p_hi.new_zeros(batch, rows, channels, n_in)
+        out_lo = out_lo.scatter_add(3, index, p_lo.reshape(batch, rows, channels, -1))
+        out_hi = out_hi.scatter_add(3, index, p_hi.reshape(batch, rows, channels, -1))
+        shape = (batch, rows, *self.call.in_shapes[0])
+        return out_lo.reshape(shape), out_hi.reshape(shape)

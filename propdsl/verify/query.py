@@ -209,9 +209,11 @@ def to_query(
         (v, d) for v, d in zip(node.vars, node.domains, strict=True) if not isinstance(d, I.Range)
     ]
     if len(tensor_vars) != 1:
+        names = ", ".join(v.name for v, _ in tensor_vars)
         raise Unsupported(
-            "the verifier handles one quantified input, or two in a Lipschitz bound "
-            "'norm(f(x1) - f(x2), p) <= L * norm(x1 - x2, q)'",
+            f"the linear verifier handles one quantified input, this property has "
+            f"{len(tensor_vars)} ({names}); of properties over two inputs, only Lipschitz bounds "
+            "'norm(f(x1) - f(x2), p) <= L * norm(x1 - x2, q)' are verified (from Jacobian bounds)",
             node.span,
         )
     var, dom = tensor_vars[0]

@@ -19,12 +19,26 @@ variables under which the body is false. Where a region quantifier is existentia
 or a `forall` in the premise of an implication) or a `max` / `min` over a region, a failed search
 proves nothing and the sample stays open. Dually, a property whose region quantifiers are all
 existential is `verified` by the attack's point when the body holds there (a witness).
+
+Empty regions (a ball that misses its box) are decided before anything else, per sample: when
+the property starts with `forall` over regions (possibly several, `forall x1 in R1, x2 in R2`,
+or nested ones whose regions do not depend on the outer variables) and one of them is empty,
+it holds vacuously: `verified`, reason "the region is empty ...". Dually a leading `exists` over
+an empty region is `falsified` with that reason and no witness. Elsewhere in a formula a
+quantifier over an empty region takes its vacuous value in the exact evaluation (the compiler
+never evaluates its body at a point outside the region), and where every region the property
+evaluates for a sample is empty that evaluation is exact and decides the sample. The bound
+engine never sees an empty region (it refuses one). Every verdict that is neither `verified`
+nor `falsified`, and every one decided by an empty region, has a per-sample reason
+(`PropertyVerdicts.reasons`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +48,7 @@ from torch import Tensor, nn
 from propdsl import ir as I
 from propdsl.errors import UsageError
 from propdsl.loss.attacks import APGD
+from propdsl.loss.compile import EmptyRegionWarning
 from propdsl.verify.bounds import AlphaOptions, Method, bounds
 from propdsl.verify.jacobian import JacobianQuery, to_jacobian_query
 from propdsl.verify.layers import UnsupportedLayerError
@@ -55,9 +70,18 @@ class PropertyVerdicts:
         status: one of `verified`, `falsified`, `unknown`, `unknown (timeout)`, `unsupported`.
         margin: the smallest certified row margin per sample (>= 0 where verified; NaN where no
             bound was computed).
-        counterexamples: {variable: Tensor[B, ...]} points (valid where status is falsified).
+        counterexamples: {variable: Tensor[B, ...]} points (valid where status is falsified by
+            a counterexample; NaN rows where the variable's region is empty).
+        witnesses: {variable: Tensor[B, ...]} the attack's points of a property whose region
+            quantifiers are all existential (valid where status is verified without a reason:
+            the body holds there); empty for other properties.
         seconds: wall time spent on this property.
-        reason: why the property is unsupported, with its position, if it is.
+        reason: why the property is unsupported, with its position, if it is (property-level).
+        reasons: per sample, why it got its verdict where that needs saying: every
+            `unknown`, `unknown (timeout)` and `unsupported` verdict (the certified margin that
+            fell short, the budget spent, the unsupported form) and every verdict decided by an
+            empty region; None for plain `verified` (bounds or witness) and `falsified`
+            (counterexample) verdicts.
     """
 
     name: str
@@ -66,6 +90,8 @@ class PropertyVerdicts:
     counterexamples: dict[str, Tensor] = field(default_factory=dict)
     seconds: float = 0.0
     reason: str | None = None
+    reasons: list[str | None] = field(default_factory=list)
+    witnesses: dict[str, Tensor] = field(default_factory=dict)
 
     def rate(self, status: str) -> float:
         return sum(s == status for s in self.status) / max(1, len(self.status))
@@ -99,12 +125,15 @@ def verify_property(
     optimiser state per sample, intermediate neuron and row)."""
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise UsageError(f"chunk must be a positive integer, got {chunk!r}")
+    _check_inputs(x)
     t0 = time.perf_counter()
     prop = spec.property(name)
     batch = x.shape[0]
     status = [UNKNOWN] * batch
+    reasons: list[str | None] = [None] * batch
     margin = torch.full((batch,), float("nan"), dtype=torch.float64)
     deadline = None if timeout is None else t0 + timeout * batch
+    method = as_method(method)
     was = model.training
     model.eval()
     try:
@@ -112,7 +141,10 @@ def verify_property(
         if _needs_surrogate(prop.formula) and getattr(attack, "surrogate_beta", None) is None:
             attack = dataclasses.replace(attack, surrogate_beta=10.0)
         loss = spec.loss(name, logic="dl2", attack=attack, generator=generator)
-        out = loss(model, x, y)
+        with warnings.catch_warnings():
+            # Empty regions are reported per sample below, with their verdicts.
+            warnings.simplefilter("ignore", EmptyRegionWarning)
+            out = loss(model, x, y)
         satisfied = out.satisfied.detach().cpu()
         # points per sample only (a region quantifier under a finite one has K points per sample)
         counterexamples = {
@@ -121,14 +153,36 @@ def verify_property(
         kinds = _region_quantifiers(prop.formula)
         refutable = kinds <= {"forall"}
         witnessed = bool(kinds) and kinds <= {"exists"}
+        lead_kind, lead_vars = _leading_region_quantifiers(prop.formula)
+        lead_empty = torch.zeros(batch, dtype=torch.bool)
+        for v in lead_vars:
+            mask = out.empty.get(v)
+            if mask is not None and mask.shape[0] == batch:
+                lead_empty |= mask.cpu()
+        all_empty = (
+            out.all_empty.cpu()
+            if out.all_empty is not None
+            else torch.zeros(batch, dtype=torch.bool)
+        )
         open_idx = []
         for i in range(batch):
-            if not bool(satisfied[i]) and refutable:
+            if bool(lead_empty[i]):
+                status[i] = VERIFIED if lead_kind == "forall" else FALSIFIED
+                reasons[i] = _empty_reason(lead_kind, lead_vars, out.empty, i)
+            elif bool(all_empty[i]):
+                status[i] = VERIFIED if bool(satisfied[i]) else FALSIFIED
+                reasons[i] = (
+                    "every region the property quantifies over is empty for this sample (the "
+                    "ball does not meet the box): its quantifiers take their vacuous values, "
+                    "and the formula is decided exactly"
+                )
+            elif not bool(satisfied[i]) and refutable:
                 status[i] = FALSIFIED
             elif bool(satisfied[i]) and witnessed:
                 status[i] = VERIFIED
             else:
                 open_idx.append(i)
+        witnesses = counterexamples if witnessed else {}
         if not refutable:
             counterexamples = {}
         reason = None
@@ -142,6 +196,7 @@ def verify_property(
                     if deadline is not None and time.perf_counter() > deadline:
                         for i in part:
                             status[i] = TIMEOUT
+                            reasons[i] = _timeout_reason(timeout, batch, before=True)
                         continue
                     idx = torch.tensor(part, device=x.device)
                     sub_y = y[idx] if y is not None else None
@@ -152,22 +207,93 @@ def verify_property(
                         for i in part:
                             status[i] = VERIFIED if bool(satisfied[i]) else FALSIFIED
                         continue
-                    proved, margins = _prove(query, model, method, alpha)
+                    proved, margins, strict = _prove(query, model, method, alpha)
                     late = deadline is not None and time.perf_counter() > deadline
                     for j, i in enumerate(part):
                         margin[i] = float(margins[j])
-                        status[i] = VERIFIED if bool(proved[j]) else TIMEOUT if late else UNKNOWN
+                        if bool(proved[j]):
+                            status[i] = VERIFIED
+                        elif late:
+                            status[i] = TIMEOUT
+                            reasons[i] = _timeout_reason(timeout, batch, before=False)
+                        else:
+                            status[i] = UNKNOWN
+                            reasons[i] = _loose_reason(method, float(margins[j]), strict)
             except Unsupported as err:
                 reason = _positioned(spec, err)
                 for i in open_idx:
                     status[i] = UNSUPPORTED
+                    reasons[i] = reason
             except UnsupportedLayerError as err:
                 reason = f"the bound engine does not cover the model: {err}"
                 for i in open_idx:
                     status[i] = UNSUPPORTED
+                    reasons[i] = reason
     finally:
         model.train(was)
-    return PropertyVerdicts(name, status, margin, counterexamples, time.perf_counter() - t0, reason)
+    seconds = time.perf_counter() - t0
+    return PropertyVerdicts(
+        name, status, margin, counterexamples, seconds, reason, reasons, witnesses
+    )
+
+
+def _check_inputs(x: Tensor) -> None:
+    """Verification needs finite inputs: a NaN centre makes every region and bound NaN."""
+    if not isinstance(x, Tensor):
+        raise UsageError(f"x must be a tensor, got {type(x).__name__}")
+    if x.is_floating_point():
+        bad = ~torch.isfinite(x)
+        if bool(bad.any()):
+            rows = bad.reshape(x.shape[0], -1).any(dim=1).nonzero().flatten().tolist()
+            shown = ", ".join(map(str, rows[:5])) + (", ..." if len(rows) > 5 else "")
+            raise UsageError(
+                f"x has {int(bad.sum())} NaN or infinite values (samples {shown}): "
+                "verification needs finite inputs"
+            )
+
+
+def _leading_region_quantifiers(formula: I.Node) -> tuple[str | None, list[str]]:
+    """The kind and variables of the region quantifiers the formula starts with: a chain of
+    `forall` (or of `exists`) over regions, each region free of the chain's earlier variables,
+    so that the chain ranges over the product of its regions (empty when one of them is)."""
+    node, kind, names = formula, None, []
+    while (
+        isinstance(node, I.Quant)
+        and node.kind in ("forall", "exists")
+        and kind in (None, node.kind)
+        and not any(isinstance(d, I.Range) for d in node.domains)
+        and not any(I.free_vars(d) & set(names) for d in node.domains)
+    ):
+        kind = node.kind
+        names += [v.name for v in node.vars]
+        node = node.body
+    return kind, names
+
+
+def _empty_reason(kind: str | None, names: list[str], empty: dict[str, Tensor], i: int) -> str:
+    which = [v for v in names if v in empty and bool(empty[v][i])]
+    where = f"the region of {', '.join(which)}" if which else "the region"
+    if kind == "forall":
+        return f"the region is empty ({where} does not meet its box): 'forall' holds vacuously"
+    return f"the region is empty ({where} does not meet its box): 'exists' has no witness"
+
+
+def _loose_reason(method: Method, margin: float, strict: bool) -> str:
+    if math.isnan(margin):
+        return f"the {method.value} bounds proved nothing (no finite certified margin)"
+    need = "> 0 (a strict comparison)" if strict and margin >= 0 else ">= 0"
+    return (
+        f"the {method.value} bounds are too loose: certified margin {margin:.4g}, a proof "
+        f"needs {need}; a tighter method or a smaller region may prove it"
+    )
+
+
+def _timeout_reason(timeout: float | None, batch: int, *, before: bool) -> str:
+    when = "before its bounds were computed" if before else "while its bounds were computed"
+    return (
+        f"timeout: the budget of {timeout:g} s per sample ({timeout * batch:g} s for "
+        f"{batch} samples) ran out {when}"
+    )
 
 
 def _to_query(formula, params, networks, x, y, models) -> Query | JacobianQuery | None:
@@ -182,12 +308,12 @@ def _to_query(formula, params, networks, x, y, models) -> Query | JacobianQuery 
         return query
 
 
-def _prove(query, model, method, alpha) -> tuple[Tensor, Tensor]:
+def _prove(query, model, method: Method, alpha) -> tuple[Tensor, Tensor, bool]:
+    """Per sample: proved, the certified margin, and whether the query has strict rows."""
     if isinstance(query, JacobianQuery):
         proved, margins = query.prove(model, method)
-        return proved.cpu(), margins.detach().cpu()
+        return proved.cpu(), margins.detach().cpu(), False
     C, d, strict = query.matrix()
-    method = Method(method) if not isinstance(method, Method) else method
     if C.shape[1] == 0:
         lower = torch.zeros(C.shape[0], 0, dtype=C.dtype, device=C.device)
     else:
@@ -196,7 +322,7 @@ def _prove(query, model, method, alpha) -> tuple[Tensor, Tensor]:
         lower = lower.detach()
     proved = query.decide(lower)
     margins = query.margins(lower).cpu()
-    return proved.cpu(), margins
+    return proved.cpu(), margins, bool(strict.any())
 
 
 def _region_quantifiers(formula: I.Node) -> set[str]:
@@ -261,12 +387,20 @@ def verify(
     names = properties if properties is not None else _default_properties(spec)
     for n in names:
         spec.property(n)  # a clear error for unknown names
+    chosen = as_method(method)
+    return {n: verify_property(spec, n, model, x, y, method=chosen, **options) for n in names}
+
+
+def as_method(method: Method | str) -> Method:
+    """A bound method given by the library's caller (`spec.verify(method="crown")`), converted
+    once here; inside propdsl it travels as a `Method`."""
+    if isinstance(method, Method):
+        return method
     try:
-        method = method if isinstance(method, Method) else Method(method)
+        return Method(method)
     except ValueError:
         known = ", ".join(m.value for m in Method)
         raise UsageError(f"unknown verification method {method!r}; use {known}") from None
-    return {n: verify_property(spec, n, model, x, y, method=method, **options) for n in names}
 
 
 def _default_properties(spec: Any) -> list[str]:

@@ -456,7 +456,14 @@ class InputSearch(_Search):
         self.process(self.root_lo, self.root_hi, open_, torch.zeros(1, dtype=torch.int64))
 
     def _bound(self, lo: Tensor, hi: Tensor, open_: Tensor) -> Bounded:
+        """Bounds of the sub-boxes. A sub-box that misses the region's ball holds no point:
+        it is not bounded (the engine refuses empty regions) but marked infeasible (proved)."""
         region = self._region(lo, hi)
+        empty = region.is_empty() if region.centre is not None else None
+        if empty is not None and bool(empty.any()):
+            keep = (~empty).nonzero().flatten()
+            part = self._bound(lo[keep], hi[keep], open_[keep]) if keep.numel() else None
+            return _scatter(part, keep, empty, self.bounder, (lo.flatten(1), hi.flatten(1)))
         weights = self.rows.row_weights(open_)
         self.ctx.count("bound_calls")
         bounded = self.bounder.bound(
@@ -601,6 +608,42 @@ def rows_of_bounded(b: Bounded, rows: Tensor) -> Bounded:
         relu_coeffs=[a[:, rows] for a in b.relu_coeffs],
         input_coeffs=b.input_coeffs[:, rows],
         input_bias=b.input_bias[:, rows],
+    )
+
+
+def _scatter(
+    part: Bounded | None, keep: Tensor, empty: Tensor, bounder: Bounder, box: tuple[Tensor, Tensor]
+) -> Bounded:
+    """Bounds of a batch whose `empty` entries were not bounded: those are infeasible (their
+    rows' bounds +inf, their coefficients 0); `part` holds the others (rows `keep`)."""
+    n, rows = empty.shape[0], bounder.spec.shape[1]
+    dtype = bounder.dtype
+
+    def fill(values: Tensor | None, shape: tuple[int, ...], default: float) -> Tensor:
+        out = torch.full((n, *shape), default, dtype=dtype)
+        if values is not None:
+            out[keep] = values.to(dtype)
+        return out
+
+    pre = [
+        (fill(None if part is None else part.pre[t][0], (size,), 0.0),
+         fill(None if part is None else part.pre[t][1], (size,), 0.0))
+        for t, size in enumerate(bounder.sizes)
+    ]  # fmt: skip
+    n_in = box[0].shape[1]
+    return Bounded(
+        lower=fill(None if part is None else part.lower, (rows,), math.inf),
+        pre=pre,
+        infeasible=empty.clone(),
+        alphas=None,
+        betas=None,
+        relu_coeffs=[
+            fill(None if part is None else part.relu_coeffs[t], (rows, size), 0.0)
+            for t, size in enumerate(bounder.sizes)
+        ],
+        input_coeffs=fill(None if part is None else part.input_coeffs, (rows, n_in), 0.0),
+        input_bias=fill(None if part is None else part.input_bias, (rows,), 0.0),
+        box=box,
     )
 
 

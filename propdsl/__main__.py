@@ -1,0 +1,5 @@
+"""`python -m propdsl ...`: the same command line as `propdsl ...`."""
+
+from propdsl.cli import main
+
+main()
