@@ -669,3 +669,38 @@ def test_a_property_decided_per_sample_without_rows():
             region_batch(problems_from_query(q, 3)[b].region, 1).contains(points[b : b + 1])[0]
         )
     assert bool(points[1].isnan().all())
+
+
+def test_input_splitting_skips_sub_boxes_outside_the_ball():
+    """An L2 ball inscribed in its box: a corner sub-box misses the ball. It holds no point
+    (infeasible: proved), and the engine, which refuses empty regions, never sees it."""
+    from propdsl.verify.bab.engine import Bounder
+    from propdsl.verify.bab.search import Context, InputSearch
+
+    net = make_mlp(23, 2, [12, 12], 1)
+    region = Region.ball(torch.zeros(1, 2, dtype=torch.float64), 0.5, 2, lo=-0.5, hi=0.5)
+    problem = Problem(region, (Disjunct(torch.ones(1, 1), torch.zeros(1)),))
+    rows = rows_of(problem, torch.float64)
+    ctx = Context(
+        model=net,
+        problem=problem,
+        rows=rows,
+        options=CompleteOptions(),
+        region_m=region,
+        region_b=region,
+        t0=0.0,
+        deadline=math.inf,
+        progress=None,
+        generator=torch.Generator(),
+    )
+    search = InputSearch(ctx, Bounder(net, torch.zeros(1, 2), rows.A, torch.float64))
+    lo = torch.tensor([[-0.1, -0.1], [0.4, 0.4]], dtype=torch.float64)  # the second: a corner
+    hi = torch.tensor([[0.1, 0.1], [0.5, 0.5]], dtype=torch.float64)
+    bounded = search._bound(lo, hi, torch.ones(2, 1, dtype=torch.bool))
+    assert bounded.infeasible.tolist() == [False, True]
+    with torch.no_grad():
+        inner = net(lo[:1] + (hi[:1] - lo[:1]) * torch.rand(500, 2, dtype=torch.float64))
+    assert float(bounded.lower[0, 0]) <= float(inner.min())
+    # the whole search over a problem that splits to the corners stays correct
+    result = solve(net, Problem(region, (Disjunct(torch.ones(1, 1), torch.tensor([0.088])),)))
+    assert result.answer is Answer.UNSAT, result.reason
