@@ -17,7 +17,7 @@ The engine works on the bound graph of `propdsl.verify.graph` (one rule per oper
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 
 import torch
@@ -37,7 +37,7 @@ from propdsl.verify.layers import (
     concretize_box,
 )
 
-__all__ = ["AlphaOptions", "Method", "NamedEnum", "bounds"]
+__all__ = ["AlphaOptions", "Method", "NamedEnum", "SplitConstraints", "bounds"]
 
 
 # `Method` lives in the torch-free registry (the checker and the CLI parse it without torch);
@@ -63,6 +63,24 @@ class AlphaOptions:
             raise ValueError(f"iterations must be >= 0, got {self.iterations}")
         if not (isinstance(self.lr, int | float) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SplitConstraints:
+    """What branch and bound knows about each sub-domain (batch entry) of one propagation.
+
+    `reference`: bounds [B, *shape] of pre-activation nodes known to hold on each sub-domain
+    (its parent's bounds: a sub-domain is a subset of its parent); they are intersected with
+    the bounds computed here. `signs`: per pre-activation node, [B, *shape] in {-1, 0, 1}: the
+    sub-domain lies where z >= 0 (1, the neuron is split active) or z <= 0 (-1, split inactive);
+    the node's bounds are clamped accordingly (lo := max(lo, 0), hi := min(hi, 0)). With
+    `recompute=False` the intermediate bounds are interval arithmetic intersected with the
+    references, without CROWN's backward passes (cheap bounds for branching look-ahead).
+    """
+
+    reference: dict[int, Interval] = field(default_factory=dict)
+    signs: dict[int, Tensor] = field(default_factory=dict)
+    recompute: bool = True
 
 
 def bounds(
@@ -281,10 +299,19 @@ def _keep_best(new: Tensor, best: Tensor, pick) -> Tensor:
 class _Propagation:
     """Bounds of every node of one graph over one region, for one call."""
 
-    def __init__(self, graph: BoundGraph, region: Region, lo: Tensor, hi: Tensor):
+    def __init__(
+        self,
+        graph: BoundGraph,
+        region: Region,
+        lo: Tensor,
+        hi: Tensor,
+        *,
+        constraints: SplitConstraints | None = None,
+    ):
         _check_region(region, lo, hi)
         self.graph = graph
         self.region = region
+        self.constraints = constraints
         self.box = (lo, hi)
         self.batch = lo.shape[0]
         self.ball = region.centre is not None and region.p != INF
@@ -339,7 +366,22 @@ class _Propagation:
 
     def run_ibp(self) -> None:
         for i in range(1, len(self.graph.nodes)):
-            self.bounds[i] = self.ibp_node(i)
+            self.bounds[i] = self._constrain(i, *self.ibp_node(i))
+
+    def _constrain(self, i: int, lo: Tensor, hi: Tensor) -> Interval:
+        """Node i's bounds intersected with what branch and bound knows of each sub-domain.
+        Where the result is empty (lo > hi) the sub-domain is empty."""
+        c = self.constraints
+        if c is None:
+            return lo, hi
+        ref = c.reference.get(i)
+        if ref is not None:
+            lo, hi = torch.maximum(lo, ref[0]), torch.minimum(hi, ref[1])
+        signs = c.signs.get(i)
+        if signs is not None:
+            lo = torch.where(signs > 0, lo.clamp_min(0.0), lo)
+            hi = torch.where(signs < 0, hi.clamp_max(0.0), hi)
+        return lo, hi
 
     def ibp_spec_bound(self, spec: Tensor) -> Tensor:
         """Interval bound of spec rows, folding the trailing affine layers into the rows (as
@@ -375,17 +417,35 @@ class _Propagation:
         return cached
 
     def backward(
-        self, start: int, spec: Tensor, alphas: dict | None = None
+        self,
+        start: int,
+        spec: Tensor,
+        alphas: dict | None = None,
+        *,
+        betas: dict[int, Tensor] | None = None,
+        record: dict[int, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Linear lower bound A . x + bias of spec . node[start], in terms of the input."""
+        """Linear lower bound A . x + bias of spec . node[start], in terms of the input.
+
+        `betas` (beta-CROWN, Wang et al. 2021): per split pre-activation node, multipliers
+        [B, S, *shape] >= 0 of the split constraints `sign * z >= 0`; the term
+        `-beta * sign * z`, never positive on the sub-domain, is added to the bounded function,
+        so the bound stays sound there for every beta >= 0 and tightens with good ones.
+        `record` receives the coefficients reaching each activation's output (for branching).
+        """
         coeffs: dict[int, Tensor] = {start: spec}
         bias = torch.zeros((), dtype=spec.dtype, device=spec.device)
+        signs = self.constraints.signs if self.constraints is not None else {}
         for i in range(start, 0, -1):
             A = coeffs.pop(i, None)
             if A is None:
                 continue
+            if betas is not None and i in betas:
+                A = A - betas[i] * signs[i].unsqueeze(1)
             node = self.graph.nodes[i]
             rule = node.rule
+            if record is not None and isinstance(rule, ActivationRule):
+                record[i] = A
             if isinstance(rule, AffineRule):
                 ins, b = rule.backward(A)
                 if b is not None:
@@ -419,9 +479,10 @@ class _Propagation:
         """Bounds of every node: interval arithmetic from the tightened inputs, intersected,
         at the inputs of activations, with CROWN's bounds of the neurons that need them."""
         graph = self.graph
+        recompute = self.constraints is None or self.constraints.recompute
         for i in range(1, len(graph.nodes)):
-            lo, hi = self.ibp_node(i)
-            if graph.is_preactivation(i) and not graph.is_direct(i):
+            lo, hi = self._constrain(i, *self.ibp_node(i))
+            if recompute and graph.is_preactivation(i) and not graph.is_direct(i):
                 rows = self.rows.get(i)
                 if rows is None:
                     rows = self._rows_needing_bounds(i, lo, hi)
