@@ -92,8 +92,10 @@ def solve_leaf(
         rhs.append(radius)
     cost = np.zeros(width)
     cost[n] = 1.0
-    bounds = [(float(a), float(c)) for a, c in zip(lo, hi, strict=True)] + [(None, None)]
-    bounds += [(0.0, None)] * extra
+    bounds: list[tuple[float | None, float | None]] = [
+        (float(a), float(c)) for a, c in zip(lo, hi, strict=True)
+    ]
+    bounds += [(None, None)] + [(0.0, None)] * extra
     res = linprog(cost, A_ub=np.array(rows), b_ub=np.array(rhs), bounds=bounds, method="highs")
     if res.status != 0:
         # Infeasible can only come from the L1 ball (t absorbs the rest): then the region is

@@ -342,18 +342,19 @@ class _Search:
             else signs
         )
         # one row per (leaf, sign pattern of its unstable neurons)
-        owner, pattern_signs = [], [[] for _ in base]
+        owner: list[int] = []
+        pattern_signs: list[list[torch.Tensor]] = [[] for _ in base]
         for d in idx.tolist():
             unstable = [((lo[d] < 0) & (hi[d] > 0)).nonzero().flatten() for lo, hi in bounded.pre]
             k = sum(u.numel() for u in unstable)
             for code in range(2**k):
                 bit = 0
                 for t, u in enumerate(unstable):
-                    s = base[t][d].clone()
+                    pattern = base[t][d].clone()
                     for j in u.tolist():
-                        s[j] = 1 if (code >> bit) & 1 else -1
+                        pattern[j] = 1 if (code >> bit) & 1 else -1
                         bit += 1
-                    pattern_signs[t].append(s)
+                    pattern_signs[t].append(pattern)
                 owner.append(d)
         rows_idx = torch.tensor(owner)
         all_signs = [torch.stack(p) for p in pattern_signs]
@@ -370,9 +371,9 @@ class _Search:
             W_rows, c_rows = [], []
             for (W, c), s in zip(layers, all_signs, strict=True):
                 sd = s[pos].to(W.dtype)
-                k = (sd != 0).nonzero().flatten()
-                W_rows.append(sd[k, None] * W[pos, k])
-                c_rows.append(sd[k] * c[pos, k])
+                nz = (sd != 0).nonzero().flatten()
+                W_rows.append(sd[nz, None] * W[pos, nz])
+                c_rows.append(sd[nz] * c[pos, nz])
             split_W = torch.cat(W_rows).numpy()
             split_c = torch.cat(c_rows).numpy()
             l1 = None
