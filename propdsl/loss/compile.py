@@ -150,16 +150,24 @@ class Compiler(Interpreter):
                 # models run in eval mode during the attack), nothing remembered.
                 violation_env = env.with_logic(VIOLATION, share=False)
 
-                def objective(*pts: Tensor) -> Tensor:
-                    value = body(violation_env.child(dict(zip(names, pts, strict=True))))
-                    return -value if negate else value
+                def tiled(copies: int = 1):
+                    # `copies` restarts per sample, stacked sample-major: the env's values
+                    # (the data, f(x)) are computed once and repeated, as for a vectorised
+                    # finite quantifier.
+                    def objective(*pts: Tensor) -> Tensor:
+                        points = dict(zip(names, pts, strict=True))
+                        value = body(violation_env.child(points, factor=copies))
+                        return -value if negate else value
+
+                    return objective
 
                 result = run_attack(
                     _attack(env),
-                    objective,
+                    tiled(),
                     regions,
                     models=list(env.models.values()),
                     generator=env.config.generator,
+                    tiled=tiled,
                 )
                 empty = result.empty
                 if empty is not None and not bool(empty.any()):
