@@ -389,10 +389,6 @@ def _direction(g: Tensor, p: float) -> Tensor:
     return g / _column(torch.where(size > 0, size, torch.ones_like(size)), g)
 
 
-def _step(region: Region, x: Tensor, g: Tensor, size: Tensor) -> Tensor:
-    return region.project(x + _column(size, x) * _direction(g, region.p))
-
-
 class _Stepper:
     """One region's projected step, with what does not change between steps computed once.
 
@@ -573,12 +569,15 @@ def _apgd(attack: APGD, problem: _Problem, start: list[Tensor], *, warn: bool) -
     if steps == 0:
         return best
     assert ev.grads is not None
+    steppers = [_Stepper(r) for r in regions]
     eta = [2 * _scale(r) for r in regions]
     # The best point of the climbed objective, with its gradient: where the step restarts from.
     top = _Best([*x, *ev.grads], ev.climbed)
 
     x_prev, value, grads = x, ev.climbed, ev.grads
-    x = [_step(r, xi, g, e) for r, xi, g, e in zip(regions, x, grads, eta, strict=True)]
+    x = [
+        st.step(xi, g, _column(e, xi)) for st, xi, g, e in zip(steppers, x, grads, eta, strict=True)
+    ]
     checkpoints = _apgd_checkpoints(steps)
     last_check, top_at_check = 0, value
     reduced_last = torch.zeros_like(value, dtype=torch.bool)
@@ -615,8 +614,8 @@ def _apgd(attack: APGD, problem: _Problem, start: list[Tensor], *, warn: bool) -
             reduced_last, top_at_check, last_check = reduce, top.value, k
             successes = torch.zeros_like(successes)
         nxt = []
-        for r, xi, xp, g, e in zip(regions, x, x_prev, grads, eta, strict=True):
-            z = _step(r, xi, g, e)
-            nxt.append(r.project(xi + a * (z - xi) + (1 - a) * (xi - xp)))
+        for st, xi, xp, g, e in zip(steppers, x, x_prev, grads, eta, strict=True):
+            z = st.step(xi, g, _column(e, xi))
+            nxt.append(st.project(xi + a * (z - xi) + (1 - a) * (xi - xp)))
         x_prev, x = x, nxt
     return best

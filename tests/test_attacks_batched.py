@@ -180,3 +180,38 @@ def test_compiled_loss_with_restarts_matches_a_hand_written_sequential_attack(ki
     assert torch.allclose(point, ref_points[0], rtol=0, atol=1e-9)
     with torch.no_grad():
         assert torch.allclose(margin(point), ref_value, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "name", ["classification_robust", "standard_robust", "lipschitz_robust", "explanation_stable"]
+)
+def test_every_digits_property_batches_its_restarts_like_one_restart_at_a_time(name, monkeypatch):
+    """Through the interpreter's repeated env (`tiled`): f(x), the labels, saliency(f, x, y) and
+    two binders at once give the points that evaluating each restart on its own gives."""
+    import propdsl.loss.compile as C
+
+    spec = propdsl.load(SPEC, params={"eps": 0.15})
+    model = build_model("mlp", (1, 8, 8), 10, hidden=[16], activation="softplus", seed=0)
+    model = model.to(F64)
+    g = _gen(4)
+    x = torch.rand(6, 1, 8, 8, generator=g, dtype=F64)
+    y = torch.randint(0, 10, (6,), generator=g)
+    attack = PGD(steps=3, restarts=3)
+
+    def outcome():
+        loss = spec.loss(name, logic="dl2", attack=attack, generator=_gen(9))
+        out = loss(model, x, y)
+        return out.loss, list(out.counterexample.values())
+
+    batched = outcome()
+    real = C.run_attack
+
+    def one_at_a_time(*args, tiled=None, **kwargs):
+        return real(*args, **kwargs)  # no `tiled`: each restart's slice on its own
+
+    monkeypatch.setattr(C, "run_attack", one_at_a_time)
+    sliced = outcome()
+    assert torch.allclose(batched[0], sliced[0], rtol=1e-9, atol=1e-12)
+    assert len(batched[1]) == len(sliced[1]) >= 1
+    for a, b in zip(batched[1], sliced[1], strict=True):
+        assert torch.allclose(a, b, rtol=0, atol=1e-9)
