@@ -604,6 +604,149 @@ def export_cmd(
         typer.echo(f"skipped {name}: {reason}")
 
 
+@app.command("vnnlib")
+@guarded
+def vnnlib_cmd(
+    network: Annotated[
+        Path | None, typer.Argument(help="The network, an ONNX file.", show_default=False)
+    ] = None,
+    prop: Annotated[
+        Path | None,
+        typer.Argument(help="The property, a VNN-LIB file.", show_default=False),
+    ] = None,
+    timeout: Annotated[
+        float | None, typer.Option(help="Seconds for the instance (default 60).")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Write the answer to this file.")
+    ] = None,
+    instances: Annotated[
+        Path | None,
+        typer.Option(
+            "--instances", help="Run every row of this instances.csv (onnx,vnnlib,timeout)."
+        ),
+    ] = None,
+    root: Annotated[
+        Path | None,
+        typer.Option(help="The folder the instances' paths are relative to (default: its own)."),
+    ] = None,
+    timeout_scale: Annotated[
+        float, typer.Option("--timeout-scale", help="Multiply every instance's timeout.")
+    ] = 1.0,
+    json_out: Annotated[
+        Path | None,
+        typer.Option("--json", help="Write the report of --instances (one record each) here."),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Overwrite an existing --out or --json file.")
+    ] = False,
+    threads: ThreadsOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Decide a VNN-COMP instance: sat (with a counterexample onnxruntime confirms), unsat,
+    timeout or unknown, in the competition's result format; or a whole benchmark.
+
+    Exit 0 whatever the answer; 2 for a missing or unreadable file or a bad option, 1 for a
+    mistake in the VNN-LIB file (file:line:col).
+    """
+    from propdsl.interop.vnnlib import VnnlibError
+    from propdsl.results import positive_count, positive_seconds
+
+    positive_seconds("--timeout", timeout)
+    positive_count("--threads", threads)
+    if instances is None:
+        if network is None or prop is None:
+            raise UsageError("give NETWORK.onnx and PROPERTY.vnnlib, or --instances FILE")
+        for name, given in (("--root", root), ("--json", json_out)):
+            if given is not None:
+                raise UsageError(f"{name} goes with --instances")
+    elif network is not None or prop is not None:
+        raise UsageError("--instances runs a whole benchmark: give no NETWORK or PROPERTY")
+    elif timeout is not None or out is not None:
+        raise UsageError("--instances takes each row's timeout (--timeout-scale scales them)")
+    for path in (out, json_out):
+        if path is not None and path.exists() and not force:
+            raise UsageError(f"{path} exists; --force overwrites it")
+    import torch
+
+    torch.set_num_threads(threads or 1)
+    try:
+        if instances is not None:
+            _vnnlib_instances(instances, root, timeout_scale, json_out, force, quiet)
+            return
+        assert network is not None and prop is not None
+        from propdsl.interop.competition import DEFAULT_TIMEOUT, solve_instance
+
+        result = solve_instance(network, prop, timeout=timeout or DEFAULT_TIMEOUT)
+    except VnnlibError as err:
+        _fail(f"error: {err}", EXIT_SPEC)
+    text = result.text()
+    if out is not None:
+        _write_new(out, text, force)
+    else:
+        typer.echo(text, nl=False)
+    if not quiet:
+        sys.stderr.write(f"{result.answer.value} in {result.seconds:.2f} s: {result.reason}\n")
+
+
+def _write_new(path: Path, text: str, force: bool) -> None:
+    """Write a file the user named; an existing one only with --force (checked again here)."""
+    try:
+        with open(path, "w" if force else "x", encoding="utf-8") as f:
+            f.write(text)
+    except FileExistsError:
+        raise UsageError(f"{path} exists; --force overwrites it") from None
+    except OSError as err:
+        raise UsageError(f"cannot write {path}: {err.strerror or err}") from None
+
+
+def _vnnlib_instances(
+    csv_path: Path,
+    root: Path | None,
+    scale: float,
+    json_out: Path | None,
+    force: bool,
+    quiet: bool,
+) -> None:
+    import json
+
+    from propdsl.interop.competition import (
+        read_instances,
+        run_instances,
+        summarise,
+        summary_table,
+    )
+
+    if root is not None and not root.is_dir():
+        raise UsageError(f"--root {root}: no such folder")
+    if not scale > 0 or scale == float("inf"):
+        raise UsageError(f"--timeout-scale must be a positive number, got {scale}")
+    rows = read_instances(csv_path, root)
+
+    def show(k: int, total: int, r: dict[str, Any]) -> None:
+        if quiet:
+            return
+        expected = f" (expected {r['expected']})" if r.get("expected") else ""
+        flag = "  WRONG" if r["wrong"] else ""
+        sys.stderr.write(
+            f"[{k + 1}/{total}] {r['benchmark']} {r['onnx']} {r['vnnlib']}: {r['answer']}"
+            f"{expected} in {r['seconds']:.1f} s{flag}\n"
+        )
+        sys.stderr.flush()
+
+    records = run_instances(rows, timeout_scale=scale, progress=show)
+    summary = summarise(records)
+    typer.echo(summary_table(summary))
+    wrong = sum(r["wrong"] for r in summary)
+    if wrong:
+        typer.echo(f"{wrong} decided answer(s) contradict the expected ones")
+    if json_out is not None:
+        report = dict(instances_csv=str(csv_path), timeout_scale=scale, summary=summary)
+        report["instances"] = records
+        _write_new(json_out, json.dumps(report, indent=1, default=str) + "\n", force)
+        typer.echo(f"report: {json_out}")
+
+
 def main() -> None:
     """Console-script entry point."""
     try:
