@@ -1,0 +1,302 @@
+"""`propdsl vnnlib`: VNN-COMP instances through the command line, and `propdsl.interop.competition`.
+
+Answers are checked against hand-derived ones (tiny exported networks) and against the answers
+the 2021 competition's verifiers agreed on (the shared instances, skipped when absent); every
+`sat` assignment is re-checked here with onnxruntime's own session and the file's decimal bounds.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from decimal import Decimal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+ort = pytest.importorskip("onnxruntime")
+
+from _vnncomp import require_vnncomp  # noqa: E402
+
+from propdsl import cli  # noqa: E402
+from propdsl.errors import UsageError  # noqa: E402
+from propdsl.export import export_onnx  # noqa: E402
+from propdsl.interop import competition  # noqa: E402
+from propdsl.interop.competition import read_instances, solve_instance  # noqa: E402
+from propdsl.verify.problem import Answer  # noqa: E402
+
+
+def run(*args: str | Path):
+    return CliRunner().invoke(cli.app, [str(a) for a in args])
+
+
+def parse_answer(text: str) -> tuple[str, dict[str, float]]:
+    """The competition's result text: the answer, and the assignment of a `sat` answer."""
+    lines = text.strip().splitlines()
+    values = {m[0]: float(m[1]) for m in re.findall(r"\((\w+_\d+) ([^()\s]+)\)", text)}
+    return lines[0], values
+
+
+def box_of(vnnlib: Path) -> dict[str, tuple[Decimal, Decimal]]:
+    """The decimal bounds `(<= X_i c)` / `(>= X_i c)` of a file with one box (read here)."""
+    lo: dict[str, Decimal] = {}
+    hi: dict[str, Decimal] = {}
+    for op, name, value in re.findall(
+        r"\(assert \((<=|>=) (X_\d+) ([-\d.eE+]+)\)\)", vnnlib.read_text()
+    ):
+        (hi if op == "<=" else lo)[name] = Decimal(value)
+    return {k: (lo[k], hi[k]) for k in lo}
+
+
+def ort_outputs(onnx: Path, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])
+    inp = session.get_inputs()[0]
+    shape = [d if isinstance(d, int) else 1 for d in inp.shape]
+    return session.run(None, {inp.name: x.astype(np.float32).reshape(shape)})[0].reshape(-1)
+
+
+# -- a tiny network with hand-derived answers (no shared data needed) ----------------------------
+
+
+@pytest.fixture(scope="module")
+def diff_net(tmp_path_factory) -> Path:
+    """On [0, 1]^2: y0 = relu(x0 - x1) - relu(x1 - x0) = x0 - x1, y1 = relu(x0 + x1) - 1."""
+    net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 2))
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[1.0, -1.0], [-1.0, 1.0], [1.0, 1.0]]))
+        net[0].bias.zero_()
+        net[2].weight.copy_(torch.tensor([[1.0, -1.0, 0.0], [0.0, 0.0, 1.0]]))
+        net[2].bias.copy_(torch.tensor([0.0, -1.0]))
+    path = tmp_path_factory.mktemp("vnncli") / "diff.onnx"
+    export_onnx(net, (2,), path)
+    return path
+
+
+def vnnlib_text(output_condition: str) -> str:
+    return (
+        "(declare-const X_0 Real)\n(declare-const X_1 Real)\n"
+        "(declare-const Y_0 Real)\n(declare-const Y_1 Real)\n"
+        "(assert (>= X_0 0))\n(assert (<= X_0 1))\n(assert (>= X_1 0))\n(assert (<= X_1 1))\n"
+        f"(assert {output_condition})\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("condition", "expected"),
+    [
+        # y0 = x0 - x1 reaches 1 at (1, 0): >= 0.75 is sat, >= 1.25 is not
+        ("(>= Y_0 0.75)", "sat"),
+        ("(>= Y_0 1.25)", "unsat"),
+        # y1 = x0 + x1 - 1 lies in [-1, 1]
+        # y1 >= 0.5 and y0 >= 0.9 add up to 2 x0 >= 2.4: no x0 <= 1 does it
+        ("(and (>= Y_1 0.5) (>= Y_0 0.9))", "unsat"),
+        ("(or (<= Y_1 -1.5) (>= Y_1 0.99))", "sat"),
+    ],
+)
+def test_hand_derived_answers(tmp_path, diff_net, condition, expected):
+    prop = tmp_path / "p.vnnlib"
+    prop.write_text(vnnlib_text(condition))
+    result = run("vnnlib", diff_net, prop, "--timeout", "20")
+    assert result.exit_code == 0, result.output
+    answer, values = parse_answer(result.stdout)
+    assert answer == expected
+    if expected == "sat":
+        x0, x1 = values["X_0"], values["X_1"]
+        assert 0 <= x0 <= 1 and 0 <= x1 <= 1
+        y = ort_outputs(diff_net, np.array([x0, x1]))
+        assert values["Y_0"] == pytest.approx(float(y[0])) and values["Y_1"] == pytest.approx(
+            float(y[1])
+        )
+        assert abs(y[0] - (x0 - x1)) < 1e-6 and abs(y[1] - (x0 + x1 - 1)) < 1e-6
+        if condition == "(>= Y_0 0.75)":
+            assert y[0] >= 0.75
+        else:
+            assert y[1] <= -1.5 or y[1] >= 0.99
+
+
+def test_onnxruntime_disagreeing_gives_unknown(tmp_path, diff_net, monkeypatch):
+    """The solver's counterexample is rejected when onnxruntime's outputs do not violate the
+    property: `unknown` with the reason, never `sat`."""
+    from propdsl.interop import onnx_import
+
+    prop = tmp_path / "p.vnnlib"
+    prop.write_text(vnnlib_text("(>= Y_0 0.75)"))
+    monkeypatch.setattr(onnx_import, "onnx_forward", lambda path, x: np.zeros((1, 2)))
+    result = solve_instance(diff_net, prop, timeout=20)
+    assert result.answer is Answer.UNKNOWN
+    assert result.counterexample is None
+    assert "does not violate the property by onnxruntime's outputs" in result.reason
+    assert result.text() == "unknown\n"
+    cli_result = run("vnnlib", diff_net, prop)
+    assert cli_result.exit_code == 0 and cli_result.stdout == "unknown\n"
+
+
+def test_out_file_is_never_overwritten_silently(tmp_path, diff_net):
+    prop = tmp_path / "p.vnnlib"
+    prop.write_text(vnnlib_text("(>= Y_0 1.25)"))
+    out = tmp_path / "answer.txt"
+    out.write_text("keep me\n")
+    refused = run("vnnlib", diff_net, prop, "--out", out)
+    assert refused.exit_code == 2 and "exists; --force overwrites it" in refused.output
+    assert out.read_text() == "keep me\n"
+    forced = run("vnnlib", diff_net, prop, "--out", out, "--force")
+    assert forced.exit_code == 0 and out.read_text() == "unsat\n"
+    fresh = tmp_path / "new.txt"
+    assert run("vnnlib", diff_net, prop, "--out", fresh).exit_code == 0
+    assert fresh.read_text() == "unsat\n"
+
+
+def test_bad_files_and_options_are_clear_errors(tmp_path, diff_net):
+    bad = tmp_path / "bad.vnnlib"
+    bad.write_text("(declare-const X_0 Real)\n(assert (<= X_0 1)\n")
+    r = run("vnnlib", diff_net, bad)
+    assert r.exit_code == 1 and f"{bad}:2:1: unbalanced '('" in r.output
+    r = run("vnnlib", diff_net, tmp_path / "missing.vnnlib")
+    assert r.exit_code == 2 and "no such VNN-LIB file" in r.output
+    r = run("vnnlib", bad, bad)  # not an ONNX file
+    assert r.exit_code == 2 and "not an ONNX model" in r.output
+    prop = tmp_path / "p.vnnlib"
+    prop.write_text(vnnlib_text("(>= Y_0 1.25)"))
+    beyond = tmp_path / "beyond.vnnlib"
+    beyond.write_text(
+        vnnlib_text("(>= Y_2 1.25)").replace("Y_1 Real)", "Y_1 Real)\n(declare-const Y_2 Real)")
+    )
+    r = run("vnnlib", diff_net, beyond)
+    assert r.exit_code == 1 and "beyond.vnnlib:" in r.output
+    for args in (
+        [],
+        [diff_net],
+        [diff_net, prop, "--timeout", "0"],
+        [diff_net, prop, "--json", tmp_path / "r.json"],
+        [diff_net, prop, "--instances", tmp_path / "i.csv"],
+        ["--instances", tmp_path / "i.csv", "--timeout", "5"],
+        ["--instances", tmp_path / "missing.csv"],
+    ):
+        r = run("vnnlib", *args)
+        assert r.exit_code == 2, (args, r.output)
+        assert r.output.startswith("error: ") and "Traceback" not in r.output
+
+
+def test_read_instances_layouts_and_errors(tmp_path):
+    (tmp_path / "b").mkdir()
+    plain = tmp_path / "instances.csv"
+    plain.write_text("onnx/n.onnx,vnnlib/p.vnnlib,60\nn2.onnx,q.vnnlib,7.5,sat\n")
+    rows = read_instances(plain)
+    assert [(r.onnx, r.vnnlib, r.timeout, r.expected) for r in rows] == [
+        (tmp_path / "onnx/n.onnx", tmp_path / "vnnlib/p.vnnlib", 60.0, ""),
+        (tmp_path / "n2.onnx", tmp_path / "q.vnnlib", 7.5, "sat"),
+    ]
+    named = tmp_path / "named.csv"
+    named.write_text("benchmark,onnx,vnnlib,timeout_s,expected,note\nb,n.onnx,p.vnnlib,5,unsat,x\n")
+    (row,) = read_instances(named, tmp_path / "root")
+    assert row.onnx == tmp_path / "root" / "b" / "n.onnx" and row.benchmark == "b"
+    assert row.expected == "unsat" and row.columns == {"note": "x"}
+    for text, message in (
+        ("a.onnx,b.vnnlib\n", ":1: a row needs onnx,vnnlib,timeout"),
+        ("a.onnx,b.vnnlib,60\na.onnx,b.vnnlib,-1\n", ":2: the timeout '-1' is not a positive"),
+        ("a.onnx,b.vnnlib,60,maybe\n", ":1: the expected answer 'maybe'"),
+        ("", "no instances"),
+    ):
+        plain.write_text(text)
+        with pytest.raises(UsageError, match=re.escape(message)):
+            read_instances(plain)
+
+
+def test_instances_run_reports_errors_and_wrong_answers(tmp_path, diff_net):
+    """A row whose files the readers refuse is an `error` record and the run goes on; an answer
+    against the expected one counts as wrong (here the expected answer is deliberately false)."""
+    (tmp_path / "sat.vnnlib").write_text(vnnlib_text("(>= Y_0 0.75)"))
+    (tmp_path / "bad.vnnlib").write_text("(assert\n")
+    csv_path = tmp_path / "instances.csv"
+    csv_path.write_text(
+        f"{diff_net},sat.vnnlib,20,unsat\n{diff_net},bad.vnnlib,20,unsat\n{diff_net},sat.vnnlib,20\n"
+    )
+    report = tmp_path / "report.json"
+    r = run("vnnlib", "--instances", csv_path, "--json", report)
+    assert r.exit_code == 0, r.output
+    data = json.loads(report.read_text())
+    answers = [rec["answer"] for rec in data["instances"]]
+    assert answers == ["sat", "error", "sat"]
+    assert [rec["wrong"] for rec in data["instances"]] == [True, False, False]
+    assert "bad.vnnlib:1:1: unbalanced" in data["instances"][1]["reason"]
+    (row,) = data["summary"]
+    assert (row["total"], row["decided"], row["wrong"], row["error"]) == (3, 2, 1, 1)
+    assert "1 decided answer(s) contradict the expected ones" in r.stdout
+    again = run("vnnlib", "--instances", csv_path, "--json", report)
+    assert again.exit_code == 2 and "exists" in again.output
+
+
+def test_inward_rounding_stays_inside():
+    bounds = torch.tensor([0.1, -0.29855281193475053, 1.0, -1e-30], dtype=torch.float64)
+    up = competition._inward(bounds, torch.float32, up=True)
+    down = competition._inward(bounds, torch.float32, up=False)
+    assert bool((up.double() >= bounds).all()) and bool((down.double() <= bounds).all())
+    # one float32 step at most: the nearest float32 on the inside
+    assert bool((torch.nextafter(up, torch.full_like(up, -1.0)).double() < bounds).all())
+    assert float(up[2]) == 1.0 and float(down[2]) == 1.0
+
+
+# -- the VNN-COMP 2021 instances ---------------------------------------------------------------
+
+
+def test_smoke_sat_instance_is_confirmed_in_the_files_box(tmp_path):
+    root = require_vnncomp()
+    onnx, prop = root / "test" / "test_sat.onnx", root / "test" / "test_prop.vnnlib"
+    out = tmp_path / "result.txt"
+    r = run("vnnlib", onnx, prop, "--timeout", "60", "--out", out)
+    assert r.exit_code == 0, r.output
+    answer, values = parse_answer(out.read_text())
+    assert answer == "sat"
+    box = box_of(prop)
+    x = np.array([values[f"X_{i}"] for i in range(len(box))])
+    for i, (lo, hi) in enumerate(box.values()):
+        assert lo <= Decimal(float(x[i])) <= hi, (i, x[i], lo, hi)
+    y = ort_outputs(onnx, x)
+    assert [values[f"Y_{j}"] for j in range(5)] == pytest.approx(y.tolist(), abs=1e-7)
+    # ACAS Xu property 3's violation: the first output (COC) is minimal
+    assert float(y[0]) <= float(y[1:].min())
+
+
+# the 5 smoke tests and fast ACAS Xu / MNIST instances (about 1 s each on a 2-core machine)
+FAST = [
+    ("acasxu", "ACASXU_run2a_1_8_batch_2000.onnx", "prop_1.vnnlib"),
+    ("acasxu", "ACASXU_run2a_2_1_batch_2000.onnx", "prop_2.vnnlib"),
+    ("mnistfc", "mnist-net_256x2.onnx", "prop_4_0.03.vnnlib"),
+    ("mnistfc", "mnist-net_256x2.onnx", "prop_7_0.03.vnnlib"),
+]
+
+
+@pytest.mark.slow
+def test_smoke_and_fast_instances_match_the_expected_answers(tmp_path):
+    """What CI runs on real instances: every answer is the one the 2021 verifiers agreed on."""
+    root = require_vnncomp()
+    with open(root / "instances.csv", newline="") as f:
+        rows = [
+            r
+            for r in csv.DictReader(f)
+            if r["benchmark"] == "test" or (r["benchmark"], r["onnx"], r["vnnlib"]) in FAST
+        ]
+    assert len(rows) == 9
+    chosen = tmp_path / "instances.csv"
+    with open(chosen, "w", newline="") as f:
+        writer = csv.DictWriter(f, ["benchmark", "onnx", "vnnlib", "timeout_s", "expected"])
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: r[k] for k in writer.fieldnames})
+    report = tmp_path / "report.json"
+    r = run("vnnlib", "--instances", chosen, "--root", root, "--json", report, "-q")
+    assert r.exit_code == 0, r.output
+    records = json.loads(report.read_text())["instances"]
+    assert [(rec["vnnlib"], rec["answer"]) for rec in records] == [
+        (row["vnnlib"], row["expected"]) for row in rows
+    ]
+    for rec, row in zip(records, rows, strict=True):
+        if rec["answer"] == "sat":  # re-run here: onnxruntime's outputs, as reported
+            y = ort_outputs(root / row["benchmark"] / row["onnx"], np.array(rec["counterexample"]))
+            assert rec["output"] == pytest.approx(y.tolist(), abs=1e-6)
+    assert all(b in r.stdout for b in ("test", "acasxu", "mnistfc"))
