@@ -476,7 +476,10 @@ def eval_cmd(
 @guarded
 def verify_cmd(
     spec: SpecArg,
-    run: RunOpt,
+    run: Annotated[
+        Path | None,
+        typer.Option("--run", help="The run folder of propdsl train (or give --model NET.onnx)."),
+    ] = None,
     method: Annotated[
         str | None,
         typer.Option(
@@ -495,7 +498,21 @@ def verify_cmd(
     ] = None,
     checkpoint: CheckpointOpt = "best",
     spec_differs_ok: SpecDiffersOpt = False,
-    model: ModelOpt = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            help="The run's user model; or NET.onnx, a network to verify instead of a run.",
+        ),
+    ] = None,
+    complete: Annotated[
+        bool,
+        typer.Option(
+            "--complete",
+            help="Decide the samples the bounds leave unknown by branch and bound "
+            "(--timeout seconds each, default 60).",
+        ),
+    ] = False,
     device: DeviceOpt = None,
     threads: ThreadsOpt = None,
     quiet: QuietOpt = False,
@@ -504,7 +521,8 @@ def verify_cmd(
 
     The run's params are the defaults (--param overrides them). Results go to
     RUN/verify/<method>-<key>/ (verify.json, counterexamples/), one folder per setting;
-    RUN/verify.json is a copy of the latest verify.json.
+    RUN/verify.json is a copy of the latest verify.json. With --model NET.onnx instead of
+    --run, the ONNX network is verified on the spec's data (nothing is written).
     """
     from propdsl.results import positive_seconds
 
@@ -513,6 +531,16 @@ def verify_cmd(
     from propdsl.api import load, parse_overrides
     from propdsl.train import set_threads
     from propdsl.verify.report import verify_run
+
+    onnx = model is not None and model.lower().endswith(".onnx")
+    if onnx and run is not None:
+        raise UsageError("--model NET.onnx verifies that network instead of a run: drop --run")
+    if run is None and not onnx:
+        raise UsageError("give --run RUN (a run folder) or --model NET.onnx")
+    if onnx and (checkpoint != "best" or spec_differs_ok):
+        raise UsageError("--checkpoint and --spec-differs-ok go with --run, not an ONNX model")
+    if complete and device not in (None, "cpu"):
+        raise UsageError("--complete runs on the CPU: use --device cpu")
 
     chosen: registry.Method | None = None
     if method is not None:
@@ -523,6 +551,11 @@ def verify_cmd(
             raise UsageError(f"--method must be one of {known}, got {method!r}") from None
     set_threads(threads)
     loaded = load(spec, parse_overrides(param or []))
+    if onnx:
+        assert model is not None
+        _verify_onnx(loaded, Path(model), chosen, split, samples, timeout, prop, complete, quiet)
+        return
+    assert run is not None
     with _Display("verify", quiet) as display:
         report = verify_run(
             loaded,
@@ -533,9 +566,10 @@ def verify_cmd(
             timeout=timeout,
             properties=prop or None,
             model_ref=model,
-            device=device,
+            device="cpu" if complete else device,
             checkpoint=checkpoint,
             spec_differs_ok=spec_differs_ok,
+            complete=complete,
             progress=display,
         )
     typer.echo(report.table())
@@ -543,6 +577,37 @@ def verify_cmd(
     for path in report.counterexample_paths:
         typer.echo(f"counterexamples: {path}")
     typer.echo(f"  and {Path(run) / 'verify.json'}, a copy of this verify.json (the latest)")
+
+
+def _verify_onnx(
+    spec: Any,
+    path: Path,
+    method: registry.Method | None,
+    split: str,
+    samples: int | None,
+    timeout: float | None,
+    prop: list[str] | None,
+    complete: bool,
+    quiet: bool,
+) -> None:
+    """`propdsl verify SPEC --model NET.onnx`: the imported network on the spec's data."""
+    from propdsl.interop.onnx_import import load_onnx
+    from propdsl.verify.report import verify_model
+
+    network = load_onnx(path)
+    with _Display("verify", quiet) as display:
+        report = verify_model(
+            spec,
+            network,
+            method=method,
+            split=split,
+            samples=samples,
+            timeout=timeout,
+            properties=prop or None,
+            complete=complete,
+            progress=display,
+        )
+    typer.echo(report.table())
 
 
 @app.command("export")

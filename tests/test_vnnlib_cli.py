@@ -300,3 +300,190 @@ def test_smoke_and_fast_instances_match_the_expected_answers(tmp_path):
             y = ort_outputs(root / row["benchmark"] / row["onnx"], np.array(rec["counterexample"]))
             assert rec["output"] == pytest.approx(y.tolist(), abs=1e-6)
     assert all(b in r.stdout for b in ("test", "acasxu", "mnistfc"))
+
+
+# -- propdsl verify --model NET.onnx and --complete ------------------------------------------------
+
+DIGITS_SPEC = """\
+network f : Tensor[1, 8, 8] -> Tensor[10]
+
+param eps : Real = 0.05
+
+let pixels = box(0, 1)
+
+property robust(x, y) =
+  forall x' in ball(x, eps, inf) & pixels:
+    argmax(f(x')) == y
+
+verify f on digits(split = "test") {
+  properties = [robust]
+  method     = crown
+}
+"""
+
+
+def digits_net(seed: int = 3) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10)).eval()
+
+
+@pytest.fixture(scope="module")
+def digits_case(tmp_path_factory):
+    """A seeded digits MLP, its ONNX file, the spec, and 16 test images labelled by the model's
+    own predictions (so that a good share of the samples are provable)."""
+    import propdsl
+    from propdsl.data import load_dataset
+
+    folder = tmp_path_factory.mktemp("vnncli_verify")
+    spec_path = folder / "digits.prop"
+    spec_path.write_text(DIGITS_SPEC)
+    net = digits_net()
+    onnx = export_onnx(net, (1, 8, 8), folder / "net.onnx")
+    x = load_dataset("digits", split="test", seed=0).x[:16]
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    return propdsl.load(spec_path), spec_path, net, onnx, x, y
+
+
+def weak_falsifier():
+    from propdsl.attacks import APGD
+
+    return APGD(steps=1, restarts=1)  # leaves counterexamples for the complete verifier
+
+
+@pytest.mark.slow
+def test_complete_decides_every_sample_crown_leaves_open(digits_case):
+    """Every sample CROWN leaves unknown is verified or falsified by branch and bound; every
+    falsified one carries a point in its region that the model misclassifies; the verified
+    ones survive a strong attack; the samples CROWN decided keep their verdicts."""
+    from propdsl.attacks import APGD
+
+    spec, _, net, _, x, y = digits_case
+    eps = 0.05
+    crown = spec.verify(net, x, y, ["robust"], falsifier=weak_falsifier())["robust"]
+    full = spec.verify(
+        net, x, y, ["robust"], falsifier=weak_falsifier(), complete=True, timeout=30
+    )["robust"]
+    open_idx = [i for i, s in enumerate(crown.status) if s == "unknown"]
+    assert len(open_idx) >= 2, crown.status  # the case exercises the complete verifier
+    for i, (before, after) in enumerate(zip(crown.status, full.status, strict=True)):
+        if i in open_idx:
+            assert after in ("verified", "falsified"), (i, full.reasons[i])
+            assert full.reasons[i].startswith("complete verifier: ")
+        else:
+            assert after == before
+    points = full.counterexamples["x'"]
+    falsified = [i for i, s in enumerate(full.status) if s == "falsified"]
+    assert falsified
+    p = points[falsified]
+    assert float((p - x[falsified]).abs().max()) <= eps + 1e-6
+    assert float(p.min()) >= 0 and float(p.max()) <= 1
+    with torch.no_grad():
+        assert bool((net(p).argmax(1) != y[falsified]).all())
+    verified = [i for i, s in enumerate(full.status) if s == "verified"]
+    strong = spec.verify(
+        net, x[verified], y[verified], ["robust"], falsifier=APGD(steps=200, restarts=8)
+    )["robust"]
+    assert "falsified" not in strong.status
+
+
+def test_complete_timeout_gives_unknown_timeout_with_its_reason(digits_case):
+    spec, _, net, _, x, y = digits_case
+    kw = dict(falsifier=weak_falsifier(), generator=torch.Generator().manual_seed(0))
+    crown = spec.verify(net, x, y, ["robust"], **kw)["robust"]
+    kw["generator"] = torch.Generator().manual_seed(0)
+    v = spec.verify(net, x, y, ["robust"], complete=True, timeout=1e-3, **kw)["robust"]
+    assert "unknown (timeout)" in v.status
+    for i, status in enumerate(v.status):
+        if status == "unknown (timeout)":
+            assert crown.status[i] == "unknown"
+            assert v.reasons[i].startswith("complete verifier: timeout after 0.001 s")
+    with pytest.raises(UsageError, match="complete must be True or False"):
+        spec.verify(net, x, y, ["robust"], complete="yes")
+
+
+def test_onnx_model_verdicts_match_the_torch_model(digits_case):
+    import propdsl
+
+    spec, _, net, onnx, x, y = digits_case
+    imported = propdsl.load_onnx(onnx)
+    kw = dict(falsifier=weak_falsifier())
+    gen = torch.Generator().manual_seed(0)
+    mine = spec.verify(imported, x, y, ["robust"], generator=gen, **kw)["robust"]
+    gen = torch.Generator().manual_seed(0)
+    theirs = spec.verify(net, x, y, ["robust"], generator=gen, **kw)["robust"]
+    assert mine.status == theirs.status
+    assert torch.allclose(mine.margin, theirs.margin, atol=1e-4, equal_nan=True)
+
+
+def test_onnx_model_that_does_not_fit_the_spec_is_refused(tmp_path, digits_case):
+    import propdsl
+
+    spec, spec_path, _, _, x, y = digits_case
+    flat = export_onnx(nn.Sequential(nn.Linear(64, 10)), (64,), tmp_path / "flat.onnx")
+    with pytest.raises(UsageError, match=r"network 'f' is Tensor\[1, 8, 8\] -> Tensor\[10\]"):
+        spec.verify(propdsl.load_onnx(flat), x, y, ["robust"])
+    r = run("verify", spec_path, "--model", flat, "--samples", "4")
+    assert r.exit_code == 2 and "takes Tensor[64] and gives 10 outputs" in r.output
+    wrong_out = export_onnx(digits_net()[:2], (1, 8, 8), tmp_path / "out16.onnx")
+    r = run("verify", spec_path, "--model", wrong_out, "--samples", "4")
+    assert r.exit_code == 2 and "gives 16 outputs" in r.output
+    r = run("verify", spec_path, "--model", flat, "--run", tmp_path)
+    assert r.exit_code == 2 and "drop --run" in r.output
+    r = run("verify", spec_path)
+    assert r.exit_code == 2 and "give --run RUN" in r.output
+
+
+@pytest.mark.slow
+def test_propdsl_verify_model_onnx_complete_cli(digits_case):
+    """`propdsl verify SPEC --model NET.onnx --complete`: no sample left unknown, and the same
+    verdicts as the library on the same 16 test samples."""
+    _, spec_path, _, onnx, _, _ = digits_case
+    r = run("verify", spec_path, "--model", onnx, "--samples", "16", "--complete", "-q")
+    assert r.exit_code == 0, r.output
+    assert "method crown + complete, split test, 16 samples" in r.output
+    assert f"model: {onnx}" in r.output
+    line = next(ln for ln in r.output.splitlines() if ln.startswith("robust"))
+    verified, falsified, unknown = (float(v.rstrip("%")) for v in line.split()[1:4])
+    assert unknown == 0.0 and verified + falsified == pytest.approx(100.0)
+
+
+@pytest.mark.slow
+def test_propdsl_verify_run_complete(tmp_path):
+    """`propdsl verify SPEC --run RUN --complete`: a tiny trained digits run; verify.json says
+    `complete`, has its own results folder, and leaves no sample unknown; the counterexamples
+    saved lie in their regions and the run's model misclassifies them."""
+    import propdsl
+    from propdsl import runs
+    from propdsl.train import TrainOptions, train
+
+    spec_path = tmp_path / "tiny.prop"
+    spec_path.write_text(
+        DIGITS_SPEC
+        + 'train f on digits(split = "train", limit = 300) {\n  model  = mlp(hidden = [16])\n'
+        "  epochs = 3\n  batch  = 64\n  loss   = cross_entropy\n}\n"
+    )
+    train(propdsl.load(spec_path), TrainOptions(out=tmp_path / "run", quiet=True, threads=1))
+    args = ["verify", spec_path, "--run", tmp_path / "run", "--samples", "12", "-q"]
+    r = run(*args, "--param", "eps=0.02", "--complete", "--timeout", "30")
+    assert r.exit_code == 0, r.output
+    assert "method crown + complete" in r.output
+    data = json.loads((tmp_path / "run" / "verify.json").read_text())
+    assert data["complete"] is True and data["settings"]["complete"] is True
+    per_sample = data["properties"]["robust"]["per_sample"]
+    assert all(s["status"] in ("verified", "falsified") for s in per_sample)
+    folder = tmp_path / "run" / data["results"]
+    npz = np.load(folder / "counterexamples" / "robust.npz")
+    index, x, points = npz["index"], npz["x"], npz["point[x']"]
+    assert list(index) == [s["index"] for s in per_sample if s["status"] == "falsified"]
+    assert np.abs(points - x).max() <= 0.02 + 1e-6 and points.min() >= 0 and points.max() <= 1
+    model = runs.Run.open(tmp_path / "run").load_model()
+    with torch.no_grad():
+        pred = model(torch.tensor(points)).argmax(1).numpy()
+    assert (pred != np.array([per_sample[i]["label"] for i in index])).all()
+    plain = run(*args, "--param", "eps=0.02")
+    assert plain.exit_code == 0, plain.output
+    again = json.loads((tmp_path / "run" / "verify.json").read_text())
+    assert again["results"] != data["results"] and again["complete"] is False
+    r = run(*args, "--complete", "--device", "cuda")
+    assert r.exit_code == 2 and "--complete runs on the CPU" in r.output
