@@ -116,7 +116,7 @@ def solve_instance(
         raise UsageError(f"complete verifier options: {err}") from None
     if model is None:
         model = load_onnx(onnx)
-    problems = read_vnnlib(vnnlib, model.input_shape, model.num_outputs)
+    problems = read_vnnlib(vnnlib, *_sizes(model))
     start = time.perf_counter()
     stats: list[dict[str, Any]] = []
     reasons: list[str] = []
@@ -139,6 +139,15 @@ def solve_instance(
     if not problems:
         reasons.append("no output condition is satisfiable on a non-empty input box")
     return _result(Answer.UNSAT, start, reasons, problems, stats)
+
+
+def _sizes(model: nn.Module) -> tuple[tuple[int, ...], int]:
+    """The input shape and output count an imported network carries (`load_onnx`)."""
+    shape = getattr(model, "input_shape", None)
+    outputs = getattr(model, "num_outputs", None)
+    if shape is None or outputs is None:
+        raise UsageError("the model must carry input_shape and num_outputs (use load_onnx)")
+    return tuple(int(d) for d in shape), int(outputs)
 
 
 def _result(
@@ -182,11 +191,12 @@ def _confirmed(
     from propdsl.verify.bab.search import _dtype_of
 
     dtype = _dtype_of(model)
-    exact = read_vnnlib(vnnlib, model.input_shape, model.num_outputs, dtype=torch.float64)[k]
+    shape, outputs = _sizes(model)
+    exact = read_vnnlib(vnnlib, shape, outputs, dtype=torch.float64)[k]
     lo, hi = (t.reshape(-1) for t in exact.region.bounding_box())
     x = point.detach().cpu().reshape(-1).to(dtype)
     x = torch.minimum(torch.maximum(x, _inward(lo, dtype, up=True)), _inward(hi, dtype, up=False))
-    x64 = x.to(torch.float64).reshape(1, *model.input_shape)
+    x64 = x.to(torch.float64).reshape(1, *shape)
     inside = bool(exact.region.contains(x64)[0])
     y = np.asarray(onnx_import.onnx_forward(onnx, x.numpy()), dtype=np.float64).reshape(-1)
     violated = bool(exact.violated_at(torch.from_numpy(y).reshape(1, -1))[0])

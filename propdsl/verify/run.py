@@ -492,7 +492,8 @@ def check_model_fits(spec: Any, model: nn.Module, network: str | None = None) ->
         net = spec.networks[name]
         want_in, want_out = tuple(net.inp.shape), math.prod(net.out.shape)
         if hasattr(model, "input_shape") and hasattr(model, "num_outputs"):
-            got_in, got_out = tuple(model.input_shape), int(model.num_outputs)
+            got_in = tuple(int(d) for d in getattr(model, "input_shape", ()))
+            got_out = int(getattr(model, "num_outputs", 0))
         else:
             try:
                 dtype = next((p.dtype for p in model.parameters()), torch.get_default_dtype())
