@@ -732,9 +732,9 @@ def vnnlib_cmd(
     for path in (out, json_out):
         if path is not None and path.exists() and not force:
             raise UsageError(f"{path} exists; --force overwrites it")
-    import torch
+    from propdsl.train import set_threads
 
-    torch.set_num_threads(threads or 1)
+    set_threads(threads)
     try:
         if instances is not None:
             _vnnlib_instances(instances, root, timeout_scale, json_out, force, quiet)

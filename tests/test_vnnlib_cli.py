@@ -136,6 +136,21 @@ def test_onnxruntime_disagreeing_gives_unknown(tmp_path, diff_net, monkeypatch):
     assert cli_result.exit_code == 0 and cli_result.stdout == "unknown\n"
 
 
+def test_a_network_the_bound_engine_does_not_cover_is_unknown(tmp_path, diff_net, monkeypatch):
+    from propdsl.verify import complete
+    from propdsl.verify.layers import UnsupportedLayerError
+
+    def refuse(*args, **kwargs):
+        raise UnsupportedLayerError("no bound rule for Erf (node 'erf_1')")
+
+    prop = tmp_path / "p.vnnlib"
+    prop.write_text(vnnlib_text("(>= Y_0 0.75)"))
+    monkeypatch.setattr(complete, "solve", refuse)
+    r = run("vnnlib", diff_net, prop)
+    assert r.exit_code == 0 and r.stdout == "unknown\n"
+    assert "does not cover the network: no bound rule for Erf" in r.stderr
+
+
 def test_out_file_is_never_overwritten_silently(tmp_path, diff_net):
     prop = tmp_path / "p.vnnlib"
     prop.write_text(vnnlib_text("(>= Y_0 1.25)"))

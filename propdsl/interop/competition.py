@@ -104,6 +104,7 @@ def solve_instance(
     from propdsl.interop.onnx_import import load_onnx
     from propdsl.interop.vnnlib import read_vnnlib
     from propdsl.verify.complete import CompleteOptions, solve
+    from propdsl.verify.layers import UnsupportedLayerError
 
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
         raise UsageError(f"the timeout must be a positive number of seconds, got {timeout!r}")
@@ -125,7 +126,12 @@ def solve_instance(
         if left <= 0:
             reasons.append(f"timeout before region {k + 1} of {len(problems)}")
             return _result(Answer.TIMEOUT, start, reasons, problems, stats)
-        result = solve(model, problem, options=CompleteOptions(timeout=left, **extra))
+        try:
+            result = solve(model, problem, options=CompleteOptions(timeout=left, **extra))
+        except UnsupportedLayerError as err:
+            # a graph the bound engine does not cover: no answer, and the reason why
+            reasons.append(f"the complete verifier does not cover the network: {err}")
+            return _result(Answer.UNKNOWN, start, reasons, problems, stats)
         stats.append({key: v for key, v in result.stats.items() if not isinstance(v, dict)})
         where = f"region {k + 1} of {len(problems)}: " if len(problems) > 1 else ""
         reasons.append(where + result.reason)
@@ -192,17 +198,31 @@ def _confirmed(
 
     dtype = _dtype_of(model)
     shape, outputs = _sizes(model)
-    exact = read_vnnlib(vnnlib, shape, outputs, dtype=torch.float64)[k]
-    lo, hi = (t.reshape(-1) for t in exact.region.bounding_box())
-    x = point.detach().cpu().reshape(-1).to(dtype)
-    x = torch.minimum(torch.maximum(x, _inward(lo, dtype, up=True)), _inward(hi, dtype, up=False))
-    x64 = x.to(torch.float64).reshape(1, *shape)
-    inside = bool(exact.region.contains(x64)[0])
-    y = np.asarray(onnx_import.onnx_forward(onnx, x.numpy()), dtype=np.float64).reshape(-1)
-    violated = bool(exact.violated_at(torch.from_numpy(y).reshape(1, -1))[0])
-    if inside and violated:
-        flat = x64.reshape(-1).numpy()
-        return _result(Answer.SAT, start, reasons, problems, stats, counterexample=flat, output=y)
+    exact = read_vnnlib(vnnlib, shape, outputs, dtype=torch.float64)
+    # region k of the float64 reading, then the others (boxes that differ only below float32's
+    # precision are one region in float32 and two in float64): any region of the file will do
+    order = [k] if k < len(exact) else []
+    order += [j for j in range(len(exact)) if j != k]
+    inside = violated = False
+    y = np.zeros(0)
+    for j in order:
+        lo, hi = (t.reshape(-1) for t in exact[j].region.bounding_box())
+        x = point.detach().cpu().reshape(-1).to(dtype)
+        x = torch.minimum(
+            torch.maximum(x, _inward(lo, dtype, up=True)), _inward(hi, dtype, up=False)
+        )
+        x64 = x.to(torch.float64).reshape(1, *shape)
+        inside = bool(exact[j].region.contains(x64)[0])
+        if not inside:
+            continue
+        y = np.asarray(onnx_import.onnx_forward(onnx, x.numpy()), dtype=np.float64).reshape(-1)
+        violated = bool(exact[j].violated_at(torch.from_numpy(y).reshape(1, -1))[0])
+        if violated:
+            flat = x64.reshape(-1).numpy()
+            return _result(
+                Answer.SAT, start, reasons, problems, stats, counterexample=flat, output=y
+            )
+        break
     if not inside:
         why = "lies outside the file's input box"
     else:
