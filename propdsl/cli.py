@@ -491,7 +491,10 @@ def verify_cmd(
     split: SplitOpt = "test",
     samples: Annotated[int | None, typer.Option(help="How many samples (default 100).")] = None,
     timeout: Annotated[
-        float | None, typer.Option(help="Seconds per sample before unknown.")
+        float | None,
+        typer.Option(
+            help="Seconds per sample before unknown (with --complete: per open sample, default 60)."
+        ),
     ] = None,
     prop: Annotated[
         list[str] | None, typer.Option("--property", help="Verify only these (repeatable).")
