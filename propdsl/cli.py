@@ -542,6 +542,8 @@ def verify_cmd(
         raise UsageError("give --run RUN (a run folder) or --model NET.onnx")
     if onnx and (checkpoint != "best" or spec_differs_ok):
         raise UsageError("--checkpoint and --spec-differs-ok go with --run, not an ONNX model")
+    if onnx and device not in (None, "cpu"):
+        raise UsageError("an ONNX model is verified on the CPU: drop --device")
     if complete and device not in (None, "cpu"):
         raise UsageError("--complete runs on the CPU: use --device cpu")
 

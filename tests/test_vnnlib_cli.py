@@ -447,6 +447,13 @@ def test_onnx_model_that_does_not_fit_the_spec_is_refused(tmp_path, digits_case)
     assert r.exit_code == 2 and "drop --run" in r.output
     r = run("verify", spec_path)
     assert r.exit_code == 2 and "give --run RUN" in r.output
+    for extra, message in (
+        (["--checkpoint", "last"], "go with --run"),
+        (["--spec-differs-ok"], "go with --run"),
+        (["--device", "cuda"], "drop --device"),
+    ):
+        r = run("verify", spec_path, "--model", wrong_out, *extra)
+        assert r.exit_code == 2 and message in r.output, r.output
 
 
 @pytest.mark.slow
