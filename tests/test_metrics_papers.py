@@ -320,3 +320,120 @@ def test_the_top_hessian_eigenvalue_is_the_exact_hessians(act):
         if isinstance(act, nn.ReLU):  # J^T (diag p - p p^T) J: positive semi-definite
             assert float(eig.min()) > -1e-12 and dominant == eig.max()
         assert float(ours[n]) == pytest.approx(float(dominant), rel=1e-6, abs=1e-12)
+
+
+# -- propdsl eval --eps-grid / --attack / --metrics ----------------------------------------------
+
+RUN_SPEC = """\
+network f : Tensor[1, 8, 8] -> Tensor[10]
+param eps : Real = 0.05
+
+property robust(x, y) =
+  forall x' in ball(x, eps, inf) & box(0, 1): argmax(f(x')) == y
+
+train f on digits(split = "train", limit = 200) {
+  model     = mlp(hidden = [16], activation = half_huber(delta = 0.5))
+  epochs    = 2
+  batch     = 50
+  optimizer = adam(lr = 0.02)
+  loss      = cross_entropy
+}
+"""
+
+
+def _cli(*args: str):
+    from typer.testing import CliRunner
+
+    from propdsl import cli
+
+    return CliRunner().invoke(cli.app, list(args))
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--eps-grid", "0.1,-1", "--eps-grid must be non-negative"),
+        ("--eps-grid", "0.1,abc", "--eps-grid must be a number"),
+        ("--eps-grid", ",", "--eps-grid needs comma-separated radii"),
+        ("--attack", "fgsm", "unknown attack 'fgsm'"),
+        ("--attack", "pgd(steps=-1)", "steps must be a whole number"),
+        ("--attack", "pgd(foo=1)", "pgd takes steps, restarts"),
+        ("--attack", "apgd(restarts=0)", "restarts must be >= 1"),
+        ("--attack", "pgd(steps=3", "must look like pgd(steps=20, restarts=2)"),
+        ("--metrics", "etmann,bogus", "unknown metric 'bogus'; known metrics: etmann, ara"),
+    ],
+)
+def test_bad_eval_options_are_one_line_usage_errors(tmp_path, option, value, message):
+    spec = tmp_path / "s.prop"
+    spec.write_text(RUN_SPEC, encoding="utf-8")
+    # checked before the spec and the run are read: the run folder need not exist
+    result = _cli("eval", str(spec), "--run", str(tmp_path / "none"), option, value)
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and message in errors[0], result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.slow
+def test_eval_writes_every_paper_metric_with_its_plots(tmp_path):
+    import json
+
+    from propdsl.train import TrainOptions, train
+
+    spec_path = tmp_path / "s.prop"
+    spec_path.write_text(RUN_SPEC, encoding="utf-8")
+    out = tmp_path / "run"
+    train(propdsl_load(spec_path), TrainOptions(out=out, threads=1, quiet=True, eval_samples=16))
+    metrics = "etmann,ara,landscape,flatness,adv-explanations"
+    result = _cli(
+        "eval", str(out / "spec.prop"), "--run", str(out), "--samples", "12", "-q",
+        "--eps-grid", "0,0.02,0.05", "--attack", "pgd(steps=5,restarts=1)", "--metrics", metrics,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "eval.json").read_text())
+    folder = out / data["results"]
+    assert data["attack"] == "pgd(steps=5, restarts=1)"
+    curve = data["security_vs_eps"]
+    assert curve["eps"] == [0.0, 0.02, 0.05]
+    assert len(curve["properties"]["robust"]) == len(curve["accuracy"]["robust"]) == 3
+    assert curve["accuracy"]["robust"][0] == pytest.approx(data["clean_accuracy"])
+    assert "accuracy at eps" in result.output and "Etmann et al. 2019" in result.output
+    paper = data["paper_metrics"]
+    assert set(paper) == {"etmann", "ara", "landscape", "flatness", "adversarial_explanations"}
+    # the attack ARA is eval's accuracy-robustness area
+    assert paper["ara"]["attack"]["area"] == data["accuracy_robustness"]["area"]
+    assert paper["ara"]["btr"]["criterion"] == "btr"
+    # per sample, recomputed on the run's model and eval's samples: rho~ by the library, the
+    # alignment by propdsl.explain's separate implementation
+    from propdsl.session import load_samples, open_run
+
+    setup = open_run(propdsl_load(out / "spec.prop"), out, device=torch.device("cpu"))
+    ds = load_samples(setup, "test", 12, torch.device("cpu"))
+    expected = linearized_robustness(setup.model, ds.x)
+    assert paper["etmann"]["rho_tilde_per_sample"] == pytest.approx(expected.tolist(), rel=1e-5)
+    align = explain.alignment(setup.model, ds.x)
+    assert paper["etmann"]["alignment_per_sample"] == pytest.approx(align.tolist(), rel=1e-4)
+    etmann = paper["etmann"]
+    assert len(etmann["rho_tilde_per_sample"]) == 12
+    assert etmann["mean_alignment"] == pytest.approx(
+        sum(etmann["alignment_per_sample"]) / 12, rel=1e-9
+    )
+    assert len(paper["adversarial_explanations"]["probability"]) == 4
+    assert len(paper["adversarial_explanations"]["targets"]) == 10
+    for name in (
+        "etmann_alignment_robustness.png",
+        "woods_ara.png",
+        "adversarial_explanations.png",
+        "landscape_1d.png",
+        "landscape_2d.png",
+        "flatness.png",
+        "security_vs_eps.png",
+    ):
+        assert name in data["plots"]
+        assert (folder / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def propdsl_load(path):
+    import propdsl
+
+    return propdsl.load(str(path))
