@@ -46,14 +46,13 @@ from torch import Tensor, nn
 from propdsl import ir as I
 from propdsl import runs
 from propdsl.api import Spec
-from propdsl.attacks import APGD, PGD, run_attack
+from propdsl.attacks import APGD, PGD
 from propdsl.errors import UsageError
 from propdsl.interpret import differentiates
 from propdsl.metrics import papers as paper_metrics
 from propdsl.metrics.papers import PaperMetric, PaperResults
-from propdsl.metrics.search import Criterion
+from propdsl.metrics.search import Criterion, Distance, min_perturbation
 from propdsl.metrics.woods import WoodsARA, accuracy_robustness_area
-from propdsl.region import Region
 from propdsl.results import positive_count, result_key, write_results
 from propdsl.session import (
     Checkpoint,
@@ -682,56 +681,19 @@ def min_adversarial_rmse(
     >>> round(d.item(), 3)  # move x_0 by 0.1: RMSE 0.1 / sqrt(2)
     0.071
     """
-    n = x.shape[0]
-    scale = math.sqrt(x[0].numel())
-    out = torch.zeros(n, dtype=torch.float64)
-    with torch.no_grad():
-        correct = (model(x).argmax(1) == y).cpu()
-    idx = torch.nonzero(correct).flatten()
-    if idx.numel() == 0:
-        return out
-    xs, ys = x[idx.to(x.device)], y[idx.to(y.device)]
-
-    def margin(v: Tensor, labels: Tensor) -> Tensor:
-        logits = model(v).flatten(1)
-        true = logits.gather(1, labels.reshape(-1, 1)).squeeze(1)
-        others = logits.scatter(1, labels.reshape(-1, 1), -math.inf)
-        return others.amax(1) - true
-
-    def breaks(sel: Tensor, radius: Tensor) -> tuple[Tensor, Tensor]:
-        """Attack the samples `sel` at RMSE radius [m]: (broken [m], RMSE of the point [m])."""
-        centre, labels = xs[sel], ys[sel]
-        lo, hi = box if box is not None else (None, None)
-        region = Region.ball(centre, (radius * scale).to(centre), 2, lo=lo, hi=hi)
-        found = run_attack(
-            attack,
-            lambda v: margin(v, labels),
-            [region],
-            models=[model],
-            generator=generator,
-        )
-        (point,) = found.points
-        with torch.no_grad():
-            broken = (model(point).argmax(1) != labels).cpu()
-        rmse = ((point - centre).flatten(1).norm(dim=1) / scale).double().cpu()
-        return broken, rmse
-
-    m = idx.numel()
-    everyone = torch.arange(m, device=x.device)
-    broken, rmse = breaks(everyone, torch.full((m,), float(max_rmse), dtype=torch.float64))
-    best = torch.where(broken, rmse, torch.full_like(rmse, float(max_rmse)))
-    lo_r = torch.zeros(m, dtype=torch.float64)
-    active = broken.clone()
-    for _ in range(bisections):
-        sel = torch.nonzero(active).flatten()
-        if sel.numel() == 0:
-            break
-        mid = (lo_r[sel] + best[sel]) / 2
-        hit, dist = breaks(sel.to(x.device), mid)
-        best[sel] = torch.where(hit, torch.minimum(best[sel], dist), best[sel])
-        lo_r[sel] = torch.where(hit, lo_r[sel], mid)
-    out[idx] = best
-    return out
+    # Woods et al.'s attack ARA search (propdsl.metrics.search), the argmax criterion.
+    return min_perturbation(
+        model,
+        x,
+        y,
+        criterion=Criterion.ARGMAX,
+        distance=Distance.RMSE,
+        attack=attack,
+        max_distance=max_rmse,
+        bisections=bisections,
+        box=box,
+        generator=generator,
+    ).distance
 
 
 def _robustness(model, x, y, predicted, box, batch, seed, device) -> AccuracyRobustness:
