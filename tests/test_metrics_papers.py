@@ -437,3 +437,45 @@ def propdsl_load(path):
     import propdsl
 
     return propdsl.load(str(path))
+
+
+def test_the_paper_metrics_of_eval_on_tabular_data():
+    import json
+
+    from propdsl.metrics import papers
+
+    net = _tiny(nn.Tanh(), d_in=5, classes=3, seed=8)
+    x = torch.rand(6, 5, dtype=F64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    y[0] = (y[0] + 1) % 3  # one misclassified sample
+    chosen = papers.parse_metrics("adv-explanations,flatness,ara,landscape,etmann")
+    assert [m.value for m in chosen] == [
+        "etmann",
+        "ara",
+        "landscape",
+        "flatness",
+        "adv-explanations",
+    ]
+    stages: list[str] = []
+    r = papers.compute(
+        chosen, net, x, y, box=None, image=False, radius=0.1, attack_ara=None,  # no box: fast
+        batch=4, seed=0, device=torch.device("cpu"), start=stages.append,
+    )  # fmt: skip
+    assert stages == [f"metric {m.value}" for m in chosen]
+    assert r.skipped == (("adv-explanations", "the data are not images"),)
+    assert r.ara is not None and r.ara["attack"].distances[0] == 0.0  # misclassified
+    for a in r.ara.values():
+        assert a.area == accuracy_robustness_area(a.distances, 3)
+    assert r.flatness is not None
+    direct = top_hessian_eigenvalue(net, x[:4], y[:4], generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(r.flatness[:4], direct)
+    data = json.loads(json.dumps(papers.to_json(r)))  # plain JSON
+    assert set(data) == {"etmann", "ara", "landscape", "flatness", "skipped"}
+    assert (
+        data["landscape"]["steps"][10] == pytest.approx(0.0, abs=1e-15)
+        and len(data["landscape"]["ce_surface"]) == 21
+    )
+    lines = papers.table_lines(r)
+    assert lines[-1] == "adv-explanations skipped: the data are not images"
+    assert any(line.startswith("Woods et al. 2019 ARA (RMSE): attack") for line in lines)
