@@ -424,7 +424,7 @@ def ara_curves(
     ax.set(
         title="accuracy-robustness curves (Woods et al. 2019)",
         xlabel="RMSE of the perturbation e",
-        ylabel="A(e): fraction with a larger near-minimal perturbation",
+        ylabel="A(e): fraction of samples with m_i > e",
         ylim=(0, 1.02),
     )
     ax.legend(fontsize=8)
