@@ -436,6 +436,30 @@ def eval_cmd(
     samples: Annotated[int | None, typer.Option(help="Evaluate the first N samples only.")] = None,
     checkpoint: CheckpointOpt = "best",
     plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write PNG plots.")] = True,
+    eps_grid: Annotated[
+        str | None,
+        typer.Option(
+            "--eps-grid",
+            help="Radii of the security / accuracy curve, comma-separated (e.g. 0.01,0.02,0.05; "
+            "default 0,0.025,0.05,0.1,0.15,0.2); for specs with a param eps.",
+        ),
+    ] = None,
+    attack: Annotated[
+        str | None,
+        typer.Option(
+            "--attack",
+            help="The strong attack of constraint security, e.g. pgd(steps=20,restarts=2) or "
+            "apgd(steps=50,restarts=3) (the default).",
+        ),
+    ] = None,
+    metrics: Annotated[
+        str | None,
+        typer.Option(
+            "--metrics",
+            help="Heavier metrics named after papers, comma-separated: etmann, ara, landscape, "
+            "flatness, adv-explanations (default none).",
+        ),
+    ] = None,
     spec_differs_ok: SpecDiffersOpt = False,
     model: ModelOpt = None,
     device: DeviceOpt = None,
@@ -453,8 +477,13 @@ def eval_cmd(
     from propdsl.train import set_threads
 
     set_threads(threads)
-    from propdsl.evaluate import evaluate, render_table
+    from propdsl.evaluate import evaluate, parse_attack, parse_eps_grid, render_table
+    from propdsl.metrics.papers import parse_metrics
 
+    # The new options are checked before the spec and the run are loaded (usage errors, exit 2).
+    grid = None if eps_grid is None else parse_eps_grid(eps_grid)
+    strong = None if attack is None else parse_attack(attack)
+    chosen = parse_metrics(metrics)
     loaded = load(spec, parse_overrides(param or []))
     with _Display("eval", quiet) as display:
         result = evaluate(
@@ -463,6 +492,9 @@ def eval_cmd(
             split=split,
             samples=samples,
             plots=plots,
+            eps_grid=grid,
+            attack=strong,
+            metrics=chosen,
             model_ref=model,
             device=device,
             checkpoint=checkpoint,
