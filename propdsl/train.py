@@ -11,6 +11,7 @@ and `MAX_THREADS` stay importable from here.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -30,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from propdsl import registry, runs
+from propdsl import distributed, registry, runs
 from propdsl.api import Spec
 from propdsl.check import BlockInfo, OptionValue
 from propdsl.errors import CheckError, PropdslError, UsageError
@@ -331,7 +332,8 @@ def _train_in(
             "--resume continues the run in the folder and --force replaces it: use one"
         )
     if options.resume:
-        remembered = _run_config(run)
+        # rank 0 reads the folder (the others may run where it is not: another machine)
+        remembered = distributed.from_main(lambda: _run_config(run))
         recorded = remembered["model"].get("user")
         if recorded and options.model is None and model is None:
             raise UsageError(
@@ -339,7 +341,7 @@ def _train_in(
                 f"code, so name it to continue: --model {recorded}"
             )
     else:
-        _check_fresh_folder(run, options.force)
+        distributed.from_main(lambda: _check_fresh_folder(run, options.force))
     seed = _whole("seed", *_setting("seed", options.seed, remembered, block, 0), run, 0, MAX_SEED)
     epochs = _whole(
         "epochs", *_setting("epochs", options.epochs, remembered, block, 10), run, 1, None
@@ -348,6 +350,8 @@ def _train_in(
     threads_value, threads_origin = _setting("threads", options.threads, remembered, block, None)
     if threads_value is not None:
         _whole("threads", threads_value, threads_origin, run, 1, MAX_THREADS)
+    if threads_value is None and distributed.active():
+        threads_value = 1  # N processes with several threads each oversubscribe the cores
     threads = set_threads(threads_value)
     device_name, device_origin = _setting("device", options.device, remembered, block, None)
     try:
@@ -360,6 +364,11 @@ def _train_in(
             "(the weights may then differ in the last bits from a run on one device)"
         ) from None
     ramp = int(block.get("ramp", 0))
+    if batch < distributed.world():
+        raise UsageError(
+            f"the batch ({batch}) is the global batch, split over the {distributed.world()} "
+            "processes: it must be at least their number"
+        )
 
     train_ds = load_split(spec, block, "train", seed=seed, root=Path(spec.name).parent)
     val_ds = load_split(spec, block, "val", seed=seed, root=Path(spec.name).parent)
@@ -396,20 +405,38 @@ def _train_in(
         "loss": _show_loss(objective),
         "versions": _versions(),
     }
-    _make_folder(run)
+    if distributed.world() > 1:
+        # the global batch is split over this many processes (docs/distributed.md)
+        config["processes"] = distributed.world()
     started = options.resume  # a run to resume has its config.json already
-    with runs.locked(run, "train"):
+    with contextlib.ExitStack() as folder:
+
+        def hold() -> None:
+            _make_folder(run)
+            folder.enter_context(runs.locked(run, "train"))
+
+        # Rank 0 alone holds and writes the run folder (docs/distributed.md).
+        distributed.from_main(hold)
         try:
-            if options.resume:
-                start_epoch, best_acc, metrics = _resume(
-                    run, config, model, optimizer, schedule, epochs
-                )
-                _write(run, lambda: _write_config(run, spec, config), "config.json")
-            else:
-                # again, now that this process holds the folder
-                _check_fresh_folder(run, options.force)
-                _start_fresh(run, spec, config)
-                start_epoch, best_acc, metrics = 0, -1.0, []
+
+            def prepare() -> tuple[int, float, list[dict[str, Any]], dict[str, Any] | None]:
+                if options.resume:
+                    start_epoch, best_acc, metrics = _resume(
+                        run, config, model, optimizer, schedule, epochs
+                    )
+                    _write(run, lambda: _write_config(run, spec, config), "config.json")
+                else:
+                    # again, now that this process holds the folder
+                    _check_fresh_folder(run, options.force)
+                    _start_fresh(run, spec, config)
+                    start_epoch, best_acc, metrics = 0, -1.0, []
+                # the other processes start from rank 0's weights and optimizer state
+                states = _states(model, optimizer, schedule) if distributed.active() else None
+                return start_epoch, best_acc, metrics, states
+
+            start_epoch, best_acc, metrics, states = distributed.from_main(prepare)
+            if states is not None and not distributed.is_main():
+                _load_states(states, model, optimizer, schedule)
             started = True
             loop = _Loop(
                 run=run,
@@ -431,6 +458,21 @@ def _train_in(
             return _epochs(loop, start_epoch, best_acc, metrics, on_epoch)
         except KeyboardInterrupt:
             raise _Interrupted(started) from None
+
+
+def _states(model: nn.Module, optimizer, schedule) -> dict[str, Any]:
+    return {
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "schedule": schedule.state_dict() if schedule is not None else None,
+    }
+
+
+def _load_states(states: dict[str, Any], model: nn.Module, optimizer, schedule) -> None:
+    model.load_state_dict(states["model"])
+    optimizer.load_state_dict(states["optimizer"])
+    if schedule is not None and states["schedule"] is not None:
+        schedule.load_state_dict(states["schedule"])
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -478,7 +520,9 @@ def _epochs(
     train_ds, val_ds = loop.train_ds, loop.val_ds
     x_all, y_all = train_ds.x.to(device), train_ds.y.to(device)
     n = x_all.shape[0]
-    progress = _Progress(epochs, quiet=options.quiet)
+    parallel = distributed.active()
+    term_keys: list[str] = []  # the loss terms' order in the all-reduced statistics
+    progress = _Progress(epochs, quiet=options.quiet or not distributed.is_main())
     with progress:
         for epoch in range(start_epoch + 1, epochs + 1):
             t0 = time.perf_counter()
@@ -494,17 +538,30 @@ def _epochs(
             steps = 0
             for start in range(0, n, batch):
                 idx = order[start : start + batch]
-                xb, yb = x_all[idx], y_all[idx]
-                loss = objective(model, xb, yb)
-                loss_value = float(loss.detach())
-                if not math.isfinite(loss_value):
-                    raise TrainingDiverged(_diverged_message(objective, epoch, steps + 1, run))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                if parallel:
+                    loss_value, terms = _parallel_step(
+                        model, objective, optimizer, x_all, y_all, idx, term_keys
+                    )
+                    if not math.isfinite(loss_value):
+                        message = _diverged_message(objective, epoch, steps + 1, run, terms)
+                        raise TrainingDiverged(message)
+                    optimizer.step()
+                    if len(idx) < distributed.world():
+                        # a rank without samples drew no attack starts: resynchronise
+                        distributed.broadcast_generator(generator)
+                else:
+                    xb, yb = x_all[idx], y_all[idx]
+                    loss = objective(model, xb, yb)
+                    loss_value = float(loss.detach())
+                    if not math.isfinite(loss_value):
+                        raise TrainingDiverged(_diverged_message(objective, epoch, steps + 1, run))
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    terms = objective.last_terms
                 steps += 1
                 sums["loss"] = sums.get("loss", 0.0) + loss_value
-                for k, v in objective.last_terms.items():
+                for k, v in terms.items():
                     column = _term_column(k)
                     sums[column] = sums.get(column, 0.0) + v
                 seen += len(idx)
@@ -516,46 +573,98 @@ def _epochs(
             if problem is not None:
                 raise TrainingDiverged(_exploded_message(problem, epoch, run))
             train_seconds = time.perf_counter() - t0
-            row: dict[str, Any] = {"epoch": epoch}
-            row.update({k: v / max(1, steps) for k, v in sums.items()})
-            row.update(evaluate_epoch(model, val_ds, prop_losses, device, options.eval_samples))
-            row["radius_scale"] = scale
-            row["lr"] = optimizer.param_groups[0]["lr"]
-            row["train_seconds"] = round(train_seconds, 3)
-            row["seconds"] = round(time.perf_counter() - t0, 3)
-            meta = {"epoch": epoch, "metrics": row}
-            # Without validation data there is nothing to choose by: best is last. While the
-            # radius still ramps up the properties are trained on smaller regions than they
-            # state, so best follows last and the choice starts at the full radius.
-            acc = row["val_accuracy"]
-            if scale < 1.0:
-                improved, best_acc = True, -1.0
-            else:
-                improved = acc is None or acc > best_acc
-                if acc is not None:
-                    best_acc = max(best_acc, acc)
-            state = {
-                "epoch": epoch,
-                "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict() if schedule is not None else {},
-                "best_acc": best_acc,
-            }
-            weights = runs.checkpoint_bytes(model)
-            sidecar = runs.dumps_json(meta)
-            files = {
-                "last.safetensors": weights,
-                "last.json": sidecar,
-                "last.state.pt": runs.state_bytes(state),
-            }
-            if improved:
-                files.update({"best.safetensors": weights, "best.json": sidecar})
-            files.update(runs.metrics_files([*metrics, row]))
-            _write(run, functools.partial(runs.commit_epoch, run, epoch, files), f"epoch {epoch}")
+
+            def finish(
+                epoch: int = epoch,
+                scale: float = scale,
+                best_acc: float = best_acc,
+                t0: float = t0,
+                sums: dict[str, float] = sums,
+                steps: int = steps,
+                train_seconds: float = train_seconds,
+            ) -> tuple[dict[str, Any], float]:
+                row: dict[str, Any] = {"epoch": epoch}
+                row.update({k: v / max(1, steps) for k, v in sums.items()})
+                row.update(evaluate_epoch(model, val_ds, prop_losses, device, options.eval_samples))
+                row["radius_scale"] = scale
+                row["lr"] = optimizer.param_groups[0]["lr"]
+                row["train_seconds"] = round(train_seconds, 3)
+                row["seconds"] = round(time.perf_counter() - t0, 3)
+                meta = {"epoch": epoch, "metrics": row}
+                # Without validation data there is nothing to choose by: best is last. While the
+                # radius still ramps up the properties are trained on smaller regions than they
+                # state, so best follows last and the choice starts at the full radius.
+                acc = row["val_accuracy"]
+                if scale < 1.0:
+                    improved, best_acc = True, -1.0
+                else:
+                    improved = acc is None or acc > best_acc
+                    if acc is not None:
+                        best_acc = max(best_acc, acc)
+                state = {
+                    "epoch": epoch,
+                    "optimizer": optimizer.state_dict(),
+                    "schedule": schedule.state_dict() if schedule is not None else {},
+                    "best_acc": best_acc,
+                }
+                weights = runs.checkpoint_bytes(model)
+                sidecar = runs.dumps_json(meta)
+                files = {
+                    "last.safetensors": weights,
+                    "last.json": sidecar,
+                    "last.state.pt": runs.state_bytes(state),
+                }
+                if improved:
+                    files.update({"best.safetensors": weights, "best.json": sidecar})
+                files.update(runs.metrics_files([*metrics, row]))
+                commit = functools.partial(runs.commit_epoch, run, epoch, files)
+                _write(run, commit, f"epoch {epoch}")
+                return row, best_acc
+
+            # Rank 0 validates and commits the epoch; every rank gets its row (and its errors).
+            row, best_acc = distributed.from_main(finish)
             metrics.append(row)
             progress.epoch(row)
             if on_epoch is not None:
                 on_epoch(row)
     return TrainResult(run, model, metrics)
+
+
+def _parallel_step(
+    model: nn.Module,
+    objective: Any,
+    optimizer: torch.optim.Optimizer,
+    x_all: Tensor,
+    y_all: Tensor,
+    idx: Tensor,
+    term_keys: list[str],
+) -> tuple[float, dict[str, float]]:
+    """This rank's part of one global batch: forward (the attack included) and backward on its
+    shard, then one all-reduce of the gradients together with the loss statistics.
+
+    Each rank's loss is its shard's mean scaled by (shard size / global batch), so the summed
+    gradients are those of the global batch's mean, as in one process, whatever the shard sizes
+    (also for terms that do not depend on the batch, whose shares sum to one). The attack's random
+    starts are drawn for the whole batch on every rank (`distributed.sharded_batch`), so each
+    sample gets the start it gets in one process. Returns the global batch's loss and terms.
+    """
+    total = len(idx)
+    optimizer.zero_grad(set_to_none=True)
+    with distributed.sharded_batch(total) as (lo, hi):
+        count = hi - lo
+        values: list[float] = []
+        if count:
+            local = idx[lo:hi]
+            loss = objective(model, x_all[local], y_all[local])
+            (loss * (count / total)).backward()
+            if not term_keys:
+                term_keys.extend(objective.last_terms)  # the first batch: every rank has samples
+            values = [float(loss.detach()), *(objective.last_terms[k] for k in term_keys)]
+    stats = torch.tensor(values or [0.0] * (1 + len(term_keys)), dtype=torch.float64)
+    stats = stats * (count / total)
+    params = [p for p in model.parameters() if p.requires_grad]
+    reduced = distributed.sync_gradients(params, stats).tolist()
+    return reduced[0], dict(zip(term_keys, reduced[1:], strict=True))
 
 
 class RunWriteError(runs.RunFolderError):
@@ -735,8 +844,13 @@ def _show_loss(objective) -> str:
     return show(objective.expr)
 
 
-def _diverged_message(objective, epoch: int, step: int, run: Path) -> str:
-    bad = [k for k, v in objective.last_terms.items() if not math.isfinite(v)]
+def _diverged_message(
+    objective, epoch: int, step: int, run: Path, terms: dict[str, float] | None = None
+) -> str:
+    """`terms`: the loss terms' values (default: the objective's last; a distributed step passes
+    the values summed over the ranks, NaN where any rank's was)."""
+    terms = objective.last_terms if terms is None else terms
+    bad = [k for k, v in terms.items() if not math.isfinite(v)]
     if bad:
         which = f"term {', '.join(repr(b) for b in bad)} of the loss"
     else:
