@@ -499,6 +499,15 @@ SpecDiffersOpt = Annotated[
     ),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
+NprocOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--nproc",
+        help="Shard the samples over N processes on this machine (torchrun's standalone "
+        "launch); the results are one process's. See docs/distributed.md.",
+        min=1,
+    ),
+]
 
 
 def _checked_common(
@@ -530,6 +539,7 @@ def eval_cmd(
     device: DeviceOpt = None,
     threads: ThreadsOpt = None,
     quiet: QuietOpt = False,
+    nproc: NprocOpt = None,
 ) -> None:
     """Evaluate a trained run: clean accuracy, constraint accuracy and security, plots.
 
@@ -537,6 +547,9 @@ def eval_cmd(
     RUN/eval/<key>/ (eval.json and the PNGs), one folder per setting; RUN/eval.json is a copy
     of the latest eval.json.
     """
+    if nproc is not None and nproc > 1:
+        _launch("eval", nproc)
+        return
     _checked_common(split, checkpoint, samples, threads)
     from propdsl.api import load, parse_overrides
     from propdsl.train import set_threads
@@ -588,6 +601,7 @@ def verify_cmd(
     device: DeviceOpt = None,
     threads: ThreadsOpt = None,
     quiet: QuietOpt = False,
+    nproc: NprocOpt = None,
 ) -> None:
     """Verify a trained run: falsify with a strong attack, then prove with bound propagation.
 
@@ -595,6 +609,9 @@ def verify_cmd(
     RUN/verify/<method>-<key>/ (verify.json, counterexamples/), one folder per setting;
     RUN/verify.json is a copy of the latest verify.json.
     """
+    if nproc is not None and nproc > 1:
+        _launch("verify", nproc)
+        return
     from propdsl.results import positive_seconds
 
     _checked_common(split, checkpoint, samples, threads)

@@ -27,6 +27,7 @@ import contextvars
 import datetime
 import os
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
@@ -242,15 +243,6 @@ def sync_gradients(params: Sequence[torch.nn.Parameter], stats: Tensor) -> Tenso
     return buffer[offset:].to(stats.device, stats.dtype)
 
 
-def broadcast_generator(generator: torch.Generator) -> None:
-    """Give every rank rank 0's generator state (after a batch some rank had no sample of: it drew
-    nothing, the others drew for the whole batch)."""
-    if not active():
-        return
-    state = broadcast(generator.get_state())
-    generator.set_state(state)
-
-
 # -- random draws of a sharded batch ------------------------------------------------------------
 
 _SLICE: contextvars.ContextVar[tuple[int, int, int] | None] = contextvars.ContextVar(
@@ -269,15 +261,37 @@ def global_draws(total: int, offset: int, count: int) -> Iterator[None]:
         _SLICE.reset(token)
 
 
+@dataclass(frozen=True)
+class Shard:
+    """This rank's rows [lo, hi) of a batch of `total`. A batch with fewer samples than ranks is
+    not split (`sharded` False): every rank computes all of it, drawing the same numbers, so no
+    rank is left without samples."""
+
+    lo: int
+    hi: int
+    total: int
+    sharded: bool
+
+    @property
+    def weight(self) -> float:
+        """This rank's share of a batch mean: summed over the ranks, the shares are one."""
+        return (self.hi - self.lo) / self.total if self.sharded else 1.0 / world()
+
+    def gather(self, t: Tensor) -> Tensor:
+        """The whole batch's rows from every rank's part `t` (the part itself unsharded)."""
+        return gather_rows(t) if self.sharded else t
+
+
 @contextlib.contextmanager
-def sharded_batch(total: int) -> Iterator[tuple[int, int]]:
-    """This rank's [lo, hi) of a batch of `total` samples, with `global_draws` for it."""
-    lo, hi = shard_range(total)
-    if not active():
-        yield lo, hi
+def sharded_batch(total: int) -> Iterator[Shard]:
+    """This rank's `Shard` of a batch of `total` samples; within, random draws over it take the
+    whole batch's numbers (`global_draws`), so each sample gets those of one process."""
+    if not active() or total < world():
+        yield Shard(0, total, total, False)
         return
+    lo, hi = shard_range(total)
     with global_draws(total, lo, hi - lo):
-        yield lo, hi
+        yield Shard(lo, hi, total, True)
 
 
 def draw(

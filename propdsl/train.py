@@ -546,9 +546,6 @@ def _epochs(
                         message = _diverged_message(objective, epoch, steps + 1, run, terms)
                         raise TrainingDiverged(message)
                     optimizer.step()
-                    if len(idx) < distributed.world():
-                        # a rank without samples drew no attack starts: resynchronise
-                        distributed.broadcast_generator(generator)
                 else:
                     xb, yb = x_all[idx], y_all[idx]
                     loss = objective(model, xb, yb)
@@ -644,24 +641,21 @@ def _parallel_step(
 
     Each rank's loss is its shard's mean scaled by (shard size / global batch), so the summed
     gradients are those of the global batch's mean, as in one process, whatever the shard sizes
-    (also for terms that do not depend on the batch, whose shares sum to one). The attack's random
-    starts are drawn for the whole batch on every rank (`distributed.sharded_batch`), so each
-    sample gets the start it gets in one process. Returns the global batch's loss and terms.
+    (also for terms that do not depend on the batch, whose shares sum to one); a last batch
+    smaller than the number of ranks is computed whole by every rank, each weighing 1 / ranks.
+    The attack's random starts are drawn for the whole batch on every rank
+    (`distributed.sharded_batch`), so each sample gets the start it gets in one process.
+    Returns the global batch's loss and terms.
     """
-    total = len(idx)
     optimizer.zero_grad(set_to_none=True)
-    with distributed.sharded_batch(total) as (lo, hi):
-        count = hi - lo
-        values: list[float] = []
-        if count:
-            local = idx[lo:hi]
-            loss = objective(model, x_all[local], y_all[local])
-            (loss * (count / total)).backward()
-            if not term_keys:
-                term_keys.extend(objective.last_terms)  # the first batch: every rank has samples
-            values = [float(loss.detach()), *(objective.last_terms[k] for k in term_keys)]
-    stats = torch.tensor(values or [0.0] * (1 + len(term_keys)), dtype=torch.float64)
-    stats = stats * (count / total)
+    with distributed.sharded_batch(len(idx)) as shard:
+        local = idx[shard.lo : shard.hi]
+        loss = objective(model, x_all[local], y_all[local])
+        (loss * shard.weight).backward()
+    if not term_keys:
+        term_keys.extend(objective.last_terms)
+    values = [float(loss.detach()), *(objective.last_terms[k] for k in term_keys)]
+    stats = torch.tensor(values, dtype=torch.float64) * shard.weight
     params = [p for p in model.parameters() if p.requires_grad]
     reduced = distributed.sync_gradients(params, stats).tolist()
     return reduced[0], dict(zip(term_keys, reduced[1:], strict=True))
