@@ -90,6 +90,9 @@ def _join_job() -> None:
     distributed.init_from_env()
     if _other_rank():
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+        # rank 0's warnings stand for all: the same warning N times is noise
+        warnings.simplefilter("ignore")
+        logging.getLogger("propdsl").setLevel(logging.ERROR)
 
 
 def _load_plugins(refs: list[str]) -> None:

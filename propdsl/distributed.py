@@ -42,6 +42,24 @@ T = TypeVar("T")
 TIMEOUT = datetime.timedelta(minutes=10)
 
 
+class RankLost(PropdslError):
+    """A collective failed: another process of the job died (its connection closed) or hung past
+    `TIMEOUT`. The launcher names the process that died."""
+
+
+@contextlib.contextmanager
+def _collective(what: str) -> Iterator[None]:
+    """Turn the backend's error for a vanished peer into `RankLost` (never an internal error)."""
+    try:
+        yield
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RankLost(
+            f"rank {rank()} lost contact with another process of the job during {what} (it "
+            f"died or hung): {first}"
+        ) from None
+
+
 class RankStopped(PropdslError):
     """Another process of the job failed; this one stops too. `message` is that failure's (the
     CLI prints it on rank 0 only, so a job's error reads once)."""
@@ -138,7 +156,8 @@ def gather(part: list[T]) -> list[T]:
     if not active():
         return list(part)
     parts: list[Any] = [None] * world()
-    _dist().all_gather_object(parts, [_cpu(p) for p in part])
+    with _collective("a gather"):
+        _dist().all_gather_object(parts, [_cpu(p) for p in part])
     return [item for p in parts for item in p]
 
 
@@ -147,7 +166,8 @@ def gather_rows(t: Tensor) -> Tensor:
     if not active():
         return t
     parts: list[Any] = [None] * world()
-    _dist().all_gather_object(parts, t.detach().cpu())
+    with _collective("a gather"):
+        _dist().all_gather_object(parts, t.detach().cpu())
     return torch.cat(parts).to(t.device)
 
 
@@ -163,7 +183,8 @@ def broadcast(value: T) -> T:
     if not active():
         return value
     box = [value]
-    _dist().broadcast_object_list(box, src=0)
+    with _collective("a broadcast"):
+        _dist().broadcast_object_list(box, src=0)
     return box[0]
 
 
@@ -197,7 +218,8 @@ def agree(problem: str | None) -> None:
             raise RankStopped(problem)
         return
     problems: list[Any] = [None] * world()
-    _dist().all_gather_object(problems, problem)
+    with _collective("a gather"):
+        _dist().all_gather_object(problems, problem)
     for r, p in enumerate(problems):
         if p is not None:
             raise RankStopped(p if r == 0 else f"rank {r}: {p}")
@@ -213,7 +235,8 @@ def _describe(err: BaseException) -> str:
 def all_reduce_(t: Tensor) -> Tensor:
     """Sum `t` over the ranks, in place (no-op in one process)."""
     if active():
-        _dist().all_reduce(t)
+        with _collective("an all-reduce"):
+            _dist().all_reduce(t)
     return t
 
 
@@ -232,7 +255,8 @@ def sync_gradients(params: Sequence[torch.nn.Parameter], stats: Tensor) -> Tenso
     buffer = torch.cat(
         [*flat, stats.to(device=device, dtype=flat[0].dtype if flat else stats.dtype)]
     )
-    _dist().all_reduce(buffer)
+    with _collective("the gradient all-reduce"):
+        _dist().all_reduce(buffer)
     offset = 0
     for p in params:
         if not p.requires_grad:
@@ -359,7 +383,9 @@ def launch(args: Sequence[str], nproc: int) -> None:
     except ChildFailedError as err:
         failures = err.failures
         died = None
-        for r, failure in sorted(failures.items()):
+        # SIGTERM is how the launcher stops the others once one failed: name another signal
+        killed = sorted(failures.items(), key=lambda f: (f[1].exitcode == -signal.SIGTERM, f[0]))
+        for r, failure in killed:
             if failure.exitcode < 0:
                 try:
                     name = signal.Signals(-failure.exitcode).name
