@@ -2,7 +2,7 @@
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/_distributed_worker.py \
         train OUT SPEC...      train each spec into OUT/<i> (one process group for all)
-    ... cli ARGS -- ARGS       run `propdsl ARGS` for each `--`-separated command line
+    ... cli ARGS + ARGS        run `propdsl ARGS` for each `+`-separated command line
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def main(argv: list[str]) -> int:
 
             commands: list[list[str]] = [[]]
             for word in argv[1:]:
-                if word == "--":
+                if word == "+":
                     commands.append([])
                 else:
                     commands[-1].append(word)

@@ -74,7 +74,8 @@ def _env() -> dict[str, str]:
 
 def _torchrun(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += ["--nproc-per-node", "2", str(WORKER), *args]
+    # `--`: torchrun's parser would take `--run` for its own (abbreviated) --run-path
+    command += ["--nproc-per-node", "2", "--", str(WORKER), *args]
     return subprocess.run(
         command, capture_output=True, text=True, env=_env(), timeout=timeout, cwd=ROOT
     )
@@ -267,7 +268,7 @@ def test_eval_and_verify_shard_their_samples_and_give_the_json_of_one_process(tm
     spec = _spec(tmp_path, "s", eps=0.01, epochs=4, batch=16, lr=0.5, limit=200)
     result = train(propdsl.load(spec), TrainOptions(out=tmp_path / "run", quiet=True))
     run = result.run
-    ev = ["eval", str(spec), "--run", str(run), "--samples", "37", "--batch", "16", "-q"]
+    ev = ["eval", str(spec), "--run", str(run), "--samples", "37", "-q"]
     ve = ["verify", str(spec), "--run", str(run), "--samples", "37", "-q"]
     for command in (ev, ve):
         done = _propdsl(*command)
@@ -276,7 +277,7 @@ def test_eval_and_verify_shard_their_samples_and_give_the_json_of_one_process(tm
     one_verify = json.loads((run / "verify.json").read_text())
     npz = run / one_verify["results"] / "counterexamples" / "robust.npz"
     one_points = dict(np.load(npz))
-    done = _torchrun("cli", *ev, "--", *ve)
+    done = _torchrun("cli", *ev, "+", *ve)
     assert done.returncode == 0, done.stderr[-3000:]
     two_eval = json.loads((run / "eval.json").read_text())
     two_verify = json.loads((run / "verify.json").read_text())
