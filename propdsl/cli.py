@@ -353,7 +353,11 @@ def train_cmd(
     if resume and not overrides:
         # A resumed run keeps the params it started with (unless the spec text changed, which
         # the trainer refuses with a clear message).
-        overrides = _run_params(spec, out) or {}
+        from propdsl import distributed
+
+        # rank 0's reading: the other processes may run where the folder is not
+        remembered = distributed.from_main(lambda: _run_params(spec, out))
+        overrides = remembered or {}
     loaded = load(spec, overrides)
     options = TrainOptions(
         out=out,

@@ -334,6 +334,13 @@ def _train_in(
     if options.resume:
         # rank 0 reads the folder (the others may run where it is not: another machine)
         remembered = distributed.from_main(lambda: _run_config(run))
+        before = remembered.get("processes", 1)
+        if before != distributed.world():
+            log.warning(
+                "%s was trained in %s process(es) and continues in %d: the weights will differ "
+                "in the last bits from an uninterrupted run (docs/distributed.md)",
+                run, before, distributed.world(),
+            )  # fmt: skip
         recorded = remembered["model"].get("user")
         if recorded and options.model is None and model is None:
             raise UsageError(
