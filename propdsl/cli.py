@@ -202,10 +202,18 @@ class _Display:
         sys.stderr.flush()
 
 
+# How long a rank other than 0 waits before it exits with an error: rank 0, which prints the
+# job's error, exits first, so the launcher reports rank 0's exit code (it stops the others).
+OTHER_RANK_GRACE = 3.0
+
+
 def _fail(message: str, code: int) -> None:
     if not _other_rank() or code == EXIT_INTERNAL:
         prefix = f"rank {os.environ.get('RANK')}: " if _other_rank() else ""
         sys.stderr.write(prefix + message.rstrip("\n") + "\n")
+    if _other_rank():
+        sys.stderr.flush()
+        time.sleep(OTHER_RANK_GRACE)
     raise typer.Exit(code)
 
 

@@ -210,21 +210,6 @@ def from_main(fn: Callable[[], T]) -> T:
     return value
 
 
-def agree(problem: str | None) -> None:
-    """Every rank says whether it can go on (`problem` None) or not; when any cannot, every
-    rank raises `RankStopped` with the first problem (by rank)."""
-    if not active():
-        if problem is not None:
-            raise RankStopped(problem)
-        return
-    problems: list[Any] = [None] * world()
-    with _collective("a gather"):
-        _dist().all_gather_object(problems, problem)
-    for r, p in enumerate(problems):
-        if p is not None:
-            raise RankStopped(p if r == 0 else f"rank {r}: {p}")
-
-
 def _describe(err: BaseException) -> str:
     if isinstance(err, KeyboardInterrupt):
         return "interrupted"
@@ -383,17 +368,19 @@ def launch(args: Sequence[str], nproc: int) -> None:
     except ChildFailedError as err:
         failures = err.failures
         died = None
-        # SIGTERM is how the launcher stops the others once one failed: name another signal
+        exited = [r for r, f in sorted(failures.items()) if f.exitcode > 0]
+        # SIGTERM is how the launcher stops the others once one failed: it names a death only
+        # when no process failed by itself
         killed = sorted(failures.items(), key=lambda f: (f[1].exitcode == -signal.SIGTERM, f[0]))
         for r, failure in killed:
-            if failure.exitcode < 0:
+            if failure.exitcode < 0 and (failure.exitcode != -signal.SIGTERM or not exited):
                 try:
                     name = signal.Signals(-failure.exitcode).name
                 except ValueError:
                     name = f"signal {-failure.exitcode}"
                 died = f"process rank {r} (pid {failure.pid}) was killed by {name}"
                 break
-        first = failures.get(0) or failures[min(failures)]
+        first = failures[0] if 0 in exited else failures[exited[0] if exited else min(failures)]
         code = first.exitcode if first.exitcode > 0 else 1
         ranks = ", ".join(str(r) for r in sorted(failures))
         raise JobFailed(

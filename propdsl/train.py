@@ -468,11 +468,23 @@ def _train_in(
 
 
 def _states(model: nn.Module, optimizer, schedule) -> dict[str, Any]:
+    """Rank 0's starting point, for the other ranks (on the CPU: each loads it onto its own
+    device; optimizer.load_state_dict moves the state to the parameters' device)."""
     return {
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "optimizer": optimizer.state_dict(),
+        "optimizer": _on_cpu(optimizer.state_dict()),
         "schedule": schedule.state_dict() if schedule is not None else None,
     }
+
+
+def _on_cpu(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _on_cpu(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_on_cpu(v) for v in value)
+    return value
 
 
 def _load_states(states: dict[str, Any], model: nn.Module, optimizer, schedule) -> None:

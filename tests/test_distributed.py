@@ -109,8 +109,8 @@ def test_one_process_is_the_identity():
     assert distributed.from_main(lambda: 7) == 7
     with distributed.sharded_batch(5) as part:
         assert (part.lo, part.hi, part.sharded, part.weight) == (0, 5, False, 1.0)
-    with pytest.raises(distributed.RankStopped, match="full disk"):
-        distributed.agree("full disk")
+    with pytest.raises(OSError, match="full disk"):
+        distributed.from_main(lambda: (_ for _ in ()).throw(OSError("full disk")))
 
 
 def test_backend_by_device():
@@ -326,6 +326,24 @@ def test_a_nan_on_one_rank_stops_every_rank_naming_the_term(tmp_path):
     assert found[0] == "'loss[robust]'"  # the cross-entropy, computed first, stayed finite
     assert "no epoch had finished" in done.stderr
     assert runs.read_manifest(out) is None
+
+
+@pytest.mark.slow
+def test_an_error_of_rank_0_stops_every_rank_with_its_message_once(tmp_path):
+    """Only rank 0 touches the run folder: another training holds it, so rank 0 alone fails;
+    the job ends with one process's exit code and message, printed once."""
+    spec = _spec(tmp_path, "s")
+    out = tmp_path / "run"
+    out.mkdir()
+    with runs.locked(out, "train"):
+        one = _propdsl("train", str(spec), "--out", str(out), "-q")
+        two = _propdsl("train", str(spec), "--out", str(out), "-q", "--nproc", "2")
+    assert one.returncode not in (0, 70), one.stderr
+    message = one.stderr.strip().splitlines()[-1]
+    assert "in use" in message or "busy" in message or "lock" in message, message
+    assert two.returncode == one.returncode, two.stderr[-3000:]
+    assert two.stderr.count(message) == 1, two.stderr[-3000:]
+    assert "Traceback" not in two.stderr
 
 
 def _children(pid: int) -> list[int]:
