@@ -126,6 +126,22 @@ def init_from_env() -> bool:
     return True
 
 
+def local_device() -> torch.device:
+    """The GPU of this process in a distributed job: its LOCAL_RANK's. A usage error when the
+    machine has fewer GPUs than processes (two processes on one GPU fail in NCCL)."""
+    from propdsl.errors import UsageError
+
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", str(local + 1)))
+    count = torch.cuda.device_count()
+    if per_node > count:
+        raise UsageError(
+            f"{per_node} processes on this machine but {count} GPU(s): start one process per GPU "
+            "(--nproc / --nproc-per-node), or train on the CPU (--device cpu)"
+        )
+    return torch.device("cuda", local)
+
+
 def shutdown() -> None:
     if _dist().is_available() and _dist().is_initialized():
         _dist().destroy_process_group()

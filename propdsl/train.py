@@ -371,6 +371,8 @@ def _train_in(
             "(the weights may then differ in the last bits from a run on one device)"
         ) from None
     ramp = int(block.get("ramp", 0))
+    if device.type == "cuda" and distributed.active():
+        device = distributed.local_device()  # one GPU per process: its LOCAL_RANK's
     if batch < distributed.world():
         raise UsageError(
             f"the batch ({batch}) is the global batch, split over the {distributed.world()} "
@@ -399,7 +401,8 @@ def _train_in(
         "seed": seed,
         "epochs": epochs,
         "batch": batch,
-        "device": str(device),
+        # a distributed run's processes each use their own GPU: the type is the setting
+        "device": device.type if distributed.active() else str(device),
         "threads": threads,
         "ramp": ramp,
         "data": {"name": block.data[0], **data_kwargs(block)},

@@ -118,6 +118,18 @@ def test_backend_by_device():
     assert distributed.backend(cuda=True) == "cpu:gloo,cuda:nccl"
 
 
+def test_more_processes_than_gpus_is_a_usage_error(monkeypatch):
+    from propdsl.errors import UsageError
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(UsageError, match="2 processes on this machine but 1 GPU"):
+        distributed.local_device()
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert distributed.local_device() == torch.device("cuda", 1)
+
+
 def test_draw_keeps_the_rows_of_the_whole_batch():
     def whole(fn, shape, *args, **kw):
         return fn(*args, shape, generator=torch.Generator().manual_seed(5), **kw)
