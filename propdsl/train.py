@@ -593,55 +593,44 @@ def _epochs(
                 raise TrainingDiverged(_exploded_message(problem, epoch, run))
             train_seconds = time.perf_counter() - t0
 
-            def finish(
-                epoch: int = epoch,
-                scale: float = scale,
-                best_acc: float = best_acc,
-                t0: float = t0,
-                sums: dict[str, float] = sums,
-                steps: int = steps,
-                train_seconds: float = train_seconds,
-            ) -> tuple[dict[str, Any], float]:
-                row: dict[str, Any] = {"epoch": epoch}
-                row.update({k: v / max(1, steps) for k, v in sums.items()})
-                row.update(evaluate_epoch(model, val_ds, prop_losses, device, options.eval_samples))
-                row["radius_scale"] = scale
-                row["lr"] = optimizer.param_groups[0]["lr"]
-                row["train_seconds"] = round(train_seconds, 3)
-                row["seconds"] = round(time.perf_counter() - t0, 3)
-                meta = {"epoch": epoch, "metrics": row}
-                # Without validation data there is nothing to choose by: best is last. While the
-                # radius still ramps up the properties are trained on smaller regions than they
-                # state, so best follows last and the choice starts at the full radius.
-                acc = row["val_accuracy"]
-                if scale < 1.0:
-                    improved, best_acc = True, -1.0
-                else:
-                    improved = acc is None or acc > best_acc
-                    if acc is not None:
-                        best_acc = max(best_acc, acc)
-                state = {
-                    "epoch": epoch,
-                    "optimizer": optimizer.state_dict(),
-                    "schedule": schedule.state_dict() if schedule is not None else {},
-                    "best_acc": best_acc,
-                }
-                weights = runs.checkpoint_bytes(model)
-                sidecar = runs.dumps_json(meta)
-                files = {
-                    "last.safetensors": weights,
-                    "last.json": sidecar,
-                    "last.state.pt": runs.state_bytes(state),
-                }
-                if improved:
-                    files.update({"best.safetensors": weights, "best.json": sidecar})
-                files.update(runs.metrics_files([*metrics, row]))
-                commit = functools.partial(runs.commit_epoch, run, epoch, files)
-                _write(run, commit, f"epoch {epoch}")
-                return row, best_acc
-
-            # Rank 0 validates and commits the epoch; every rank gets its row (and its errors).
-            row, best_acc = distributed.from_main(finish)
+            row: dict[str, Any] = {"epoch": epoch}
+            row.update({k: v / max(1, steps) for k, v in sums.items()})
+            row.update(evaluate_epoch(model, val_ds, prop_losses, device, options.eval_samples))
+            row["radius_scale"] = scale
+            row["lr"] = optimizer.param_groups[0]["lr"]
+            row["train_seconds"] = round(train_seconds, 3)
+            row["seconds"] = round(time.perf_counter() - t0, 3)
+            meta = {"epoch": epoch, "metrics": row}
+            # Without validation data there is nothing to choose by: best is last. While the
+            # radius still ramps up the properties are trained on smaller regions than they
+            # state, so best follows last and the choice starts at the full radius.
+            acc = row["val_accuracy"]
+            if scale < 1.0:
+                improved, best_acc = True, -1.0
+            else:
+                improved = acc is None or acc > best_acc
+                if acc is not None:
+                    best_acc = max(best_acc, acc)
+            state = {
+                "epoch": epoch,
+                "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict() if schedule is not None else {},
+                "best_acc": best_acc,
+            }
+            weights = runs.checkpoint_bytes(model)
+            sidecar = runs.dumps_json(meta)
+            files = {
+                "last.safetensors": weights,
+                "last.json": sidecar,
+                "last.state.pt": runs.state_bytes(state),
+            }
+            if improved:
+                files.update({"best.safetensors": weights, "best.json": sidecar})
+            files.update(runs.metrics_files([*metrics, row]))
+            # Rank 0 alone writes the run folder; its error (a full disk) stops every rank. The
+            # others computed the same row (the validation too: the same weights and draws).
+            commit = functools.partial(runs.commit_epoch, run, epoch, files)
+            distributed.from_main(functools.partial(_write, run, commit, f"epoch {epoch}"))
             metrics.append(row)
             progress.epoch(row)
             if on_epoch is not None:
