@@ -490,6 +490,9 @@ def _resume_command(spec: Path, folder: Path, model: str | None) -> str:
     words = ["propdsl", "train", str(spec), "--out", str(folder), "--resume"]
     if model is not None:
         words += ["--model", model]
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world not in ("", "1"):
+        words += ["--nproc", world]  # the same number of processes: the same weights
     return shlex.join(words)
 
 

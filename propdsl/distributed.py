@@ -360,6 +360,7 @@ def launch(args: Sequence[str], nproc: int) -> None:
     import sys
     import uuid
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -376,11 +377,21 @@ def launch(args: Sequence[str], nproc: int) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     # The launcher's own log lines (which process it stops, a box of failures) repeat what the
     # error below says; the processes print their own errors.
-    elastic = logging.getLogger("torch.distributed.elastic")
-    level = elastic.level
-    elastic.setLevel(logging.CRITICAL)
+    # (its modules' loggers set their own levels: quiet each of them while the job runs)
+    import torch.distributed.elastic.agent.server.api  # noqa: F401 - creates the agent's logger
+
+    names = ["torch.distributed.elastic"] + [
+        n for n in logging.Logger.manager.loggerDict if n.startswith("torch.distributed.elastic.")
+    ]
+    levels = {n: logging.getLogger(n).level for n in names}
+    for n in names:
+        logging.getLogger(n).setLevel(logging.CRITICAL)
     try:
         elastic_launch(config, sys.executable)("-m", "propdsl", *args)
+    except SignalException:
+        # Ctrl-C or SIGTERM: the launcher passed it on to the processes, which stop as one
+        # process does (rank 0 says what the run folder keeps)
+        raise KeyboardInterrupt from None
     except ChildFailedError as err:
         failures = err.failures
         died = None
@@ -403,4 +414,5 @@ def launch(args: Sequence[str], nproc: int) -> None:
             died or f"process rank {ranks} failed (exit code {first.exitcode})", code, died
         ) from None
     finally:
-        elastic.setLevel(level)
+        for n, old in levels.items():
+            logging.getLogger(n).setLevel(old)

@@ -450,3 +450,32 @@ def test_nccl_step_has_the_gradients_of_one_process(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_the_backend_of_a_cuda_machine_uses_nccl_for_cuda_tensors():
     assert "cuda:nccl" in distributed.backend()
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_process_and_says_how_to_resume(tmp_path):
+    spec = _spec(tmp_path, "s", batch=8, lr=0.1, epochs=500, limit=400)
+    out = tmp_path / "run"
+    job = subprocess.Popen(
+        [sys.executable, "-m", "propdsl", "train", str(spec), "--out", str(out), "--nproc", "2"],
+        env=_env(),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while runs.read_manifest(out) is None if out.exists() else True:
+            assert job.poll() is None and time.monotonic() < deadline, job.communicate()[1]
+            time.sleep(0.2)
+        job.send_signal(signal.SIGINT)
+        _, stderr = job.communicate(timeout=120)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 130, stderr[-3000:]
+    kept = runs.read_manifest(out)
+    assert kept is not None and runs.verify(out, kept) == []
+    assert f"{out} keeps epoch {kept.epoch}: continue with" in stderr, stderr[-3000:]
+    assert "--resume --nproc 2" in stderr and "Traceback" not in stderr
