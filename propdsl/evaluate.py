@@ -43,8 +43,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from propdsl import distributed, runs
 from propdsl import ir as I
-from propdsl import runs
 from propdsl.api import Spec
 from propdsl.attacks import APGD, PGD
 from propdsl.errors import UsageError
@@ -547,10 +547,15 @@ def _holds(
     points: dict[str, Tensor] = {}
     with torch.no_grad():
         for i in range(0, x.shape[0], batch):
-            out = loss(model, x[i : i + batch], y[i : i + batch])
-            truth.append(out.satisfied.detach().reshape(-1))
+            xb, yb = x[i : i + batch], y[i : i + batch]
+            # In a distributed job each rank attacks its part of the batch (docs/distributed.md)
+            with distributed.sharded_batch(xb.shape[0]) as part:
+                out = loss(model, xb[part.lo : part.hi], yb[part.lo : part.hi])
+            truth.append(part.gather(out.satisfied.detach().reshape(-1)))
             if i == 0 and keep:
-                points = {k: v[:keep].detach() for k, v in out.counterexample.items()}
+                points = {
+                    k: part.gather(v[:keep].detach())[:keep] for k, v in out.counterexample.items()
+                }
     return torch.cat(truth), points
 
 

@@ -22,6 +22,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from propdsl.distributed import draw
 from propdsl.region import Region
 
 __all__ = [
@@ -180,9 +181,15 @@ def smoothgrad(
     """
     if samples < 1:
         raise ValueError(f"smoothgrad needs samples >= 1, got {samples}")
-    n = torch.randn((samples, *x.shape), generator=generator, dtype=x.dtype, device=x.device).mul_(
-        noise
-    )
+    # dim 1 is the batch: a sharded batch draws the whole batch's noise (propdsl.distributed)
+    n = draw(
+        torch.randn,
+        (samples, *x.shape),
+        batch_dim=1,
+        generator=generator,
+        dtype=x.dtype,
+        device=x.device,
+    ).mul_(noise)
     noisy = (x + n).reshape(samples * x.shape[0], *x.shape[1:])
     g = input_grad(_logit(model, y), noisy, create_graph=create_graph)
     return g.reshape(samples, *x.shape).mean(dim=0)

@@ -96,6 +96,8 @@ def set_threads(threads: int | None) -> int:
         raise UsageError(f"threads must be between 1 and {MAX_THREADS}, got {threads!r}")
     import torch
 
+    if threads is None and os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
+        threads = 1  # one of several processes (docs/distributed.md): no oversubscription
     n = threads or default_threads()
     torch.set_num_threads(n)
     try:

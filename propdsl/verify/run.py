@@ -45,6 +45,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from propdsl import distributed
 from propdsl import ir as I
 from propdsl.attacks import APGD
 from propdsl.errors import UsageError
@@ -471,6 +472,8 @@ def verify(
     if hasattr(model, "input_shape") and hasattr(model, "num_outputs"):
         check_model_fits(spec, model)  # an imported network (load_onnx) knows its shapes
     chosen = as_method(method)
+    if distributed.active():
+        return {n: _verify_sharded(spec, n, model, x, y, chosen, options) for n in names}
     return {n: verify_property(spec, n, model, x, y, method=chosen, **options) for n in names}
 
 
@@ -511,6 +514,32 @@ def check_model_fits(spec: Any, model: nn.Module, network: str | None = None) ->
                 f"the model takes Tensor[{', '.join(map(str, got_in))}] and gives {got_out} "
                 "outputs"
             )
+
+
+def _verify_sharded(
+    spec: Any, name: str, model: nn.Module, x: Tensor, y: Tensor | None, method: Method, options
+) -> PropertyVerdicts:
+    """`verify_property` in a distributed job: each rank decides its part of the samples (the
+    falsifier's random starts drawn for the whole batch, `distributed.sharded_batch`), and every
+    rank gets every sample's verdict, in order: the verdicts of one process."""
+    with distributed.sharded_batch(x.shape[0]) as part:
+        sub_y = y[part.lo : part.hi] if y is not None else None
+        own = verify_property(
+            spec, name, model, x[part.lo : part.hi], sub_y, method=method, **options
+        )
+    if not part.sharded:
+        return own
+    reasons = [r for r in distributed.gather([own.reason]) if r is not None]
+    return PropertyVerdicts(
+        name,
+        distributed.gather(own.status),
+        part.gather(own.margin),
+        {k: part.gather(v) for k, v in own.counterexamples.items()},
+        max(distributed.gather([own.seconds])),
+        reasons[0] if reasons else None,
+        distributed.gather(own.reasons),
+        {k: part.gather(v) for k, v in own.witnesses.items()},
+    )
 
 
 def as_method(method: Method | str) -> Method:
