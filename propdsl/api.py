@@ -148,6 +148,17 @@ class Spec:
         block = self.train_block
         return block.get("attack") if block is not None else None
 
+    def term_attacks(self) -> dict[str, Any]:
+        """The train block's per-term attacks (`attacks = terms(name = attack, ...)`): term
+        name -> `PGD` / `APGD` options; empty without the setting."""
+        from propdsl.attacks import resolve_attack
+
+        block = self.train_block
+        value = block.get("attacks") if block is not None else None
+        if value is None:
+            return {}
+        return {name: resolve_attack(a) for name, a in value.kwargs}
+
     def loss(self, name: str, logic: Any = None, attack: Any = None, *, generator: Any = None):
         """The property `name` compiled into a loss module under a differentiable logic.
 
@@ -223,6 +234,7 @@ class Spec:
             resolve_attack(attack if attack is not None else self.default_attack()),
             terms=terms if len(terms) > 1 else (),
             property_params={n: [q for q, _ in p.params] for n, p in self.properties.items()},
+            term_attacks=self.term_attacks(),
             generator=generator,
         )
 

@@ -509,6 +509,13 @@ _declare(
                 "surrogate_beta": _SURROGATE,
             },
         ),
+        # uniform random points, no gradient step (PGD with steps = 0): a noise sampler
+        _entry(
+            Kind.ATTACK,
+            "noise",
+            "propdsl.attacks:noise",
+            {"samples": nat(AT_LEAST_ONE, "the most violating of the draws is kept")},
+        ),
     ],
 )
 
@@ -620,6 +627,9 @@ TRAIN_KEYS: dict[str, Kw] = {
     "schedule": Kw(type="schedule"),
     "logic": Kw(type="logic"),
     "attack": Kw(type="attack"),
+    # per-term attacks: terms(name = attack, ...), a name being a property or a variable bound
+    # by a quantifier over a region in the loss
+    "attacks": Kw(type="attacks"),
     "loss": Kw(type="loss"),
     "seed": nat(SEED),
     "device": Kw(type="device"),

@@ -92,11 +92,37 @@ class Compiler(Interpreter):
         properties: Mapping[str, I.Node] | None = None,
         *,
         property_params: Mapping[str, Sequence[str]] | None = None,
+        term_attacks: Mapping[str, Attack] | None = None,
+        attack: Attack | None = None,
     ):
         super().__init__()
         self.properties = dict(properties or {})
         self.property_params = {k: tuple(v) for k, v in (property_params or {}).items()}
         self.prop_codes: dict[str, Code] = {}
+        # Per-term attacks (a train block's `attacks = terms(...)`): by property name, or by a
+        # variable bound by a quantifier over a region of the loss itself. `attack` overrides
+        # the evaluation's attack for every quantifier this compiler builds (None: keep it).
+        self.term_attacks = dict(term_attacks or {})
+        self.attack = attack
+        self._bodies: Compiler | None = None
+
+    def _body_compiler(self, name: str) -> Compiler:
+        """The compiler of property `name`'s body: its own attack where the loss gives it one;
+        without per-term attacks, this compiler (one memo, shared sub-expressions)."""
+        if not self.term_attacks:
+            return self
+        if name in self.term_attacks:
+            return Compiler(
+                self.properties,
+                property_params=self.property_params,
+                attack=self.term_attacks[name],
+            )
+        # The loss's variable names must not reach inside a property (its `x'` is its own).
+        if self._bodies is None:
+            self._bodies = Compiler(
+                self.properties, property_params=self.property_params, attack=self.attack
+            )
+        return self._bodies
 
     def logical(self, node: I.Node) -> bool:
         """Formulas, and numbers that contain a property's loss, depend on the logic."""
@@ -111,7 +137,8 @@ class Compiler(Interpreter):
         if node.name not in self.properties:
             raise CompileError(f"unknown property '{node.name}'")
         if node.name not in self.prop_codes:
-            self.prop_codes[node.name] = self(self.properties[node.name])
+            compiler = self._body_compiler(node.name)
+            self.prop_codes[node.name] = compiler(self.properties[node.name])
         body = self.prop_codes[node.name]
         params = self.property_params.get(node.name, ())
         data = ("x", "y")[: len(params)]
@@ -141,6 +168,12 @@ class Compiler(Interpreter):
         domains = [self.domain(d) for d in node.domains]
         names = tuple(v.name for v in node.vars)
         negate = node.kind in ("exists", "min")  # the attack maximises
+        own = [self.term_attacks[n] for n in names if n in self.term_attacks]
+        if len(set(own)) > 1:
+            raise CompileError(
+                f"the variables {', '.join(names)} move together in one attack; give them one"
+            )
+        fixed = own[0] if own else self.attack
 
         def run(env: Env) -> Tensor:
             record = env.recall(id(run))
@@ -155,7 +188,7 @@ class Compiler(Interpreter):
                     return -value if negate else value
 
                 result = run_attack(
-                    _attack(env),
+                    fixed if fixed is not None else _attack(env),
                     objective,
                     regions,
                     models=list(env.models.values()),
@@ -331,6 +364,7 @@ class Objective(nn.Module):
         *,
         terms: Sequence[tuple[str, I.Node]] = (),
         property_params: Mapping[str, Sequence[str]] | None = None,
+        term_attacks: Mapping[str, Attack] | None = None,
         generator: torch.Generator | None = None,
     ):
         super().__init__()
@@ -338,8 +372,11 @@ class Objective(nn.Module):
         self.networks = tuple(networks)
         self.logic = logic
         self.attack = attack
+        self.term_attacks = dict(term_attacks or {})
         self.generator = generator
-        compiler = Compiler(properties, property_params=property_params)
+        compiler = Compiler(
+            properties, property_params=property_params, term_attacks=self.term_attacks
+        )
         self.code = compiler(expr)
         self.term_codes = [(label, compiler(node)) for label, node in terms]
         self.last_terms: dict[str, float] = {}
