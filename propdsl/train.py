@@ -396,6 +396,8 @@ def _train_in(
         "loss": _show_loss(objective),
         "versions": _versions(),
     }
+    if block.get("attacks") is not None:  # per-term attacks; absent from older runs' configs
+        config["attacks"] = _show(block.get("attacks"))
     _make_folder(run)
     started = options.resume  # a run to resume has its config.json already
     with runs.locked(run, "train"):

@@ -177,3 +177,50 @@ def test_term_attack_for_a_property_leaves_other_quantifiers_alone(monkeypatch):
     monkeypatch.setattr(C, "run_attack", record)
     spec.objective()(nn.Linear(4, 3), torch.rand(2, 4), torch.zeros(2, dtype=torch.long))
     assert sorted(map(repr, seen)) == sorted(map(repr, [PGD(steps=5), noise(), PGD(steps=5)]))
+
+
+# -- negative weights ----------------------------------------------------------------------------
+SIGNED = NET + ('param mu : Real = 1.0\ntrain f on tensors(path = "d.pt") {\n  loss = TERM\n}\n')
+
+
+def descend(term: str, steps: int = 150) -> list[float]:
+    """Objective values of Adam on the loss, a seeded linear model and fixed random data."""
+    spec = propdsl.load(SIGNED.replace("TERM", term))
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(32, 4, generator=g), torch.randint(0, 3, (32,), generator=g)
+    objective = spec.objective()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    values = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = objective(model, x, y)
+        loss.backward()
+        optimizer.step()
+        values.append(float(loss.detach()))
+    return values
+
+
+def test_a_negatively_weighted_norm_diverges_and_its_saturated_form_is_bounded():
+    raw = descend("cross_entropy - mu * norm(f(x), 2)")
+    # unbounded: the logits' norm grows with every step, and the objective falls with it
+    assert raw[-1] < -10 and raw[-1] < raw[len(raw) // 2] - 3
+    cap = 2.0
+    bounded = descend(f"cross_entropy - mu * saturate(norm(f(x), 2), {cap})")
+    # cross_entropy >= 0 and saturate(v, cap) < cap: the objective stays above -mu * cap
+    assert min(bounded) > -cap
+    # the optimiser still pushed the term up (the reward is not lost), then slowed down: the
+    # last third of the run moves by a few hundredths where the raw one moves by 25
+    assert bounded[-1] < bounded[0] - 1.0
+    assert max(bounded[100:]) - min(bounded[100:]) < 0.05
+    assert max(raw[100:]) - min(raw[100:]) > 20
+
+
+def test_saturate_is_cap_tanh_v_over_cap():
+    spec = propdsl.load(SIGNED.replace("TERM", "saturate(norm(f(x), 2), 3.0)"))
+    model = nn.Linear(4, 3)
+    x, y = torch.rand(8, 4), torch.zeros(8, dtype=torch.long)
+    got = spec.objective()(model, x, y)
+    expected = (3.0 * torch.tanh(model(x).norm(dim=1) / 3.0)).mean()
+    torch.testing.assert_close(got, expected)
