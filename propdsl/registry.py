@@ -176,6 +176,7 @@ class Kind(enum.Enum):
     OPTIMIZER = "optimizer"
     SCHEDULE = "schedule"
     ACTIVATION = "activation"
+    ADAPTIVE = "adaptive"
 
     @property
     def noun(self) -> str:
@@ -615,6 +616,27 @@ _declare(
     ],
 )
 
+# weights of the loss that a train block adapts during training (a param of the spec)
+_declare(
+    Kind.ADAPTIVE,
+    [
+        _entry(
+            Kind.ADAPTIVE,
+            "woods_psi",
+            "propdsl.loss.schedules:WoodsPsi",
+            {
+                "weight": Kw(type="String", note="the name of the Real param of the loss it sets"),
+                "base": real(POSITIVE),
+                "rate": real(NON_NEGATIVE),
+                "target": real(POSITIVE, "the cross-entropy the weight steers to"),
+                "down": real(NON_NEGATIVE),
+                "up": real(NON_NEGATIVE),
+            },
+            required=(("weight", '"psi"'),),
+        ),
+    ],
+)
+
 DEVICES = ("auto", "cpu", "cuda")
 
 # train / verify block keys: the kind of value each takes (a `Kind`'s value: an entry of that
@@ -633,6 +655,8 @@ TRAIN_KEYS: dict[str, Kw] = {
     "loss": Kw(type="loss"),
     "seed": nat(SEED),
     "device": Kw(type="device"),
+    # a param of the loss set every step by an adaptive rule (Woods et al.'s psi)
+    "adaptive": Kw(type="adaptive"),
     # epochs over which the radii grow to their value (0: from the start)
     "ramp": nat(NON_NEGATIVE),
     "threads": nat(THREADS),
@@ -649,7 +673,15 @@ BLOCK_KEYS: dict[str, dict[str, Kw]] = {"train": TRAIN_KEYS, "verify": VERIFY_KE
 # The kinds a block key may name: key -> Kind.
 OPTION_KINDS: dict[str, Kind] = {
     k.value: k
-    for k in (Kind.MODEL, Kind.OPTIMIZER, Kind.SCHEDULE, Kind.LOGIC, Kind.ATTACK, Kind.METHOD)
+    for k in (
+        Kind.MODEL,
+        Kind.OPTIMIZER,
+        Kind.SCHEDULE,
+        Kind.LOGIC,
+        Kind.ATTACK,
+        Kind.ADAPTIVE,
+        Kind.METHOD,
+    )
 }
 
 

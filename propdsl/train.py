@@ -396,8 +396,9 @@ def _train_in(
         "loss": _show_loss(objective),
         "versions": _versions(),
     }
-    if block.get("attacks") is not None:  # per-term attacks; absent from older runs' configs
-        config["attacks"] = _show(block.get("attacks"))
+    for key in ("attacks", "adaptive"):  # absent from older runs' configs
+        if block.get(key) is not None:
+            config[key] = _show(block.get(key))
     _make_folder(run)
     started = options.resume  # a run to resume has its config.json already
     with runs.locked(run, "train"):
@@ -406,6 +407,8 @@ def _train_in(
                 start_epoch, best_acc, metrics = _resume(
                     run, config, model, optimizer, schedule, epochs
                 )
+                if start_epoch > 0:  # the adaptive weight's accumulator (0 in older runs)
+                    objective.adaptive_r = float(runs.load_state(run).get("adaptive_r", 0.0))
                 _write(run, lambda: _write_config(run, spec, config), "config.json")
             else:
                 # again, now that this process holds the folder
@@ -504,6 +507,7 @@ def _epochs(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                objective.step_adaptive()  # Woods et al.'s psi follows each step's CE
                 steps += 1
                 sums["loss"] = sums.get("loss", 0.0) + loss_value
                 for k, v in objective.last_terms.items():
@@ -522,6 +526,8 @@ def _epochs(
             row.update({k: v / max(1, steps) for k, v in sums.items()})
             row.update(evaluate_epoch(model, val_ds, prop_losses, device, options.eval_samples))
             row["radius_scale"] = scale
+            if objective.adaptive is not None:  # the weight the next step uses
+                row[objective.adaptive.weight] = objective.adaptive_weight()
             row["lr"] = optimizer.param_groups[0]["lr"]
             row["train_seconds"] = round(train_seconds, 3)
             row["seconds"] = round(time.perf_counter() - t0, 3)
@@ -541,6 +547,7 @@ def _epochs(
                 "optimizer": optimizer.state_dict(),
                 "schedule": schedule.state_dict() if schedule is not None else {},
                 "best_acc": best_acc,
+                "adaptive_r": objective.adaptive_r,
             }
             weights = runs.checkpoint_bytes(model)
             sidecar = runs.dumps_json(meta)

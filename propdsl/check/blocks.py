@@ -78,6 +78,9 @@ class Blocks(Names):
                 settings.append((s.key, value))
         if b.kind == "train" and "attacks" in seen:
             self.check_term_attacks(b, dict(settings))
+        if b.kind == "train" and "adaptive" in seen:
+            written = next(s for s in b.settings if s.key == "adaptive")
+            self.check_adaptive(written, dict(settings))
         if b.kind == "verify" and "properties" not in seen:
             self.error(
                 "a verify block needs 'properties = [...]'",
@@ -373,6 +376,30 @@ class Blocks(Names):
             )
 
     _term_attack_spans: dict[str, Span | None] = {}
+
+    def check_adaptive(self, written: A.Setting, settings: dict[str, Any]) -> None:
+        """`adaptive = woods_psi(weight = "psi", ...)` sets a Real param that the loss uses."""
+        value, loss = settings.get("adaptive"), settings.get("loss")
+        if value is None:
+            return
+        span = written.value.span
+        name = value.kw().get("weight")
+        if name is None:
+            self.error(f'{value.name}(...) needs weight = "NAME", the param it sets', span)
+            return
+        entry = self.params.get(name)
+        if entry is None or entry[0] != REAL:
+            reals = sorted(n for n, (ty, _) in self.params.items() if ty == REAL)
+            self.error(
+                f"'adaptive' sets param '{name}', but the spec has no Real param of that name",
+                span,
+                f"Real params: {', '.join(reals)}" if reals else "declare param NAME : Real = ...",
+            )
+            return
+        if loss is not None and not any(
+            isinstance(n, I.ParamRef) and n.name == name for n in I.walk(loss)
+        ):
+            self.error(f"'adaptive' sets param '{name}', which the loss does not use", span)
 
     def property_name_error(self, it: A.Name, scope: Scope) -> None:
         entry = scope.lookup(it.id)

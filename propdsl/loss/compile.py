@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -39,12 +39,16 @@ from propdsl.interpret import (
     Lambda,
     as_batch,
     column,
+    env_device,
+    env_dtype,
     lookup,
     rebind,
     warn_empty,
 )
 from propdsl.logics import Logic, get_logic
-from propdsl.types import BOOL
+from propdsl.loss.schedules import WoodsPsi
+from propdsl.simplify import _rebuild as rebuild  # the simplifier's one-level IR map
+from propdsl.types import BOOL, REAL, IndexTy, TensorTy, Ty
 
 __all__ = [
     "APGD",
@@ -153,6 +157,33 @@ class Compiler(Interpreter):
             return env.logic.loss(body(env.child(values)))
 
         return Lambda(node, free | outer, run)
+
+    # -- random draws (Woods et al.'s random logit) ----------------------------------------------
+    # A draw reads no variable (`free` is empty, whatever the argument), so `Code` lifts it to the
+    # root env and caches it there: one draw per sample and evaluation, the same inside `grad`'s
+    # re-evaluation and under every logic variant of the evaluation.
+    def _fn_uniform(self, node: I.Fn, free):
+        def run(env: Env) -> Tensor:
+            device = env_device(env)
+            gen = env.config.generator
+            if gen is not None and gen.device != device:
+                gen = None  # a generator on another device cannot draw here
+            return torch.rand(env.batch, generator=gen, dtype=env_dtype(env), device=device)
+
+        return Lambda(node, frozenset(), run)
+
+    def _fn_random_class(self, node: I.Fn, free):
+        assert isinstance(node.ty, IndexTy)
+        k = node.ty.k
+
+        def run(env: Env) -> Tensor:
+            device = env_device(env)
+            gen = env.config.generator
+            if gen is not None and gen.device != device:
+                gen = None
+            return torch.randint(0, k, (env.batch,), generator=gen, device=device)
+
+        return Lambda(node, frozenset(), run)
 
     def _fn_certified(self, node: I.Fn, free):
         try:
@@ -365,6 +396,7 @@ class Objective(nn.Module):
         terms: Sequence[tuple[str, I.Node]] = (),
         property_params: Mapping[str, Sequence[str]] | None = None,
         term_attacks: Mapping[str, Attack] | None = None,
+        adaptive: WoodsPsi | None = None,
         generator: torch.Generator | None = None,
     ):
         super().__init__()
@@ -381,15 +413,66 @@ class Objective(nn.Module):
         self.term_codes = [(label, compiler(node)) for label, node in terms]
         self.last_terms: dict[str, float] = {}
         self.radius_scale = 1.0
+        # An adaptive weight: the loss reads its param as the variable of that name (bound per
+        # call), updated by `step_adaptive` from the batch's cross-entropy (the same Code as
+        # the loss's `cross_entropy` term when it has one: hash-consed, computed once).
+        self.adaptive = adaptive
+        self.adaptive_r = 0.0
+        self.last_cross_entropy: float | None = None
+        self._ce_code: Code | None = None
+        if adaptive is not None:
+            net = self.networks[0]
+            x = I.Var("x", _input_type(expr))
+            logits = I.Apply(net, x, _output_type(expr, net))
+            label = I.Var("y", IndexTy(cast(TensorTy, logits.type).shape[0], True))
+            self._ce_code = compiler(I.Fn("cross_entropy", (logits, label), REAL))
+
+    def adaptive_weight(self) -> float | None:
+        """The adaptive param's value for the next step (None without one)."""
+        return None if self.adaptive is None else self.adaptive.value(self.adaptive_r)
+
+    def step_adaptive(self) -> None:
+        """After an optimiser step: advance the adaptive weight with the last batch's CE."""
+        if self.adaptive is not None and self.last_cross_entropy is not None:
+            self.adaptive_r = self.adaptive.advance(self.adaptive_r, self.last_cross_entropy)
 
     def forward(self, model, x: Tensor, y: Tensor) -> Tensor:
         config = CompileConfig(
             attack=self.attack, generator=self.generator, radius_scale=self.radius_scale
         )
-        env = Env(_models(model, self.networks), {"x": x, "y": y}, x.shape[0], self.logic, config)
+        values = {"x": x, "y": y}
+        if self.adaptive is not None:
+            weight = self.adaptive.value(self.adaptive_r)
+            values[self.adaptive.weight] = torch.tensor(weight, dtype=x.dtype, device=x.device)
+        env = Env(_models(model, self.networks), values, x.shape[0], self.logic, config)
         per_sample = as_batch(self.code(env), env)
         self.last_terms = {
             label: float(as_batch(code(env), env).detach().mean())
             for label, code in self.term_codes
         }
+        if self._ce_code is not None:
+            self.last_cross_entropy = float(as_batch(self._ce_code(env), env).detach().mean())
         return per_sample.mean()
+
+
+def _input_type(expr: I.Node) -> Ty:
+    """The type of the loss's sample `x` (a variable of every loss that reads the data)."""
+    for n in I.walk(expr):
+        if isinstance(n, I.Var) and n.name == "x":
+            return n.ty
+    raise CompileError("an adaptive weight needs a loss over the sample x")
+
+
+def _output_type(expr: I.Node, net: str) -> Ty:
+    for n in I.walk(expr):
+        if isinstance(n, I.Apply) and n.net == net:
+            return n.type
+    raise CompileError(f"an adaptive weight needs a loss that applies network '{net}'")
+
+
+def bind_param(node: I.Node, name: str) -> I.Node:
+    """`node` with param `name` read as a variable (`Objective` binds it per call), so that
+    simplifying the loss does not fold its value in."""
+    if isinstance(node, I.ParamRef) and node.name == name:
+        return I.Var(name, node.ty, span=node.span)
+    return rebuild(node, lambda c: bind_param(c, name))
