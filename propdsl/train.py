@@ -36,6 +36,7 @@ from propdsl.check import BlockInfo, OptionValue
 from propdsl.errors import CheckError, PropdslError, UsageError
 from propdsl.session import (
     MAX_THREADS,
+    block_split_seed,
     build_from_config,
     data_kwargs,
     model_config,
@@ -361,8 +362,15 @@ def _train_in(
         ) from None
     ramp = int(block.get("ramp", 0))
 
-    train_ds = load_split(spec, block, "train", seed=seed, root=Path(spec.name).parent)
-    val_ds = load_split(spec, block, "val", seed=seed, root=Path(spec.name).parent)
+    # The split has its own seed (the data source's `seed`, else a fixed one), so the training
+    # seed changes the initialisation and the order, never the test set; a resumed run keeps
+    # the split it recorded (older runs: their training seed).
+    split_seed = block_split_seed(block)
+    if remembered:
+        split_seed = int(remembered.get("split_seed", remembered.get("seed", split_seed)))
+    root = Path(spec.name).parent
+    train_ds = load_split(spec, block, "train", split_seed=split_seed, root=root)
+    val_ds = load_split(spec, block, "val", split_seed=split_seed, root=root)
     mconf = model_config(spec, block, options.model, model)
     if model is None:
         model = _build_spec_model(spec, block, mconf, seed, options.model)
@@ -381,6 +389,7 @@ def _train_in(
         "spec_sha256": runs.spec_hash(spec.source.text),
         "params": spec.params,
         "seed": seed,
+        "split_seed": split_seed,
         "epochs": epochs,
         "batch": batch,
         "device": str(device),
