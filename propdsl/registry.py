@@ -177,6 +177,7 @@ class Kind(enum.Enum):
     SCHEDULE = "schedule"
     ACTIVATION = "activation"
     ADAPTIVE = "adaptive"
+    AUGMENT = "augment"
 
     @property
     def noun(self) -> str:
@@ -637,6 +638,21 @@ _declare(
     ],
 )
 
+# training data made once before the first step (Casadio et al.'s static FGSM set)
+_declare(
+    Kind.AUGMENT,
+    [
+        _entry(
+            Kind.AUGMENT,
+            "fgsm",
+            "propdsl.loss.augment:FGSMAugment",
+            # copies clipped to [0, 1], the inputs' box (as the prelude's unit_box)
+            {"eps": real(POSITIVE, "one copy per input, by the initial model's FGSM step")},
+            required=(("eps", "0.1"),),
+        ),
+    ],
+)
+
 DEVICES = ("auto", "cpu", "cuda")
 
 # train / verify block keys: the kind of value each takes (a `Kind`'s value: an entry of that
@@ -655,6 +671,8 @@ TRAIN_KEYS: dict[str, Kw] = {
     "loss": Kw(type="loss"),
     "seed": nat(SEED),
     "device": Kw(type="device"),
+    # training data added once before training (Casadio et al.'s FGSM-augmented set)
+    "augment": Kw(type="augment"),
     # a param of the loss set every step by an adaptive rule (Woods et al.'s psi)
     "adaptive": Kw(type="adaptive"),
     # epochs over which the radii grow to their value (0: from the start)
@@ -680,6 +698,7 @@ OPTION_KINDS: dict[str, Kind] = {
         Kind.LOGIC,
         Kind.ATTACK,
         Kind.ADAPTIVE,
+        Kind.AUGMENT,
         Kind.METHOD,
     )
 }

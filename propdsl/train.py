@@ -34,6 +34,7 @@ from propdsl import registry, runs
 from propdsl.api import Spec
 from propdsl.check import BlockInfo, OptionValue
 from propdsl.errors import CheckError, PropdslError, UsageError
+from propdsl.loss.augment import FGSMAugment
 from propdsl.session import (
     MAX_THREADS,
     block_split_seed,
@@ -405,9 +406,16 @@ def _train_in(
         "loss": _show_loss(objective),
         "versions": _versions(),
     }
-    for key in ("attacks", "adaptive"):  # absent from older runs' configs
+    for key in ("attacks", "adaptive", "augment"):  # absent from older runs' configs
         if block.get(key) is not None:
             config[key] = _show(block.get(key))
+    if block.get("augment") is not None:
+        # Made once, from the model as built (its initial weights: a resumed run's weights are
+        # loaded later, so it gets the same set), then fixed; data_sha256 above is of the data
+        # as loaded, so a resume on another device is not refused for last-bit differences.
+        augment = FGSMAugment(**block.get("augment").kw())
+        x_aug, y_aug = augment.augment(model, train_ds.x.to(device), train_ds.y.to(device))
+        train_ds = dataclasses.replace(train_ds, x=x_aug.cpu(), y=y_aug.cpu())
     _make_folder(run)
     started = options.resume  # a run to resume has its config.json already
     with runs.locked(run, "train"):

@@ -257,6 +257,7 @@ def test_there_is_a_method_spec_for_each_training_method_and_logic():
     assert {
         "standard",
         "noise_augmentation",
+        "fgsm_augmentation",
         "adversarial_pgd",
         "trades",
         "gradient_woods",
