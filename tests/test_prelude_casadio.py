@@ -148,7 +148,7 @@ def test_two_point_l2_lipschitz_does_not_imply_standard_robustness():
 
 # -- the bodies at given points, and LR => SR on a grid -----------------------------------------
 def at_points(monkeypatch, points: torch.Tensor):
-    def fake(attack, objective, regions, *, models=(), generator=None):
+    def fake(attack, objective, regions, *, models=(), generator=None, **_):
         (region,) = regions
         assert bool(region.contains(points).all()), "grid point outside the ball"
         return AttackResult(points=(points,), value=objective(points).detach())

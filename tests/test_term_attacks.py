@@ -46,9 +46,9 @@ def test_each_term_is_solved_by_its_own_attack(monkeypatch):
     spec = spec_with("attacks = terms(z = noise(samples = 2), robust = apgd(steps = 3))")
     calls: list[tuple[object, float]] = []
 
-    def record(attack, objective, regions, *, models=(), generator=None):
+    def record(attack, objective, regions, *, models=(), generator=None, **kw):
         calls.append((attack, float(regions[0].radius.flatten()[0])))
-        return run_attack(attack, objective, regions, models=models, generator=generator)
+        return run_attack(attack, objective, regions, models=models, generator=generator, **kw)
 
     monkeypatch.setattr(C, "run_attack", record)
     model = nn.Linear(4, 3)
@@ -71,9 +71,9 @@ def test_without_the_setting_every_term_uses_the_block_attack(monkeypatch):
     spec = spec_with("")
     seen = []
 
-    def record(attack, objective, regions, *, models=(), generator=None):
+    def record(attack, objective, regions, *, models=(), generator=None, **kw):
         seen.append(attack)
-        return run_attack(attack, objective, regions, models=models, generator=generator)
+        return run_attack(attack, objective, regions, models=models, generator=generator, **kw)
 
     monkeypatch.setattr(C, "run_attack", record)
     spec.objective()(nn.Linear(4, 3), torch.rand(3, 4), torch.zeros(3, dtype=torch.long))
@@ -148,8 +148,8 @@ def test_injected_points_reach_the_right_terms(monkeypatch):
     x, y = torch.rand(6, 4) * 0.8 + 0.1, torch.randint(0, 3, (6,))
     points = {}
 
-    def record(attack, objective, regions, *, models=(), generator=None):
-        result = run_attack(attack, objective, regions, models=models, generator=generator)
+    def record(attack, objective, regions, *, models=(), generator=None, **kw):
+        result = run_attack(attack, objective, regions, models=models, generator=generator, **kw)
         if float(regions[0].radius.flatten()[0]) == pytest.approx(0.05):
             points["z"] = result.points[0]
         return result
@@ -170,7 +170,7 @@ def test_term_attack_for_a_property_leaves_other_quantifiers_alone(monkeypatch):
     spec = spec_with("attacks = terms(robust = noise())")
     seen = []
 
-    def record(attack, objective, regions, *, models=(), generator=None):
+    def record(attack, objective, regions, *, models=(), generator=None, **kw):
         seen.append(attack)
         return AttackResult(points=tuple(r.sample(generator) for r in regions), value=None)
 

@@ -214,16 +214,24 @@ class Compiler(Interpreter):
                 # models run in eval mode during the attack), nothing remembered.
                 violation_env = env.with_logic(VIOLATION, share=False)
 
-                def objective(*pts: Tensor) -> Tensor:
-                    value = body(violation_env.child(dict(zip(names, pts, strict=True))))
-                    return -value if negate else value
+                def tiled(copies: int = 1):
+                    # `copies` restarts per sample, stacked sample-major: the env's values
+                    # (the data, f(x)) are computed once and repeated, as for a vectorised
+                    # finite quantifier.
+                    def objective(*pts: Tensor) -> Tensor:
+                        points = dict(zip(names, pts, strict=True))
+                        value = body(violation_env.child(points, factor=copies))
+                        return -value if negate else value
+
+                    return objective
 
                 result = run_attack(
                     fixed if fixed is not None else _attack(env),
-                    objective,
+                    tiled(),
                     regions,
                     models=list(env.models.values()),
                     generator=env.config.generator,
+                    tiled=tiled,
                 )
                 empty = result.empty
                 if empty is not None and not bool(empty.any()):
@@ -382,7 +390,9 @@ class PropertyLoss(nn.Module):
 class Objective(nn.Module):
     """The train block's `loss` expression: `forward(model, x, y)` -> scalar (batch mean).
 
-    `last_terms` holds the batch mean of each top-level additive term of the last call.
+    `last_terms` holds the batch mean of each top-level additive term of the last call (floats);
+    `last_term_values` the same means as detached tensors on the batch's device, which a
+    training loop can accumulate without a host sync per batch.
     """
 
     def __init__(
@@ -411,14 +421,14 @@ class Objective(nn.Module):
         )
         self.code = compiler(expr)
         self.term_codes = [(label, compiler(node)) for label, node in terms]
-        self.last_terms: dict[str, float] = {}
+        self.last_term_values: dict[str, Tensor] = {}
         self.radius_scale = 1.0
         # An adaptive weight: the loss reads its param as the variable of that name (bound per
         # call), updated by `step_adaptive` from the batch's cross-entropy (the same Code as
         # the loss's `cross_entropy` term when it has one: hash-consed, computed once).
         self.adaptive = adaptive
-        self.adaptive_r = 0.0
-        self.last_cross_entropy: float | None = None
+        self._r: Tensor | float = 0.0  # R, on the batch's device once training runs (float64)
+        self._ce: Tensor | None = None  # the last batch's cross-entropy, detached
         self._ce_code: Code | None = None
         if adaptive is not None:
             net = self.networks[0]
@@ -427,14 +437,39 @@ class Objective(nn.Module):
             label = I.Var("y", IndexTy(cast(TensorTy, logits.type).shape[0], True))
             self._ce_code = compiler(I.Fn("cross_entropy", (logits, label), REAL))
 
+    @property
+    def adaptive_r(self) -> float:
+        """Woods et al.'s accumulator R (a host sync on an accelerator: read it per epoch)."""
+        return float(self._r)
+
+    @adaptive_r.setter
+    def adaptive_r(self, value: float) -> None:
+        self._r = float(value)
+
+    @property
+    def last_cross_entropy(self) -> float | None:
+        return None if self._ce is None else float(self._ce)
+
     def adaptive_weight(self) -> float | None:
         """The adaptive param's value for the next step (None without one)."""
         return None if self.adaptive is None else self.adaptive.value(self.adaptive_r)
 
     def step_adaptive(self) -> None:
-        """After an optimiser step: advance the adaptive weight with the last batch's CE."""
-        if self.adaptive is not None and self.last_cross_entropy is not None:
-            self.adaptive_r = self.adaptive.advance(self.adaptive_r, self.last_cross_entropy)
+        """After an optimiser step: advance the adaptive weight with the last batch's CE, on the
+        device (`WoodsPsi.advance` in tensor operations: no host sync per step)."""
+        a = self.adaptive
+        if a is None or self._ce is None:
+            return
+        ce = self._ce.to(torch.float64)
+        r = torch.as_tensor(self._r, dtype=torch.float64, device=ce.device)
+        # -log(ce / target) is +inf at ce = 0, clipped to `up` as `advance` does
+        change = (-torch.log(ce / a.target)).clamp(-a.down, a.up)
+        self._r = (r + change).clamp_min(0.0)
+
+    @property
+    def last_terms(self) -> dict[str, float]:
+        # Converted on demand: each conversion is a host sync on an accelerator.
+        return {label: float(v) for label, v in self.last_term_values.items()}
 
     def forward(self, model, x: Tensor, y: Tensor) -> Tensor:
         config = CompileConfig(
@@ -442,16 +477,16 @@ class Objective(nn.Module):
         )
         values = {"x": x, "y": y}
         if self.adaptive is not None:
-            weight = self.adaptive.value(self.adaptive_r)
-            values[self.adaptive.weight] = torch.tensor(weight, dtype=x.dtype, device=x.device)
+            a = self.adaptive
+            r = torch.as_tensor(self._r, dtype=torch.float64, device=x.device)
+            values[a.weight] = (a.base * torch.exp(a.rate * r)).to(x.dtype)
         env = Env(_models(model, self.networks), values, x.shape[0], self.logic, config)
         per_sample = as_batch(self.code(env), env)
-        self.last_terms = {
-            label: float(as_batch(code(env), env).detach().mean())
-            for label, code in self.term_codes
+        self.last_term_values = {
+            label: as_batch(code(env), env).detach().mean() for label, code in self.term_codes
         }
         if self._ce_code is not None:
-            self.last_cross_entropy = float(as_batch(self._ce_code(env), env).detach().mean())
+            self._ce = as_batch(self._ce_code(env), env).detach().mean()
         return per_sample.mean()
 
 
