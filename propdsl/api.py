@@ -148,6 +148,26 @@ class Spec:
         block = self.train_block
         return block.get("attack") if block is not None else None
 
+    def term_attacks(self) -> dict[str, Any]:
+        """The train block's per-term attacks (`attacks = terms(name = attack, ...)`): term
+        name -> `PGD` / `APGD` options; empty without the setting."""
+        from propdsl.attacks import resolve_attack
+
+        block = self.train_block
+        value = block.get("attacks") if block is not None else None
+        if value is None:
+            return {}
+        return {name: resolve_attack(a) for name, a in value.kwargs}
+
+    def adaptive_weight(self) -> Any:
+        """The train block's adaptive weight (`adaptive = woods_psi(weight = "psi", ...)`) as a
+        `propdsl.loss.schedules.WoodsPsi`, or None."""
+        from propdsl.loss.schedules import WoodsPsi
+
+        block = self.train_block
+        value = block.get("adaptive") if block is not None else None
+        return None if value is None else WoodsPsi(**value.kw())
+
     def loss(self, name: str, logic: Any = None, attack: Any = None, *, generator: Any = None):
         """The property `name` compiled into a loss module under a differentiable logic.
 
@@ -205,14 +225,18 @@ class Spec:
         The per-sample expression is averaged over the batch; `objective.last_terms` holds the
         batch mean of each top-level term of the last call (for logging).
         """
-        from propdsl.loss.compile import Objective, resolve_attack, resolve_logic
+        from propdsl.loss.compile import Objective, bind_param, resolve_attack, resolve_logic
         from propdsl.pretty import show
         from propdsl.simplify import simplify
 
         block = self.train_block
         if block is None or block.get("loss") is None:
             raise UsageError("the spec has no train block with a 'loss' setting")
-        expr = simplify(block.get("loss"), self.checked.params)
+        loss = block.get("loss")
+        adaptive = self.adaptive_weight()
+        if adaptive is not None:  # its param stays a variable, set per step by the objective
+            loss = bind_param(loss, adaptive.weight)
+        expr = simplify(loss, self.checked.params)
         props = {n: p.formula for n, p in self.properties.items()}
         terms = [(show(t), t) for t in _additive_terms(expr)]
         return Objective(
@@ -223,6 +247,8 @@ class Spec:
             resolve_attack(attack if attack is not None else self.default_attack()),
             terms=terms if len(terms) > 1 else (),
             property_params={n: [q for q, _ in p.params] for n, p in self.properties.items()},
+            term_attacks=self.term_attacks(),
+            adaptive=adaptive,
             generator=generator,
         )
 

@@ -46,6 +46,8 @@ class Builtin:
         notation: the pretty-printer's form, `{0}` the argument and `{p}` the norm's subscript;
             None: `name(arguments)`.
         target: the implementation (`"module:function"`), where the backends call one by name.
+        random: a draw from the evaluation's generator (`uniform`, `random_class`), one per sample
+            and evaluation; losses only (the exact interpreter and the verifier have none).
     """
 
     name: str
@@ -60,6 +62,7 @@ class Builtin:
     metric: str | None = None
     notation: str | None = None
     target: str | None = None
+    random: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "keywords", MappingProxyType(dict(self.keywords)))
@@ -128,6 +131,8 @@ BUILTINS: Mapping[str, Builtin] = MappingProxyType(
             metric="similarity",
             target="propdsl.explain:topk_intersection",
         ),
+        Builtin(name="uniform", rule="uniform", arity=(0,), random=True),
+        Builtin(name="random_class", rule="argmax", arity=(1,), random=True),
         Builtin(name="ball", rule="ball", arity=(2, 3), domain=True),
         Builtin(name="box", rule="box", arity=(2,), domain=True),
         Builtin(name="range", rule="range", arity=(1,), domain=True),
@@ -146,6 +151,7 @@ SAMPLED_EXPLAINERS = tuple(n for n in EXPLAINERS if BUILTINS[n].sampled)
 INPUT_GRADIENTS = frozenset(n for n, r in BUILTINS.items() if r.input_gradient)
 SIMILARITIES = tuple(n for n, r in BUILTINS.items() if r.metric == "similarity")
 DISTANCES = tuple(n for n, r in BUILTINS.items() if r.metric == "distance")
+RANDOM = frozenset(n for n, r in BUILTINS.items() if r.random)
 
 
 def record(name: str) -> Builtin | None:

@@ -35,8 +35,10 @@ from propdsl import distributed, registry, runs
 from propdsl.api import Spec
 from propdsl.check import BlockInfo, OptionValue
 from propdsl.errors import CheckError, PropdslError, UsageError
+from propdsl.loss.augment import FGSMAugment
 from propdsl.session import (
     MAX_THREADS,
+    block_split_seed,
     build_from_config,
     data_kwargs,
     model_config,
@@ -379,8 +381,15 @@ def _train_in(
             "processes: it must be at least their number"
         )
 
-    train_ds = load_split(spec, block, "train", seed=seed, root=Path(spec.name).parent)
-    val_ds = load_split(spec, block, "val", seed=seed, root=Path(spec.name).parent)
+    # The split has its own seed (the data source's `seed`, else a fixed one), so the training
+    # seed changes the initialisation and the order, never the test set; a resumed run keeps
+    # the split it recorded (older runs: their training seed).
+    split_seed = block_split_seed(block)
+    if remembered:
+        split_seed = int(remembered.get("split_seed", remembered.get("seed", split_seed)))
+    root = Path(spec.name).parent
+    train_ds = load_split(spec, block, "train", split_seed=split_seed, root=root)
+    val_ds = load_split(spec, block, "val", split_seed=split_seed, root=root)
     mconf = model_config(spec, block, options.model, model)
     if model is None:
         model = _build_spec_model(spec, block, mconf, seed, options.model)
@@ -399,6 +408,7 @@ def _train_in(
         "spec_sha256": runs.spec_hash(spec.source.text),
         "params": spec.params,
         "seed": seed,
+        "split_seed": split_seed,
         "epochs": epochs,
         "batch": batch,
         # a distributed run's processes each use their own GPU: the type is the setting
@@ -418,6 +428,22 @@ def _train_in(
     if distributed.world() > 1:
         # the global batch is split over this many processes (docs/distributed.md)
         config["processes"] = distributed.world()
+        if block.get("adaptive") is not None:
+            # each rank would follow its own shard's CE: the weight would differ between ranks
+            raise UsageError(
+                "an adaptive loss weight (`adaptive = ...`) follows the batch's cross-entropy "
+                "and is not supported in a distributed run yet: train it in one process"
+            )
+    for key in ("attacks", "adaptive", "augment"):  # absent from older runs' configs
+        if block.get(key) is not None:
+            config[key] = _show(block.get(key))
+    if block.get("augment") is not None:
+        # Made once, from the model as built (its initial weights: a resumed run's weights are
+        # loaded later, so it gets the same set), then fixed; data_sha256 above is of the data
+        # as loaded, so a resume on another device is not refused for last-bit differences.
+        augment = FGSMAugment(**block.get("augment").kw())
+        x_aug, y_aug = augment.augment(model, train_ds.x.to(device), train_ds.y.to(device))
+        train_ds = dataclasses.replace(train_ds, x=x_aug.cpu(), y=y_aug.cpu())
     started = options.resume  # a run to resume has its config.json already
     with contextlib.ExitStack() as folder:
 
@@ -434,6 +460,8 @@ def _train_in(
                     start_epoch, best_acc, metrics = _resume(
                         run, config, model, optimizer, schedule, epochs
                     )
+                    if start_epoch > 0:  # the adaptive weight's accumulator (0 in older runs)
+                        objective.adaptive_r = float(runs.load_state(run).get("adaptive_r", 0.0))
                     _write(run, lambda: _write_config(run, spec, config), "config.json")
                 else:
                     # again, now that this process holds the folder
@@ -580,6 +608,7 @@ def _epochs(
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
+                    objective.step_adaptive()  # Woods et al.'s psi follows each step's CE
                 steps += 1
                 if progress.live:
                     progress.batch(epoch, min(start + batch, n), n, sums.last)
@@ -599,6 +628,8 @@ def _epochs(
             row.update({k: v / max(1, steps) for k, v in sums.totals().items()})
             row.update(evaluate_epoch(model, val_ds, prop_losses, device, options.eval_samples))
             row["radius_scale"] = scale
+            if objective.adaptive is not None:  # the weight the next step uses
+                row[objective.adaptive.weight] = objective.adaptive_weight()
             row["lr"] = optimizer.param_groups[0]["lr"]
             row["train_seconds"] = round(train_seconds, 3)
             row["seconds"] = round(time.perf_counter() - t0, 3)
@@ -618,6 +649,7 @@ def _epochs(
                 "optimizer": optimizer.state_dict(),
                 "schedule": schedule.state_dict() if schedule is not None else {},
                 "best_acc": best_acc,
+                "adaptive_r": objective.adaptive_r,
             }
             weights = runs.checkpoint_bytes(model)
             sidecar = runs.dumps_json(meta)

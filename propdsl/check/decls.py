@@ -12,7 +12,7 @@ from typing import Any
 
 from propdsl import ast as A
 from propdsl import ir as I
-from propdsl.builtins import EXPLAINERS, RESERVED
+from propdsl.builtins import EXPLAINERS, RANDOM, RESERVED
 from propdsl.check.base import ERR, ErrTy
 from propdsl.check.constants import NOT_CONST, coerce_param, override_hint
 from propdsl.check.results import Checked, PropertyInfo, show_value
@@ -286,6 +286,15 @@ class Declarations(Names):
         body = self.infer(d.body, inner)
         if not isinstance(body.ty, ErrTy) and body.ty != BOOL:
             self.error(f"a property must be Bool, but this is {body.ty}", d.body.span)
+        drawn = next((n for n in I.walk(body) if isinstance(n, I.Fn) and n.fn in RANDOM), None)
+        if drawn is not None:
+            # A property is a statement to prove or refute; a random draw would make its
+            # verdict a coin toss (and `verified` meaningless).
+            self.error(
+                f"property '{d.name}' uses '{drawn.fn}', a random draw",
+                drawn.span or d.body.span,
+                "random built-ins belong in a train block's loss",
+            )
         self.properties[d.name] = PropertyInfo(d.name, tuple(params), net, body, d.span)
         return entry
 

@@ -348,8 +348,9 @@ def verify_model(
 ) -> ModelReport:
     """Verify a network that is not a run (e.g. `propdsl.load_onnx(path)`) on the first
     `samples` (default: the verify block's, else 100) of a split of the spec's verify (else
-    train) data source, drawn with `seed` (default: the train block's seed, else 0, as a run
-    trained with the spec draws them). The model must fit the spec's network: its
+    train) data source, split with the data source's `seed` (else 0: the split seed a run
+    trained with the spec uses, whatever its training seed); `seed` (default: the train block's
+    seed, else 0) seeds the falsifier. The model must fit the spec's network: its
     `input_shape` / `num_outputs` (an imported ONNX model's) or, for other modules, a forward
     pass on one sample; a mismatch is a usage error naming both.
     """
@@ -369,7 +370,7 @@ def verify_model(
     vb = spec.verify_block
     n = samples or (vb.get("samples") if vb is not None else None) or DEFAULT_SAMPLES
     n = positive_count("the verify block's samples", n)
-    ds = load_block_split(spec, block, split, seed=seed, root=Path(spec.name).parent)
+    ds = load_block_split(spec, block, split, root=Path(spec.name).parent)
     if len(ds) == 0:
         raise UsageError(f"the {split} split is empty")
     x, y = ds.x[:n], ds.y[:n]
