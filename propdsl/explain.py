@@ -16,11 +16,14 @@ be a [B] tensor of class indices, and samples not to interact (no batch statisti
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from propdsl.region import Region
 
@@ -29,6 +32,8 @@ __all__ = [
     "avg_sensitivity",
     "cosine",
     "gradient_x_input",
+    "guided",
+    "guided_backprop",
     "input_grad",
     "integrated_gradients",
     "local_lipschitz_estimate",
@@ -186,6 +191,112 @@ def smoothgrad(
     noisy = (x + n).reshape(samples * x.shape[0], *x.shape[1:])
     g = input_grad(_logit(model, y), noisy, create_graph=create_graph)
     return g.reshape(samples, *x.shape).mean(dim=0)
+
+
+# -- guided backpropagation ---------------------------------------------------------------------
+
+
+class _GuidedActivation(torch.autograd.Function):
+    """An element-wise monotone activation whose backward pass lets only positive gradients
+    through: `grad_in = relu(grad_out) * act'(z)`. The backward is written in differentiable
+    torch operations, so the map it gives can be differentiated again (an attack on a guided
+    backprop map, or training on it)."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, derivative: Callable[[Tensor], Tensor], value: Tensor) -> Tensor:
+        ctx.save_for_backward(z)
+        ctx.derivative = derivative
+        return value.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        (z,) = ctx.saved_tensors
+        return grad_out.clamp(min=0) * ctx.derivative(z), None, None
+
+
+def _softplus_derivative(beta: float, threshold: float) -> Callable[[Tensor], Tensor]:
+    # d/dz softplus(z) = sigmoid(beta z), and 1 where torch's softplus turns linear.
+    return lambda z: torch.where(z * beta > threshold, torch.ones_like(z), torch.sigmoid(beta * z))
+
+
+def _leaky_derivative(slope: float) -> Callable[[Tensor], Tensor]:
+    return lambda z: torch.where(z > 0, torch.ones_like(z), torch.full_like(z, slope))
+
+
+def _option(args: tuple, kwargs: dict, position: int, name: str, default: float) -> float:
+    if name in kwargs:
+        return float(kwargs[name])
+    return float(args[position]) if len(args) > position else default
+
+
+class _Guided(TorchFunctionMode):
+    """Routes ReLU, softplus, leaky ReLU, tanh and sigmoid through `_GuidedActivation`."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.relu, F.relu, Tensor.relu):
+            z = args[0]
+            return _GuidedActivation.apply(z, lambda v: (v > 0).to(v.dtype), torch.relu(z))
+        if func is F.softplus:
+            z = args[0]
+            beta = _option(args, kwargs, 1, "beta", 1.0)
+            threshold = _option(args, kwargs, 2, "threshold", 20.0)
+            value = F.softplus(z, beta=beta, threshold=threshold)
+            return _GuidedActivation.apply(z, _softplus_derivative(beta, threshold), value)
+        if func is F.leaky_relu:
+            z = args[0]
+            slope = _option(args, kwargs, 1, "negative_slope", 0.01)
+            value = F.leaky_relu(z, slope)
+            return _GuidedActivation.apply(z, _leaky_derivative(slope), value)
+        if func in (torch.tanh, Tensor.tanh):
+            z = args[0]
+            return _GuidedActivation.apply(z, lambda v: 1 - torch.tanh(v) ** 2, torch.tanh(z))
+        if func in (torch.sigmoid, Tensor.sigmoid, F.sigmoid):
+            z = args[0]
+            s = torch.sigmoid
+            return _GuidedActivation.apply(z, lambda v: s(v) * (1 - s(v)), torch.sigmoid(z))
+        if func in (torch.relu_, F.relu_, Tensor.relu_) or kwargs.get("inplace"):
+            raise ValueError("guided backprop needs out-of-place activations (inplace=False)")
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def guided() -> Iterator[None]:
+    """Inside this block the activations of any model backpropagate as in guided backprop.
+
+    Catches `nn.ReLU`, `nn.Softplus`, `nn.LeakyReLU`, `nn.Tanh`, `nn.Sigmoid` and their
+    functional forms through a `TorchFunctionMode` (no model is copied or modified). Entered
+    inside `propdsl.attacks.smooth_relu`, the ReLUs become softplus surrogates first and
+    backpropagate as guided softplus.
+    """
+    with _Guided():
+        yield
+
+
+def guided_backprop(
+    model: nn.Module, x: Tensor, y: Tensor, *, create_graph: bool = True
+) -> Tensor:
+    """Guided backpropagation (Springenberg et al. 2015): the input gradient of
+    `model(x)[b, y_b]`, where every ReLU passes back only positive gradients, and only where its
+    input is positive: `grad_in = relu(grad_out) * [z > 0]`.
+
+    Other monotone activations use the same rule with their own derivative,
+    `grad_in = relu(grad_out) * act'(z)` (softplus: `sigmoid(beta z)`; leaky ReLU: 1 or its
+    slope; tanh, sigmoid), so a softplus surrogate of a ReLU network (Chen et al. 2024 attack
+    guided backprop maps on one) gives a smooth guided map that tends to the ReLU one as beta
+    grows. Max pooling and linear layers backpropagate as usual.
+
+    >>> import torch
+    >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU(), torch.nn.Linear(2, 1))
+    >>> with torch.no_grad():
+    ...     for p in model.parameters():
+    ...         _ = p.fill_(1.0)
+    ...     _ = model[2].weight.copy_(torch.tensor([[1.0, -1.0]]))
+    >>> guided_backprop(model, torch.zeros(1, 2), torch.tensor([0])).tolist()
+    [[1.0, 1.0]]
+    """
+    with guided():
+        return input_grad(_logit(model, y), x, create_graph=create_graph)
 
 
 # -- similarities and distances ([B, ...] x [B, ...] -> [B]) --------------------------------------

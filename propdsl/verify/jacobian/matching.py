@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from propdsl import ir as I
-from propdsl.builtins import DISTANCES, EXACT_EXPLAINERS, SAMPLED_EXPLAINERS, SIMILARITIES
+from propdsl.builtins import DISTANCES, EXACT_EXPLAINERS, SIMILARITIES, UNBOUNDED_EXPLAINERS
 from propdsl.interpret import BOOLEAN, Env, Interpreter, sample_env
 from propdsl.region import Region, RegionError
 from propdsl.verify.bounds import Method, _method
@@ -328,7 +328,7 @@ class _Matcher:
             point, label = node.args
             if self._binder(point) and self.free(label):
                 return node.fn, str(node.option("net")), label
-        if isinstance(node, I.Fn) and node.fn in SAMPLED_EXPLAINERS:
+        if isinstance(node, I.Fn) and node.fn in UNBOUNDED_EXPLAINERS:
             raise Unsupported(
                 f"'{node.fn}' has no certified bounds; Jacobian bounds cover saliency, "
                 "grad(f(x')[y], x') and gradient_x_input",
