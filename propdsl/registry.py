@@ -176,6 +176,7 @@ class Kind(enum.Enum):
     OPTIMIZER = "optimizer"
     SCHEDULE = "schedule"
     ACTIVATION = "activation"
+    PARTNER = "partner"
 
     @property
     def noun(self) -> str:
@@ -604,6 +605,37 @@ _declare(
             f"{_SCHEDULERS}:CosineAnnealingLR",
             {"min_lr": real(NON_NEGATIVE)},
             parameters={"min_lr": "eta_min"},
+        ),
+    ],
+)
+
+# How a property of a pair draws the partner (xt, yt) of each sample (x, y): targets implemented
+# by `propdsl.partners`. Prototypes are read from the network's penultimate-layer features.
+PROTOTYPES = Bounds(lo=1, hi=10000)
+_declare(
+    Kind.PARTNER,
+    [
+        _entry(
+            Kind.PARTNER,
+            "other_class",
+            "propdsl.partners:other_class",
+            {"seed": nat(SEED)},
+            summary="another sample of the data, of a different class",
+        ),
+        _entry(
+            Kind.PARTNER,
+            "class_mean",
+            "propdsl.partners:class_mean",
+            {"seed": nat(SEED)},
+            summary="the mean input of a different class",
+        ),
+        _entry(
+            Kind.PARTNER,
+            "prototype",
+            "propdsl.partners:prototype",
+            {"k": nat(PROTOTYPES), "seed": nat(SEED)},
+            summary="a prototype of a different class: the sample nearest the centre of one of "
+            "k clusters (k-means) of penultimate-layer features",
         ),
     ],
 )

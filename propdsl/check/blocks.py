@@ -338,6 +338,15 @@ class Blocks(Names):
                     "apply the network itself in the property's body",
                 )
                 return
+            if len(entry.decl.params) == 4 and not nets:
+                self.error(
+                    f"'{it.id}' takes four samples ({params}) but names no partner source, so "
+                    "it is a template, not a property of a sample or of a pair",
+                    it.span,
+                    f"say how its partner is drawn: property {it.id}({params}) partner "
+                    "other_class = ... (or class_mean, prototype(k = 150))",
+                )
+                return
             self.error(
                 f"'{it.id}' is a template of ({params}), not a property of one sample (x, y)",
                 it.span,
