@@ -273,9 +273,7 @@ def guided() -> Iterator[None]:
         yield
 
 
-def guided_backprop(
-    model: nn.Module, x: Tensor, y: Tensor, *, create_graph: bool = True
-) -> Tensor:
+def guided_backprop(model: nn.Module, x: Tensor, y: Tensor, *, create_graph: bool = True) -> Tensor:
     """Guided backpropagation (Springenberg et al. 2015): the input gradient of
     `model(x)[b, y_b]`, where every ReLU passes back only positive gradients, and only where its
     input is positive: `grad_in = relu(grad_out) * [z > 0]`.
