@@ -45,11 +45,13 @@ from propdsl.api import Spec
 from propdsl.attacks import APGD, PGD, run_attack
 from propdsl.errors import UsageError
 from propdsl.interpret import differentiates
+from propdsl.manipulation import manipulation_lines, manipulation_summary
 from propdsl.region import Region
 from propdsl.results import positive_count, result_key, write_results
 from propdsl.session import (
     Checkpoint,
     ParamSource,
+    draw_partners,
     holds_run,
     load_samples,
     open_run,
@@ -168,6 +170,9 @@ class EvalResult:
     params: tuple[ParamSource, ...] = ()
     header: str = ""  # checkpoint, params and notes, as `RunSetup.header` gives them
     results: Path | None = None  # the folder of this setting's results
+    # per property of a pair: Chen et al.'s targeted explanation attack towards its partners
+    # (`propdsl.manipulation.manipulation_summary`)
+    manipulation: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
 
 Progress = Callable[[str, int, int], None]
@@ -303,9 +308,12 @@ def evaluate(
 
     grid = tuple(float(e) for e in (DEFAULT_EPS_GRID if eps_grid is None else eps_grid))
     has_eps = getattr(spec.param_types.get("eps"), "kind", None) == "Real"
-    closed = [name for name, p in spec.properties.items() if len(p.params) in (1, 2)]
-    planned_curve = _curve_choice(spec, closed, curve_properties) if grid and has_eps else []
-    steps = _Steps(progress, len(closed) + len(planned_curve) * len(grid) + 3)
+    closed = [name for name, p in spec.properties.items() if len(p.params) in (1, 2) or p.paired]
+    # properties of a pair: their partners, drawn once from the split (`partner` clauses)
+    partners = draw_partners(setup, split, closed, x, y, dev)
+    single = [name for name in closed if name not in partners]
+    planned_curve = _curve_choice(spec, single, curve_properties) if grid and has_eps else []
+    steps = _Steps(progress, len(closed) + len(planned_curve) * len(grid) + 3 + len(partners))
 
     with torch.no_grad():
         predicted = _predict(model, x, batch)
@@ -325,9 +333,22 @@ def evaluate(
             prop_attack = dataclasses.replace(strong, surrogate_beta=SURROGATE_BETA)
         t0 = time.perf_counter()
         try:
-            at_random, _ = _holds(spec, name, RANDOM_POINTS, model, x, y, batch, seed, dev)
+            pair = partners.get(name)
+            at_random, _ = _holds(
+                spec, name, RANDOM_POINTS, model, x, y, batch, seed, dev, partner=pair
+            )
             secure, points = _holds(
-                spec, name, prop_attack, model, x, y, batch, seed, dev, keep=GRID_SAMPLES
+                spec,
+                name,
+                prop_attack,
+                model,
+                x,
+                y,
+                batch,
+                seed,
+                dev,
+                keep=GRID_SAMPLES,
+                partner=pair,
             )
         except UsageError as err:  # CompileError: a property this backend cannot attack
             skipped[name] = str(err)
@@ -363,6 +384,14 @@ def evaluate(
     t0 = time.perf_counter()
     explanation = _explanation_metrics(model, x, y, float(radius), box, batch, seed, dev)
     log.info("explanation metrics: %.1fs", time.perf_counter() - t0)
+    manipulation: dict[str, Any] = {}
+    for name, (xt, _) in partners.items():
+        steps.start(f"explanation manipulation towards the partners of {name}")
+        t0 = time.perf_counter()
+        manipulation[name] = manipulation_summary(
+            spec.property(name), model, x, xt, box, relu, float(radius), batch
+        )
+        log.info("explanation manipulation (%s): %.1fs", name, time.perf_counter() - t0)
     steps.start("accuracy-robustness area")
     t0 = time.perf_counter()
     robustness = _robustness(model, x, y, predicted, box, batch, seed, dev)
@@ -397,6 +426,7 @@ def evaluate(
         robustness=robustness,
         skipped=skipped,
         json_path=folder / EVAL_JSON,
+        manipulation=manipulation,
         plots=(),
         checkpoint=setup.checkpoint.value,
         checkpoint_epoch=setup.checkpoint_epoch,
@@ -491,6 +521,7 @@ def _holds(
     device: torch.device,
     *,
     keep: int = 0,
+    partner: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """[N] exact truth of the property at the attack's points, and the first `keep` points.
 
@@ -503,7 +534,10 @@ def _holds(
     points: dict[str, Tensor] = {}
     with torch.no_grad():
         for i in range(0, x.shape[0], batch):
-            out = loss(model, x[i : i + batch], y[i : i + batch])
+            part = (
+                None if partner is None else (partner[0][i : i + batch], partner[1][i : i + batch])
+            )
+            out = loss(model, x[i : i + batch], y[i : i + batch], partner=part)
             truth.append(out.satisfied.detach().reshape(-1))
             if i == 0 and keep:
                 points = {k: v[:keep].detach() for k, v in out.counterexample.items()}
@@ -772,6 +806,7 @@ def _to_json(result: EvalResult, setup: Any, data: str, plots: Sequence[str]) ->
             "eps": list(result.eps_grid),
             "properties": {k: list(v) for k, v in result.security_curve.items()},
         },
+        "explanation_manipulation": {k: dict(v) for k, v in result.manipulation.items()},
         "explanations": None
         if ex is None
         else {
@@ -917,6 +952,7 @@ def render_table(result: EvalResult) -> str:
             f"avg sensitivity {_fmt(ex.avg_sensitivity)}  "
             f"local Lipschitz {_fmt(ex.local_lipschitz_estimate)}"
         )
+    lines += manipulation_lines(result.manipulation)
     ara = result.robustness
     if ara is not None:
         lines.append(

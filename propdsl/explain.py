@@ -230,12 +230,24 @@ def _option(args: tuple, kwargs: dict, position: int, name: str, default: float)
 
 
 class _Guided(TorchFunctionMode):
-    """Routes ReLU, softplus, leaky ReLU, tanh and sigmoid through `_GuidedActivation`."""
+    """Routes ReLU, softplus, leaky ReLU, tanh and sigmoid through `_GuidedActivation`.
+
+    `relu_beta`: ReLUs are computed as `softplus(relu_beta * z) / relu_beta` (the surrogate of
+    `propdsl.attacks.smooth_relu`, which this mode would otherwise hide, since the innermost
+    mode sees a call first)."""
+
+    def __init__(self, relu_beta: float | None = None):
+        super().__init__()
+        self.relu_beta = relu_beta
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in (torch.relu, F.relu, Tensor.relu):
+        if func in (torch.relu, F.relu, Tensor.relu) and not kwargs.get("inplace"):
             z = args[0]
+            if self.relu_beta is not None:
+                beta = self.relu_beta
+                value = F.softplus(z, beta=beta)
+                return _GuidedActivation.apply(z, _softplus_derivative(beta, 20.0), value)
             return _GuidedActivation.apply(z, lambda v: (v > 0).to(v.dtype), torch.relu(z))
         if func is F.softplus:
             z = args[0]
@@ -269,7 +281,14 @@ def guided() -> Iterator[None]:
     inside `propdsl.attacks.smooth_relu`, the ReLUs become softplus surrogates first and
     backpropagate as guided softplus.
     """
-    with _Guided():
+    # Inside a softplus surrogate (an attack's `surrogate_beta`), the ReLUs stay surrogates.
+    from torch.overrides import _get_current_function_mode_stack
+
+    beta = None
+    for mode in _get_current_function_mode_stack():
+        if type(mode).__name__ == "_SmoothReLU":
+            beta = float(mode.beta)
+    with _Guided(beta):
         yield
 
 

@@ -117,6 +117,7 @@ def verify_property(
     alpha: AlphaOptions | None = None,
     generator: torch.Generator | None = None,
     chunk: int = DEFAULT_CHUNK,
+    partner: tuple[Tensor, Tensor] | None = None,
 ) -> PropertyVerdicts:
     """Verdicts of property `name` for each sample of (x, y); see the module docstring.
 
@@ -129,6 +130,13 @@ def verify_property(
     t0 = time.perf_counter()
     prop = spec.property(name)
     batch = x.shape[0]
+    if prop.paired and partner is None:
+        if y is None:
+            raise UsageError(f"property '{name}' is a property of a pair: it needs labels y")
+        # no partners given: drawn from the samples themselves, as the property says
+        from propdsl.partners import draw
+
+        partner = draw(prop.partner, model, x, y, x, y)
     status = [UNKNOWN] * batch
     reasons: list[str | None] = [None] * batch
     margin = torch.full((batch,), float("nan"), dtype=torch.float64)
@@ -144,7 +152,7 @@ def verify_property(
         with warnings.catch_warnings():
             # Empty regions are reported per sample below, with their verdicts.
             warnings.simplefilter("ignore", EmptyRegionWarning)
-            out = loss(model, x, y)
+            out = loss(model, x, y, partner=partner)
         satisfied = out.satisfied.detach().cpu()
         # points per sample only (a region quantifier under a finite one has K points per sample)
         counterexamples = {
@@ -201,7 +209,12 @@ def verify_property(
                     idx = torch.tensor(part, device=x.device)
                     sub_y = y[idx] if y is not None else None
                     with torch.no_grad():
-                        query = _to_query(prop.formula, params, networks, x[idx], sub_y, models)
+                        sub_partner = (
+                            None if partner is None else (partner[0][idx], partner[1][idx])
+                        )
+                        query = _to_query(
+                            prop.formula, params, networks, x[idx], sub_y, models, sub_partner
+                        )
                     if query is None:
                         # no quantified input: the exact evaluation above decided it
                         for i in part:
@@ -299,13 +312,16 @@ def _timeout_reason(timeout: float | None, batch: int, *, before: bool) -> str:
     )
 
 
-def _to_query(formula, params, networks, x, y, models) -> Query | JacobianQuery | None:
+def _to_query(
+    formula, params, networks, x, y, models, partner=None
+) -> Query | JacobianQuery | None:
     """The linear query of the formula; outside the linear fragment, the Jacobian query of a
-    Lipschitz or explanation-stability property; else the linear verifier's Unsupported."""
+    Lipschitz or explanation-stability property; else the linear verifier's Unsupported. The
+    partner of a property of a pair is a constant input."""
     try:
-        return to_query(formula, params, networks, x, y, models)
+        return to_query(formula, params, networks, x, y, models, partner=partner)
     except Unsupported:
-        query = to_jacobian_query(formula, params, networks, x, y, models)
+        query = to_jacobian_query(formula, params, networks, x, y, models, partner=partner)
         if query is None:
             raise
         return query

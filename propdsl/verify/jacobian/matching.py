@@ -117,6 +117,8 @@ def to_jacobian_query(
     x: Tensor,
     y: Tensor | None,
     models: dict[str, nn.Module],
+    *,
+    partner: tuple[Tensor, Tensor] | None = None,
 ) -> JacobianQuery | None:
     """The Jacobian query of a Lipschitz or explanation-stability property (see above), or None
     when `formula` has neither form (the caller then reports why the linear verifier cannot
@@ -126,7 +128,7 @@ def to_jacobian_query(
         Unsupported: a strict Lipschitz inequality (false where the two points coincide), or
             an explanation without certified bounds (smoothgrad, integrated gradients).
     """
-    env = sample_env(models, params, x, y, logic=BOOLEAN)
+    env = sample_env(models, params, x, y, logic=BOOLEAN, partner=partner)
     interpreter = Interpreter()
     node = formula
     variables: list[I.Var] = []
