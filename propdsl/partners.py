@@ -208,17 +208,43 @@ def draw(
 
 @dataclass
 class Partners:
-    """Draws the partners of several properties of a pair from one pool; `draw_for(props, ...)`
-    gives `{property: (xt, yt)}`, ready for `Objective(..., partners=...)` and the like."""
+    """Draws the partners of the properties of a pair an objective names, batch by batch, from
+    one pool (the training set): `draw_for(model, x, y, salt)` gives `{property: (xt, yt)}` for
+    `Objective(..., partners=...)`. `salt` (the batch's number) varies the draws from batch to
+    batch, reproducibly. Prototypes depend on the network: `refresh(model)` recomputes them
+    (the trainer does at the start of every epoch)."""
 
     pool_x: Tensor
     pool_y: Tensor
     sources: dict[str, Any] = field(default_factory=dict)
+    _prototypes: dict[str, Tensor] = field(default_factory=dict)
+
+    def refresh(self, model: nn.Module) -> None:
+        self._prototypes = {}
+        for name, src in self.sources.items():
+            kind, options = _parts(src)
+            if kind == "prototype":
+                self._prototypes[name] = prototypes(model, self.pool_x, self.pool_y, **options)
 
     def draw_for(
-        self, model: nn.Module | None, x: Tensor, y: Tensor
+        self, model: nn.Module | None, x: Tensor, y: Tensor, salt: int = 0
     ) -> dict[str, tuple[Tensor, Tensor]]:
-        return {
-            name: draw(src, model, self.pool_x, self.pool_y, x, y)
-            for name, src in self.sources.items()
-        }
+        out = {}
+        for name, src in self.sources.items():
+            kind, options = _parts(src)
+            seed = int(options.get("seed", 0)) + int(salt)
+            if kind == "prototype":
+                if name not in self._prototypes:
+                    if model is None:
+                        raise UsageError("prototype partners need the network")
+                    self.refresh(model)
+                protos = self._prototypes[name].to(self.pool_x.device)
+                pick = _choose_other(
+                    self.pool_y[protos], y, _generator(seed, x.device), "prototype"
+                )
+                chosen = protos[pick.to(protos.device)]
+                xt, yt = self.pool_x[chosen], self.pool_y[chosen]
+            else:
+                xt, yt = _SOURCES[kind](model, self.pool_x, self.pool_y, x, y, seed=seed)
+            out[name] = (xt.to(dtype=x.dtype, device=x.device), yt.to(y.device, y.dtype))
+        return out

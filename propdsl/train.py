@@ -371,6 +371,16 @@ def _train_in(
     schedule = make_schedule(block, optimizer, epochs)
     generator = torch.Generator(device=device)
     objective = spec.objective(generator=generator)
+    # properties of a pair named in the loss: partners from the training set, per batch
+    partners = None
+    if getattr(objective, "paired", ()):
+        from propdsl.partners import Partners
+
+        partners = Partners(
+            train_ds.x.to(device),
+            train_ds.y.to(device),
+            {n: spec.property(n).partner for n in objective.paired},
+        )
     prop_names = list(spec.properties)
     prop_losses = {
         n: spec.loss(n, generator=generator) for n in prop_names if _closed_over_data(spec, n)
@@ -427,6 +437,7 @@ def _train_in(
                 epochs=epochs,
                 batch=batch,
                 ramp=ramp,
+                partners=partners,
             )
             return _epochs(loop, start_epoch, best_acc, metrics, on_epoch)
         except KeyboardInterrupt:
@@ -452,6 +463,7 @@ class _Loop:
     epochs: int
     batch: int
     ramp: int
+    partners: Any = None  # propdsl.partners.Partners of the loss's properties of a pair
 
 
 def _epochs(
@@ -488,6 +500,8 @@ def _epochs(
             order = torch.randperm(n, generator=order_gen).to(device)
             scale = ramp_scale(epoch, ramp)
             _set_radius_scale([objective, *prop_losses.values()], scale)
+            if loop.partners is not None:
+                loop.partners.refresh(model)  # prototypes of this epoch's network
             model.train()
             sums: dict[str, float] = {}
             seen = 0
@@ -495,7 +509,11 @@ def _epochs(
             for start in range(0, n, batch):
                 idx = order[start : start + batch]
                 xb, yb = x_all[idx], y_all[idx]
-                loss = objective(model, xb, yb)
+                if loop.partners is None:
+                    loss = objective(model, xb, yb)
+                else:
+                    pairs = loop.partners.draw_for(model, xb, yb, salt=epoch * 100_003 + steps)
+                    loss = objective(model, xb, yb, partners=pairs)
                 loss_value = float(loss.detach())
                 if not math.isfinite(loss_value):
                     raise TrainingDiverged(_diverged_message(objective, epoch, steps + 1, run))

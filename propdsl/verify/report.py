@@ -24,6 +24,7 @@ from propdsl.results import positive_count, positive_seconds, result_key, write_
 from propdsl.session import (
     Checkpoint,
     RunSetup,
+    draw_partners,
     holds_run,
     load_samples,
     open_run,
@@ -190,6 +191,8 @@ def verify_run(
     for name in names:
         spec.property(name)  # a clear error for an unknown name, before any work
     generator = torch.Generator(device=dev).manual_seed(setup.seed)
+    # properties of a pair: partners from the split, as each `partner` clause says
+    partners = draw_partners(setup, split, names, x, y, dev)
     verdicts: dict[str, PropertyVerdicts] = {}
     for k, name in enumerate(names):
         if progress is not None:
@@ -207,6 +210,7 @@ def verify_run(
                 falsifier=falsifier,
                 timeout=timeout,
                 generator=generator,
+                **({"partner": partners[name]} if name in partners else {}),
             )
         )
     reasons = {name: _reasons(v) for name, v in verdicts.items()}
