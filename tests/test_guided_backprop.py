@@ -36,9 +36,7 @@ def _hooked_guided(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.
 
 def _mlp(act: nn.Module, seed: int = 0) -> nn.Sequential:
     torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Linear(6, 10), act, nn.Linear(10, 8), act, nn.Linear(8, 4)
-    ).to(F64)
+    return nn.Sequential(nn.Linear(6, 10), act, nn.Linear(10, 8), act, nn.Linear(8, 4)).to(F64)
 
 
 def _manual_guided(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, derivative):
@@ -99,7 +97,9 @@ def test_a_surrogate_turns_relus_into_guided_softplus():
     """Under an attack's softplus surrogate, the ReLUs backpropagate as guided softplus (the
     innermost mode would otherwise see the ReLU first and hide the surrogate)."""
     relu = _mlp(nn.ReLU(), seed=3)
-    smooth = nn.Sequential(relu[0], nn.Softplus(beta=10.0), relu[2], nn.Softplus(beta=10.0), relu[4])
+    smooth = nn.Sequential(
+        relu[0], nn.Softplus(beta=10.0), relu[2], nn.Softplus(beta=10.0), relu[4]
+    )
     x = torch.randn(4, 6, dtype=F64)
     y = torch.tensor([0, 1, 2, 3])
     with smooth_relu(10.0):
