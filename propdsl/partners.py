@@ -10,9 +10,8 @@ source's `seed`:
 * `prototype(k, seed)`: the pool is clustered by k-means (k-means++ seeding, Lloyd iterations)
   on the network's penultimate-layer features (the input of its last `nn.Linear`); each
   cluster's prototype is the pool sample nearest its centre, with its own label; the partner is
-  a prototype of another class, uniformly. Chen et al. (2024, "Explanation robustness and
-  sharpness...", the SEP paper) take the targets of their explanation-manipulation attack
-  among 150 such prototypes.
+  a prototype of another class, uniformly. Chen et al. (2024, arXiv
+  2403.06013) take the targets of their explanation-manipulation attack among 150 such prototypes.
 
 Draws depend only on the pool, the samples in their order, the source's options and, for
 prototypes, the network: the same call gives the same partners.
