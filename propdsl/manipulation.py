@@ -49,6 +49,7 @@ __all__ = [
     "manipulation_table",
 ]
 
+DEFAULT_STEPS = 50
 # the explanations Chen et al. attack: gradient, gradient x input, guided backprop
 MANIPULATION_METHODS = ("saliency", "gradient_x_input", "guided_backprop")
 
@@ -69,7 +70,7 @@ class ManipulationOptions:
     """
 
     eps: float
-    steps: int = 50
+    steps: int = DEFAULT_STEPS
     step_size: float = 2.5
     gamma: float = 10.0
     margin: float = 0.0
@@ -267,7 +268,7 @@ def manipulation_summary(
     relu: bool,
     default_radius: float,
     batch: int = 256,
-    steps: int = ManipulationOptions.__dataclass_fields__["steps"].default,
+    steps: int = DEFAULT_STEPS,
 ) -> dict[str, Any]:
     """The eval report's entry of a property of a pair: Chen et al.'s attack from each sample
     towards its partner, per method (means over the samples). The radius is the L-inf ball
