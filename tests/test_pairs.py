@@ -114,6 +114,20 @@ def test_partner_mistakes_are_positioned_errors(text, message, where):
     assert (found[0].span.line, found[0].span.col) == where
 
 
+def test_certified_training_of_a_property_of_a_pair_is_a_spec_error():
+    src = (
+        "network f : Tensor[1, 8, 8] -> Tensor[10]\n"
+        "property p(x, y, xt, yt) partner other_class =\n"
+        "  forall x' in ball(x, 0.1, inf): f(x')[y] >= f(xt)[yt]\n"
+        'train f on digits(split = "train") {\n  loss = cross_entropy + certified(p)\n}\n'
+    )
+    with pytest.raises(CheckError) as err:
+        propdsl.load(src)
+    (d,) = err.value.diagnostics
+    assert "'p' is a property of a pair" in d.message
+    assert (d.span.line, d.span.col) == (5, 36)
+
+
 def test_the_missing_partner_error_says_how_to_add_one():
     src = (
         "network f : Tensor[1, 8, 8] -> Tensor[10]\n"

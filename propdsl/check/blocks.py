@@ -441,6 +441,14 @@ class _LossScope:
         if name.id not in c.properties:
             c.property_name_error(name, self.scope)
             return c.bad(e.span)
+        if c.properties[name.id].partner is not None:
+            c.error(
+                f"certified training bounds a property of one sample; '{name.id}' is a "
+                "property of a pair",
+                name.span,
+                f"name it as a loss term instead: loss = ... + {name.id}",
+            )
+            return c.bad(e.span)
         method = "ibp"
         for k in e.keywords:
             if k.name != "method":
