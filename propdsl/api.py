@@ -41,7 +41,9 @@ class Quantified:
 
 @dataclass(frozen=True)
 class Property:
-    """A closed property of one data sample: `params` are bound to (x) or (x, y)."""
+    """A closed property of one data sample: `params` are bound to (x) or (x, y); or of a pair,
+    `(x, y, xt, yt)`, whose partner `(xt, yt)` is drawn as `partner` says
+    (`propdsl.partners.draw`)."""
 
     name: str
     params: tuple[tuple[str, Ty], ...]
@@ -49,6 +51,11 @@ class Property:
     body: I.Node
     formula: I.Node
     span: Span | None = field(default=None, compare=False)
+    partner: Any = None  # an OptionValue (other_class, class_mean, prototype) or None
+
+    @property
+    def paired(self) -> bool:
+        return self.partner is not None
 
     @property
     def quantified(self) -> list[Quantified]:
@@ -113,7 +120,9 @@ class Spec:
         out = {}
         for name, info in self.checked.properties.items():
             formula = simplify(info.body, self.checked.params)
-            out[name] = Property(name, info.params, info.network, info.body, formula, info.span)
+            out[name] = Property(
+                name, info.params, info.network, info.body, formula, info.span, info.partner
+            )
         return out
 
     @property

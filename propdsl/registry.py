@@ -178,6 +178,7 @@ class Kind(enum.Enum):
     ACTIVATION = "activation"
     ADAPTIVE = "adaptive"
     AUGMENT = "augment"
+    PARTNER = "partner"
 
     @property
     def noun(self) -> str:
@@ -652,6 +653,37 @@ _declare(
             # copies clipped to [0, 1], the inputs' box (as the prelude's unit_box)
             {"eps": real(POSITIVE, "one copy per input, by the initial model's FGSM step")},
             required=(("eps", "0.1"),),
+        ),
+    ],
+)
+
+# How a property of a pair draws the partner (xt, yt) of each sample (x, y): targets implemented
+# by `propdsl.partners`. Prototypes are read from the network's penultimate-layer features.
+PROTOTYPES = Bounds(lo=1, hi=10000)
+_declare(
+    Kind.PARTNER,
+    [
+        _entry(
+            Kind.PARTNER,
+            "other_class",
+            "propdsl.partners:other_class",
+            {"seed": nat(SEED)},
+            summary="another sample of the data, of a different class",
+        ),
+        _entry(
+            Kind.PARTNER,
+            "class_mean",
+            "propdsl.partners:class_mean",
+            {"seed": nat(SEED)},
+            summary="the mean input of a different class",
+        ),
+        _entry(
+            Kind.PARTNER,
+            "prototype",
+            "propdsl.partners:prototype",
+            {"k": nat(PROTOTYPES), "seed": nat(SEED)},
+            summary="a prototype of a different class: the sample nearest the centre of one of "
+            "k clusters (k-means) of penultimate-layer features",
         ),
     ],
 )

@@ -63,7 +63,9 @@ __all__ = [
     "block_split_seed",
     "DEFAULT_SPLIT_SEED",
     "load_run_split",
+    "draw_partners",
     "load_samples",
+    "partner_pool",
     "model_config",
     "open_run",
     "resolve_device",
@@ -539,6 +541,36 @@ def load_run_split(setup: RunSetup, split: str) -> Any:
         return load_dataset(name, split=split, **data)
     except DataError as err:
         raise UsageError(str(err)) from None
+
+
+# Partners of properties of a pair are drawn from at most this many samples of the split (the
+# k-means of prototype partners runs over them).
+PARTNER_POOL = 2000
+
+
+def partner_pool(setup: RunSetup, split: str, device: Any) -> tuple[Any, Any]:
+    """(x, y) of the first `PARTNER_POOL` samples of a split of the run's data: the pool the
+    partners of properties of a pair are drawn from (`propdsl.partners.draw`)."""
+    ds = load_run_split(setup, split)
+    if len(ds) == 0:
+        raise UsageError(f"the {split} split is empty")
+    return ds.x[:PARTNER_POOL].to(device), ds.y[:PARTNER_POOL].to(device)
+
+
+def draw_partners(
+    setup: RunSetup, split: str, names: Any, x: Any, y: Any, device: Any
+) -> dict[str, tuple[Any, Any]]:
+    """The partners `(xt, yt)` of the samples `(x, y)` for each property of a pair among
+    `names`, drawn from `partner_pool` as each property's `partner` clause says."""
+    from propdsl.partners import draw
+
+    paired = [n for n in names if setup.spec.property(n).paired]
+    if not paired:
+        return {}
+    pool_x, pool_y = partner_pool(setup, split, device)
+    return {
+        n: draw(setup.spec.property(n).partner, setup.model, pool_x, pool_y, x, y) for n in paired
+    }
 
 
 def load_samples(setup: RunSetup, split: str, samples: int | None, device: Any) -> Any:

@@ -398,6 +398,16 @@ def _train_in(
     schedule = make_schedule(block, optimizer, epochs)
     generator = torch.Generator(device=device)
     objective = spec.objective(generator=generator)
+    # properties of a pair named in the loss: partners from the training set, per batch
+    partners = None
+    if getattr(objective, "paired", ()):
+        from propdsl.partners import Partners
+
+        partners = Partners(
+            train_ds.x.to(device),
+            train_ds.y.to(device),
+            {n: spec.property(n).partner for n in objective.paired},
+        )
     prop_names = list(spec.properties)
     prop_losses = {
         n: spec.loss(n, generator=generator) for n in prop_names if _closed_over_data(spec, n)
@@ -433,6 +443,11 @@ def _train_in(
             raise UsageError(
                 "an adaptive loss weight (`adaptive = ...`) follows the batch's cross-entropy "
                 "and is not supported in a distributed run yet: train it in one process"
+            )
+        if objective.paired:
+            raise UsageError(
+                "a loss with a property of a pair (a `partner` clause) is not supported in a "
+                "distributed run yet: train it in one process"
             )
     for key in ("attacks", "adaptive", "augment"):  # absent from older runs' configs
         if block.get(key) is not None:
@@ -492,6 +507,7 @@ def _train_in(
                 epochs=epochs,
                 batch=batch,
                 ramp=ramp,
+                partners=partners,
             )
             return _epochs(loop, start_epoch, best_acc, metrics, on_epoch)
         except KeyboardInterrupt:
@@ -544,6 +560,7 @@ class _Loop:
     epochs: int
     batch: int
     ramp: int
+    partners: Any = None  # propdsl.partners.Partners of the loss's properties of a pair
 
 
 def _epochs(
@@ -582,6 +599,8 @@ def _epochs(
             order = torch.randperm(n, generator=order_gen).to(device)
             scale = ramp_scale(epoch, ramp)
             _set_radius_scale([objective, *prop_losses.values()], scale)
+            if loop.partners is not None:
+                loop.partners.refresh(model)  # prototypes of this epoch's network
             model.train()
             # The epoch's sums stay on the device (one host sync per epoch on an accelerator);
             # see `_Sums`.
@@ -602,7 +621,11 @@ def _epochs(
                     sums.add_reduced(loss_value, term_values)
                 else:
                     xb, yb = x_all[idx], y_all[idx]
-                    loss = objective(model, xb, yb)
+                    if loop.partners is None:
+                        loss = objective(model, xb, yb)
+                    else:
+                        pairs = loop.partners.draw_for(model, xb, yb, salt=epoch * 100_003 + steps)
+                        loss = objective(model, xb, yb, partners=pairs)
                     if not sums.add(loss.detach(), objective.last_term_values, steps + 1):
                         raise TrainingDiverged(_diverged_message(objective, epoch, steps + 1, run))
                     optimizer.zero_grad(set_to_none=True)

@@ -421,6 +421,15 @@ class Blocks(Names):
                     "apply the network itself in the property's body",
                 )
                 return
+            if len(entry.decl.params) == 4 and not nets:
+                self.error(
+                    f"'{it.id}' takes four samples ({params}) but names no partner source, so "
+                    "it is a template, not a property of a sample or of a pair",
+                    it.span,
+                    f"say how its partner is drawn: property {it.id}({params}) partner "
+                    "other_class = ... (or class_mean, prototype(k = 150))",
+                )
+                return
             self.error(
                 f"'{it.id}' is a template of ({params}), not a property of one sample (x, y)",
                 it.span,
@@ -528,6 +537,14 @@ class _LossScope:
         name = e.args[0]
         if name.id not in c.properties:
             c.property_name_error(name, self.scope)
+            return c.bad(e.span)
+        if c.properties[name.id].partner is not None:
+            c.error(
+                f"certified training bounds a property of one sample; '{name.id}' is a "
+                "property of a pair",
+                name.span,
+                f"name it as a loss term instead: loss = ... + {name.id}",
+            )
             return c.bad(e.span)
         method = "ibp"
         for k in e.keywords:

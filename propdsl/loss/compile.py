@@ -146,6 +146,9 @@ class Compiler(Interpreter):
         body = self.prop_codes[node.name]
         params = self.property_params.get(node.name, ())
         data = ("x", "y")[: len(params)]
+        if len(params) == 4:
+            # a property of a pair: its partner is bound by the objective under these names
+            data = ("x", "y", *partner_names(node.name))
         if params == data:
             return Lambda(node, free | body.free, lambda env: env.logic.loss(body(env)))
         # `property p(img, label)` in a loss: bind its parameters to the sample's x and y.
@@ -290,6 +293,12 @@ class LossOutput:
     all_empty: Tensor | None = None
 
 
+def partner_names(prop: str) -> tuple[str, str]:
+    """The names an objective binds the partner of property `prop` to (not valid spec names,
+    so they never meet a spec's own)."""
+    return (f"{prop}.xt", f"{prop}.yt")
+
+
 def resolve_logic(logic: str | Logic | Any) -> Logic:
     """A logic from a `Logic`, a name, or a checked option value such as `yager(p = 3)`."""
     if isinstance(logic, Logic):
@@ -344,7 +353,14 @@ class PropertyLoss(nn.Module):
             if not isinstance(d, I.Range)
         ]
 
-    def env(self, model, x: Tensor, y: Tensor | None, logic: Logic) -> Env:
+    def env(
+        self,
+        model,
+        x: Tensor,
+        y: Tensor | None,
+        logic: Logic,
+        partner: tuple[Tensor, Tensor] | None = None,
+    ) -> Env:
         values: dict[str, Tensor] = {}
         for i, p in enumerate(self.params):
             if i == 0:
@@ -353,13 +369,32 @@ class PropertyLoss(nn.Module):
                 if y is None:
                     raise UsageError(f"property '{self.name}' needs labels y")
                 values[p] = y
+        if len(self.params) == 4:
+            if partner is None:
+                raise UsageError(
+                    f"property '{self.name}' is a property of a pair: pass its partner "
+                    "samples, partner=(xt, yt) (propdsl.partners.draw draws them)"
+                )
+            xt, yt = partner
+            if xt.shape != x.shape or yt.shape[:1] != x.shape[:1]:
+                raise UsageError(
+                    f"property '{self.name}': the partner batch {tuple(xt.shape)} does not "
+                    f"match the samples {tuple(x.shape)}"
+                )
+            values[self.params[2]], values[self.params[3]] = xt, yt
         config = CompileConfig(
             attack=self.attack, generator=self.generator, radius_scale=self.radius_scale
         )
         return Env(_models(model, self.networks), values, x.shape[0], logic, config)
 
-    def forward(self, model, x: Tensor, y: Tensor | None = None) -> LossOutput:
-        env = self.env(model, x, y, self.logic)
+    def forward(
+        self,
+        model,
+        x: Tensor,
+        y: Tensor | None = None,
+        partner: tuple[Tensor, Tensor] | None = None,
+    ) -> LossOutput:
+        env = self.env(model, x, y, self.logic, partner)
         value = as_batch(self.code(env), env)
         points: dict[str, Tensor] = {}
         empty: dict[str, Tensor] = {}
@@ -420,6 +455,14 @@ class Objective(nn.Module):
             properties, property_params=property_params, term_attacks=self.term_attacks
         )
         self.code = compiler(expr)
+        # the properties of a pair the loss names: their partners are bound per batch
+        self.paired = tuple(
+            dict.fromkeys(
+                n.name
+                for n in I.walk(expr)
+                if isinstance(n, I.PropTerm) and len(compiler.property_params.get(n.name, ())) == 4
+            )
+        )
         self.term_codes = [(label, compiler(node)) for label, node in terms]
         self.last_term_values: dict[str, Tensor] = {}
         self.radius_scale = 1.0
@@ -471,7 +514,15 @@ class Objective(nn.Module):
         # Converted on demand: each conversion is a host sync on an accelerator.
         return {label: float(v) for label, v in self.last_term_values.items()}
 
-    def forward(self, model, x: Tensor, y: Tensor) -> Tensor:
+    def forward(
+        self,
+        model,
+        x: Tensor,
+        y: Tensor,
+        partners: Mapping[str, tuple[Tensor, Tensor]] | None = None,
+    ) -> Tensor:
+        """The batch mean of the loss; `partners` maps each property of a pair named in the
+        loss (`paired`) to its partners `(xt, yt)` for this batch."""
         config = CompileConfig(
             attack=self.attack, generator=self.generator, radius_scale=self.radius_scale
         )
@@ -480,6 +531,13 @@ class Objective(nn.Module):
             a = self.adaptive
             r = torch.as_tensor(self._r, dtype=torch.float64, device=x.device)
             values[a.weight] = (a.base * torch.exp(a.rate * r)).to(x.dtype)
+        for name in self.paired:
+            if partners is None or name not in partners:
+                raise UsageError(
+                    f"the loss names '{name}', a property of a pair: pass partners="
+                    f"{{'{name}': (xt, yt)}}"
+                )
+            values.update(zip(partner_names(name), partners[name], strict=True))
         env = Env(_models(model, self.networks), values, x.shape[0], self.logic, config)
         per_sample = as_batch(self.code(env), env)
         self.last_term_values = {

@@ -25,6 +25,7 @@ from propdsl.results import positive_count, positive_seconds, result_key, write_
 from propdsl.session import (
     Checkpoint,
     RunSetup,
+    draw_partners,
     holds_run,
     load_samples,
     open_run,
@@ -178,8 +179,21 @@ def verify_run(
     spec, model = setup.spec, setup.model
     chosen, timeout, falsifier, names = _settings(spec, method, timeout, properties)
     generator = torch.Generator(device=dev).manual_seed(setup.seed)
+    # properties of a pair: partners from the split, as each `partner` clause says
+    partners = draw_partners(setup, split, names, x, y, dev)
     verdicts = _verdicts(
-        spec, model, x, y, names, chosen, falsifier, timeout, generator, complete, progress
+        spec,
+        model,
+        x,
+        y,
+        names,
+        chosen,
+        falsifier,
+        timeout,
+        generator,
+        complete,
+        progress,
+        partners,
     )
     reasons = {name: _reasons(v) for name, v in verdicts.items()}
     n = int(x.shape[0])
@@ -283,6 +297,7 @@ def _verdicts(
     generator: torch.Generator,
     complete: bool,
     progress: Callable[[str, int, int], None] | None,
+    partners: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> dict[str, PropertyVerdicts]:
     verdicts: dict[str, PropertyVerdicts] = {}
     for k, name in enumerate(names):
@@ -302,6 +317,7 @@ def _verdicts(
                 timeout=timeout,
                 generator=generator,
                 complete=complete,
+                **({"partner": partners[name]} if partners and name in partners else {}),
             )
         )
     return verdicts
