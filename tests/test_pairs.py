@@ -445,3 +445,28 @@ def test_propdsl_eval_reports_expl_at_start_and_end(tmp_path):
     assert result.exit_code == 0, result.output
     verdicts = json.loads((run / "verify.json").read_text())
     assert set(verdicts["properties"]) == {"hard_to_manipulate", "guided_hard_to_manipulate"}
+
+
+def test_a_distributed_run_refuses_a_loss_with_a_property_of_a_pair(tmp_path, monkeypatch):
+    # partners are drawn per batch by one process's loop; refused (usage error) before anything
+    # is written, instead of a loss without its partners
+    from propdsl import distributed
+    from propdsl.errors import UsageError
+    from propdsl.train import TrainOptions, train
+
+    text = (
+        PAIR
+        + """
+train f on digits(split = "train", limit = 64) {
+  model     = mlp(hidden = [8])
+  epochs    = 1
+  batch     = 32
+  optimizer = adam(lr = 0.01)
+  loss      = cross_entropy + 0.1 * margin_vs_partner
+}
+"""
+    )
+    monkeypatch.setattr(distributed, "world", lambda: 2)
+    with pytest.raises(UsageError, match="property of a pair"):
+        train(propdsl.load(text), TrainOptions(out=tmp_path / "run", quiet=True, threads=1))
+    assert not (tmp_path / "run").exists()

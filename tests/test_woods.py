@@ -240,3 +240,15 @@ def test_resume_continues_the_adaptive_weight(tmp_path):
     assert [r["psi"] for r in resumed.metrics] == [r["psi"] for r in whole.metrics]
     for name, tensor in whole.model.state_dict().items():
         assert torch.equal(tensor, resumed.model.state_dict()[name]), name
+
+
+def test_a_distributed_run_refuses_an_adaptive_weight(tmp_path, monkeypatch):
+    # each rank would follow its own shard's cross-entropy, so the weight would differ between
+    # ranks: refused with a usage error before anything is written
+    from propdsl import distributed
+    from propdsl.errors import UsageError
+
+    monkeypatch.setattr(distributed, "world", lambda: 2)
+    with pytest.raises(UsageError, match="adaptive loss weight"):
+        train(propdsl.load(ADAPTIVE), TrainOptions(out=tmp_path / "run", quiet=True, threads=1))
+    assert not (tmp_path / "run").exists()
