@@ -358,11 +358,40 @@ class _Propagation:
         lo, hi = cast(BoundRule, node.rule).ibp(*(self.bounds[j] for j in node.inputs))
         if self.ball and self.graph.is_direct(i):
             # An affine map of a ball: the dual norm can beat the bounding box.
-            n = math.prod(node.shape)
-            lb = self.concretize(*self.backward(i, self._unit_spec(i, None)))
-            lo = torch.maximum(lo, lb[:, :n].reshape(lo.shape))
-            hi = torch.minimum(hi, -lb[:, n:].reshape(hi.shape))
+            closed = self._ball_image(i)
+            if closed is None:  # a layer without a closed form: one backward row per neuron
+                n = math.prod(node.shape)
+                lb = self.concretize(*self.backward(i, self._unit_spec(i, None)))
+                ball_lo, ball_hi = lb[:, :n].reshape(lo.shape), -lb[:, n:].reshape(hi.shape)
+            else:
+                ball_lo, ball_hi = closed
+            lo, hi = torch.maximum(lo, ball_lo), torch.minimum(hi, ball_hi)
         return lo, hi
+
+    def _ball_image(self, i: int) -> Interval | None:
+        """Bounds of node i, an affine function M x + b of the input (`is_direct`), over the
+        ball ||x - c||_p <= r in closed form: M c + b -/+ r ||M_k||_q per neuron k (q the dual
+        norm), with the rows' norms from the rules' `forward_dual` (no matrix, no backward
+        pass). None when a rule on the chain has no closed form."""
+        chain = []
+        j = i
+        while j != 0:
+            chain.append(self.graph.nodes[j])
+            j = chain[-1].inputs[0]
+        centre = cast(Tensor, self.region.centre)
+        q = INF if self.region.p == 1 else 2.0
+        weights = torch.ones((1, *self.graph.nodes[0].shape), dtype=centre.dtype, device=centre.device)
+        point = (centre, centre)
+        for node in reversed(chain):
+            rule = cast(AffineRule, node.rule)
+            weights = rule.forward_dual(weights, q)
+            if weights is None:
+                return None
+            point = rule.ibp(point)  # exact for a point: the chain's image of the centre
+        norms = weights.sqrt() if q == 2 else weights
+        radius = cast(Tensor, self.region.radius).reshape(-1, *([1] * (norms.dim() - 1)))
+        spread = radius * norms
+        return point[0] - spread, point[1] + spread
 
     def run_ibp(self) -> None:
         for i in range(1, len(self.graph.nodes)):

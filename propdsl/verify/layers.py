@@ -41,7 +41,6 @@ True
 from __future__ import annotations
 
 import abc
-import copy
 import math
 import operator
 from collections.abc import Callable, Sequence
@@ -255,6 +254,15 @@ class AffineRule(BoundRule):
         M = coeff.reshape(coeff.shape[0], *([1] * (len(lead) - 2)), n_out, n_in).mT
         out = G.reshape(*lead, n_in) @ M
         return out.reshape(*out.shape[:-1], *out_shape)
+
+    def forward_dual(self, v: Tensor, q: float) -> Tensor | None:
+        """Row norms of the linear part M, applied forwards to per-element weights v >= 0
+        ([1, *in_shape]): for q = 2, u_k = sum_j M_kj^2 v_j (v holds squared weights); for
+        q = inf, u_k = max_j |M_kj| v_j. Composed along a chain with at most one mixing layer
+        (`BoundGraph.is_direct`), they give the dual norms of the rows of the whole chain: the
+        closed-form bounds of an affine function of an L2 / L1 ball. None: no closed form (the
+        engine then bounds the chain by a backward pass)."""
+        return None
 
     def ibp(self, *inputs: Interval) -> Interval:
         # Generic and exact per input: backward from the identity, concretised over each box.
@@ -546,9 +554,10 @@ class LinearRule(AffineRule):
     def forward_linear(self, k: int, G: Tensor) -> Tensor:
         return G @ self.weight.mT
 
-
-# Convolutions with at most this many (input, output) pairs run backwards as one dense matrix.
-DENSE_CONV_LIMIT = 1 << 21
+    def forward_dual(self, v: Tensor, q: float) -> Tensor | None:
+        if q == 2:
+            return v @ self.weight.square().mT
+        return (v.unsqueeze(-2) * self.weight.abs()).amax(-1)
 
 
 def _conv_output_padding(
@@ -567,8 +576,8 @@ def _pair(v: Any) -> tuple[int, int]:
 
 @register_rule(nn.Conv2d, F.conv2d)
 class Conv2dRule(AffineRule):
-    """2-d convolution (zero padding). Backwards: one dense matrix product for small images,
-    a transposed convolution otherwise (autograd for asymmetric 'same' padding)."""
+    """2-d convolution (zero padding). Backwards: a transposed convolution (autograd for
+    asymmetric 'same' padding), never the layer's dense matrix."""
 
     def __init__(self, call: Call):
         super().__init__(call)
@@ -600,7 +609,6 @@ class Conv2dRule(AffineRule):
         else:
             self.padding = _pair(padding)
         self.conv_padding = self.padding if self.padding is not None else padding
-        self._matrix: Tensor | None = None
         if self.padding is not None:
             self.output_padding = _conv_output_padding(
                 call.in_shapes[0][-2:],
@@ -620,34 +628,23 @@ class Conv2dRule(AffineRule):
         radius = self._conv((hi - lo) / 2, self.weight.abs(), None)
         return centre - radius, centre + radius
 
-    def _dense(self) -> Tensor | None:
-        """The convolution as a matrix [N_in, N_out] when small: for small images one matrix
-        product beats a transposed convolution over B * S tiny images by an order of magnitude."""
-        if self._matrix is None:
-            n_in, n_out = math.prod(self.call.in_shapes[0]), math.prod(self.call.out_shape)
-            if n_in * n_out > DENSE_CONV_LIMIT:
-                return None
-            basis = torch.eye(n_in, dtype=self.weight.dtype, device=self.weight.device)
-            images = self._conv(basis.reshape(n_in, *self.call.in_shapes[0]), self.weight, None)
-            self._matrix = images.reshape(n_in, n_out)
-        return self._matrix
-
     def backward(self, A: Tensor) -> tuple[list[Tensor | None], Tensor | None]:
+        # A transposed convolution of A's rows: memory linear in the activations (never the
+        # layer's [inputs x outputs] matrix).
         bias = None if self.bias is None else A.sum((-1, -2)) @ self.bias
-        lead = A.shape[:2]
-        dense = self._dense()
-        if dense is not None:
-            back = A.reshape(*lead, -1) @ dense.T
-            return [back.reshape(*lead, *self.call.in_shapes[0])], bias
         if self.padding is None:
             coeffs, _ = _vjp_backward(
                 lambda x: self._conv(x, self.weight, None), A, self.call.in_shapes
             )
             return coeffs, bias
+        return [self._transpose(A, self.weight)], bias
+
+    def _transpose(self, A: Tensor, weight: Tensor) -> Tensor:
+        lead = A.shape[:2]
         flat = A.reshape(-1, *A.shape[2:])
         back = F.conv_transpose2d(
             flat,
-            self.weight,
+            weight,
             None,
             self.stride,
             self.padding,
@@ -655,23 +652,38 @@ class Conv2dRule(AffineRule):
             self.groups,
             self.dilation,
         )
-        return [back.reshape(*lead, *back.shape[1:])], bias
+        return back.reshape(*lead, *back.shape[1:])
 
     def abs_backward(self, R: Tensor) -> list[Tensor | None]:
         # Each (input, output) pair of a convolution meets at most one kernel entry, so |M| is
         # the convolution with |W|.
-        twin = copy.copy(self)
-        twin.weight, twin.bias, twin._matrix = self.weight.abs(), None, None
-        return twin.backward(R)[0]
+        if self.padding is None:
+            coeffs, _ = _vjp_backward(
+                lambda x: self._conv(x, self.weight.abs(), None), R, self.call.in_shapes
+            )
+            return coeffs
+        return [self._transpose(R, self.weight.abs())]
 
     def forward_linear(self, k: int, G: Tensor) -> Tensor:
         in_shape, out_shape = self.call.in_shapes[0], self.call.out_shape
         lead = G.shape[: G.dim() - len(in_shape)]
-        dense = self._dense()  # [N_in, N_out], the images of the unit inputs
-        if dense is not None:
-            return (G.reshape(*lead, -1) @ dense).reshape(*lead, *out_shape)
         out = self._conv(G.reshape(-1, *in_shape), self.weight, None)
         return out.reshape(*lead, *out_shape)
+
+    def forward_dual(self, v: Tensor, q: float) -> Tensor | None:
+        # Each (input, output) pair meets at most one kernel entry: M_kj^2 is the convolution
+        # with W^2, and max_j |M_kj| v_j a maximum over each output's window.
+        if q == 2:
+            return self._conv(v, self.weight.square(), None)
+        if self.padding is None or len(self.call.in_shapes[0]) != 3:
+            return None
+        cols = F.unfold(v, tuple(self.weight.shape[-2:]), self.dilation, self.padding, self.stride)
+        g = self.groups
+        out_c, per_group = self.weight.shape[0], self.weight.shape[1]
+        cols = cols.reshape(g, 1, per_group * self.weight[0, 0].numel(), -1)  # [g, 1, K, L]
+        w = self.weight.abs().reshape(g, out_c // g, -1, 1)  # [g, O/g, K, 1]
+        out = torch.cat([(w[k] * cols[k]).amax(1) for k in range(g)])  # [O, L]
+        return out.reshape(1, *self.call.out_shape)
 
 
 @register_rule(nn.AvgPool2d, F.avg_pool2d)
@@ -727,6 +739,15 @@ class AvgPool2dRule(AffineRule):
         in_shape = self.call.in_shapes[0]
         lead = G.shape[: G.dim() - len(in_shape)]
         return self._pool(G.reshape(-1, *in_shape)).reshape(*lead, *self.call.out_shape)
+
+    def forward_dual(self, v: Tensor, q: float) -> Tensor | None:
+        if not self.simple:
+            return None
+        size = math.prod(self.kernel)  # every weight is 1 / size
+        if q == 2:
+            return self._pool(v) / size
+        # v >= 0: the zero padding never beats a window's own entries.
+        return F.max_pool2d(v, self.kernel, self.stride, self.padding) / size
 
 
 @register_rule(nn.AdaptiveAvgPool2d, F.adaptive_avg_pool2d)
@@ -785,6 +806,9 @@ class ReshapeRule(AffineRule):
     def backward(self, A: Tensor) -> tuple[list[Tensor | None], Tensor | None]:
         return [A.reshape(*A.shape[:2], *self.call.in_shapes[0])], None
 
+    def forward_dual(self, v: Tensor, q: float) -> Tensor | None:
+        return v.reshape(1, *self.call.out_shape)
+
     def forward_linear(self, k: int, G: Tensor) -> Tensor:
         lead = G.shape[: G.dim() - len(self.call.in_shapes[0])]
         return G.reshape(*lead, *self.call.out_shape)
@@ -819,6 +843,9 @@ class IdentityRule(AffineRule):
 
     def forward_linear(self, k: int, G: Tensor) -> Tensor:
         return G
+
+    def forward_dual(self, v: Tensor, q: float) -> Tensor | None:
+        return v
 
 
 class ElementwiseLinearRule(AffineRule):
@@ -889,6 +916,15 @@ class ElementwiseLinearRule(AffineRule):
         lead = G.shape[: G.dim() - len(self.call.in_shapes[k])]
         scale = self.scales[k]
         return (G if scale is None else G * scale).expand(*lead, *self.call.out_shape)
+
+    def forward_dual(self, v: Tensor, q: float) -> Tensor | None:
+        # One input copied element by element; a broadcast input would reach an output twice.
+        if len(self.scales) != 1 or self.call.in_shapes[0] != self.call.out_shape:
+            return None
+        scale = self.scales[0]
+        if scale is None:
+            return v
+        return v * (scale.square() if q == 2 else scale.abs())
 
 
 @register_rule(nn.BatchNorm1d, nn.BatchNorm2d)
@@ -1356,6 +1392,9 @@ class PermuteRule(AffineRule):
     def backward(self, A: Tensor) -> tuple[list[Tensor | None], Tensor | None]:
         return [A.permute(0, 1, *(k + 2 for k in self.inverse))], None
 
+    def forward_dual(self, v: Tensor, q: float) -> Tensor | None:
+        return v.permute(0, *(k + 1 for k in self.order))
+
 
 @register_rule(torch.cat, torch.concat, torch.concatenate)
 class CatRule(AffineRule):
@@ -1416,6 +1455,9 @@ class ConstantPadRule(AffineRule):
     def ibp(self, *inputs: Interval) -> Interval:
         ((lo, hi),) = inputs
         return F.pad(lo, self.pad, value=self.value), F.pad(hi, self.pad, value=self.value)
+
+    def forward_dual(self, v: Tensor, q: float) -> Tensor | None:
+        return F.pad(v, self.pad)  # padded entries are constants: no weight on the input
 
     def backward(self, A: Tensor) -> tuple[list[Tensor | None], Tensor | None]:
         index: list[slice] = [slice(None)] * A.dim()
