@@ -36,6 +36,7 @@ from propdsl.verify.layers import (
     UnsupportedLayerError,
     concretize_box,
 )
+from propdsl.verify.patches import Patches, affine_backward, unit_patches
 
 __all__ = ["AlphaOptions", "Method", "NamedEnum", "SplitConstraints", "bounds"]
 
@@ -325,8 +326,10 @@ class _Propagation:
         self.alpha_index: dict[int, Tensor] = {}
 
     # -- concretisation ----------------------------------------------------------------------
-    def concretize(self, A: Tensor, bias: Tensor) -> Tensor:
+    def concretize(self, A: Tensor | Patches, bias: Tensor) -> Tensor:
         """Lower bound [B, S] of A . x + bias over the input region."""
+        if isinstance(A, Patches):
+            return self._concretize_patches(A, bias)
         lb = concretize_box(A, *self.box)
         if self.ball:
             centre, radius = cast(Tensor, self.region.centre), cast(Tensor, self.region.radius)
@@ -334,6 +337,19 @@ class _Propagation:
             dual = INF if self.region.p == 1 else 2.0
             norm = torch.linalg.vector_norm(flat, ord=dual, dim=-1)
             at_centre = (flat @ centre.reshape(self.batch, -1, 1)).squeeze(-1)
+            lb = torch.maximum(lb, at_centre - radius.reshape(-1, 1).to(lb) * norm)
+        return lb + bias
+
+    def _concretize_patches(self, A: Patches, bias: Tensor) -> Tensor:
+        lo, hi = self.box
+        mid, rad = ((hi + lo) / 2).unsqueeze(1), ((hi - lo) / 2).unsqueeze(1)
+        lb = A.dot(mid) - A.with_data(A.data.abs()).dot(rad)
+        if self.ball:
+            centre, radius = cast(Tensor, self.region.centre), cast(Tensor, self.region.radius)
+            dual = INF if self.region.p == 1 else 2.0
+            # The windows are zero outside the image: their norms are the rows' norms.
+            norm = torch.linalg.vector_norm(A.data.flatten(2), ord=dual, dim=-1)
+            at_centre = A.dot(centre.unsqueeze(1))
             lb = torch.maximum(lb, at_centre - radius.reshape(-1, 1).to(lb) * norm)
         return lb + bias
 
@@ -380,7 +396,9 @@ class _Propagation:
             j = chain[-1].inputs[0]
         centre = cast(Tensor, self.region.centre)
         q = INF if self.region.p == 1 else 2.0
-        weights = torch.ones((1, *self.graph.nodes[0].shape), dtype=centre.dtype, device=centre.device)
+        weights = torch.ones(
+            (1, *self.graph.nodes[0].shape), dtype=centre.dtype, device=centre.device
+        )
         point = (centre, centre)
         for node in reversed(chain):
             rule = cast(AffineRule, node.rule)
@@ -448,13 +466,14 @@ class _Propagation:
     def backward(
         self,
         start: int,
-        spec: Tensor,
+        spec: Tensor | Patches,
         alphas: dict | None = None,
         *,
         betas: dict[int, Tensor] | None = None,
         record: dict[int, Tensor] | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """Linear lower bound A . x + bias of spec . node[start], in terms of the input.
+    ) -> tuple[Tensor | Patches, Tensor]:
+        """Linear lower bound A . x + bias of spec . node[start], in terms of the input
+        (windowed rows stay `Patches` as far as the layers allow).
 
         `betas` (beta-CROWN, Wang et al. 2021): per split pre-activation node, multipliers
         [B, S, *shape] >= 0 of the split constraints `sign * z >= 0`; the term
@@ -462,13 +481,25 @@ class _Propagation:
         so the bound stays sound there for every beta >= 0 and tightens with good ones.
         `record` receives the coefficients reaching each activation's output (for branching).
         """
-        coeffs: dict[int, Tensor] = {start: spec}
-        bias = torch.zeros((), dtype=spec.dtype, device=spec.device)
+        coeffs: dict[int, Tensor | Patches] = {start: spec}
+        like = spec.data if isinstance(spec, Patches) else spec
+        bias = torch.zeros((), dtype=like.dtype, device=like.device)
         signs = self.constraints.signs if self.constraints is not None else {}
         for i in range(start, 0, -1):
             A = coeffs.pop(i, None)
             if A is None:
                 continue
+            if isinstance(A, Patches):
+                step = self._patches_step(i, A, start, alphas)
+                if step is not None:
+                    ins_p, b = step
+                    if b is not None:
+                        bias = bias + b
+                    for j, coeff in zip(self.graph.nodes[i].inputs, ins_p, strict=True):
+                        if coeff is not None:
+                            coeffs[j] = coeff if j not in coeffs else _add_rows(coeffs[j], coeff)
+                    continue
+                A = A.to_dense()
             if betas is not None and i in betas:
                 A = A - betas[i] * signs[i].unsqueeze(1)
             node = self.graph.nodes[i]
@@ -499,10 +530,32 @@ class _Propagation:
                 )
             for j, coeff in zip(node.inputs, ins, strict=True):
                 if coeff is not None:
-                    coeffs[j] = coeff if j not in coeffs else coeffs[j] + coeff
+                    coeffs[j] = coeff if j not in coeffs else _add_rows(coeffs[j], coeff)
         if 0 not in coeffs:  # every path was cut by a rule returning no coefficients
-            return spec.new_zeros(*spec.shape[:2], *self.graph.nodes[0].shape), bias
-        return coeffs[0], bias
+            rows = like.shape[:2]
+            return like.new_zeros(*rows, *self.graph.nodes[0].shape), bias
+        return coeffs[0], bias  # type: ignore[return-value]
+
+    def _patches_step(
+        self, i: int, A: Patches, start: int, alphas: dict | None
+    ) -> tuple[list[Patches | None], Tensor | None] | None:
+        """One backward step with windowed rows (`propdsl.verify.patches`), or None where the
+        rows must become dense: a layer that is not a window map, or windows that have grown
+        to cover the whole node (dense rows are then no larger)."""
+        rule = self.graph.nodes[i].rule
+        if A.kernel[0] >= A.shape[1] and A.kernel[1] >= A.shape[2]:
+            return None
+        if isinstance(rule, AffineRule):
+            return affine_backward(rule, A)
+        if isinstance(rule, ActivationRule):
+            r = self._relaxation(i, start, alphas)
+            up = A.gather(r.upper_slope) if r.upper_slope.dim() else r.upper_slope
+            low = A.gather(r.lower_slope) if r.lower_slope.dim() else r.lower_slope
+            pos = A.data.clamp(min=0)
+            data = torch.addcmul(A.data * up, pos, low - up)
+            b = A.dot(r.upper_bias) + A.with_data(pos).dot(r.lower_bias - r.upper_bias)
+            return [A.with_data(data)], b
+        return None
 
     def run_crown(self, alphas: dict | None = None, best: list[Interval] | None = None) -> None:
         """Bounds of every node: interval arithmetic from the tightened inputs, intersected,
@@ -518,7 +571,13 @@ class _Propagation:
                     self.rows[i] = rows
                 if rows.shape[-1]:
                     m = rows.shape[-1]
-                    lb = self.concretize(*self.backward(i, self._unit_spec(i, rows), alphas))
+                    shape = self.graph.nodes[i].shape
+                    unit: Tensor | Patches = (
+                        unit_patches(tuple(shape), rows, lo)  # type: ignore[arg-type]
+                        if len(shape) == 3
+                        else self._unit_spec(i, rows)
+                    )
+                    lb = self.concretize(*self.backward(i, unit, alphas))
                     lo = _tighten(lo, rows, lb[:, :m], torch.maximum)
                     hi = _tighten(hi, rows, -lb[:, m:], torch.minimum)
             if best is not None:
@@ -629,6 +688,18 @@ class _Propagation:
                 optimiser.step()
                 self._project(alphas)
         return best
+
+
+def _add_rows(a: Tensor | Patches, b: Tensor | Patches) -> Tensor | Patches:
+    """The sum of two sets of coefficients on one node (dense unless both are the same
+    windows)."""
+    if isinstance(a, Patches) and isinstance(b, Patches):
+        both = a.add(b)
+        if both is not None:
+            return both
+    dense_a = a.to_dense() if isinstance(a, Patches) else a
+    dense_b = b.to_dense() if isinstance(b, Patches) else b
+    return dense_a + dense_b
 
 
 def _dot(A: Tensor, c: Tensor) -> Tensor:
