@@ -17,10 +17,12 @@ The engine works on the bound graph of `propdsl.verify.graph` (one rule per oper
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import cast
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from propdsl.region import INF, Region, RegionError
@@ -30,11 +32,13 @@ from propdsl.verify.layers import (
     ActivationRule,
     AffineRule,
     BoundRule,
+    Call,
     Interval,
     NonlinearRule,
     Relaxation,
     UnsupportedLayerError,
     concretize_box,
+    register_rule,
 )
 from propdsl.verify.patches import Patches, affine_backward, unit_patches
 
@@ -127,29 +131,46 @@ def bounds(
     >>> lb.shape, bool((lb <= net(x)).all() and (net(x) <= ub).all())
     (torch.Size([4, 1]), True)
     """
+    if isinstance(lower, tuple | list) or isinstance(upper, tuple | list):
+        if region is not None:
+            raise ValueError("give either lower and upper, or region, not both")
+        if not (isinstance(lower, tuple | list) and isinstance(upper, tuple | list)):
+            raise ValueError(
+                "a model with several inputs takes a tuple of lower bounds and one of upper bounds"
+            )
+        if len(lower) != len(upper):
+            raise ValueError(f"{len(lower)} lower bounds for {len(upper)} upper bounds")
+        joint = tuple(_input_region(lo, hi, None) for lo, hi in zip(lower, upper, strict=True))
+        return compute_bounds(model, joint, method, C, options)
+    if isinstance(region, tuple | list):
+        return compute_bounds(model, tuple(region), method, C, options)
     return compute_bounds(model, _input_region(lower, upper, region), method, C, options)
 
 
 def compute_bounds(
     model: nn.Module,
-    region: Region,
+    region: Region | tuple[Region, ...],
     method: Method | str = Method.CROWN,
     C: Tensor | None = None,
     options: AlphaOptions | None = None,
     *,
     intersect_ibp: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    """`bounds` over a `Region`. `intersect_ibp=False` returns CROWN's output bounds without
-    intersecting them with IBP's (to compare with other CROWN implementations)."""
+    """`bounds` over a `Region` (a tuple of regions, one per input, for a model with several
+    inputs). `intersect_ibp=False` returns CROWN's output bounds without intersecting them with
+    IBP's (to compare with other CROWN implementations)."""
     method = _method(method)
     if options is not None and not isinstance(options, AlphaOptions):
         raise TypeError(f"options must be AlphaOptions, got {type(options).__name__}")
+    parts = None
+    if isinstance(region, tuple | list):
+        model, region, parts = _join_inputs(model, tuple(region))
     lo, hi = region.bounding_box()
     example = ((lo[:1] + hi[:1]) / 2).repeat(2, *([1] * (lo.dim() - 1)))
     graph = build_graph(model, example)
     out_shape = graph.nodes[graph.output].shape
     spec = _spec(C, out_shape, lo)
-    prop = _Propagation(graph, region, lo, hi)
+    prop = _Propagation(graph, region, lo, hi, parts=parts)
 
     if method is Method.IBP:
         prop.run_ibp()
@@ -171,6 +192,91 @@ def compute_bounds(
 
 
 # -- arguments -----------------------------------------------------------------------------------
+
+
+class _InputPart(nn.Module):
+    """Input k of a model with several inputs, cut out of their flat concatenation."""
+
+    def __init__(self, offset: int, shape: torch.Size):
+        super().__init__()
+        self.offset, self.shape = offset, shape
+
+    def forward(self, z: Tensor) -> Tensor:
+        n = math.prod(self.shape)
+        return z[:, self.offset : self.offset + n].reshape(-1, *self.shape)
+
+
+@register_rule(_InputPart)
+class _InputPartRule(AffineRule):
+    mixes = False
+    nonnegative = True
+
+    def __init__(self, call: Call):
+        super().__init__(call)
+        part = call.module
+        self.offset, self.size = part.offset, math.prod(part.shape)
+        self.total = call.in_shapes[0][0]
+
+    def ibp(self, *inputs: Interval) -> Interval:
+        ((lo, hi),) = inputs
+        cut = slice(self.offset, self.offset + self.size)
+        shape = (lo.shape[0], *self.call.out_shape)
+        return lo[:, cut].reshape(shape), hi[:, cut].reshape(shape)
+
+    def backward(self, A: Tensor) -> tuple[list[Tensor | None], Tensor | None]:
+        flat = A.flatten(2)
+        after = self.total - self.offset - self.size
+        return [F.pad(flat, (self.offset, after))], None
+
+    def forward_dual(self, v: Tensor, q: float) -> Tensor | None:
+        return v[:, self.offset : self.offset + self.size].reshape(1, *self.call.out_shape)
+
+
+class _Joined(nn.Module):
+    """model(*inputs) as a function of the inputs' flat concatenation."""
+
+    def __init__(self, model: nn.Module, shapes: tuple[torch.Size, ...]):
+        super().__init__()
+        self.model = model
+        offsets = [0]
+        for shape in shapes:
+            offsets.append(offsets[-1] + math.prod(shape))
+        self.parts = nn.ModuleList(_InputPart(o, s) for o, s in zip(offsets, shapes, strict=False))
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.model(*(part(z) for part in self.parts))
+
+
+# One joined wrapper per (model, input shapes): its trace is cached like the model's.
+_JOINED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, _Joined]] = weakref.WeakKeyDictionary()
+
+
+def _join_inputs(
+    model: nn.Module, regions: tuple[Region, ...]
+) -> tuple[nn.Module, Region, list[tuple[int, int, Region]]]:
+    """A model with several inputs, one region each, as a model of one flat input: the joined
+    model, the product's bounding box and the parts (offset, size, region)."""
+    if not regions or not all(isinstance(r, Region) for r in regions):
+        raise TypeError("a model with several inputs takes a tuple of Regions, one per input")
+    batch = {r.shape[0] for r in regions}
+    if len(batch) != 1:
+        raise ValueError(f"the inputs' regions have different batch sizes {sorted(batch)}")
+    shapes = tuple(torch.Size(r.shape[1:]) for r in regions)
+    cache = _JOINED.setdefault(model, {})
+    joined = cache.get(shapes)
+    if joined is None:
+        joined = cache[shapes] = _Joined(model, shapes)
+    boxes = [r.bounding_box() for r in regions]
+    for r, (lo, hi) in zip(regions, boxes, strict=True):
+        _check_region(r, lo, hi)
+    lo = torch.cat([b[0].flatten(1) for b in boxes], 1)
+    hi = torch.cat([b[1].flatten(1) for b in boxes], 1)
+    parts, offset = [], 0
+    for r in regions:
+        n = math.prod(r.shape[1:])
+        parts.append((offset, n, r))
+        offset += n
+    return joined, Region.box(lo, hi), parts
 
 
 def _method(method: Method | str) -> Method:
@@ -308,6 +414,7 @@ class _Propagation:
         hi: Tensor,
         *,
         constraints: SplitConstraints | None = None,
+        parts: list[tuple[int, int, Region]] | None = None,
     ):
         _check_region(region, lo, hi)
         self.graph = graph
@@ -315,7 +422,13 @@ class _Propagation:
         self.constraints = constraints
         self.box = (lo, hi)
         self.batch = lo.shape[0]
-        self.ball = region.centre is not None and region.p != INF
+        # Several inputs: the flat input is their concatenation, (offset, size, region) each; a
+        # linear function is bounded over each input's region and the bounds are summed.
+        self.parts = parts
+        if parts is not None:
+            self.ball = any(r.centre is not None and r.p != INF for _, _, r in parts)
+        else:
+            self.ball = region.centre is not None and region.p != INF
         self.bounds: list[Interval] = [self.box] * len(graph.nodes)
         self.relaxations: dict[int, Relaxation] = {}
         # Per pre-activation node, per sample: the neurons CROWN bounds ([B, m]).
@@ -330,15 +443,13 @@ class _Propagation:
         """Lower bound [B, S] of A . x + bias over the input region."""
         if isinstance(A, Patches):
             return self._concretize_patches(A, bias)
-        lb = concretize_box(A, *self.box)
-        if self.ball:
-            centre, radius = cast(Tensor, self.region.centre), cast(Tensor, self.region.radius)
-            flat = A.flatten(2)
-            dual = INF if self.region.p == 1 else 2.0
-            norm = torch.linalg.vector_norm(flat, ord=dual, dim=-1)
-            at_centre = (flat @ centre.reshape(self.batch, -1, 1)).squeeze(-1)
-            lb = torch.maximum(lb, at_centre - radius.reshape(-1, 1).to(lb) * norm)
-        return lb + bias
+        if self.parts is None:
+            return _concretize_region(A, self.region, *self.box) + bias
+        flat, (lo, hi) = A.flatten(2), self.box
+        for offset, size, region in self.parts:
+            cut = slice(offset, offset + size)
+            bias = bias + _concretize_region(flat[..., cut], region, lo[:, cut], hi[:, cut])
+        return bias
 
     def _concretize_patches(self, A: Patches, bias: Tensor) -> Tensor:
         lo, hi = self.box
@@ -389,6 +500,8 @@ class _Propagation:
         ball ||x - c||_p <= r in closed form: M c + b -/+ r ||M_k||_q per neuron k (q the dual
         norm), with the rows' norms from the rules' `forward_dual` (no matrix, no backward
         pass). None when a rule on the chain has no closed form."""
+        if self.parts is not None:
+            return None
         chain = []
         j = i
         while j != 0:
@@ -688,6 +801,20 @@ class _Propagation:
                 optimiser.step()
                 self._project(alphas)
         return best
+
+
+def _concretize_region(A: Tensor, region: Region, lo: Tensor, hi: Tensor) -> Tensor:
+    """min of A . x over the region: over its bounding box [lo, hi] and, for an L1 / L2 ball,
+    over the ball with the dual norm; both are sound for the intersection, the larger is kept."""
+    lb = concretize_box(A, lo, hi)
+    if region.centre is not None and region.p != INF:
+        centre, radius = region.centre, cast(Tensor, region.radius)
+        flat = A.flatten(2)
+        dual = INF if region.p == 1 else 2.0
+        norm = torch.linalg.vector_norm(flat, ord=dual, dim=-1)
+        at_centre = (flat @ centre.reshape(lo.shape[0], -1, 1)).squeeze(-1)
+        lb = torch.maximum(lb, at_centre - radius.reshape(-1, 1).to(lb) * norm)
+    return lb
 
 
 def _add_rows(a: Tensor | Patches, b: Tensor | Patches) -> Tensor | Patches:

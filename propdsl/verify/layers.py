@@ -560,6 +560,65 @@ class LinearRule(AffineRule):
         return (v.unsqueeze(-2) * self.weight.abs()).amax(-1)
 
 
+@register_rule(operator.matmul, torch.matmul, "matmul", torch.mm, "mm")
+class MatMulRule(AffineRule):
+    """`x @ W` and `W @ x` (operator, torch.matmul, the tensor method, torch.mm) with one
+    input-dependent factor and a constant one (broadcast like torch.matmul; a constant must not
+    depend on the batch)."""
+
+    def __init__(self, call: Call):
+        super().__init__(call)
+        a, b = call.arg(0, "input"), call.arg(1, "other")
+        if isinstance(a, BoundArg) and isinstance(b, BoundArg):
+            raise _product_error(call)
+        self.left = isinstance(a, BoundArg)  # the bounded factor is on the left
+        weight = b if self.left else a
+        self.weight = weight if isinstance(weight, Tensor) else call.tensor(weight)
+        rank = len(call.in_shapes[0])  # per-sample rank of the bounded factor
+        if self.weight.dim() > max(rank, 2) or (not self.left and rank < 2):
+            raise UnsupportedLayerError(
+                f"{call.describe()}: a constant factor of shape {list(self.weight.shape)} "
+                f"against per-sample inputs of shape {list(call.in_shapes[0])} would mix the "
+                "batch dimension into the product"
+            )
+
+    def _apply(self, x: Tensor, weight: Tensor) -> Tensor:
+        return x @ weight if self.left else weight @ x
+
+    def ibp(self, *inputs: Interval) -> Interval:
+        ((lo, hi),) = inputs
+        centre = self._apply((hi + lo) / 2, self.weight)
+        radius = self._apply((hi - lo) / 2, self.weight.abs())
+        return centre - radius, centre + radius
+
+    def _back(self, A: Tensor, weight: Tensor) -> Tensor:
+        w = weight
+        if self.left:  # out = x @ w: coefficients A @ w^T
+            coeff = A.unsqueeze(-1) * w if w.dim() == 1 else A @ w.mT
+        else:  # out = w @ x: coefficients w^T @ A
+            coeff = w.unsqueeze(-1) * A.unsqueeze(-2) if w.dim() == 1 else w.mT @ A
+        return _sum_to(coeff, self.call.in_shapes[0])
+
+    def backward(self, A: Tensor) -> tuple[list[Tensor | None], Tensor | None]:
+        return [self._back(A, self.weight)], None
+
+    def abs_backward(self, R: Tensor) -> list[Tensor | None]:
+        return [self._back(R, self.weight.abs())]
+
+    def forward_linear(self, k: int, G: Tensor) -> Tensor:
+        return self._apply(G, self.weight)
+
+    def forward_dual(self, v: Tensor, q: float) -> Tensor | None:
+        if self.weight.dim() != 2 or len(self.call.in_shapes[0]) < (1 if self.left else 2):
+            return None
+        w = self.weight
+        if q == 2:
+            return self._apply(v, w.square())
+        if self.left:  # max over n of v[..., n] |w[n, m]|
+            return (v.unsqueeze(-1) * w.abs()).amax(-2)
+        return (w.abs().unsqueeze(-1) * v.unsqueeze(-3)).amax(-2)  # [.., k, n, m] -> [.., k, m]
+
+
 def _conv_output_padding(
     in_hw: Sequence[int], out_hw: Sequence[int], kernel, stride, padding, dilation
 ) -> tuple[int, ...]:
