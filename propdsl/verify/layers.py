@@ -873,6 +873,62 @@ class ReshapeRule(AffineRule):
         return G.reshape(*lead, *self.call.out_shape)
 
 
+@register_rule("expand", "expand_as", "repeat", torch.tile, "tile")
+class RepeatRule(AffineRule):
+    """Copies of the input's elements: `expand` / `expand_as` (broadcasting) and `repeat` /
+    `tile` (tiling) along per-sample axes; backwards the copies' coefficients are summed."""
+
+    mixes = False
+    nonnegative = True
+
+    def __init__(self, call: Call):
+        super().__init__(call)
+        in_shape, out_shape = tuple(call.in_shapes[0]), tuple(call.out_shape)
+        self.tile = call.target in ("repeat", torch.tile, "tile")
+        if self.tile:
+            reps = call.args[1:] if len(call.args) > 1 else (call.kwargs.get("dims"),)
+            if len(reps) == 1 and isinstance(reps[0], tuple | list):
+                reps = tuple(reps[0])
+            reps = tuple(int(r) for r in reps)
+            rank = len(out_shape) + 1
+            reps = (1,) * (rank - len(reps)) + reps
+            padded = (1,) * (len(out_shape) - len(in_shape)) + in_shape
+            if (
+                reps[0] != 1
+                or tuple(r * d for r, d in zip(reps[1:], padded, strict=True)) != out_shape
+            ):
+                raise UnsupportedLayerError(
+                    f"{call.describe()}: repeats {list(reps)} tile the batch dimension; bound "
+                    "propagation treats samples independently"
+                )
+            self.reps, self.padded = reps[1:], padded
+        elif len(out_shape) < len(in_shape):  # pragma: no cover - torch refuses this itself
+            raise UnsupportedLayerError(f"{call.describe()}: cannot expand to fewer dimensions")
+
+    def _forward(self, x: Tensor) -> Tensor:
+        lead = x.shape[0]
+        if self.tile:
+            return x.reshape(lead, *self.padded).repeat(1, *self.reps)
+        return x.reshape(
+            lead, *((1,) * (len(self.call.out_shape) - x.dim() + 1)), *x.shape[1:]
+        ).expand(lead, *self.call.out_shape)
+
+    def ibp(self, *inputs: Interval) -> Interval:
+        ((lo, hi),) = inputs
+        return self._forward(lo), self._forward(hi)
+
+    def backward(self, A: Tensor) -> tuple[list[Tensor | None], Tensor | None]:
+        lead = A.shape[:2]
+        in_shape = self.call.in_shapes[0]
+        if not self.tile:
+            padded = (1,) * (len(self.call.out_shape) - len(in_shape)) + tuple(in_shape)
+            return [A.sum_to_size(*lead, *padded).reshape(*lead, *in_shape)], None
+        split = [n for r, d in zip(self.reps, self.padded, strict=True) for n in (r, d)]
+        tiles = A.reshape(*lead, *split)
+        summed = tiles.sum(tuple(2 + 2 * k for k in range(len(self.reps))))
+        return [summed.reshape(*lead, *in_shape)], None
+
+
 @register_rule(
     nn.Identity,
     nn.Dropout,
