@@ -172,8 +172,8 @@ def test_two_inputs_with_their_own_balls_are_sound_by_sampling(method):
     net = TwoInputs().to(D)
     x = torch.rand(2, 1, 12, 12, dtype=D)
     regions = (
-        Region.ball(x[:, :, :6], 0.5, 2, lo=0.0, hi=1.0),
-        Region.ball(x[:, :, 6:], 1.0, 1),
+        Region.ball(x[:, :, :6], 0.1, 2, lo=0.0, hi=1.0),
+        Region.ball(x[:, :, 6:], 0.2, 1),
     )
     lb, ub = bounds(net, region=regions, method=method)
     gen = torch.Generator().manual_seed(5)
@@ -183,11 +183,13 @@ def test_two_inputs_with_their_own_balls_are_sound_by_sampling(method):
         with torch.no_grad():
             out = net(a, b)
         assert bool((out >= lb - 1e-9).all() and (out <= ub + 1e-9).all())
-    # each part's ball is used: tighter than the product of the bounding boxes
+    # each part's ball is used (by the backward passes; IBP takes balls in closed form only
+    # through single-input affine chains): tighter than the product of the bounding boxes
     boxes = tuple(Region.box(*r.bounding_box()) for r in regions)
     box_lb, box_ub = bounds(net, region=boxes, method=method)
     assert bool((lb >= box_lb - 1e-9).all() and (ub <= box_ub + 1e-9).all())
-    assert float((box_ub - box_lb).sum()) > float((ub - lb).sum())
+    if method != "ibp":
+        assert float((box_ub - box_lb).sum()) > float((ub - lb).sum())
 
 
 def test_several_inputs_are_checked():
