@@ -873,6 +873,54 @@ class ReshapeRule(AffineRule):
         return G.reshape(*lead, *self.call.out_shape)
 
 
+@register_rule(operator.getitem)
+class SliceRule(AffineRule):
+    """Basic indexing of the per-sample axes (`x[:, 2:5]`, `x[..., ::2]`, `x[:, 0]`); the
+    batch axis must be kept whole. Backwards the coefficients return to the selected places."""
+
+    mixes = False
+    nonnegative = True
+
+    def __init__(self, call: Call):
+        super().__init__(call)
+        index = call.args[1] if len(call.args) > 1 else None
+        index = index if isinstance(index, tuple) else (index,)
+        rank = len(call.in_shapes[0]) + 1
+        if any(not isinstance(k, slice | int) and k is not Ellipsis for k in index) or any(
+            isinstance(k, bool) for k in index
+        ):
+            raise UnsupportedLayerError(
+                f"{call.describe()}: only slices and integers index input-dependent tensors"
+            )
+        if index.count(Ellipsis) > 1:  # pragma: no cover - Python refuses this itself
+            raise UnsupportedLayerError(f"{call.describe()}: several ellipses")
+        if Ellipsis in index:
+            k = index.index(Ellipsis)
+            index = index[:k] + (slice(None),) * (rank - len(index) + 1) + index[k + 1 :]
+        first = index[0] if index else slice(None)
+        if first != slice(None):
+            raise UnsupportedLayerError(
+                f"{call.describe()}: indexing the batch dimension; bound propagation treats "
+                "samples independently"
+            )
+        if any(isinstance(k, slice) and k.step is not None and k.step < 0 for k in index):
+            raise UnsupportedLayerError(f"{call.describe()}: negative steps")  # pragma: no cover
+        self.index = index[1:]
+
+    def ibp(self, *inputs: Interval) -> Interval:
+        ((lo, hi),) = inputs
+        key = (slice(None), *self.index)
+        return lo[key], hi[key]
+
+    def backward(self, A: Tensor) -> tuple[list[Tensor | None], Tensor | None]:
+        out = A.new_zeros(*A.shape[:2], *self.call.in_shapes[0])
+        out[(slice(None), slice(None), *self.index)] = A
+        return [out], None
+
+    def forward_dual(self, v: Tensor, q: float) -> Tensor | None:
+        return v[(slice(None), *self.index)]
+
+
 @register_rule("expand", "expand_as", "repeat", torch.tile, "tile")
 class RepeatRule(AffineRule):
     """Copies of the input's elements: `expand` / `expand_as` (broadcasting) and `repeat` /
