@@ -41,13 +41,24 @@ __all__ = ["Patches", "affine_backward", "unit_patches"]
 @dataclass(frozen=True, eq=False)
 class Patches:
     """Rows [B', S] of linear coefficients on a node of per-sample shape (C, H, W), each a
-    window: `data` [B', S, C, kh, kw], window origins `top`, `left` [B', S] (long, possibly
-    negative)."""
+    window: `data` [B', S, C, kh, kw] at origins (top, left) = anchor * stride - padding, with
+    anchors `ah`, `aw` [B', S] (long) on a grid of the given stride and padding (the origins
+    may be negative: entries outside the node are zero)."""
 
     data: Tensor
-    top: Tensor
-    left: Tensor
+    ah: Tensor
+    aw: Tensor
+    stride: tuple[int, int]
+    padding: tuple[int, int]
     shape: tuple[int, int, int]
+
+    @property
+    def top(self) -> Tensor:
+        return self.ah * self.stride[0] - self.padding[0]
+
+    @property
+    def left(self) -> Tensor:
+        return self.aw * self.stride[1] - self.padding[1]
 
     @property
     def kernel(self) -> tuple[int, int]:
@@ -69,6 +80,8 @@ class Patches:
     def gather(self, t: Tensor) -> Tensor:
         """Per-element values t [Bt, St, C, H, W] (Bt in {1, B}, St in {1, S}) at each row's
         window: [max(B', Bt), S, C, kh, kw], zero outside the node."""
+        if t.shape[1] == 1 and self.ah.shape[0] == 1:
+            return self._gather_grid(t[:, 0])
         rows, cols, pad = self._indices()
         t = F.pad(t, pad)
         batch = max(t.shape[0], rows.shape[0])
@@ -77,6 +90,21 @@ class Patches:
         picked = t[b, s, :, rows.unsqueeze(-1), cols.unsqueeze(-2)]  # [B*, S, kh, kw, C]
         picked = picked.expand(batch, *picked.shape[1:])
         return picked.permute(0, 1, 4, 2, 3)
+
+    def _gather_grid(self, t: Tensor) -> Tensor:
+        """gather for values shared by the rows ([Bt, C, H, W]) and rows shared by the batch:
+        every window of the grid by one unfold (im2col), then the rows' windows."""
+        kh, kw = self.kernel
+        (sh, sw), (ph, pw) = self.stride, self.padding
+        _, height, width = self.shape
+        bottom = max(0, int(self.ah.max()) * sh - ph + kh - height)
+        right = max(0, int(self.aw.max()) * sw - pw + kw - width)
+        padded = F.pad(t, (pw, right, ph, bottom))
+        cols = F.unfold(padded, (kh, kw), stride=(sh, sw)).transpose(1, 2)  # [Bt, L, C kh kw]
+        grid_w = (padded.shape[-1] - kw) // sw + 1
+        index = (self.ah * grid_w + self.aw)[0]
+        picked = cols.index_select(1, index)
+        return picked.reshape(t.shape[0], index.shape[0], t.shape[1], kh, kw)
 
     def masked(self) -> Patches:
         """The same rows with the window entries outside the node set to zero."""
@@ -89,10 +117,10 @@ class Patches:
         if bool(inside_r.all()) and bool(inside_c.all()):
             return self
         mask = (inside_r.unsqueeze(-1) & inside_c.unsqueeze(-2)).unsqueeze(2)  # [B', S, 1, kh, kw]
-        return Patches(self.data * mask.to(self.data.dtype), self.top, self.left, self.shape)
+        return self.with_data(self.data * mask.to(self.data.dtype))
 
     def with_data(self, data: Tensor) -> Patches:
-        return Patches(data, self.top, self.left, self.shape)
+        return Patches(data, self.ah, self.aw, self.stride, self.padding, self.shape)
 
     def to_dense(self) -> Tensor:
         """The rows as a dense tensor [B', S, C, H, W]."""
@@ -110,13 +138,20 @@ class Patches:
 
     def add(self, other: Patches) -> Patches | None:
         """The sum of two sets of rows with the same windows (None when they differ)."""
-        if self.kernel != other.kernel or self.shape != other.shape:
+        same = (self.kernel, self.shape, self.stride, self.padding) == (
+            other.kernel,
+            other.shape,
+            other.stride,
+            other.padding,
+        )
+        if not same:
             return None
-        top, other_top = torch.broadcast_tensors(self.top, other.top)
-        left, other_left = torch.broadcast_tensors(self.left, other.left)
-        if not (torch.equal(top, other_top) and torch.equal(left, other_left)):
+        ah, other_ah = torch.broadcast_tensors(self.ah, other.ah)
+        aw, other_aw = torch.broadcast_tensors(self.aw, other.aw)
+        if not (torch.equal(ah, other_ah) and torch.equal(aw, other_aw)):
             return None
-        return Patches(self.data + other.data, top, left, self.shape)
+        data = self.data + other.data
+        return Patches(data, ah, aw, self.stride, self.padding, self.shape)
 
     def dot(self, t: Tensor) -> Tensor:
         """sum over each row's window of data * t, for t [Bt, St, C, H, W] or a scalar -> [B, S]."""
@@ -132,7 +167,7 @@ def unit_patches(shape: tuple[int, int, int], rows: Tensor, like: Tensor) -> Pat
     c, h, w = rows // (height * width), (rows // width) % height, rows % width
     eye = F.one_hot(c, channels).to(like.dtype)  # [B', m, C]
     data = torch.cat([eye, -eye], dim=1)[..., None, None]
-    return Patches(data, torch.cat([h, h], 1), torch.cat([w, w], 1), shape)
+    return Patches(data, torch.cat([h, h], 1), torch.cat([w, w], 1), (1, 1), (0, 0), shape)
 
 
 def affine_backward(
@@ -191,7 +226,9 @@ def _through_kernel(P, weight, bias, stride, padding, dilation, groups, call):
     else:
         back = F.conv_transpose2d(flat, weight, None, stride, 0, 0, groups, dilation)
     shape = tuple(call.in_shapes[0])
-    top = P.top * stride[0] - padding[0]
-    left = P.left * stride[1] - padding[1]
-    new = Patches(back.reshape(*lead, *back.shape[1:]), top, left, shape).masked()  # type: ignore[arg-type]
+    # origin * s - p = (anchor * stride - padding) * s - p: the anchors stay, the grid changes
+    new_stride = (P.stride[0] * stride[0], P.stride[1] * stride[1])
+    new_padding = (P.padding[0] * stride[0] + padding[0], P.padding[1] * stride[1] + padding[1])
+    data = back.reshape(*lead, *back.shape[1:])
+    new = Patches(data, P.ah, P.aw, new_stride, new_padding, shape).masked()  # type: ignore[arg-type]
     return [new], bias_term
