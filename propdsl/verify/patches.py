@@ -82,13 +82,28 @@ class Patches:
         window: [max(B', Bt), S, C, kh, kw], zero outside the node."""
         if t.shape[1] == 1 and self.ah.shape[0] == 1:
             return self._gather_grid(t[:, 0])
-        rows, cols, pad = self._indices()
-        t = F.pad(t, pad)
+        if t.shape[1] > 1:
+            # One value set per row (alpha-CROWN's slopes): padding would copy all of it, so
+            # positions outside the node read a clamped neighbour instead, and are zeroed.
+            _, height, width = self.shape
+            kh, kw = self.kernel
+            rows = self.top.unsqueeze(-1) + torch.arange(kh, device=self.top.device)
+            cols = self.left.unsqueeze(-1) + torch.arange(kw, device=self.left.device)
+            inside = ((rows >= 0) & (rows < height)).unsqueeze(-1) & (
+                (cols >= 0) & (cols < width)
+            ).unsqueeze(-2)
+            rows, cols = rows.clamp(0, height - 1), cols.clamp(0, width - 1)
+        else:
+            rows, cols, pad = self._indices()
+            t = F.pad(t, pad)
+            inside = None
         batch = max(t.shape[0], rows.shape[0])
         b = torch.arange(t.shape[0], device=t.device).reshape(-1, 1, 1, 1)
         s = torch.arange(t.shape[1], device=t.device).reshape(1, -1, 1, 1)
         picked = t[b, s, :, rows.unsqueeze(-1), cols.unsqueeze(-2)]  # [B*, S, kh, kw, C]
         picked = picked.expand(batch, *picked.shape[1:])
+        if inside is not None:
+            picked = picked * inside.unsqueeze(-1).to(picked.dtype)
         return picked.permute(0, 1, 4, 2, 3)
 
     def _gather_grid(self, t: Tensor) -> Tensor:
