@@ -239,3 +239,26 @@ def test_conv_crown_bounds_are_sound_by_sampling(kind, ball):
 )
 def test_conv_bounds_are_sound_by_sampling(kind, ball, method, seed, eps):
     _check_sound(kind, ball, method, seed, eps)
+
+
+@pytest.mark.parametrize("kind", ["dilation", "residual"])
+def test_alpha_crown_with_window_slopes_is_sound_and_tightens(kind):
+    # The intermediate rows of convolutional nodes reach the activations before them as
+    # windows; their slopes are parameters per window entry.
+    net = _conv_net(kind, 5)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.rand(2, 2, 8, 8, generator=gen, dtype=D)
+    region = _region("box", x, 0.15)
+    lo, hi = region.bounding_box()
+    graph = build_graph(net, ((lo[:1] + hi[:1]) / 2).repeat(2, 1, 1, 1))
+    prop = _Propagation(graph, region, lo, hi)
+    prop.run_crown()
+    out = graph.nodes[graph.output].shape[0]
+    spec = torch.cat([torch.eye(out, dtype=D), -torch.eye(out, dtype=D)]).unsqueeze(0)
+    crown = prop.spec_bound(spec).detach()
+    from propdsl.verify import AlphaOptions
+
+    best = prop.optimise(spec, crown, AlphaOptions(iterations=15, lr=0.2))
+    assert prop.windows, "no activation was reached by windowed rows"
+    assert bool((best >= crown).all()) and bool((best > crown + 1e-6).any())
+    _check_sound(kind, "box", "alpha_crown", 5, 0.15)

@@ -39,6 +39,7 @@ from propdsl.verify.layers import (
     UnsupportedLayerError,
     concretize_box,
     register_rule,
+    sum_spec,
 )
 from propdsl.verify.patches import Patches, affine_backward, unit_patches
 
@@ -51,7 +52,9 @@ __all__ = ["AlphaOptions", "Method", "NamedEnum", "SplitConstraints", "bounds"]
 
 @dataclass(frozen=True, kw_only=True)
 class AlphaOptions:
-    """alpha-CROWN's optimiser: `iterations` Adam steps of rate `lr` on the relaxation slopes.
+    """alpha-CROWN's optimiser: `iterations` Adam steps on the relaxation slopes, the first of
+    rate `lr`, each next one's rate `lr_decay` times the previous (auto_LiRPA's schedule: large
+    steps first, then refinement).
 
     `optimize_intermediate` also optimises the slopes used for the intermediate layers' bounds
     (one set per intermediate neuron, as auto_LiRPA does); without it only the output's are.
@@ -59,6 +62,7 @@ class AlphaOptions:
 
     iterations: int = 20
     lr: float = 0.1
+    lr_decay: float = 0.98
     optimize_intermediate: bool = True
 
     def __post_init__(self) -> None:
@@ -68,6 +72,8 @@ class AlphaOptions:
             raise ValueError(f"iterations must be >= 0, got {self.iterations}")
         if not (isinstance(self.lr, int | float) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if not (isinstance(self.lr_decay, int | float) and 0 < self.lr_decay <= 1):
+            raise ValueError(f"lr_decay must be in (0, 1], got {self.lr_decay!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -437,6 +443,9 @@ class _Propagation:
         # neurons that get their own parameters ([B, m]).
         self.alpha_base: dict[int, Tensor] = {}
         self.alpha_index: dict[int, Tensor] = {}
+        # alpha-CROWN's parameters of (start, activation) pairs whose rows reach the activation
+        # as windows: the windows (their geometry), the parameters being [k, B, S, C, kh, kw].
+        self.windows: dict[tuple[int, int], Patches] = {}
 
     # -- concretisation ----------------------------------------------------------------------
     def concretize(self, A: Tensor | Patches, bias: Tensor) -> Tensor:
@@ -565,7 +574,7 @@ class _Propagation:
         node = self.graph.nodes[i]
         rule = cast(ActivationRule, node.rule)  # the caller dispatched on the rule's kind
         lo, hi = self.bounds[node.inputs[0]]
-        if alphas is not None and (start, i) in alphas:
+        if alphas is not None and (start, i) in alphas and (start, i) not in self.windows:
             return rule.relax(
                 lo.unsqueeze(1), hi.unsqueeze(1), self._full_alpha(i, alphas[(start, i)])
             )
@@ -584,6 +593,7 @@ class _Propagation:
         *,
         betas: dict[int, Tensor] | None = None,
         record: dict[int, Tensor] | None = None,
+        windows: dict[int, Patches] | None = None,
     ) -> tuple[Tensor | Patches, Tensor]:
         """Linear lower bound A . x + bias of spec . node[start], in terms of the input
         (windowed rows stay `Patches` as far as the layers allow).
@@ -592,7 +602,8 @@ class _Propagation:
         [B, S, *shape] >= 0 of the split constraints `sign * z >= 0`; the term
         `-beta * sign * z`, never positive on the sub-domain, is added to the bounded function,
         so the bound stays sound there for every beta >= 0 and tightens with good ones.
-        `record` receives the coefficients reaching each activation's output (for branching).
+        `record` receives the coefficients reaching each activation's output (for branching),
+        `windows` the windowed rows reaching each activation's output.
         """
         coeffs: dict[int, Tensor | Patches] = {start: spec}
         like = spec.data if isinstance(spec, Patches) else spec
@@ -603,7 +614,7 @@ class _Propagation:
             if A is None:
                 continue
             if isinstance(A, Patches):
-                step = self._patches_step(i, A, start, alphas)
+                step = self._patches_step(i, A, start, alphas, windows)
                 if step is not None:
                     ins_p, b = step
                     if b is not None:
@@ -650,7 +661,12 @@ class _Propagation:
         return coeffs[0], bias  # type: ignore[return-value]
 
     def _patches_step(
-        self, i: int, A: Patches, start: int, alphas: dict | None
+        self,
+        i: int,
+        A: Patches,
+        start: int,
+        alphas: dict | None,
+        windows: dict[int, Patches] | None = None,
     ) -> tuple[list[Patches | None], Tensor | None] | None:
         """One backward step with windowed rows (`propdsl.verify.patches`), or None where the
         rows must become dense: a layer that is not a window map, or windows that have grown
@@ -661,10 +677,22 @@ class _Propagation:
         if isinstance(rule, AffineRule):
             return affine_backward(rule, A)
         if isinstance(rule, ActivationRule):
+            if windows is not None:
+                windows[i] = A
+            pos = A.data.clamp(min=0)
+            if alphas is not None and (start, i) in self.windows:
+                # Slopes per row and window entry: the lines are built in the windows.
+                lo, hi = self.bounds[self.graph.nodes[i].inputs[0]]
+                r = rule.relax(
+                    A.gather(lo.unsqueeze(1)), A.gather(hi.unsqueeze(1)), alphas[(start, i)]
+                )
+                up, low = r.upper_slope, r.lower_slope
+                data = torch.addcmul(A.data * up, pos, low - up)
+                b = sum_spec(A.data * r.upper_bias) + sum_spec(pos * (r.lower_bias - r.upper_bias))
+                return [A.with_data(data)], b
             r = self._relaxation(i, start, alphas)
             up = A.gather(r.upper_slope) if r.upper_slope.dim() else r.upper_slope
             low = A.gather(r.lower_slope) if r.lower_slope.dim() else r.lower_slope
-            pos = A.data.clamp(min=0)
             data = torch.addcmul(A.data * up, pos, low - up)
             b = A.dot(r.upper_bias) + A.with_data(pos).dot(r.lower_bias - r.upper_bias)
             return [A.with_data(data)], b
@@ -718,11 +746,26 @@ class _Propagation:
         if intermediate:
             starts += [(i, 2 * rows.shape[-1]) for i, rows in self.rows.items() if rows.shape[-1]]
         alphas: dict[tuple[int, int], Tensor] = {}
+        self.windows = {}
         for start, size in starts:
+            reached: dict[int, Patches] = {}
+            shape = self.graph.nodes[start].shape
+            if start != self.graph.output and len(shape) == 3:
+                # Which activations the start's rows reach as windows: those get parameters
+                # per window entry (a dry CROWN pass finds the windows' geometry).
+                unit = unit_patches(tuple(shape), self.rows[start], spec)  # type: ignore[arg-type]
+                with torch.no_grad():
+                    self.backward(start, unit, windows=reached)
             for j in self.graph.activations_before(start):
                 if j not in self.alpha_base and not self._alpha_support(j):
                     continue
                 base, index = self.alpha_base[j], self.alpha_index[j]
+                window = reached.get(j)
+                if window is not None:
+                    init = torch.stack([window.gather(b.unsqueeze(1)) for b in base])
+                    alphas[(start, j)] = init.clone().requires_grad_()
+                    self.windows[(start, j)] = window
+                    continue
                 init = _gather_neurons(base.flatten(2), index).unsqueeze(2)
                 shape = (init.shape[0], self.batch, size, index.shape[1])
                 alphas[(start, j)] = init.expand(shape).clone().requires_grad_()
@@ -756,10 +799,20 @@ class _Propagation:
 
     def _project(self, alphas: dict[tuple[int, int], Tensor]) -> None:
         with torch.no_grad():
-            for (_, j), alpha in alphas.items():
+            for (start, j), alpha in alphas.items():
                 node = self.graph.nodes[j]
                 rule = cast(ActivationRule, node.rule)
                 lo, hi = (b.detach() for b in self.bounds[node.inputs[0]])
+                window = self.windows.get((start, j))
+                if window is not None:
+                    ranges = rule.alpha_range(
+                        window.gather(lo.unsqueeze(1)), window.gather(hi.unsqueeze(1))
+                    )
+                    low, high = (
+                        b if isinstance(b, Tensor) else torch.tensor(b).to(alpha) for b in ranges
+                    )
+                    alpha.copy_(torch.maximum(torch.minimum(alpha, high), low))
+                    continue
                 index = self.alpha_index[j]
                 low, high = (
                     _gather_neurons(b.flatten(2), index).unsqueeze(2)
@@ -780,6 +833,7 @@ class _Propagation:
             return crown
         params = list(alphas.values())
         optimiser = torch.optim.Adam(params, lr=options.lr)
+        schedule = torch.optim.lr_scheduler.ExponentialLR(optimiser, options.lr_decay)
         fixed = [(lo.detach(), hi.detach()) for lo, hi in self.bounds]
         best_bounds = list(fixed)
         # Start from detached bounds: nothing built before the loop is differentiated again.
@@ -799,6 +853,7 @@ class _Propagation:
                 for p, g in zip(params, grads, strict=True):
                     p.grad = torch.zeros_like(p) if g is None else g
                 optimiser.step()
+                schedule.step()
                 self._project(alphas)
         return best
 
