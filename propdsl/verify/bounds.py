@@ -524,9 +524,10 @@ class _Propagation:
         point = (centre, centre)
         for node in reversed(chain):
             rule = cast(AffineRule, node.rule)
-            weights = rule.forward_dual(weights, q)
-            if weights is None:
+            mapped = rule.forward_dual(weights, q)
+            if mapped is None:
                 return None
+            weights = mapped
             point = rule.ibp(point)  # exact for a point: the chain's image of the centre
         norms = weights.sqrt() if q == 2 else weights
         radius = cast(Tensor, self.region.radius).reshape(-1, *([1] * (norms.dim() - 1)))
@@ -619,9 +620,9 @@ class _Propagation:
                     ins_p, b = step
                     if b is not None:
                         bias = bias + b
-                    for j, coeff in zip(self.graph.nodes[i].inputs, ins_p, strict=True):
-                        if coeff is not None:
-                            coeffs[j] = coeff if j not in coeffs else _add_rows(coeffs[j], coeff)
+                    for j, piece in zip(self.graph.nodes[i].inputs, ins_p, strict=True):
+                        if piece is not None:
+                            coeffs[j] = piece if j not in coeffs else _add_rows(coeffs[j], piece)
                     continue
                 A = A.to_dense()
             if betas is not None and i in betas:
@@ -749,11 +750,11 @@ class _Propagation:
         self.windows = {}
         for start, size in starts:
             reached: dict[int, Patches] = {}
-            shape = self.graph.nodes[start].shape
-            if start != self.graph.output and len(shape) == 3:
+            start_shape = self.graph.nodes[start].shape
+            if start != self.graph.output and len(start_shape) == 3:
                 # Which activations the start's rows reach as windows: those get parameters
                 # per window entry (a dry CROWN pass finds the windows' geometry).
-                unit = unit_patches(tuple(shape), self.rows[start], spec)  # type: ignore[arg-type]
+                unit = unit_patches(tuple(start_shape), self.rows[start], spec)  # type: ignore[arg-type]
                 with torch.no_grad():
                     self.backward(start, unit, windows=reached)
             for j in self.graph.activations_before(start):

@@ -699,6 +699,7 @@ class Conv2dRule(AffineRule):
         return [self._transpose(A, self.weight)], bias
 
     def _transpose(self, A: Tensor, weight: Tensor) -> Tensor:
+        assert self.padding is not None  # callers use autograd for asymmetric padding
         lead = A.shape[:2]
         flat = A.reshape(-1, *A.shape[2:])
         back = F.conv_transpose2d(
