@@ -266,7 +266,8 @@ def scaling_configs(quick: bool) -> list[dict[str, int]]:
     configs = [dict(base, channels=c, size=s) for c, s in SIZES]
     configs += [dict(base, width=w) for w in (WIDTHS[:2] if quick else WIDTHS)]
     configs += [dict(base, batch=b) for b in (BATCHES[:2] if quick else BATCHES)]
-    return configs
+    unique = {tuple(sorted(c.items())): c for c in configs}  # the base case once
+    return list(unique.values())
 
 
 def _scaling_case(config: dict[str, int]) -> tuple[nn.Module, Tensor]:
