@@ -111,8 +111,10 @@ def bounds(
             LeakyReLU, Tanh, Sigmoid, Softplus, Flatten, AvgPool2d, BatchNorm in eval mode,
             Dropout, Identity, Normalize, residual additions, reshapes and scalings in
             `forward`); it is traced with torch.fx. More layers: `register_rule`.
-        lower, upper: the input box, [B, *input_shape] each.
-        region: instead of a box, a `Region` (an L-inf, L2 or L1 ball intersected with a box).
+        lower, upper: the input box, [B, *input_shape] each (for a model with several inputs,
+            tuples of them, one per input).
+        region: instead of a box, a `Region` (an L-inf, L2 or L1 ball intersected with a box),
+            or a tuple of Regions, one per input of a model with several inputs.
         method: `Method.IBP`, `Method.CROWN_IBP` (CROWN's backward pass over IBP's
             intermediate bounds), `Method.CROWN` (default) or `Method.ALPHA_CROWN`, or its name.
         C: specification matrix [B, S, O] or [S, O] (shared by the batch) over the O flattened
