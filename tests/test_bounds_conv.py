@@ -139,10 +139,12 @@ def test_conv_backward_equals_its_dense_matrix(stride, padding, dilation, groups
     with torch.no_grad():
         images = conv(torch.eye(n_in, dtype=D).reshape(n_in, *in_shape)) - conv.bias[:, None, None]
     M = images.reshape(n_in, -1)  # [inputs, outputs]
+    for rows in (5, 300):  # few rows: a transposed convolution; many: the layer's matrix
+        A = torch.randn(2, rows, *out_shape, dtype=D)
+        (coeff,), bias = rule.backward(A)
+        torch.testing.assert_close(coeff.reshape(2, rows, -1), A.reshape(2, rows, -1) @ M.T)
+        torch.testing.assert_close(bias, (A * conv.bias[:, None, None]).flatten(2).sum(-1))
     A = torch.randn(2, 5, *out_shape, dtype=D)
-    (coeff,), bias = rule.backward(A)
-    torch.testing.assert_close(coeff.reshape(2, 5, -1), A.reshape(2, 5, -1) @ M.T)
-    torch.testing.assert_close(bias, (A * conv.bias[:, None, None]).flatten(2).sum(-1))
     (abs_coeff,) = rule.abs_backward(A.abs())
     torch.testing.assert_close(abs_coeff.reshape(2, 5, -1), A.abs().reshape(2, 5, -1) @ M.T.abs())
     v = torch.rand(1, *in_shape, dtype=D)

@@ -696,7 +696,37 @@ class Conv2dRule(AffineRule):
                 lambda x: self._conv(x, self.weight, None), A, self.call.in_shapes
             )
             return coeffs, bias
+        matrix = self._small_matrix(A)
+        if matrix is not None:
+            lead = A.shape[:2]
+            back = A.reshape(-1, matrix.shape[1]) @ matrix.T
+            return [back.reshape(*lead, *self.call.in_shapes[0])], bias
         return [self._transpose(A, self.weight)], bias
+
+    def _small_matrix(self, A: Tensor) -> Tensor | None:
+        """The layer as a matrix [N_in, N_out], only when it is no larger than the rows A it is
+        applied to (and has fewer inputs than A has rows): memory stays linear in what the
+        backward pass holds anyway, and on small images one matrix product beats a transposed
+        convolution of many tiny images several times over. Built once per rule (one bound
+        call), from the images of the unit inputs, so it follows the weights (differentiably)."""
+        n_in, n_out = math.prod(self.call.in_shapes[0]), math.prod(self.call.out_shape)
+        rows = A.numel() // n_out
+        if n_in > rows or n_in * n_out > A.numel():
+            return None
+        cached = getattr(self, "_matrix", None)
+        tracked = torch.is_grad_enabled() and self.weight.requires_grad
+        if (
+            cached is None
+            or (cached.dtype, cached.device) != (A.dtype, A.device)
+            or (
+                tracked and not cached.requires_grad  # built without the weights' gradient
+            )
+        ):
+            basis = torch.eye(n_in, dtype=A.dtype, device=A.device)
+            images = self._conv(basis.reshape(n_in, *self.call.in_shapes[0]), self.weight, None)
+            cached = images.reshape(n_in, n_out)
+            self._matrix = cached
+        return cached
 
     def _transpose(self, A: Tensor, weight: Tensor) -> Tensor:
         assert self.padding is not None  # callers use autograd for asymmetric padding
