@@ -434,6 +434,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repetitions, smaller grid")
     parser.add_argument("--plot", type=Path, help="write the scaling curves to this PNG")
     parser.add_argument("--no-table", action="store_true", help="the scaling curves only")
+    parser.add_argument("--no-scaling", action="store_true", help="the comparison table only")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -443,6 +444,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, 1 thread; auto_LiRPA: {lirpa_path() or 'not given'}")
     if not args.no_table:
         print_comparison(comparison(args.quick))
+    if args.no_scaling:
+        return
     entries = scaling_times(args.quick)
     print_scaling(entries)
     if args.plot:
