@@ -22,6 +22,7 @@ Guarantees the losses and the falsifier build on:
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -241,6 +242,7 @@ def run_attack(
     *,
     models: Sequence[nn.Module] = (),
     generator: torch.Generator | None = None,
+    tiled: Callable[[int], Objective] | None = None,
 ) -> AttackResult:
     """Maximise `objective(*points)` per sample, each point in its region.
 
@@ -253,6 +255,11 @@ def run_attack(
         models: networks the objective calls; they run in eval mode during the attack and get
             their training flags back afterwards.
         generator: the random source of the starts (on the regions' device).
+        tiled: `tiled(k)` is the objective of `k` copies of every sample, sample-major (row
+            `b * k + r` of its [B * k, ...] points is copy `r` of sample `b`). With it, all
+            restarts run as one batch of `restarts * B` samples through the objective, as a
+            hand-written attack would; without it, each restart's slice is evaluated by
+            `objective` on its own (the same points and values, `restarts` calls per step).
 
     Returns:
         `AttackResult` with one detached point tensor per region, the [B] objective there, and
@@ -281,21 +288,62 @@ def run_attack(
     empty = regions[0].is_empty()
     for r in regions[1:]:
         empty = empty | r.is_empty()
+    k = attack.restarts
     with _eval_mode(models):
-        problem = _Problem(objective, regions, attack.surrogate_beta, batch)
-        best: _Best | None = None
-        for restart in range(attack.restarts):
-            start = [_start(r, attack.random_start, generator) for r in regions]
-            if isinstance(attack, PGD):
-                found = _pgd(attack, problem, start, warn=restart == 0)
-            else:
-                found = _apgd(attack, problem, start, warn=restart == 0)
-            if best is None:
-                best = found
-            else:
-                best.offer(found.points, found.value)
-    assert best is not None
-    return AttackResult(points=tuple(best.points), value=best.value, empty=empty)
+        # The restarts' starts in the order a sequential loop draws them (restart by restart),
+        # so the first restart still starts where a single run does.
+        starts = [[_start(r, attack.random_start, generator) for r in regions] for _ in range(k)]
+        if k == 1:
+            problem = _Problem(objective, regions, attack.surrogate_beta, batch)
+            start = starts[0]
+        else:
+            # All restarts as one batch of k * B samples, sample-major: copy r of sample b is
+            # row b * k + r, so that the objective's per-sample values (the data, f(x)) are
+            # repeated with `repeat_interleave`, as a vectorised finite quantifier does.
+            index = torch.arange(batch, device=empty.device).repeat_interleave(k)
+            tiled_regions = tuple(r.select(index) for r in regions)
+            start = [
+                torch.stack([s[i] for s in starts], dim=1).flatten(0, 1)
+                for i in range(len(regions))
+            ]
+            fn = tiled(k) if tiled is not None else _sliced(objective, k)
+            problem = _Problem(fn, tiled_regions, attack.surrogate_beta, batch * k, copies=k)
+        if isinstance(attack, PGD):
+            found = _pgd(attack, problem, start, warn=True)
+        else:
+            found = _apgd(attack, problem, start, warn=True)
+    points, value = found.points, found.value
+    if k > 1:
+        points, value = _best_copy(points, value, batch, k)
+    return AttackResult(points=tuple(points), value=value, empty=empty)
+
+
+def _sliced(objective: Objective, k: int) -> Objective:
+    """The objective of k copies per sample (sample-major), one call per copy."""
+
+    def fn(*points: Tensor) -> Tensor:
+        parts = [objective(*(x.unflatten(0, (-1, k))[:, r] for x in points)) for r in range(k)]
+        return torch.stack(parts, dim=1).flatten()
+
+    return fn
+
+
+def _best_copy(
+    points: Sequence[Tensor], value: Tensor, batch: int, k: int
+) -> tuple[list[Tensor], Tensor]:
+    """Per sample, the copy (restart) with the highest value, by tensor ops.
+
+    The same choice as offering the restarts one after another to `_Best`: the first copy with
+    the largest value wins ties, and a number always beats NaN (a sample all of whose copies are
+    NaN keeps the first).
+    """
+    v = value.reshape(batch, k)
+    nan = v.isnan()
+    v = v.masked_fill(nan, -math.inf)
+    top = (v == v.amax(dim=1, keepdim=True)) & ~nan
+    pick = top.to(torch.uint8).argmax(dim=1)  # the first maximal entry (0 where none is)
+    rows_ = torch.arange(batch, device=value.device) * k + pick
+    return [x[rows_] for x in points], value[rows_]
 
 
 @contextlib.contextmanager
@@ -341,13 +389,43 @@ def _direction(g: Tensor, p: float) -> Tensor:
     return g / _column(torch.where(size > 0, size, torch.ones_like(size)), g)
 
 
-def _step(region: Region, x: Tensor, g: Tensor, size: Tensor) -> Tensor:
-    return region.project(x + _column(size, x) * _direction(g, region.p))
+class _Stepper:
+    """One region's projected step, with what does not change between steps computed once.
+
+    For L-inf balls and plain boxes the region is the box `bounding_box()` (exact there), so
+    the projection is one clamp and a sign step one fused multiply-add: the hot loop of a
+    hand-written PGD. Other norms step and project through the region.
+    """
+
+    __slots__ = ("region", "lo", "hi", "box")
+
+    def __init__(self, region: Region):
+        self.region = region
+        self.box = region.p == INF
+        if self.box:
+            # For a sample whose region is empty, lo > hi and the clamp returns hi: a point
+            # outside the region, like `project` (the caller flags these samples).
+            self.lo, self.hi = region.bounding_box()
+
+    def project(self, z: Tensor) -> Tensor:
+        if self.box:
+            return torch.clamp(z, self.lo, self.hi)
+        return self.region.project(z)
+
+    def step(self, x: Tensor, g: Tensor, size: Tensor) -> Tensor:
+        """`size` is already shaped as a column (`_column`)."""
+        if self.box:
+            return torch.clamp(torch.addcmul(x, size, g.sign()), self.lo, self.hi)
+        return self.region.project(x + size * _direction(g, self.region.p))
 
 
 def _better(new: Tensor, old: Tensor) -> Tensor:
-    """Where `new` beats `old`; a number always beats NaN."""
-    return (new > old) | (old.isnan() & ~new.isnan())
+    """Where `new` beats `old`; a number always beats NaN.
+
+    `new > old`, or `old` is NaN, and never where `new` is NaN: `~(new <= old)` is true where
+    either is NaN, and `new == new` rules out a NaN `new`.
+    """
+    return ~(new <= old) & (new == new)
 
 
 class _Best:
@@ -378,12 +456,19 @@ class _Problem:
     """The objective, its regions and the surrogate: evaluations with gradients."""
 
     def __init__(
-        self, objective: Objective, regions: tuple[Region, ...], beta: float | None, batch: int
+        self,
+        objective: Objective,
+        regions: tuple[Region, ...],
+        beta: float | None,
+        batch: int,
+        *,
+        copies: int = 1,
     ):
         self.objective = objective
         self.regions = regions
         self.beta = beta
         self.batch = batch
+        self.copies = copies  # restarts stacked in the batch (sample-major)
 
     def _call(self, points: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
         # Leaves that require grad, so objectives that differentiate internally (saliency) work.
@@ -395,6 +480,12 @@ class _Problem:
         return value, leaves
 
     def evaluate(self, points: Sequence[Tensor], *, need_grad: bool = True) -> _Eval:
+        if self.beta is None:  # the hot path: one evaluation climbs and judges
+            with torch.enable_grad():
+                value, leaves = self._call(points)
+                grads = self._grads(value, leaves) if need_grad else None
+            value = value.detach()
+            return _Eval(value, grads, value)
         with torch.enable_grad():
             surrogate = (
                 smooth_relu(self.beta) if self.beta is not None else contextlib.nullcontext()
@@ -419,11 +510,14 @@ class _Problem:
     def warn_if_flat(self, grads: Sequence[Tensor]) -> None:
         if self.beta is not None:
             return
-        flat = torch.stack([rows(g).abs().amax(dim=1) for g in grads]).amax(dim=0) == 0
-        if 2 * int(flat.sum()) > self.batch:
+        # Judged on the first restart, as a single run would be.
+        firsts = [g.unflatten(0, (-1, self.copies))[:, 0] for g in grads]
+        flat = torch.stack([rows(g).abs().amax(dim=1) for g in firsts]).amax(dim=0) == 0
+        samples = self.batch // self.copies
+        if 2 * int(flat.sum()) > samples:
             warnings.warn(
                 f"the attack objective's input gradient is exactly zero for {int(flat.sum())} of "
-                f"{self.batch} samples at the start, so the attack cannot move; objectives built "
+                f"{samples} samples at the start, so the attack cannot move; objectives built "
                 "on input gradients (saliency) of ReLU networks are flat almost everywhere: give "
                 "the attack a softplus surrogate to climb, surrogate_beta (in a spec: "
                 "attack = pgd(steps = 10, surrogate_beta = 10); in Python: "
@@ -435,16 +529,22 @@ class _Problem:
 
 def _pgd(attack: PGD, problem: _Problem, start: list[Tensor], *, warn: bool) -> _Best:
     regions = problem.regions
-    alphas = [attack.step_size * _scale(r) / max(attack.steps, 1) for r in regions]
+    steps = attack.steps
+    # Per region, computed once: the step sizes as columns, the projection's bounds.
+    steppers = [_Stepper(r) for r in regions]
+    alphas = [
+        _column(attack.step_size * _scale(r) / max(steps, 1), x)
+        for r, x in zip(regions, start, strict=True)
+    ]
     x = start
-    ev = problem.evaluate(x, need_grad=attack.steps > 0)
+    ev = problem.evaluate(x, need_grad=steps > 0)
     best = _Best(x, ev.true)
     if warn and ev.grads is not None:
         problem.warn_if_flat(ev.grads)
-    for k in range(attack.steps):
+    for k in range(steps):
         assert ev.grads is not None
-        x = [_step(r, xi, g, a) for r, xi, g, a in zip(regions, x, ev.grads, alphas, strict=True)]
-        ev = problem.evaluate(x, need_grad=k + 1 < attack.steps)
+        x = [st.step(xi, g, a) for st, xi, g, a in zip(steppers, x, ev.grads, alphas, strict=True)]
+        ev = problem.evaluate(x, need_grad=k + 1 < steps)
         best.offer(x, ev.true)
     return best
 
@@ -469,12 +569,15 @@ def _apgd(attack: APGD, problem: _Problem, start: list[Tensor], *, warn: bool) -
     if steps == 0:
         return best
     assert ev.grads is not None
+    steppers = [_Stepper(r) for r in regions]
     eta = [2 * _scale(r) for r in regions]
     # The best point of the climbed objective, with its gradient: where the step restarts from.
     top = _Best([*x, *ev.grads], ev.climbed)
 
     x_prev, value, grads = x, ev.climbed, ev.grads
-    x = [_step(r, xi, g, e) for r, xi, g, e in zip(regions, x, grads, eta, strict=True)]
+    x = [
+        st.step(xi, g, _column(e, xi)) for st, xi, g, e in zip(steppers, x, grads, eta, strict=True)
+    ]
     checkpoints = _apgd_checkpoints(steps)
     last_check, top_at_check = 0, value
     reduced_last = torch.zeros_like(value, dtype=torch.bool)
@@ -511,8 +614,8 @@ def _apgd(attack: APGD, problem: _Problem, start: list[Tensor], *, warn: bool) -
             reduced_last, top_at_check, last_check = reduce, top.value, k
             successes = torch.zeros_like(successes)
         nxt = []
-        for r, xi, xp, g, e in zip(regions, x, x_prev, grads, eta, strict=True):
-            z = _step(r, xi, g, e)
-            nxt.append(r.project(xi + a * (z - xi) + (1 - a) * (xi - xp)))
+        for st, xi, xp, g, e in zip(steppers, x, x_prev, grads, eta, strict=True):
+            z = st.step(xi, g, _column(e, xi))
+            nxt.append(st.project(xi + a * (z - xi) + (1 - a) * (xi - xp)))
         x_prev, x = x, nxt
     return best

@@ -489,26 +489,26 @@ def _epochs(
             scale = ramp_scale(epoch, ramp)
             _set_radius_scale([objective, *prop_losses.values()], scale)
             model.train()
-            sums: dict[str, float] = {}
-            seen = 0
+            # The epoch's sums stay on the device (one host sync per epoch on an accelerator);
+            # see `_Sums`.
+            sums = _Sums(device, check_each_step=_check_each_step(device))
             steps = 0
             for start in range(0, n, batch):
                 idx = order[start : start + batch]
                 xb, yb = x_all[idx], y_all[idx]
                 loss = objective(model, xb, yb)
-                loss_value = float(loss.detach())
-                if not math.isfinite(loss_value):
+                if not sums.add(loss.detach(), objective.last_term_values, steps + 1):
                     raise TrainingDiverged(_diverged_message(objective, epoch, steps + 1, run))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 steps += 1
-                sums["loss"] = sums.get("loss", 0.0) + loss_value
-                for k, v in objective.last_terms.items():
-                    column = _term_column(k)
-                    sums[column] = sums.get(column, 0.0) + v
-                seen += len(idx)
-                progress.batch(epoch, seen, n, loss_value)
+                if progress.live:
+                    progress.batch(epoch, min(start + batch, n), n, sums.last)
+            diverged = sums.diverged()
+            if diverged is not None:
+                step, terms = diverged
+                raise TrainingDiverged(_diverged_message(objective, epoch, step, run, terms))
             if schedule is not None:
                 schedule.step()
             # An epoch whose weights are not finite, or exploded, never becomes last or best.
@@ -517,7 +517,7 @@ def _epochs(
                 raise TrainingDiverged(_exploded_message(problem, epoch, run))
             train_seconds = time.perf_counter() - t0
             row: dict[str, Any] = {"epoch": epoch}
-            row.update({k: v / max(1, steps) for k, v in sums.items()})
+            row.update({k: v / max(1, steps) for k, v in sums.totals().items()})
             row.update(evaluate_epoch(model, val_ds, prop_losses, device, options.eval_samples))
             row["radius_scale"] = scale
             row["lr"] = optimizer.param_groups[0]["lr"]
@@ -735,8 +735,72 @@ def _show_loss(objective) -> str:
     return show(objective.expr)
 
 
-def _diverged_message(objective, epoch: int, step: int, run: Path) -> str:
-    bad = [k for k, v in objective.last_terms.items() if not math.isfinite(v)]
+def _check_each_step(device: torch.device) -> bool:
+    """Whether the loop checks every batch's loss on the host before the optimizer step.
+
+    On the CPU the check costs nothing. On an accelerator it would be a host sync per batch,
+    which stalls the queue of kernels: there the first non-finite batch is recorded on the
+    device and reported at the end of the epoch, with the same message; the epoch is then not
+    committed, so the run folder keeps the last finished epoch either way (only the model
+    object in memory has taken the remaining steps).
+    """
+    return device.type == "cpu"
+
+
+class _Sums:
+    """An epoch's loss and term sums, as tensors on the training device.
+
+    `add` returns False at the first non-finite loss when each step is checked; otherwise the
+    first non-finite batch (and which terms were non-finite there) is kept on the device for
+    `diverged` at the end of the epoch.
+    """
+
+    def __init__(self, device: torch.device, *, check_each_step: bool):
+        self.check_each_step = check_each_step
+        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.terms: dict[str, Tensor] = {}
+        self.last: float = math.nan  # the last loss, when checked on the host (progress bar)
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.bad_terms: dict[str, Tensor] = {}
+
+    def add(self, loss: Tensor, terms: dict[str, Tensor], step: int) -> bool:
+        if self.check_each_step:
+            self.last = float(loss)
+            if not math.isfinite(self.last):
+                return False
+        else:
+            first = (self.first_bad < 0) & ~torch.isfinite(loss)
+            self.first_bad = torch.where(first, step, self.first_bad)
+            for label, v in terms.items():
+                bad = first & ~torch.isfinite(v)
+                self.bad_terms[label] = self.bad_terms.get(label, bad) | bad
+        self.loss += loss
+        for label, v in terms.items():
+            column = _term_column(label)
+            total = self.terms.get(column)
+            self.terms[column] = v.double() if total is None else total + v
+        return True
+
+    def diverged(self) -> tuple[int, list[str]] | None:
+        """(batch, non-finite terms) of the first non-finite loss of the epoch, or None."""
+        if self.check_each_step:
+            return None
+        step = int(self.first_bad)  # the epoch's one host sync for the check
+        if step < 0:
+            return None
+        return step, [label for label, bad in self.bad_terms.items() if bool(bad)]
+
+    def totals(self) -> dict[str, float]:
+        values = torch.stack([self.loss, *self.terms.values()]).tolist()  # one host sync
+        return dict(zip(["loss", *self.terms], values, strict=True))
+
+
+def _diverged_message(
+    objective, epoch: int, step: int, run: Path, terms: list[str] | None = None
+) -> str:
+    if terms is None:
+        terms = [k for k, v in objective.last_terms.items() if not math.isfinite(v)]
+    bad = terms
     if bad:
         which = f"term {', '.join(repr(b) for b in bad)} of the loss"
     else:
@@ -930,7 +994,9 @@ class _Progress:
 
     def batch(self, epoch: int, seen: int, n: int, loss: float) -> None:
         if self.bar is not None:
-            self.bar.update(self.task, epoch=epoch, info=f"loss {loss:.4f}  {seen}/{n}")
+            # NaN where the loss stays on the device (not read back every batch)
+            shown = f"loss {loss:.4f}  " if math.isfinite(loss) else ""
+            self.bar.update(self.task, epoch=epoch, info=f"{shown}{seen}/{n}")
 
     def epoch(self, row: dict[str, Any]) -> None:
         if self.quiet:

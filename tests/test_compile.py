@@ -93,7 +93,7 @@ def inject(monkeypatch):
     calls = []
 
     def use(*points):
-        def fake(attack, objective, regions, *, models=(), generator=None):
+        def fake(attack, objective, regions, *, models=(), generator=None, tiled=None):
             assert len(regions) == len(points)
             for region, p in zip(regions, points, strict=True):
                 assert bool(region.contains(p).all()), "injected point outside the region"

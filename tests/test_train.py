@@ -399,6 +399,57 @@ def test_a_nan_term_stops_training_naming_the_term(tmp_path: Path):
     assert not (tmp_path / "run" / "last.safetensors").exists()
 
 
+def test_deferred_nan_check_reports_the_same_batch_and_term(tmp_path: Path, monkeypatch):
+    """On an accelerator the loop checks the losses on the device, once per epoch: the message
+    names the same term, epoch and batch as the check before every optimizer step, and nothing
+    of the epoch is committed. (Forced on the CPU here.)"""
+    monkeypatch.setattr("propdsl.train._check_each_step", lambda device: False)
+    # The term is NaN from batch 1 on: the later bad batches do not replace the first.
+    with pytest.raises(TrainingDiverged) as info:
+        train(propdsl.load(NAN_TERM), options(tmp_path / "run"))
+    message = str(info.value)
+    assert "'log(cross_entropy(f(x), y) - 100)'" in message
+    assert "epoch 1, batch 1" in message and "no epoch had finished" in message
+    assert not (tmp_path / "run" / "last.safetensors").exists()
+
+
+def test_deferred_nan_check_finds_a_later_first_bad_batch(tmp_path: Path, monkeypatch):
+    """The first non-finite batch is recorded, not the last one: batch 3 of epoch 2 here."""
+    import propdsl.loss.compile as C
+
+    calls = {"n": 0}
+    forward = C.Objective.forward
+
+    def poisoned(self, model, x, y):
+        calls["n"] += 1
+        out = forward(self, model, x, y)
+        # 4 batches an epoch (200 images, batch 50): call 7 is epoch 2, batch 3.
+        return out * math.nan if calls["n"] >= 7 else out
+
+    monkeypatch.setattr(C.Objective, "forward", poisoned)
+    for deferred in (False, True):
+        calls["n"] = 0
+        monkeypatch.setattr("propdsl.train._check_each_step", lambda device, d=deferred: not d)
+        run = tmp_path / f"run{deferred}"
+        with pytest.raises(TrainingDiverged, match=r"epoch 2, batch 3;") as info:
+            train(propdsl.load(TINY.replace(" + 0.5 * robust", "")), options(run))
+        assert "loss 'cross_entropy(f(x), y)'" in str(info.value)
+        assert json.loads((run / "last.json").read_text())["epoch"] == 1
+
+
+def test_epoch_sums_on_the_device_equal_the_per_step_host_sums(tmp_path: Path, monkeypatch):
+    """The metrics do not depend on where the sums are kept: bit-equal rows."""
+    rows = []
+    for check in (True, False):
+        monkeypatch.setattr("propdsl.train._check_each_step", lambda device, c=check: c)
+        result = train(propdsl.load(TINY), options(tmp_path / f"run{check}"))
+        rows.append([{k: v for k, v in r.items() if "seconds" not in k} for r in result.metrics])
+    assert rows[0] == rows[1]
+    terms = [k for k in rows[0][0] if k.startswith("loss[")]
+    assert len(terms) == 2 and rows[0][0]["loss"] > 0  # the total and both terms are there
+    assert rows[0][0]["loss"] == pytest.approx(sum(rows[0][0][k] for k in terms), rel=1e-5)
+
+
 def test_nan_after_an_epoch_keeps_the_last_checkpoint_intact(tmp_path: Path):
     text = TINY.replace(" + 0.5 * robust", "")
     model = build_model("mlp", (1, 8, 8), 10, hidden=[16], seed=0)

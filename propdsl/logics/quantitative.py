@@ -189,13 +189,13 @@ class Violation(_SignedLogic):
         if not (isinstance(lhs, Tensor) and isinstance(rhs, Tensor)):
             lhs, rhs = operands(lhs, rhs)
         # The attack's hot path: a plain difference, no host sync; equal operands (two equal
-        # infinities included) differ by exactly 0.
-        d = lhs - rhs
-        d = torch.where(lhs == rhs, torch.zeros_like(d), d)
-        if op in (Cmp.LE, Cmp.LT):
+        # infinities included) differ by exactly 0. `b - a` is exactly `-(a - b)` in floating
+        # point, so `>=` subtracts the other way round instead of negating (one op fewer
+        # forward and backward, every attack step).
+        greater = op in (Cmp.GE, Cmp.GT)
+        d = torch.where(lhs == rhs, 0.0, rhs - lhs if greater else lhs - rhs)
+        if greater or op in (Cmp.LE, Cmp.LT):
             return d
-        if op in (Cmp.GE, Cmp.GT):
-            return -d
         if op is Cmp.EQ:
             return d.abs()
         return -d.abs()

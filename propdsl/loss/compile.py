@@ -150,16 +150,24 @@ class Compiler(Interpreter):
                 # models run in eval mode during the attack), nothing remembered.
                 violation_env = env.with_logic(VIOLATION, share=False)
 
-                def objective(*pts: Tensor) -> Tensor:
-                    value = body(violation_env.child(dict(zip(names, pts, strict=True))))
-                    return -value if negate else value
+                def tiled(copies: int = 1):
+                    # `copies` restarts per sample, stacked sample-major: the env's values
+                    # (the data, f(x)) are computed once and repeated, as for a vectorised
+                    # finite quantifier.
+                    def objective(*pts: Tensor) -> Tensor:
+                        points = dict(zip(names, pts, strict=True))
+                        value = body(violation_env.child(points, factor=copies))
+                        return -value if negate else value
+
+                    return objective
 
                 result = run_attack(
                     _attack(env),
-                    objective,
+                    tiled(),
                     regions,
                     models=list(env.models.values()),
                     generator=env.config.generator,
+                    tiled=tiled,
                 )
                 empty = result.empty
                 if empty is not None and not bool(empty.any()):
@@ -318,7 +326,9 @@ class PropertyLoss(nn.Module):
 class Objective(nn.Module):
     """The train block's `loss` expression: `forward(model, x, y)` -> scalar (batch mean).
 
-    `last_terms` holds the batch mean of each top-level additive term of the last call.
+    `last_terms` holds the batch mean of each top-level additive term of the last call (floats);
+    `last_term_values` the same means as detached tensors on the batch's device, which a
+    training loop can accumulate without a host sync per batch.
     """
 
     def __init__(
@@ -342,8 +352,13 @@ class Objective(nn.Module):
         compiler = Compiler(properties, property_params=property_params)
         self.code = compiler(expr)
         self.term_codes = [(label, compiler(node)) for label, node in terms]
-        self.last_terms: dict[str, float] = {}
+        self.last_term_values: dict[str, Tensor] = {}
         self.radius_scale = 1.0
+
+    @property
+    def last_terms(self) -> dict[str, float]:
+        # Converted on demand: each conversion is a host sync on an accelerator.
+        return {label: float(v) for label, v in self.last_term_values.items()}
 
     def forward(self, model, x: Tensor, y: Tensor) -> Tensor:
         config = CompileConfig(
@@ -351,8 +366,7 @@ class Objective(nn.Module):
         )
         env = Env(_models(model, self.networks), {"x": x, "y": y}, x.shape[0], self.logic, config)
         per_sample = as_batch(self.code(env), env)
-        self.last_terms = {
-            label: float(as_batch(code(env), env).detach().mean())
-            for label, code in self.term_codes
+        self.last_term_values = {
+            label: as_batch(code(env), env).detach().mean() for label, code in self.term_codes
         }
         return per_sample.mean()
