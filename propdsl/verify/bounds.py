@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import weakref
 from dataclasses import dataclass, field
-from typing import cast
+from typing import cast, overload
 
 import torch
 import torch.nn.functional as F
@@ -587,6 +587,30 @@ class _Propagation:
             cached = Relaxation(*(t.unsqueeze(1) if t.dim() else t for t in _fields(r)))
             self.relaxations[i] = cached
         return cached
+
+    @overload
+    def backward(
+        self,
+        start: int,
+        spec: Tensor,
+        alphas: dict | None = None,
+        *,
+        betas: dict[int, Tensor] | None = None,
+        record: dict[int, Tensor] | None = None,
+        windows: dict[int, Patches] | None = None,
+    ) -> tuple[Tensor, Tensor]: ...
+
+    @overload
+    def backward(
+        self,
+        start: int,
+        spec: Patches,
+        alphas: dict | None = None,
+        *,
+        betas: dict[int, Tensor] | None = None,
+        record: dict[int, Tensor] | None = None,
+        windows: dict[int, Patches] | None = None,
+    ) -> tuple[Tensor | Patches, Tensor]: ...
 
     def backward(
         self,
