@@ -867,6 +867,15 @@ def vnnlib_cmd(
         bool, typer.Option("--force", help="Overwrite an existing --out or --json file.")
     ] = False,
     threads: ThreadsOpt = None,
+    nproc: Annotated[
+        int | None,
+        typer.Option(
+            "--nproc",
+            help="With --instances: share the instances out over N processes on this machine "
+            "(torchrun's standalone launch). See docs/distributed.md.",
+            min=1,
+        ),
+    ] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Decide a VNN-COMP instance: sat (with a counterexample onnxruntime confirms), unsat,
@@ -880,6 +889,11 @@ def vnnlib_cmd(
 
     positive_seconds("--timeout", timeout)
     positive_count("--threads", threads)
+    if nproc is not None and nproc > 1:
+        if instances is None:
+            raise UsageError("--nproc goes with --instances (one instance runs in one process)")
+        _launch("vnnlib", nproc)
+        return
     if instances is None:
         if network is None or prop is None:
             raise UsageError("give NETWORK.onnx and PROPERTY.vnnlib, or --instances FILE")
@@ -936,6 +950,7 @@ def _vnnlib_instances(
 ) -> None:
     import json
 
+    from propdsl import distributed
     from propdsl.interop.competition import (
         read_instances,
         run_instances,
@@ -966,7 +981,7 @@ def _vnnlib_instances(
     wrong = sum(r["wrong"] for r in summary)
     if wrong:
         typer.echo(f"{wrong} decided answer(s) contradict the expected ones")
-    if json_out is not None:
+    if json_out is not None and distributed.is_main():  # one report, from rank 0
         report = dict(instances_csv=str(csv_path), timeout_scale=scale, summary=summary)
         report["instances"] = records
         _write_new(json_out, json.dumps(report, indent=1, default=str) + "\n", force)

@@ -479,3 +479,41 @@ def test_ctrl_c_stops_every_process_and_says_how_to_resume(tmp_path):
     assert kept is not None and runs.verify(out, kept) == []
     assert f"{out} keeps epoch {kept.epoch}: continue with" in stderr, stderr[-3000:]
     assert "--resume --nproc 2" in stderr and "Traceback" not in stderr
+
+
+@pytest.mark.slow
+def test_vnnlib_instances_shared_out_over_two_processes_give_one_process_records(tmp_path):
+    """`propdsl vnnlib --instances ... --nproc 2`: the ranks take every other instance and rank
+    0 writes the one report; the answers and counterexamples are those of one process."""
+    import csv
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _vnncomp import require_vnncomp
+
+    root = require_vnncomp()
+    with open(root / "instances.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["benchmark"] == "test"]
+    assert len(rows) == 5  # an odd count: the ranks take 3 and 2
+    chosen = tmp_path / "instances.csv"
+    with open(chosen, "w", newline="") as f:
+        writer = csv.DictWriter(f, ["benchmark", "onnx", "vnnlib", "timeout_s", "expected"])
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: r[k] for k in writer.fieldnames})
+    reports = {}
+    for name, extra in (("one", ["-q"]), ("two", ["--nproc", "2"])):
+        report = tmp_path / f"{name}.json"
+        done = _propdsl(
+            "vnnlib", "--instances", str(chosen), "--root", str(root), "--json", str(report),
+            *extra,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "test" in done.stdout  # rank 0's summary table
+        reports[name] = json.loads(report.read_text())["instances"]
+    # each instance solved once, by one of the two ranks (each prints its own progress)
+    assert sorted(re.findall(r"\[(\d)/5\]", done.stderr)) == ["1", "2", "3", "4", "5"]
+    keys = ("vnnlib", "answer", "decided", "wrong", "counterexample", "output")
+    one = [{k: r.get(k) for k in keys} for r in reports["one"]]
+    two = [{k: r.get(k) for k in keys} for r in reports["two"]]
+    assert two == one
+    assert [r["answer"] for r in one] == [r["expected"] for r in rows]

@@ -336,14 +336,21 @@ def run_instances(
     readers refuse, with the message as reason), seconds (loading included), reason, regions,
     the counterexample and onnxruntime's outputs for `sat`, `decided` and `wrong` (a decided
     answer that contradicts the expected one). `progress(done, total, record)` follows.
+
+    In a distributed job (torchrun, `propdsl vnnlib --instances ... --nproc N`) rank r solves
+    instances r, r + N, r + 2N, ... (interleaved: a benchmark's slow instances spread over the
+    ranks), and every rank returns every record, in the instances' order.
     """
+    from propdsl import distributed
     from propdsl.interop.onnx_import import load_onnx
 
     if not (isinstance(timeout_scale, int | float) and 0 < timeout_scale < math.inf):
         raise UsageError(f"the timeout scale must be a positive number, got {timeout_scale!r}")
     models: dict[Path, nn.Module] = {}
-    records = []
-    for k, inst in enumerate(instances):
+    records: list[dict[str, Any]] = []
+    mine = range(distributed.rank(), len(instances), distributed.world())
+    for k in mine:
+        inst = instances[k]
         timeout = inst.timeout * timeout_scale
         record: dict[str, Any] = dict(
             benchmark=inst.benchmark,
@@ -382,6 +389,9 @@ def run_instances(
         records.append(record)
         if progress is not None:
             progress(k, len(instances), record)
+    if distributed.active():
+        everything = distributed.gather(list(zip(mine, records, strict=True)))
+        records = [r for _, r in sorted(everything, key=lambda kr: kr[0])]
     return records
 
 
