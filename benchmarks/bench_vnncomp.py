@@ -3,10 +3,11 @@
 Runs `propdsl.verify.complete.solve` on every instance of the shared VNN-COMP 2021 subset (its
 `instances.csv`: benchmark, onnx, vnnlib, timeout_s, expected, abcrown_2021_result,
 abcrown_2021_time_s), each within the competition's per-instance timeout (the time a VNN-LIB
-file's several input regions share). The network is `propdsl.load_onnx`'s, the problems
-`propdsl.read_vnnlib`'s; a `sat` answer counts only when onnxruntime, running the ONNX file on
-the counterexample, confirms that its outputs satisfy a disjunct and the point lies in the
-region. Per benchmark: decided / total, wrong (a decided answer that contradicts the expected
+file's several input regions share), by `propdsl.interop.competition` (what `propdsl vnnlib
+--instances` runs). The network is `propdsl.load_onnx`'s, the problems `propdsl.read_vnnlib`'s;
+an answer is `sat` only when onnxruntime, running the ONNX file on the counterexample, confirms
+that its outputs satisfy a disjunct and the point lies in the file's box (else `unknown`). Per
+benchmark: decided / total, wrong (a decided answer that contradicts the expected
 one: must be 0), median and max seconds of the decided instances, and alpha-beta-CROWN's
 decided count and times in the 2021 competition (one GPU per instance, so context rather than a
 target for a CPU). One torch thread: the timings are a 2-core machine's, noisy when shared.
@@ -22,15 +23,16 @@ The data are found in `--data`, the environment variable PROPDSL_VNNCOMP, or
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import statistics
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from propdsl.interop import competition
+from propdsl.interop.competition import Instance, read_instances
 
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = ("test", "acasxu", "mnistfc")
@@ -49,120 +51,30 @@ def data_dir(given: str | None = None) -> Path | None:
     return None
 
 
-def instances(root: Path, benchmarks: tuple[str, ...], limit: int | None) -> list[dict[str, str]]:
-    with open(root / "instances.csv", newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r["benchmark"] in benchmarks]
+def instances(root: Path, benchmarks: tuple[str, ...], limit: int | None) -> list[Instance]:
+    rows = [r for r in read_instances(root / "instances.csv", root) if r.benchmark in benchmarks]
     if limit is not None:
-        kept: list[dict[str, str]] = []
+        kept: list[Instance] = []
         for b in benchmarks:
-            kept += [r for r in rows if r["benchmark"] == b][:limit]
+            kept += [r for r in rows if r.benchmark == b][:limit]
         rows = kept
     return rows
 
 
-def onnx_outputs(session: Any, x: torch.Tensor) -> torch.Tensor:
-    """The ONNX file's outputs at x (flattened), run by onnxruntime in float32."""
-    import numpy as np
-
-    inp = session.get_inputs()[0]
-    shape = [d if isinstance(d, int) else 1 for d in inp.shape]
-    feed = x.detach().to(torch.float32).reshape(shape).numpy().astype(np.float32)
-    out = session.run(None, {inp.name: feed})[0]
-    return torch.from_numpy(out.astype(np.float64)).reshape(1, -1)
-
-
-def run_instance(root: Path, row: dict[str, str], options_kw: dict[str, Any]) -> dict[str, Any]:
-    """Solve one instance within its timeout; confirm a counterexample with onnxruntime."""
-    import onnxruntime
-
-    import propdsl
-    from propdsl.verify.complete import CompleteOptions, solve
-    from propdsl.verify.problem import Answer
-
-    folder = root / row["benchmark"]
-    onnx_path, vnnlib_path = folder / row["onnx"], folder / row["vnnlib"]
-    timeout = float(row["timeout_s"])
-    start = time.perf_counter()
-    record: dict[str, Any] = dict(
-        benchmark=row["benchmark"],
-        onnx=row["onnx"],
-        vnnlib=row["vnnlib"],
-        expected=row["expected"],
-        timeout_s=timeout,
-        abcrown=row["abcrown_2021_result"] or None,
-        abcrown_s=float(row["abcrown_2021_time_s"]) if row["abcrown_2021_time_s"] else None,
-    )
-    try:
-        session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-        model = propdsl.load_onnx(onnx_path)
-        problems = propdsl.read_vnnlib(vnnlib_path, model.input_shape, model.num_outputs)
-    except Exception as exc:  # a file the readers cannot take: reported, not fatal
-        record.update(answer="error", seconds=time.perf_counter() - start, reason=repr(exc))
-        return _judge(record)
-    answer, reason, confirmed, stats = "unsat", [], None, []
-    for k, problem in enumerate(problems):
-        left = timeout - (time.perf_counter() - start)
-        if left <= 0:
-            answer = "timeout"
-            reason.append(f"timeout before region {k + 1} of {len(problems)}")
-            break
-        options = CompleteOptions(timeout=left, **options_kw)
-        result = solve(model, problem, options=options)
-        stats.append({k: v for k, v in result.stats.items() if not isinstance(v, dict)})
-        reason.append(result.reason)
-        if result.answer is Answer.SAT:
-            assert result.counterexample is not None
-            x = result.counterexample.unsqueeze(0)
-            ref = problem.region.centre if problem.region.centre is not None else problem.region.lo
-            inside = bool(
-                problem.region.contains(x.to(ref.dtype if ref is not None else x.dtype))[0]
-            )
-            y = onnx_outputs(session, x)
-            confirmed = inside and bool(problem.violated_at(y)[0])
-            answer = "sat" if confirmed else "unconfirmed"
-            break
-        if result.answer is not Answer.UNSAT:
-            answer = result.answer.value
-            break
-    record.update(
-        answer=answer,
-        seconds=time.perf_counter() - start,
-        reason=" | ".join(reason),
-        confirmed=confirmed,
-        regions=len(problems),
-        stats=stats,
-    )
-    return _judge(record)
-
-
-def _judge(record: dict[str, Any]) -> dict[str, Any]:
-    decided = record["answer"] in ("sat", "unsat")
-    record["decided"] = decided
-    record["wrong"] = decided and record["answer"] != record["expected"]
-    return record
-
-
 def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per benchmark: decided / total, wrong, median and max time, alpha-beta-CROWN's."""
-    rows = []
-    for bench in dict.fromkeys(r["benchmark"] for r in records):
-        mine = [r for r in records if r["benchmark"] == bench]
-        times = [r["seconds"] for r in mine if r["decided"]]
-        theirs = [r for r in mine if r["abcrown"] in ("sat", "unsat")]
-        their_times = [r["abcrown_s"] for r in theirs if r["abcrown_s"] is not None]
-        rows.append(
-            dict(
-                benchmark=bench,
-                total=len(mine),
-                decided=len(times),
-                wrong=sum(r["wrong"] for r in mine),
-                unconfirmed=sum(r["answer"] == "unconfirmed" for r in mine),
-                median_s=statistics.median(times) if times else None,
-                max_s=max(times) if times else None,
-                abcrown_decided=len(theirs),
-                abcrown_median_s=statistics.median(their_times) if their_times else None,
-                abcrown_max_s=max(their_times) if their_times else None,
-            )
+    """The library's rows per benchmark (decided / total, wrong, median and max time) and
+    alpha-beta-CROWN's decided count and times in 2021."""
+    rows = competition.summarise(records)
+    for row in rows:
+        mine = [r for r in records if r["benchmark"] == row["benchmark"]]
+        theirs = [r for r in mine if r.get("abcrown_2021_result") in ("sat", "unsat")]
+        their_times = [
+            float(r["abcrown_2021_time_s"]) for r in theirs if r.get("abcrown_2021_time_s")
+        ]
+        row.update(
+            abcrown_decided=len(theirs),
+            abcrown_median_s=statistics.median(their_times) if their_times else None,
+            abcrown_max_s=max(their_times) if their_times else None,
         )
     return rows
 
@@ -200,18 +112,21 @@ def run(
         return [dict(benchmark="vnncomp", skipped="no VNN-COMP data (set PROPDSL_VNNCOMP)")]
     torch.set_num_threads(threads or 1)
     chosen = benchmarks or (QUICK if quick else BENCHMARKS)
-    records = []
-    for row in instances(root, chosen, limit):
-        record = run_instance(root, row, options or {})
-        records.append(record)
-        if verbose:
-            flag = "  WRONG" if record["wrong"] else ""
-            print(
-                f"{record['benchmark']:<8} {record['onnx'][:30]:<30} {record['vnnlib']:<22} "
-                f"expected {record['expected']:<5} got {record['answer']:<11} "
-                f"{record['seconds']:6.1f} s{flag}  {record['reason'][:120]}",
-                flush=True,
-            )
+
+    def show(k: int, total: int, record: dict[str, Any]) -> None:
+        if not verbose:
+            return
+        flag = "  WRONG" if record["wrong"] else ""
+        print(
+            f"{record['benchmark']:<8} {record['onnx'][:30]:<30} {record['vnnlib']:<22} "
+            f"expected {record['expected'] or '-':<5} got {record['answer']:<7} "
+            f"{record['seconds']:6.1f} s{flag}  {record['reason'][:120]}",
+            flush=True,
+        )
+
+    records = competition.run_instances(
+        instances(root, chosen, limit), options=options, progress=show
+    )
     rows = summarise(records)
     if out is not None:
         report = dict(threads=threads, options=options or {}, summary=rows, instances=records)

@@ -241,7 +241,11 @@ class Spec:
         samples are checked with bound propagation (`method`: "ibp", "crown_ibp", "crown",
         "alpha_crown").
         Options: `falsifier` (attack), `timeout` (seconds per sample), `alpha` (AlphaOptions),
-        `chunk` (samples bounded per call, 32: memory, not verdicts).
+        `chunk` (samples bounded per call, 32: memory, not verdicts), `complete` (True: the
+        samples the bounds leave unknown go to the complete verifier, branch and bound,
+        `timeout` seconds each, default 60; CPU only).
+        `model` may be an imported network, `propdsl.load_onnx(path)`: its input shape and
+        output count must be the spec network's (else a UsageError naming both).
         Returns {property: PropertyVerdicts} with `.status`, `.margin`, `.counterexamples`.
         """
         from propdsl.verify.run import verify

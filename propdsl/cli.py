@@ -436,6 +436,30 @@ def eval_cmd(
     samples: Annotated[int | None, typer.Option(help="Evaluate the first N samples only.")] = None,
     checkpoint: CheckpointOpt = "best",
     plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write PNG plots.")] = True,
+    eps_grid: Annotated[
+        str | None,
+        typer.Option(
+            "--eps-grid",
+            help="Radii of the security / accuracy curve, comma-separated (e.g. 0.01,0.02,0.05; "
+            "default 0,0.025,0.05,0.1,0.15,0.2); for specs with a param eps.",
+        ),
+    ] = None,
+    attack: Annotated[
+        str | None,
+        typer.Option(
+            "--attack",
+            help="The strong attack of constraint security, e.g. pgd(steps=20,restarts=2) or "
+            "apgd(steps=50,restarts=3) (the default).",
+        ),
+    ] = None,
+    metrics: Annotated[
+        str | None,
+        typer.Option(
+            "--metrics",
+            help="Heavier metrics named after papers, comma-separated: etmann, ara, landscape, "
+            "flatness, adv-explanations (default none).",
+        ),
+    ] = None,
     spec_differs_ok: SpecDiffersOpt = False,
     model: ModelOpt = None,
     device: DeviceOpt = None,
@@ -453,8 +477,13 @@ def eval_cmd(
     from propdsl.train import set_threads
 
     set_threads(threads)
-    from propdsl.evaluate import evaluate, render_table
+    from propdsl.evaluate import evaluate, parse_attack, parse_eps_grid, render_table
+    from propdsl.metrics.papers import parse_metrics
 
+    # The new options are checked before the spec and the run are loaded (usage errors, exit 2).
+    grid = None if eps_grid is None else parse_eps_grid(eps_grid)
+    strong = None if attack is None else parse_attack(attack)
+    chosen = parse_metrics(metrics)
     loaded = load(spec, parse_overrides(param or []))
     with _Display("eval", quiet) as display:
         result = evaluate(
@@ -463,6 +492,9 @@ def eval_cmd(
             split=split,
             samples=samples,
             plots=plots,
+            eps_grid=grid,
+            attack=strong,
+            metrics=chosen,
             model_ref=model,
             device=device,
             checkpoint=checkpoint,
@@ -476,7 +508,10 @@ def eval_cmd(
 @guarded
 def verify_cmd(
     spec: SpecArg,
-    run: RunOpt,
+    run: Annotated[
+        Path | None,
+        typer.Option("--run", help="The run folder of propdsl train (or give --model NET.onnx)."),
+    ] = None,
     method: Annotated[
         str | None,
         typer.Option(
@@ -488,14 +523,31 @@ def verify_cmd(
     split: SplitOpt = "test",
     samples: Annotated[int | None, typer.Option(help="How many samples (default 100).")] = None,
     timeout: Annotated[
-        float | None, typer.Option(help="Seconds per sample before unknown.")
+        float | None,
+        typer.Option(
+            help="Seconds per sample before unknown (with --complete: per open sample, default 60)."
+        ),
     ] = None,
     prop: Annotated[
         list[str] | None, typer.Option("--property", help="Verify only these (repeatable).")
     ] = None,
     checkpoint: CheckpointOpt = "best",
     spec_differs_ok: SpecDiffersOpt = False,
-    model: ModelOpt = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            help="The run's user model; or NET.onnx, a network to verify instead of a run.",
+        ),
+    ] = None,
+    complete: Annotated[
+        bool,
+        typer.Option(
+            "--complete",
+            help="Decide the samples the bounds leave unknown by branch and bound "
+            "(--timeout seconds each, default 60).",
+        ),
+    ] = False,
     device: DeviceOpt = None,
     threads: ThreadsOpt = None,
     quiet: QuietOpt = False,
@@ -504,7 +556,8 @@ def verify_cmd(
 
     The run's params are the defaults (--param overrides them). Results go to
     RUN/verify/<method>-<key>/ (verify.json, counterexamples/), one folder per setting;
-    RUN/verify.json is a copy of the latest verify.json.
+    RUN/verify.json is a copy of the latest verify.json. With --model NET.onnx instead of
+    --run, the ONNX network is verified on the spec's data (nothing is written).
     """
     from propdsl.results import positive_seconds
 
@@ -513,6 +566,18 @@ def verify_cmd(
     from propdsl.api import load, parse_overrides
     from propdsl.train import set_threads
     from propdsl.verify.report import verify_run
+
+    onnx = model is not None and model.lower().endswith(".onnx")
+    if onnx and run is not None:
+        raise UsageError("--model NET.onnx verifies that network instead of a run: drop --run")
+    if run is None and not onnx:
+        raise UsageError("give --run RUN (a run folder) or --model NET.onnx")
+    if onnx and (checkpoint != "best" or spec_differs_ok):
+        raise UsageError("--checkpoint and --spec-differs-ok go with --run, not an ONNX model")
+    if onnx and device not in (None, "cpu"):
+        raise UsageError("an ONNX model is verified on the CPU: drop --device")
+    if complete and device not in (None, "cpu"):
+        raise UsageError("--complete runs on the CPU: use --device cpu")
 
     chosen: registry.Method | None = None
     if method is not None:
@@ -523,6 +588,11 @@ def verify_cmd(
             raise UsageError(f"--method must be one of {known}, got {method!r}") from None
     set_threads(threads)
     loaded = load(spec, parse_overrides(param or []))
+    if onnx:
+        assert model is not None
+        _verify_onnx(loaded, Path(model), chosen, split, samples, timeout, prop, complete, quiet)
+        return
+    assert run is not None
     with _Display("verify", quiet) as display:
         report = verify_run(
             loaded,
@@ -533,9 +603,10 @@ def verify_cmd(
             timeout=timeout,
             properties=prop or None,
             model_ref=model,
-            device=device,
+            device="cpu" if complete else device,
             checkpoint=checkpoint,
             spec_differs_ok=spec_differs_ok,
+            complete=complete,
             progress=display,
         )
     typer.echo(report.table())
@@ -543,6 +614,37 @@ def verify_cmd(
     for path in report.counterexample_paths:
         typer.echo(f"counterexamples: {path}")
     typer.echo(f"  and {Path(run) / 'verify.json'}, a copy of this verify.json (the latest)")
+
+
+def _verify_onnx(
+    spec: Any,
+    path: Path,
+    method: registry.Method | None,
+    split: str,
+    samples: int | None,
+    timeout: float | None,
+    prop: list[str] | None,
+    complete: bool,
+    quiet: bool,
+) -> None:
+    """`propdsl verify SPEC --model NET.onnx`: the imported network on the spec's data."""
+    from propdsl.interop.onnx_import import load_onnx
+    from propdsl.verify.report import verify_model
+
+    network = load_onnx(path)
+    with _Display("verify", quiet) as display:
+        report = verify_model(
+            spec,
+            network,
+            method=method,
+            split=split,
+            samples=samples,
+            timeout=timeout,
+            properties=prop or None,
+            complete=complete,
+            progress=display,
+        )
+    typer.echo(report.table())
 
 
 @app.command("export")
@@ -602,6 +704,149 @@ def export_cmd(
     typer.echo(f"instances: {report.instances}")
     for name, reason in report.skipped.items():
         typer.echo(f"skipped {name}: {reason}")
+
+
+@app.command("vnnlib")
+@guarded
+def vnnlib_cmd(
+    network: Annotated[
+        Path | None, typer.Argument(help="The network, an ONNX file.", show_default=False)
+    ] = None,
+    prop: Annotated[
+        Path | None,
+        typer.Argument(help="The property, a VNN-LIB file.", show_default=False),
+    ] = None,
+    timeout: Annotated[
+        float | None, typer.Option(help="Seconds for the instance (default 60).")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Write the answer to this file.")
+    ] = None,
+    instances: Annotated[
+        Path | None,
+        typer.Option(
+            "--instances", help="Run every row of this instances.csv (onnx,vnnlib,timeout)."
+        ),
+    ] = None,
+    root: Annotated[
+        Path | None,
+        typer.Option(help="The folder the instances' paths are relative to (default: its own)."),
+    ] = None,
+    timeout_scale: Annotated[
+        float, typer.Option("--timeout-scale", help="Multiply every instance's timeout.")
+    ] = 1.0,
+    json_out: Annotated[
+        Path | None,
+        typer.Option("--json", help="Write the report of --instances (one record each) here."),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Overwrite an existing --out or --json file.")
+    ] = False,
+    threads: ThreadsOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Decide a VNN-COMP instance: sat (with a counterexample onnxruntime confirms), unsat,
+    timeout or unknown, in the competition's result format; or a whole benchmark.
+
+    Exit 0 whatever the answer; 2 for a missing or unreadable file or a bad option, 1 for a
+    mistake in the VNN-LIB file (file:line:col).
+    """
+    from propdsl.interop.vnnlib import VnnlibError
+    from propdsl.results import positive_count, positive_seconds
+
+    positive_seconds("--timeout", timeout)
+    positive_count("--threads", threads)
+    if instances is None:
+        if network is None or prop is None:
+            raise UsageError("give NETWORK.onnx and PROPERTY.vnnlib, or --instances FILE")
+        for name, given in (("--root", root), ("--json", json_out)):
+            if given is not None:
+                raise UsageError(f"{name} goes with --instances")
+    elif network is not None or prop is not None:
+        raise UsageError("--instances runs a whole benchmark: give no NETWORK or PROPERTY")
+    elif timeout is not None or out is not None:
+        raise UsageError("--instances takes each row's timeout (--timeout-scale scales them)")
+    for path in (out, json_out):
+        if path is not None and path.exists() and not force:
+            raise UsageError(f"{path} exists; --force overwrites it")
+    from propdsl.train import set_threads
+
+    set_threads(threads)
+    try:
+        if instances is not None:
+            _vnnlib_instances(instances, root, timeout_scale, json_out, force, quiet)
+            return
+        assert network is not None and prop is not None
+        from propdsl.interop.competition import DEFAULT_TIMEOUT, solve_instance
+
+        result = solve_instance(network, prop, timeout=timeout or DEFAULT_TIMEOUT)
+    except VnnlibError as err:
+        _fail(f"error: {err}", EXIT_SPEC)
+    text = result.text()
+    if out is not None:
+        _write_new(out, text, force)
+    else:
+        typer.echo(text, nl=False)
+    if not quiet:
+        sys.stderr.write(f"{result.answer.value} in {result.seconds:.2f} s: {result.reason}\n")
+
+
+def _write_new(path: Path, text: str, force: bool) -> None:
+    """Write a file the user named; an existing one only with --force (checked again here)."""
+    try:
+        with open(path, "w" if force else "x", encoding="utf-8") as f:
+            f.write(text)
+    except FileExistsError:
+        raise UsageError(f"{path} exists; --force overwrites it") from None
+    except OSError as err:
+        raise UsageError(f"cannot write {path}: {err.strerror or err}") from None
+
+
+def _vnnlib_instances(
+    csv_path: Path,
+    root: Path | None,
+    scale: float,
+    json_out: Path | None,
+    force: bool,
+    quiet: bool,
+) -> None:
+    import json
+
+    from propdsl.interop.competition import (
+        read_instances,
+        run_instances,
+        summarise,
+        summary_table,
+    )
+
+    if root is not None and not root.is_dir():
+        raise UsageError(f"--root {root}: no such folder")
+    if not scale > 0 or scale == float("inf"):
+        raise UsageError(f"--timeout-scale must be a positive number, got {scale}")
+    rows = read_instances(csv_path, root)
+
+    def show(k: int, total: int, r: dict[str, Any]) -> None:
+        if quiet:
+            return
+        expected = f" (expected {r['expected']})" if r.get("expected") else ""
+        flag = "  WRONG" if r["wrong"] else ""
+        sys.stderr.write(
+            f"[{k + 1}/{total}] {r['benchmark']} {r['onnx']} {r['vnnlib']}: {r['answer']}"
+            f"{expected} in {r['seconds']:.1f} s{flag}\n"
+        )
+        sys.stderr.flush()
+
+    records = run_instances(rows, timeout_scale=scale, progress=show)
+    summary = summarise(records)
+    typer.echo(summary_table(summary))
+    wrong = sum(r["wrong"] for r in summary)
+    if wrong:
+        typer.echo(f"{wrong} decided answer(s) contradict the expected ones")
+    if json_out is not None:
+        report = dict(instances_csv=str(csv_path), timeout_scale=scale, summary=summary)
+        report["instances"] = records
+        _write_new(json_out, json.dumps(report, indent=1, default=str) + "\n", force)
+        typer.echo(f"report: {json_out}")
 
 
 def main() -> None:

@@ -10,7 +10,10 @@ For one split of the spec's data (the verify block's source, else the train bloc
 * explanation robustness of gradient saliency (Quantus' MaxSensitivity, AvgSensitivity,
   LocalLipschitzEstimate) and Etmann et al.'s alignment;
 * the accuracy-robustness area of Woods et al. (2019) from per-sample minimal adversarial RMSE
-  distances found by bisection over the radius of an L2 ball.
+  distances found by bisection over the radius of an L2 ball;
+* on request (`metrics`), the heavier metrics named after papers (`propdsl.metrics.papers`):
+  Etmann et al.'s rho / rho~ / alignment, Woods et al.'s attack and BTR ARA and adversarial
+  explanations, input loss landscapes and flatness.
 
 Everything is written to `eval.json` in a folder of the run for these settings,
 `RUN/eval/<key>/` (see `propdsl.results`), with PNG plots next to it; `RUN/eval.json` is a copy
@@ -30,6 +33,7 @@ import dataclasses
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -42,10 +46,13 @@ from torch import Tensor, nn
 from propdsl import ir as I
 from propdsl import runs
 from propdsl.api import Spec
-from propdsl.attacks import APGD, PGD, run_attack
+from propdsl.attacks import APGD, PGD
 from propdsl.errors import UsageError
 from propdsl.interpret import differentiates
-from propdsl.region import Region
+from propdsl.metrics import papers as paper_metrics
+from propdsl.metrics.papers import PaperMetric, PaperResults
+from propdsl.metrics.search import Criterion, Distance, min_perturbation
+from propdsl.metrics.woods import WoodsARA, accuracy_robustness_area
 from propdsl.results import positive_count, result_key, write_results
 from propdsl.session import (
     Checkpoint,
@@ -65,10 +72,13 @@ __all__ = [
     "AccuracyRobustness",
     "EvalResult",
     "ExplanationMetrics",
+    "PaperMetric",
     "PropertyResult",
     "accuracy_robustness_area",
     "evaluate",
     "min_adversarial_rmse",
+    "parse_attack",
+    "parse_eps_grid",
     "render_table",
     "show_attack",
 ]
@@ -168,6 +178,9 @@ class EvalResult:
     params: tuple[ParamSource, ...] = ()
     header: str = ""  # checkpoint, params and notes, as `RunSetup.header` gives them
     results: Path | None = None  # the folder of this setting's results
+    # constraint accuracy (uniformly random points) at each radius of `eps_grid`
+    accuracy_curve: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+    papers: PaperResults | None = None  # the metrics asked for with `metrics`
 
 
 Progress = Callable[[str, int, int], None]
@@ -227,6 +240,7 @@ def evaluate(
     checkpoint: Checkpoint | str | None = None,
     spec_differs_ok: bool = False,
     progress: Progress | None = None,
+    metrics: str | Sequence[str | PaperMetric] | None = None,
 ) -> EvalResult:
     """Evaluate a checkpoint of a run on one split of the spec's data; write the results into
     `RUN/eval/<key>/` (see `propdsl.results`) and a copy of `eval.json` into the run folder.
@@ -258,6 +272,8 @@ def evaluate(
             `UsageError`); its results get a folder of their own.
         progress: called as `progress(stage, done, total)` before each stage and once at the
             end with `done == total` (the CLI draws it).
+        metrics: the heavier metrics to add, names of `PaperMetric` (`"etmann,ara"` or a
+            list): `etmann`, `ara`, `landscape`, `flatness`, `adv-explanations` (default none).
 
     Returns:
         `EvalResult` with every number and the paths written.
@@ -282,6 +298,7 @@ def evaluate(
         raise UsageError(f"attack must be PGD(...) or APGD(...), got {type(strong).__name__}")
     for name in curve_properties or ():
         spec.property(name)  # a clear error for an unknown name, before any work
+    chosen_metrics = paper_metrics.parse_metrics(metrics)
     dev = resolve_device(device)
     setup = open_run(
         spec,
@@ -305,7 +322,7 @@ def evaluate(
     has_eps = getattr(spec.param_types.get("eps"), "kind", None) == "Real"
     closed = [name for name, p in spec.properties.items() if len(p.params) in (1, 2)]
     planned_curve = _curve_choice(spec, closed, curve_properties) if grid and has_eps else []
-    steps = _Steps(progress, len(closed) + len(planned_curve) * len(grid) + 3)
+    steps = _Steps(progress, len(closed) + len(planned_curve) * len(grid) + 3 + len(chosen_metrics))
 
     with torch.no_grad():
         predicted = _predict(model, x, batch)
@@ -344,13 +361,15 @@ def evaluate(
                 break
 
     curve: dict[str, tuple[float, ...]] = {}
+    accuracy_curve: dict[str, tuple[float, ...]] = {}
     for name in planned_curve:
         if name not in props:  # skipped above
             steps.skip(len(grid))
             continue
         t0 = time.perf_counter()
-        known = {float(spec.params["eps"]): props[name].security}
-        curve[name] = _security_curve(
+        own = float(spec.params["eps"])
+        known = {own: (props[name].security, props[name].accuracy)}
+        curve[name], accuracy_curve[name] = _security_curve(
             spec, name, attacks[name], grid, known, model, x, y, batch, seed, dev, steps
         )
         log.info("security curve of %s: %.1fs", name, time.perf_counter() - t0)
@@ -367,6 +386,24 @@ def evaluate(
     t0 = time.perf_counter()
     robustness = _robustness(model, x, y, predicted, box, batch, seed, dev)
     log.info("accuracy-robustness area: %.1fs", time.perf_counter() - t0)
+    papers = None
+    if chosen_metrics:
+        t0 = time.perf_counter()
+        papers = paper_metrics.compute(
+            chosen_metrics,
+            model,
+            x,
+            y,
+            box=box,
+            image=_is_image(tuple(x.shape[1:])),
+            radius=float(radius),
+            attack_ara=_as_woods(robustness),
+            batch=batch,
+            seed=seed,
+            device=dev,
+            start=steps.start,
+        )
+        log.info("paper metrics: %.1fs", time.perf_counter() - t0)
 
     steps.start("writing results" + (" and plots" if plots else ""))
     settings = {
@@ -380,6 +417,8 @@ def evaluate(
         "explain_radius": float(radius),
         "device": dev.type,
     }
+    if chosen_metrics:  # only when asked: the folders of plain evaluations keep their keys
+        settings["metrics"] = [m.value for m in chosen_metrics]
     key = result_key(setup, split=split, n=n, settings=settings)
     folder = run_path / EVAL_DIR / key
     partial = EvalResult(
@@ -403,6 +442,8 @@ def evaluate(
         params=setup.params,
         header=setup.header(),
         results=folder,
+        accuracy_curve=accuracy_curve,
+        papers=papers,
     )
     names: list[str] = []
 
@@ -421,7 +462,10 @@ def evaluate(
                 robustness,
                 grid_points,
                 clean,
+                accuracy_curve,
             )
+            if papers is not None:
+                written += paper_metrics.plots(papers, tmp, x, y)
             names.extend(p.name for p in written)
         data = _to_json(partial, setup, ds.name, names)
         data["settings"] = settings
@@ -511,11 +555,13 @@ def _holds(
 
 
 def _security_curve(spec, name, attack, grid, known, model, x, y, batch, seed, device, steps):
-    values = []
+    """(security, constraint accuracy) of the property at each radius of the grid."""
+    values, accuracy = [], []
     for eps in grid:
         steps.start(f"security of {name} at eps {eps:g}")
         if eps in known:  # the spec's own radius: the same attack with the same seed, done
-            values.append(known[eps])
+            values.append(known[eps][0])
+            accuracy.append(known[eps][1])
             continue
         at = spec.with_params(eps=eps)
         run = attack
@@ -525,7 +571,9 @@ def _security_curve(spec, name, attack, grid, known, model, x, y, batch, seed, d
             run = dataclasses.replace(attack, steps=0, restarts=1)
         truth, _ = _holds(at, name, run, model, x, y, batch, seed, device)
         values.append(_mean(truth))
-    return tuple(values)
+        at_random, _ = _holds(at, name, RANDOM_POINTS, model, x, y, batch, seed, device)
+        accuracy.append(_mean(at_random))
+    return tuple(values), tuple(accuracy)
 
 
 def _point_regions(formula: I.Node) -> bool:
@@ -603,24 +651,6 @@ def _explanation_metrics(model, x, y, radius, box, batch, seed, device) -> Expla
 # -- accuracy-robustness area --------------------------------------------------------------------
 
 
-def accuracy_robustness_area(distances: Tensor | Sequence[float], num_classes: int) -> float:
-    """`integral over e >= 0 of max(0, A(e) - 1/K)`, `A(e)` the fraction of distances > e.
-
-    `A` is a step function, so the integral is exact: with the distances sorted,
-    `d_(1) <= ... <= d_(N)` and `d_(0) = 0`, `A(e) = (N - i + 1) / N` on `[d_(i-1), d_(i))`.
-
-    >>> accuracy_robustness_area([0.0, 0.1, 0.3], num_classes=2)  # 0.1 * (2/3 - 1/2)
-    0.016666666666666663
-    """
-    d = torch.as_tensor(distances, dtype=torch.float64).flatten().sort().values
-    n = d.numel()
-    if n == 0:
-        return 0.0
-    widths = torch.diff(d, prepend=d.new_zeros(1))
-    share = (n - torch.arange(n, dtype=torch.float64)) / n
-    return float((widths * (share - 1.0 / num_classes).clamp_min(0)).sum())
-
-
 def min_adversarial_rmse(
     model: nn.Module,
     x: Tensor,
@@ -651,56 +681,19 @@ def min_adversarial_rmse(
     >>> round(d.item(), 3)  # move x_0 by 0.1: RMSE 0.1 / sqrt(2)
     0.071
     """
-    n = x.shape[0]
-    scale = math.sqrt(x[0].numel())
-    out = torch.zeros(n, dtype=torch.float64)
-    with torch.no_grad():
-        correct = (model(x).argmax(1) == y).cpu()
-    idx = torch.nonzero(correct).flatten()
-    if idx.numel() == 0:
-        return out
-    xs, ys = x[idx.to(x.device)], y[idx.to(y.device)]
-
-    def margin(v: Tensor, labels: Tensor) -> Tensor:
-        logits = model(v).flatten(1)
-        true = logits.gather(1, labels.reshape(-1, 1)).squeeze(1)
-        others = logits.scatter(1, labels.reshape(-1, 1), -math.inf)
-        return others.amax(1) - true
-
-    def breaks(sel: Tensor, radius: Tensor) -> tuple[Tensor, Tensor]:
-        """Attack the samples `sel` at RMSE radius [m]: (broken [m], RMSE of the point [m])."""
-        centre, labels = xs[sel], ys[sel]
-        lo, hi = box if box is not None else (None, None)
-        region = Region.ball(centre, (radius * scale).to(centre), 2, lo=lo, hi=hi)
-        found = run_attack(
-            attack,
-            lambda v: margin(v, labels),
-            [region],
-            models=[model],
-            generator=generator,
-        )
-        (point,) = found.points
-        with torch.no_grad():
-            broken = (model(point).argmax(1) != labels).cpu()
-        rmse = ((point - centre).flatten(1).norm(dim=1) / scale).double().cpu()
-        return broken, rmse
-
-    m = idx.numel()
-    everyone = torch.arange(m, device=x.device)
-    broken, rmse = breaks(everyone, torch.full((m,), float(max_rmse), dtype=torch.float64))
-    best = torch.where(broken, rmse, torch.full_like(rmse, float(max_rmse)))
-    lo_r = torch.zeros(m, dtype=torch.float64)
-    active = broken.clone()
-    for _ in range(bisections):
-        sel = torch.nonzero(active).flatten()
-        if sel.numel() == 0:
-            break
-        mid = (lo_r[sel] + best[sel]) / 2
-        hit, dist = breaks(sel.to(x.device), mid)
-        best[sel] = torch.where(hit, torch.minimum(best[sel], dist), best[sel])
-        lo_r[sel] = torch.where(hit, lo_r[sel], mid)
-    out[idx] = best
-    return out
+    # Woods et al.'s attack ARA search (propdsl.metrics.search), the argmax criterion.
+    return min_perturbation(
+        model,
+        x,
+        y,
+        criterion=Criterion.ARGMAX,
+        distance=Distance.RMSE,
+        attack=attack,
+        max_distance=max_rmse,
+        bisections=bisections,
+        box=box,
+        generator=generator,
+    ).distance
 
 
 def _robustness(model, x, y, predicted, box, batch, seed, device) -> AccuracyRobustness:
@@ -728,6 +721,92 @@ def _robustness(model, x, y, predicted, box, batch, seed, device) -> AccuracyRob
 def _num_classes(model: nn.Module, x: Tensor) -> int:
     with torch.no_grad():
         return int(model(x[:1]).flatten(1).shape[1])
+
+
+def _as_woods(ara: AccuracyRobustness | None) -> WoodsARA | None:
+    """eval's accuracy-robustness area is Woods et al.'s attack ARA (argmax criterion)."""
+    if ara is None:
+        return None
+    return WoodsARA(
+        criterion=Criterion.ARGMAX,
+        area=ara.area,
+        num_classes=ara.num_classes,
+        max_rmse=ara.max_rmse,
+        n=ara.n,
+        not_broken=ara.not_broken,
+        median=ara.median,
+        distances=ara.distances,
+    )
+
+
+def _is_image(shape: tuple[int, ...]) -> bool:
+    from propdsl import plots
+
+    return plots.is_image(shape)
+
+
+# -- options from the command line ---------------------------------------------------------------
+
+
+def parse_eps_grid(text: str) -> tuple[float, ...]:
+    """`"0.01,0.02,0.05"` -> (0.01, 0.02, 0.05): finite, non-negative, at least one.
+
+    >>> parse_eps_grid("0, 0.05,0.1")
+    (0.0, 0.05, 0.1)
+    """
+    parts = [p.strip() for p in str(text).split(",")]
+    if not any(parts):
+        raise UsageError(f"--eps-grid needs comma-separated radii, got {text!r}")
+    return tuple(_positive_radius("--eps-grid", p, zero=True) for p in parts)
+
+
+def parse_attack(text: str) -> PGD | APGD:
+    """`"pgd(steps=20, restarts=2)"`, `"apgd"` -> the attack options; a usage error for an
+    unknown attack, option or value.
+
+    >>> parse_attack("pgd(steps=20,restarts=2)")
+    PGD(steps=20, restarts=2, step_size=2.5, random_start=True, surrogate_beta=None)
+    """
+    m = re.fullmatch(r"\s*([A-Za-z_]\w*)\s*(?:\((.*)\))?\s*", str(text))
+    if m is None:
+        raise UsageError(f"--attack must look like pgd(steps=20, restarts=2), got {text!r}")
+    name, body = m.group(1).lower(), m.group(2)
+    kinds: dict[str, type[PGD] | type[APGD]] = {"pgd": PGD, "apgd": APGD}
+    if name not in kinds:
+        raise UsageError(f"unknown attack '{name}' in --attack; known attacks: pgd, apgd")
+    kind = kinds[name]
+    fields = {f.name: f for f in dataclasses.fields(kind)}
+    kwargs: dict[str, Any] = {}
+    for item in filter(None, (p.strip() for p in (body or "").split(","))):
+        key, sep, raw = (v.strip() for v in item.partition("="))
+        if not sep or key not in fields:
+            known = ", ".join(fields)
+            raise UsageError(f"--attack: {name} takes {known}; got {item!r}")
+        kwargs[key] = _attack_value(name, key, raw)
+    try:
+        return kind(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise UsageError(f"--attack: {err}") from None
+
+
+def _attack_value(name: str, key: str, raw: str) -> Any:
+    if key in ("steps", "restarts"):
+        if not re.fullmatch(r"\d+", raw):
+            raise UsageError(f"--attack: {name} {key} must be a whole number, got {raw!r}")
+        return int(raw)
+    if key == "random_start":
+        if raw.lower() not in ("true", "false"):
+            raise UsageError(f"--attack: {name} random_start must be true or false, got {raw!r}")
+        return raw.lower() == "true"
+    if key == "surrogate_beta" and raw.lower() == "none":
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise UsageError(f"--attack: {name} {key} must be a number, got {raw!r}") from None
+    if not math.isfinite(value):
+        raise UsageError(f"--attack: {name} {key} must be finite, got {raw!r}")
+    return value
 
 
 # -- output --------------------------------------------------------------------------------------
@@ -771,6 +850,7 @@ def _to_json(result: EvalResult, setup: Any, data: str, plots: Sequence[str]) ->
         "security_vs_eps": {
             "eps": list(result.eps_grid),
             "properties": {k: list(v) for k, v in result.security_curve.items()},
+            "accuracy": {k: list(v) for k, v in result.accuracy_curve.items()},
         },
         "explanations": None
         if ex is None
@@ -798,12 +878,25 @@ def _to_json(result: EvalResult, setup: Any, data: str, plots: Sequence[str]) ->
             "median_distance": ara.median,
             "distances": list(ara.distances),
         },
+        "paper_metrics": None if result.papers is None else paper_metrics.to_json(result.papers),
         "plots": list(plots),
     }
 
 
 def _plots(
-    folder, run_path, spec, x, y, predicted, model, grid, curve, robustness, grid_points, clean
+    folder,
+    run_path,
+    spec,
+    x,
+    y,
+    predicted,
+    model,
+    grid,
+    curve,
+    robustness,
+    grid_points,
+    clean,
+    accuracy_curve=None,
 ) -> list[Path]:
     from propdsl import explain, plots
 
@@ -815,7 +908,12 @@ def _plots(
         nominal = float(spec.params["eps"]) if "eps" in spec.params else None
         written.append(
             plots.security_curve(
-                grid, curve, folder / "security_vs_eps.png", nominal=nominal, clean=clean
+                grid,
+                curve,
+                folder / "security_vs_eps.png",
+                nominal=nominal,
+                clean=clean,
+                accuracy=accuracy_curve,
             )
         )
     if robustness is not None:
@@ -905,6 +1003,12 @@ def render_table(result: EvalResult) -> str:
         lines.append(f"{title:<{w2}}  " + "  ".join(f"{c:>{cw}}" for c in cols))
         for name, values in result.security_curve.items():
             lines.append(f"{name:<{w2}}  " + "  ".join(f"{_fmt(v, 3):>{cw}}" for v in values))
+        if result.accuracy_curve:
+            title = "accuracy at eps"
+            w3 = max(len(title), *(len(n) for n in result.accuracy_curve))
+            lines.append(f"{title:<{w3}}  " + "  ".join(f"{c:>{cw}}" for c in cols))
+            for name, values in result.accuracy_curve.items():
+                lines.append(f"{name:<{w3}}  " + "  ".join(f"{_fmt(v, 3):>{cw}}" for v in values))
     ex = result.explanation
     if ex is not None:
         lines.append("")
@@ -923,6 +1027,9 @@ def render_table(result: EvalResult) -> str:
             f"accuracy-robustness area {_fmt(ara.area, 5)} (RMSE; median distance "
             f"{_fmt(ara.median)}; {ara.not_broken} not broken within RMSE {ara.max_rmse:g})"
         )
+    if result.papers is not None:
+        lines.append("")
+        lines += paper_metrics.table_lines(result.papers)
     files = ", ".join([result.json_path.name, *(p.name for p in result.plots)])
     lines.append("")
     lines.append(f"wrote {result.json_path.parent}: {files}")

@@ -31,6 +31,7 @@ from propdsl.errors import PropdslError
 
 __all__ = [
     "ACTIVATIONS",
+    "HalfHuberReLU",
     "ModelError",
     "Normalize",
     "available_models",
@@ -66,6 +67,7 @@ ACTIVATIONS: Mapping[str, Mapping[str, float]] = MappingProxyType(
         "tanh": {},
         "sigmoid": {},
         "softplus": {"beta": 1.0},
+        "half_huber": {"delta": 0.5},
     }
 )
 
@@ -112,6 +114,8 @@ def _parse_activation(spec: Any, overrides: Mapping[str, float | None]) -> tuple
             raise ModelError(f"activation option {key} must be a number, got {value!r}")
     if name == "softplus" and options.get("beta", 1.0) <= 0:
         raise ModelError(f"softplus beta must be positive, got {options['beta']}")
+    if name == "half_huber" and options.get("delta", 0.5) <= 0:
+        raise ModelError(f"half_huber delta must be positive, got {options['delta']}")
     return name, {**accepted, **{k: float(v) for k, v in options.items()}}
 
 
@@ -132,7 +136,37 @@ def make_activation(spec: ActivationSpec = "relu", **options: float | None) -> n
         return nn.Tanh()
     if name == "sigmoid":
         return nn.Sigmoid()
+    if name == "half_huber":
+        return HalfHuberReLU(delta=opts["delta"])
     return nn.Softplus(beta=opts["beta"])
+
+
+class HalfHuberReLU(nn.Module):
+    """Woods et al. (2019, "Adversarial explanations for understanding image classification
+    decisions")'s half-Huber ReLU: 0 for x <= 0, x^2 / (2 delta) on (0, delta], x - delta / 2
+    above. Continuously differentiable, with f'(x) = clamp(x, 0, delta) / delta: unlike ReLU its
+    gradient changes smoothly, so input gradients (saliency, their attacks) are informative.
+    Convex and non-decreasing on the whole line, which its bound rule uses.
+
+    >>> f = HalfHuberReLU(delta=0.5)
+    >>> f(torch.tensor([-1.0, 0.25, 0.5, 2.0])).tolist()
+    [0.0, 0.0625, 0.25, 1.75]
+    """
+
+    def __init__(self, delta: float = 0.5):
+        super().__init__()
+        if not (isinstance(delta, int | float) and math.isfinite(delta) and delta > 0):
+            raise ModelError(f"half_huber delta must be positive and finite, got {delta!r}")
+        self.delta = float(delta)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # clamp(x, 0, delta) * (x - clamp / 2) / delta: 0 below 0, x^2 / (2 delta) on
+        # [0, delta], x - delta / 2 above, in one expression whose autograd is clamp / delta.
+        c = x.clamp(0.0, self.delta)
+        return c * (x - c / 2) / self.delta
+
+    def extra_repr(self) -> str:
+        return f"delta={self.delta}"
 
 
 # -- normalisation -------------------------------------------------------------------------------

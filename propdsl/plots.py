@@ -13,8 +13,14 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "adversarial_explanation_grid",
+    "alignment_scatter",
+    "ara_curves",
     "counterexample_grid",
+    "flatness_histogram",
     "is_image",
+    "landscape_curves",
+    "landscape_surfaces",
     "robustness_curve",
     "sample_grid",
     "security_curve",
@@ -120,8 +126,10 @@ def security_curve(
     *,
     nominal: float | None = None,
     clean: float | None = None,
+    accuracy: Mapping[str, Sequence[float]] | None = None,
 ) -> Path:
-    """Constraint security against the radius, one line per property.
+    """Constraint security against the radius, one line per property, and (when given) its
+    constraint accuracy (at uniformly random points) as a thin dotted line of the same colour.
 
     >>> import tempfile, pathlib
     >>> p = pathlib.Path(tempfile.mkdtemp()) / "s.png"
@@ -131,14 +139,26 @@ def security_curve(
     fig = _figure(6, 4)
     ax = fig.subplots()
     for i, (name, values) in enumerate(curves.items()):
-        ax.plot(list(eps), list(values), label=name, **_style(i, len(curves)))
+        (line,) = ax.plot(
+            list(eps), list(values), label=f"{name}: security", **_style(i, len(curves))
+        )
+        if accuracy is not None and name in accuracy:
+            ax.plot(
+                list(eps),
+                list(accuracy[name]),
+                color=line.get_color(),
+                ls=":",
+                marker="x",
+                lw=1,
+                label=f"{name}: accuracy (random points)",
+            )
     if clean is not None:
         ax.axhline(clean, color="grey", ls="--", lw=1, label="clean accuracy")
     if nominal is not None:
         ax.axvline(nominal, color="grey", ls=":", lw=1, label=f"spec eps = {nominal:g}")
     ax.set(
-        title="constraint security against the radius",
-        xlabel="eps",
+        title="constraint security (and accuracy) against the radius",
+        xlabel="eps (the spec's radius param)",
         ylabel="fraction of samples where it holds",
         ylim=(0, 1.05),
     )
@@ -305,4 +325,226 @@ def counterexample_grid(
     if im is not None:
         fig.colorbar(im, ax=list(axes[2]), shrink=0.8, label="counterexample - sample")
     fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+
+# -- metrics named after papers (propdsl.metrics) ------------------------------------------------
+
+
+def alignment_scatter(
+    alignment: Sequence[float],
+    rho: Sequence[float],
+    rho_tilde: Sequence[float],
+    path: Path,
+    *,
+    found: Sequence[bool] | None = None,
+) -> Path:
+    """Etmann et al. (2019): per sample, alignment against robustness rho (by attack; samples
+    where none was found are hollow) and against the linearised robustness rho~, with the
+    diagonal alpha = rho for scale.
+
+    >>> import tempfile, pathlib
+    >>> p = pathlib.Path(tempfile.mkdtemp()) / "e.png"
+    >>> alignment_scatter([0.1, 0.5, 0.9], [0.2, 0.4, 1.0], [0.3, 0.5, 0.8], p).name
+    'e.png'
+    """
+    fig = _figure(10, 4)
+    left, right = fig.subplots(1, 2)
+    a = [float(v) for v in alignment]
+    ok = [True] * len(a) if found is None else [bool(v) for v in found]
+    xs = [float(v) for v in rho]
+    left.scatter(
+        [x for x, k in zip(xs, ok, strict=True) if k],
+        [v for v, k in zip(a, ok, strict=True) if k],
+        s=14,
+        label="rho found by the attack",
+    )
+    if not all(ok):
+        left.scatter(
+            [x for x, k in zip(xs, ok, strict=True) if not k],
+            [v for v, k in zip(a, ok, strict=True) if not k],
+            s=14,
+            facecolors="none",
+            edgecolors="grey",
+            label="none found: rho capped",
+        )
+    tilde = [float(v) for v in rho_tilde]
+    right.scatter(
+        [t for t in tilde if math.isfinite(t)],
+        [v for v, t in zip(a, tilde, strict=True) if math.isfinite(t)],
+        s=14,
+        color="tab:orange",
+        label="rho~ (closed form)",
+    )
+    for ax, what in (
+        (left, "robustness rho, L2 (attack: an upper bound)"),
+        (right, "linearised robustness rho~, L2"),
+    ):
+        finite = [v for v in a if math.isfinite(v)]
+        top = max(finite, default=1.0)
+        ax.plot([0, top], [0, top], color="grey", ls=":", lw=1, label="alignment = distance")
+        ax.set(xlabel=what, ylabel="alignment |<x, g>| / ||g||_2 (input units)")
+        ax.legend(fontsize=8)
+    fig.suptitle("alignment against robustness per sample (Etmann et al. 2019)", fontsize=10)
+    return _save(fig, path)
+
+
+def ara_curves(
+    distances: Mapping[str, Sequence[float]],
+    num_classes: int,
+    areas: Mapping[str, float],
+    path: Path,
+) -> Path:
+    """Woods et al. (2019): A(e), the fraction of samples whose near-minimal RMSE perturbation
+    exceeds e, one step line per criterion (attack, BTR), with the chance level 1/C.
+
+    >>> import tempfile, pathlib
+    >>> p = pathlib.Path(tempfile.mkdtemp()) / "w.png"
+    >>> d = {"attack": [0.0, 0.1], "btr": [0.0, 0.2]}
+    >>> ara_curves(d, 2, {"attack": 0.0, "btr": 0.0}, p).name
+    'w.png'
+    """
+    from bisect import bisect_right
+
+    fig = _figure(6, 4)
+    ax = fig.subplots()
+    for i, (name, values) in enumerate(distances.items()):
+        d = sorted(float(v) for v in values)
+        n = max(1, len(d))
+        xs = [0.0, *d]
+        ys = [(len(d) - bisect_right(d, e)) / n for e in xs]
+        ax.step(
+            xs,
+            ys,
+            where="post",
+            ls=_LINES[i % len(_LINES)],
+            label=f"{name} ARA {areas.get(name, math.nan):.4g}",
+        )
+    ax.axhline(1 / num_classes, color="grey", ls="--", lw=1, label=f"chance 1/{num_classes}")
+    ax.set(
+        title="accuracy-robustness curves (Woods et al. 2019)",
+        xlabel="RMSE of the perturbation e",
+        ylabel="A(e): fraction of samples with m_i > e",
+        ylim=(0, 1.02),
+    )
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def adversarial_explanation_grid(
+    x: Any,
+    labels: Sequence[int],
+    points: Any,
+    targets: Sequence[int],
+    probability: Any,
+    path: Path,
+    *,
+    radius: float,
+) -> Path:
+    """Woods et al. (2019)'s adversarial explanations: one row per sample, the input then
+    x + delta toward each target class t (RMSE at most `radius`), titled with p_t there.
+
+    >>> import tempfile, pathlib, torch
+    >>> p = pathlib.Path(tempfile.mkdtemp()) / "x.png"
+    >>> x = torch.rand(2, 1, 4, 4)
+    >>> pts = torch.rand(2, 3, 1, 4, 4)
+    >>> probs = torch.rand(2, 3)
+    >>> adversarial_explanation_grid(x, [0, 1], pts, [0, 1, 2], probs, p, radius=0.1).name
+    'x.png'
+    """
+    k, t = int(x.shape[0]), len(targets)
+    fig = _figure(1.6 * (t + 1), 1.75 * k + 0.5)
+    axes = fig.subplots(k, t + 1, squeeze=False)
+    for i in range(k):
+        img, cmap = _image(x[i])
+        axes[i][0].imshow(img, cmap=cmap, vmin=0, vmax=1)
+        axes[i][0].set_title(f"input, label {int(labels[i])}", fontsize=7)
+        for j, target in enumerate(targets):
+            img, cmap = _image(points[i, j])
+            axes[i][j + 1].imshow(img, cmap=cmap, vmin=0, vmax=1)
+            axes[i][j + 1].set_title(
+                f"toward {int(target)}: p={float(probability[i, j]):.2f}", fontsize=7
+            )
+        for ax in axes[i]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle(
+        f"adversarial explanations x + delta, RMSE <= {radius:g} (Woods et al. 2019)", fontsize=9
+    )
+    return _save(fig, path)
+
+
+def landscape_curves(landscape: Any, path: Path) -> Path:
+    """The CE and the explanation loss along the adversarial and a random direction
+    (`propdsl.metrics.Landscape`), one panel each.
+
+    >>> import tempfile, pathlib, torch
+    >>> from propdsl.metrics import Landscape
+    >>> s = torch.linspace(-1, 1, 3)
+    >>> land = Landscape(s, s**2, s**2, s.abs(), s.abs(), None, None, 2)
+    >>> landscape_curves(land, pathlib.Path(tempfile.mkdtemp()) / "l.png").name
+    'l.png'
+    """
+    fig = _figure(10, 4)
+    left, right = fig.subplots(1, 2)
+    steps = [float(v) for v in landscape.steps]
+    for ax, adv, rnd, name in (
+        (left, landscape.ce_adversarial, landscape.ce_random, "cross-entropy loss"),
+        (
+            right,
+            landscape.explanation_adversarial,
+            landscape.explanation_random,
+            "explanation loss ||saliency(x') - saliency(x)||_2",
+        ),
+    ):
+        ax.plot(
+            steps, [float(v) for v in adv], marker="o", ms=3, label="adversarial: sign(grad CE)"
+        )
+        ax.plot(steps, [float(v) for v in rnd], marker="s", ms=3, ls="--", label="random sign")
+        ax.set(xlabel="offset a along the direction (L-inf distance)", ylabel=name, title=name)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"input loss landscapes, mean over {landscape.n} samples", fontsize=10)
+    return _save(fig, path)
+
+
+def landscape_surfaces(landscape: Any, path: Path) -> Path:
+    """The CE and the explanation loss on `x + a d_adv + b d_random`, as filled contours."""
+    fig = _figure(10, 4.2)
+    axes = fig.subplots(1, 2)
+    steps = [float(v) for v in landscape.steps]
+    for ax, surface, name in (
+        (axes[0], landscape.ce_surface, "cross-entropy loss"),
+        (axes[1], landscape.explanation_surface, "explanation loss"),
+    ):
+        z = surface.detach().double().cpu().numpy().T  # rows: b (random), columns: a
+        im = ax.contourf(steps, steps, z, levels=20, cmap="viridis")
+        fig.colorbar(im, ax=ax, shrink=0.85, label=name)
+        ax.set(
+            xlabel="a: adversarial direction (L-inf)",
+            ylabel="b: random direction (L-inf)",
+            title=name,
+        )
+    fig.suptitle(f"input loss surfaces, mean over {landscape.n} samples", fontsize=10)
+    return _save(fig, path)
+
+
+def flatness_histogram(values: Sequence[float], path: Path) -> Path:
+    """The per-sample top eigenvalue of the input Hessian of the CE loss.
+
+    >>> import tempfile, pathlib
+    >>> flatness_histogram([0.1, 0.5, 2.0], pathlib.Path(tempfile.mkdtemp()) / "h.png").name
+    'h.png'
+    """
+    fig = _figure(6, 4)
+    ax = fig.subplots()
+    v = [float(a) for a in values if math.isfinite(float(a))]
+    ax.hist(v, bins=min(30, max(5, len(v) // 3)), color="tab:blue")
+    mean = sum(v) / len(v) if v else math.nan
+    ax.axvline(mean, color="black", ls="--", lw=1, label=f"mean {mean:.4g}")
+    ax.set(
+        title="flatness: top eigenvalue of the input Hessian of the CE loss",
+        xlabel="largest eigenvalue (per sample; lower is flatter)",
+        ylabel="samples",
+    )
+    ax.legend(fontsize=8)
     return _save(fig, path)

@@ -533,6 +533,9 @@ _declare(
         _entry(Kind.ACTIVATION, "leaky_relu", "torch.nn:LeakyReLU", {"negative_slope": real(UNIT)}),
         _entry(Kind.ACTIVATION, "softplus", "torch.nn:Softplus", {"beta": real(POSITIVE)}),
         _entry(Kind.ACTIVATION, "sigmoid", "torch.nn:Sigmoid"),
+        _entry(
+            Kind.ACTIVATION, "half_huber", "propdsl.models:HalfHuberReLU", {"delta": real(POSITIVE)}
+        ),
     ],
 )
 

@@ -135,7 +135,7 @@ def test_make_activation_matches_torch():
     assert torch.allclose(
         make_activation("softplus", beta=5.0)(x), nn.functional.softplus(x, beta=5.0)
     )
-    assert set(ACTIVATIONS) == {"relu", "leaky_relu", "tanh", "sigmoid", "softplus"}
+    assert set(ACTIVATIONS) == {"relu", "leaky_relu", "tanh", "sigmoid", "softplus", "half_huber"}
     assert available_models()[:2] == ("mlp", "cnn")
 
 

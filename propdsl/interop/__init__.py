@@ -4,6 +4,9 @@
   engine, the attacks and the Jacobian bounds accept; `onnx_forward` runs onnxruntime itself.
 * `propdsl.interop.vnnlib`: VNN-LIB properties (1.0, and 2.0 through the `vnnlib` package) as
   verification problems (`read_vnnlib`).
+* `propdsl.interop.competition`: VNN-COMP instances end to end (`solve_instance`, the answer
+  in the competition's format, `sat` confirmed by onnxruntime) and whole benchmarks
+  (`read_instances`, `run_instances`): what `propdsl vnnlib` runs.
 
-Neither module is imported by `import propdsl`: they load onnx, onnxruntime and torch on use.
+None of them is imported by `import propdsl`: they load onnx, onnxruntime and torch on use.
 """

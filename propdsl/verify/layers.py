@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from propdsl.errors import PropdslError
+from propdsl.models import HalfHuberReLU
 
 __all__ = [
     "DERIVATIVES",
@@ -1194,6 +1195,34 @@ class SoftplusRule(ConvexActivationRule):
         linear = self.beta * upper > self.threshold
         upper_d = torch.where(linear, torch.ones_like(upper), self.derivative(upper))
         return self.derivative(lower), upper_d
+
+
+# -- half-Huber ReLU (Woods et al. 2019) --------------------------------------------------------
+
+
+@register_rule(HalfHuberReLU)
+class HalfHuberRule(ConvexActivationRule):
+    """f(x) = 0 for x <= 0, x^2 / (2 delta) on (0, delta], x - delta / 2 above. f' =
+    clamp(x, 0, delta) / delta is continuous and non-decreasing, so f is convex and increasing
+    on the whole line: IBP is monotone, the chord is the upper line and every tangent a lower
+    one (CROWN: at the midpoint; alpha-CROWN: any slope in [f'(l), f'(u)], touching where
+    f'(x) = slope, i.e. x = slope * delta). The derivative range is [f'(l), f'(u)]."""
+
+    def __init__(self, call: Call):
+        super().__init__(call)
+        self.delta = float(call.module.delta)
+
+    def function(self, x: Tensor) -> Tensor:
+        c = x.clamp(0.0, self.delta)
+        return c * (x - c / 2) / self.delta
+
+    def derivative(self, x: Tensor) -> Tensor:
+        return x.clamp(0.0, self.delta) / self.delta
+
+    def inverse_derivative(self, slope: Tensor) -> Tensor:
+        # Slopes 0 and 1 are flat pieces (x <= 0, x >= delta): any of their points touches;
+        # slope * delta is one of them, and `relax` clamps it into [l, u].
+        return slope.detach().clamp(0.0, 1.0) * self.delta
 
 
 class SShapedRule(ActivationRule):

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from propdsl import runs
+from propdsl.errors import UsageError
 from propdsl.registry import Method
 from propdsl.results import positive_count, positive_seconds, result_key, write_results
 from propdsl.session import (
@@ -148,6 +149,7 @@ def verify_run(
     device: str | None = None,
     checkpoint: Checkpoint | str | None = None,
     spec_differs_ok: bool = False,
+    complete: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> VerifyReport:
     """Verify a checkpoint of a run on the first `samples` of a split of the spec's verify
@@ -155,8 +157,10 @@ def verify_run(
 
     The run's params are the defaults of the params the spec was not loaded with; `checkpoint`
     is `best` (default) or `last`; a spec that is not the run's is refused unless
-    `spec_differs_ok`. `progress(stage, done, total)` is called before each property and at
-    the end. Counts and the timeout are checked before any work.
+    `spec_differs_ok`. With `complete`, the samples the bounds leave unknown go to the
+    complete verifier, `timeout` seconds each (`propdsl.verify.run.verify_property`).
+    `progress(stage, done, total)` is called before each property and at the end. Counts and
+    the timeout are checked before any work.
     """
     positive_count("samples", samples)
     positive_seconds("timeout", timeout)
@@ -172,43 +176,11 @@ def verify_run(
         spec_differs_ok=spec_differs_ok,
     )
     spec, model = setup.spec, setup.model
-    vb = spec.verify_block
-    # `method` (a `Method`, or its name from a library caller), else the block's, else CROWN
-    chosen = as_method(method or (vb.get("method") if vb is not None else None) or Method.CROWN)
-    if timeout is None and vb is not None and vb.get("timeout") is not None:
-        timeout = positive_seconds("the verify block's timeout", vb.get("timeout"))
-    falsifier = None
-    if vb is not None and vb.get("attack") is not None:
-        from propdsl.attacks import resolve_attack
-
-        falsifier = resolve_attack(vb.get("attack"))
-    names = list(properties) if properties is not None else None
-    if names is None:
-        from propdsl.verify.run import _default_properties
-
-        names = _default_properties(spec)
-    for name in names:
-        spec.property(name)  # a clear error for an unknown name, before any work
+    chosen, timeout, falsifier, names = _settings(spec, method, timeout, properties)
     generator = torch.Generator(device=dev).manual_seed(setup.seed)
-    verdicts: dict[str, PropertyVerdicts] = {}
-    for k, name in enumerate(names):
-        if progress is not None:
-            progress(f"property {name}", k, len(names))
-        # One property at a time, in order, with the same generator: what `verify` does for
-        # the whole list, so the verdicts are the same.
-        verdicts.update(
-            verify(
-                spec,
-                model,
-                x,
-                y,
-                [name],
-                method=chosen,
-                falsifier=falsifier,
-                timeout=timeout,
-                generator=generator,
-            )
-        )
+    verdicts = _verdicts(
+        spec, model, x, y, names, chosen, falsifier, timeout, generator, complete, progress
+    )
     reasons = {name: _reasons(v) for name, v in verdicts.items()}
     n = int(x.shape[0])
     settings = {
@@ -218,6 +190,7 @@ def verify_run(
         "properties": names,
         "falsifier": repr(falsifier),
         "device": dev.type,
+        **({"complete": True} if complete else {}),  # keys of earlier results stay the same
     }
     key = result_key(setup, split=split, n=n, settings=settings, prefix=chosen.value)
     folder = setup.path / VERIFY_DIR / key
@@ -233,6 +206,7 @@ def verify_run(
             "samples": n,
             "seed": setup.seed,
             "timeout": timeout,
+            "complete": complete,
             "settings": settings,
             "properties": {
                 name: {
@@ -260,7 +234,7 @@ def verify_run(
         progress("done", len(names), len(names))
     paths = tuple(folder / p for p in written)
     return VerifyReport(
-        chosen.value,
+        chosen.value + (" + complete" if complete else ""),
         split,
         n,
         verdicts,
@@ -269,6 +243,152 @@ def verify_run(
         header=setup.header(),
         results=folder,
         reasons=reasons,
+    )
+
+
+def _settings(
+    spec: Any, method: Method | str | None, timeout: float | None, properties: list[str] | None
+) -> tuple[Method, float | None, Any, list[str]]:
+    """The method, timeout, falsifier and property names: the arguments', else the verify
+    block's, else the defaults; unknown property names are refused before any work."""
+    vb = spec.verify_block
+    # `method` (a `Method`, or its name from a library caller), else the block's, else CROWN
+    chosen = as_method(method or (vb.get("method") if vb is not None else None) or Method.CROWN)
+    if timeout is None and vb is not None and vb.get("timeout") is not None:
+        timeout = positive_seconds("the verify block's timeout", vb.get("timeout"))
+    falsifier = None
+    if vb is not None and vb.get("attack") is not None:
+        from propdsl.attacks import resolve_attack
+
+        falsifier = resolve_attack(vb.get("attack"))
+    names = list(properties) if properties is not None else None
+    if names is None:
+        from propdsl.verify.run import _default_properties
+
+        names = _default_properties(spec)
+    for name in names:
+        spec.property(name)  # a clear error for an unknown name, before any work
+    return chosen, timeout, falsifier, names
+
+
+def _verdicts(
+    spec: Any,
+    model: Any,
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    names: list[str],
+    chosen: Method,
+    falsifier: Any,
+    timeout: float | None,
+    generator: torch.Generator,
+    complete: bool,
+    progress: Callable[[str, int, int], None] | None,
+) -> dict[str, PropertyVerdicts]:
+    verdicts: dict[str, PropertyVerdicts] = {}
+    for k, name in enumerate(names):
+        if progress is not None:
+            progress(f"property {name}", k, len(names))
+        # One property at a time, in order, with the same generator: what `verify` does for
+        # the whole list, so the verdicts are the same.
+        verdicts.update(
+            verify(
+                spec,
+                model,
+                x,
+                y,
+                [name],
+                method=chosen,
+                falsifier=falsifier,
+                timeout=timeout,
+                generator=generator,
+                complete=complete,
+            )
+        )
+    return verdicts
+
+
+@dataclass(frozen=True)
+class ModelReport:
+    """The verdicts of `verify_model`: a network given as a module (an imported ONNX file),
+    not a run; nothing is written."""
+
+    method: str
+    split: str
+    samples: int
+    verdicts: dict[str, PropertyVerdicts]
+    source: str
+    reasons: dict[str, list[str | None]] = field(default_factory=dict)
+
+    def table(self) -> str:
+        report = VerifyReport(
+            self.method,
+            self.split,
+            self.samples,
+            self.verdicts,
+            Path(),
+            (),
+            header=f"model: {self.source}",
+            reasons=self.reasons,
+        )
+        return report.table()
+
+
+def verify_model(
+    spec: Any,
+    model: Any,
+    *,
+    method: Method | str | None = None,
+    split: str = "test",
+    samples: int | None = None,
+    timeout: float | None = None,
+    properties: list[str] | None = None,
+    complete: bool = False,
+    seed: int | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> ModelReport:
+    """Verify a network that is not a run (e.g. `propdsl.load_onnx(path)`) on the first
+    `samples` (default: the verify block's, else 100) of a split of the spec's verify (else
+    train) data source, drawn with `seed` (default: the train block's seed, else 0, as a run
+    trained with the spec draws them). The model must fit the spec's network: its
+    `input_shape` / `num_outputs` (an imported ONNX model's) or, for other modules, a forward
+    pass on one sample; a mismatch is a usage error naming both.
+    """
+    from propdsl.session import load_block_split
+    from propdsl.verify.run import check_model_fits
+
+    positive_count("samples", samples)
+    positive_seconds("timeout", timeout)
+    chosen, timeout, falsifier, names = _settings(spec, method, timeout, properties)
+    block = spec.verify_block or spec.train_block
+    if block is None:
+        raise UsageError(f"{spec.name} has no verify or train block: no data to verify on")
+    check_model_fits(spec, model, block.network)
+    if seed is None:
+        tb = spec.train_block
+        seed = int(tb.get("seed")) if tb is not None and tb.get("seed") is not None else 0
+    vb = spec.verify_block
+    n = samples or (vb.get("samples") if vb is not None else None) or DEFAULT_SAMPLES
+    n = positive_count("the verify block's samples", n)
+    ds = load_block_split(spec, block, split, seed=seed, root=Path(spec.name).parent)
+    if len(ds) == 0:
+        raise UsageError(f"the {split} split is empty")
+    x, y = ds.x[:n], ds.y[:n]
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    if dtype is not None:
+        x = x.to(dtype)
+    generator = torch.Generator().manual_seed(seed)
+    verdicts = _verdicts(
+        spec, model, x, y, names, chosen, falsifier, timeout, generator, complete, progress
+    )
+    if progress is not None:
+        progress("done", len(names), len(names))
+    return ModelReport(
+        chosen.value + (" + complete" if complete else ""),
+        split,
+        int(x.shape[0]),
+        verdicts,
+        str(getattr(model, "source", type(model).__name__)),
+        reasons={name: _reasons(v) for name, v in verdicts.items()},
     )
 
 

@@ -117,23 +117,40 @@ def verify_property(
     alpha: AlphaOptions | None = None,
     generator: torch.Generator | None = None,
     chunk: int = DEFAULT_CHUNK,
+    complete: bool = False,
 ) -> PropertyVerdicts:
     """Verdicts of property `name` for each sample of (x, y); see the module docstring.
 
     The samples the falsifier leaves open are bounded `chunk` at a time: bounds are per sample,
     so the verdicts do not depend on it, but memory does (alpha-CROWN keeps slopes and their
-    optimiser state per sample, intermediate neuron and row)."""
+    optimiser state per sample, intermediate neuron and row).
+
+    With `complete`, every sample the bounds leave `unknown` goes to the complete verifier
+    (`propdsl.verify.complete`, branch and bound) with `timeout` seconds of its own (default
+    COMPLETE_TIMEOUT; the bounds then run without a deadline): `verified` when it proves the
+    property, `falsified` with its counterexample when it finds one (only for properties whose
+    region quantifiers are all universal, where a point refutes), else `unknown` or
+    `unknown (timeout)` with its reason. The CPU only, linear properties (not the Jacobian
+    ones)."""
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise UsageError(f"chunk must be a positive integer, got {chunk!r}")
+    if not isinstance(complete, bool):
+        raise UsageError(f"complete must be True or False, got {complete!r}")
     _check_inputs(x)
+    if complete and (
+        x.device.type != "cpu"
+        or any(t.device.type != "cpu" for t in [*model.parameters(), *model.buffers()])
+    ):
+        raise UsageError("complete verification runs on the CPU: use device cpu")
     t0 = time.perf_counter()
     prop = spec.property(name)
     batch = x.shape[0]
     status = [UNKNOWN] * batch
     reasons: list[str | None] = [None] * batch
     margin = torch.full((batch,), float("nan"), dtype=torch.float64)
-    deadline = None if timeout is None else t0 + timeout * batch
+    deadline = None if timeout is None or complete else t0 + timeout * batch
     method = as_method(method)
+    still_open: list[int] = []  # unknown after the bounds: the complete verifier's samples
     was = model.training
     model.eval()
     try:
@@ -219,6 +236,23 @@ def verify_property(
                         else:
                             status[i] = UNKNOWN
                             reasons[i] = _loose_reason(method, float(margins[j]), strict)
+                            if isinstance(query, Query):
+                                still_open.append(i)
+                if complete and still_open:
+                    idx = torch.tensor(still_open, device=x.device)
+                    sub_y = y[idx] if y is not None else None
+                    with torch.no_grad():
+                        query = _to_query(prop.formula, params, networks, x[idx], sub_y, models)
+                    counterexamples = _complete(
+                        query,
+                        model,
+                        still_open,
+                        timeout,
+                        refutable,
+                        status,
+                        reasons,
+                        counterexamples,
+                    )
             except Unsupported as err:
                 reason = _positioned(spec, err)
                 for i in open_idx:
@@ -235,6 +269,58 @@ def verify_property(
     return PropertyVerdicts(
         name, status, margin, counterexamples, seconds, reason, reasons, witnesses
     )
+
+
+COMPLETE_TIMEOUT = 60.0  # seconds per sample of the complete verifier, unless `timeout`
+
+
+def _complete(
+    query: Any,
+    model: nn.Module,
+    samples: list[int],
+    timeout: float | None,
+    refutable: bool,
+    status: list[str],
+    reasons: list[str | None],
+    counterexamples: dict[str, Tensor],
+) -> dict[str, Tensor]:
+    """The complete verifier on the samples the bounds left unknown; fills status, reasons
+    and (for falsified samples) the counterexamples of the query's variable."""
+    from propdsl.verify.complete import CompleteOptions, complete_verdicts
+
+    if not isinstance(query, Query) or query.region is None or query.variable is None:
+        return counterexamples  # not a linear query over one region: stays unknown
+    batch = len(status)
+    if query.region.shape[0] != len(samples):
+        for i in samples:  # a region per point of a finite quantifier: not one problem each
+            reasons[i] = f"{reasons[i]}; the complete verifier takes one region per sample"
+        return counterexamples
+    options = CompleteOptions(timeout=timeout if timeout is not None else COMPLETE_TIMEOUT)
+    try:
+        verdicts, why, points = complete_verdicts(query, model, options)
+    except (Unsupported, UnsupportedLayerError, UsageError) as err:
+        # the bounds' verdicts stand; the samples stay unknown, with the reason
+        for i in samples:
+            reasons[i] = f"{reasons[i]}; the complete verifier cannot take it: {err}"
+        return counterexamples
+    out = dict(counterexamples)
+    for j, i in enumerate(samples):
+        verdict = verdicts[j]
+        if verdict == FALSIFIED and not refutable:
+            verdict = UNKNOWN
+            why[j] = (
+                "the complete verifier found a point where the property's body fails, but a "
+                "region quantifier is existential here: a point refutes nothing"
+            )
+        status[i] = verdict
+        reasons[i] = f"complete verifier: {why[j]}" if why[j] else None
+        if verdict == FALSIFIED:
+            var = query.variable
+            if var not in out:
+                out[var] = torch.full((batch, *points.shape[1:]), math.nan, dtype=points.dtype)
+            out[var] = out[var].clone()
+            out[var][i] = points[j].to(out[var])
+    return out
 
 
 def _check_inputs(x: Tensor) -> None:
@@ -382,8 +468,49 @@ def verify(
     names = properties if properties is not None else _default_properties(spec)
     for n in names:
         spec.property(n)  # a clear error for unknown names
+    if hasattr(model, "input_shape") and hasattr(model, "num_outputs"):
+        check_model_fits(spec, model)  # an imported network (load_onnx) knows its shapes
     chosen = as_method(method)
     return {n: verify_property(spec, n, model, x, y, method=chosen, **options) for n in names}
+
+
+def check_model_fits(spec: Any, model: nn.Module, network: str | None = None) -> None:
+    """A usage error, naming both, when the model does not fit the spec's network `network`
+    (default: the verify (else train) block's, else every network the spec declares).
+
+    A model with `input_shape` and `num_outputs` (`propdsl.load_onnx`'s) is compared with the
+    network's type directly; another module runs on one zero input of the network's shape.
+    """
+    if network is None:
+        block = spec.verify_block or spec.train_block
+        names = [block.network] if block is not None else list(spec.networks)
+    else:
+        names = [network]
+    source = getattr(model, "source", None)
+    what = f"the model {source}" if source else "the model"
+    for name in names:
+        net = spec.networks[name]
+        want_in, want_out = tuple(net.inp.shape), math.prod(net.out.shape)
+        if hasattr(model, "input_shape") and hasattr(model, "num_outputs"):
+            got_in = tuple(int(d) for d in getattr(model, "input_shape", ()))
+            got_out = int(getattr(model, "num_outputs", 0))
+        else:
+            try:
+                dtype = next((p.dtype for p in model.parameters()), torch.get_default_dtype())
+                with torch.no_grad():
+                    out = model(torch.zeros(1, *want_in, dtype=dtype))
+            except RuntimeError as err:
+                raise UsageError(
+                    f"{what} does not take the inputs of {spec.name}'s network '{name}', "
+                    f"{net.show()}: {str(err).splitlines()[0]}"
+                ) from None
+            got_in, got_out = want_in, out[0].numel()
+        if got_in != want_in or got_out != want_out:
+            raise UsageError(
+                f"{what} does not fit {spec.name}: its network '{name}' is {net.show()}, but "
+                f"the model takes Tensor[{', '.join(map(str, got_in))}] and gives {got_out} "
+                "outputs"
+            )
 
 
 def as_method(method: Method | str) -> Method:
