@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _reproduce as R  # noqa: E402
 from propdsl.manipulation import ManipulationOptions, explanation_manipulation  # noqa: E402
-from propdsl.metrics import loss_landscape, top_hessian_eigenvalue  # noqa: E402
+from propdsl.metrics import loss_landscape, rank_correlation, top_hessian_eigenvalue  # noqa: E402
 
 import propdsl  # noqa: E402
 
@@ -146,6 +146,15 @@ def main(argv: list[str] | None = None) -> None:
                 file=sys.stderr,
             )
     summary = {m: {k: R.mean_std(v) for k, v in cols.items()} for m, cols in per_seed.items()}
+    # Chen et al.: explanation robustness (End) follows the starting explanation distance
+    # (Start) more than the flatness of the explanation loss; over every trained model
+    start = torch.tensor([v for m in METHODS for v in per_seed[m]["expl_start"]])
+    end = torch.tensor([v for m in METHODS for v in per_seed[m]["expl_end"]])
+    flat = torch.tensor([v for m in METHODS for v in per_seed[m]["expl_rise_adversarial"]])
+    across = {
+        "spearman_start_end": rank_correlation(start, end),
+        "spearman_expl_rise_end": rank_correlation(flat, end),
+    }
     table = R.markdown(
         [
             "method",
@@ -174,6 +183,11 @@ def main(argv: list[str] | None = None) -> None:
             for m in METHODS
         ],
     )
+    shown = [("n/a" if v is None else f"{v:.3f}") for v in across.values()]
+    table += (
+        f"\n\nacross the {start.numel()} models: Spearman(Start, End) = {shown[0]}, "
+        f"Spearman(expl. rise, End) = {shown[1]}"
+    )
     plot(s, curves, summary)
     R.write(
         s,
@@ -183,6 +197,7 @@ def main(argv: list[str] | None = None) -> None:
             "methods": list(METHODS),
             "per_seed": per_seed,
             "summary": summary,
+            "across_models": across,
             "landscapes_seed0": curves,
         },
         table,
