@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
+import propdsl
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _reproduce as R  # noqa: E402
-
-import propdsl  # noqa: E402
 
 EPS, DELTA, LIPSCHITZ, ETA = 0.1, 0.1, 10.0, 0.7
 PROPERTIES = ("SR", "LR", "SCR")

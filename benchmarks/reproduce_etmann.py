@@ -23,9 +23,10 @@ from pathlib import Path
 
 import torch
 
+from propdsl.metrics import etmann_metrics, rank_correlation
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _reproduce as R  # noqa: E402
-from propdsl.metrics import etmann_metrics, rank_correlation  # noqa: E402
 
 LAMBDAS = (0.0, 0.01, 0.1, 1.0)
 BODY = "  loss      = cross_entropy + lambda * norm(grad(cross_entropy(f(x), y), x), 2)\n"

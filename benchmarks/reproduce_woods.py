@@ -22,9 +22,10 @@ from pathlib import Path
 
 import torch
 
+from propdsl.metrics import Criterion, adversarial_explanations, woods_ara
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _reproduce as R  # noqa: E402
-from propdsl.metrics import Criterion, adversarial_explanations, woods_ara  # noqa: E402
 
 METHODS = ("standard", "standard_half_huber", "woods", "pgd")
 HALF_HUBER = "half_huber(delta = 0.5)"
