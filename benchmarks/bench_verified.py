@@ -149,7 +149,7 @@ def _method_row(
         seconds = time.perf_counter() - start
     block = spec.train_block
     assert block is not None
-    test = load_split(spec, block, "test", seed=0)
+    test = load_split(spec, block, "test", split_seed=0)
     x, y = test.x[:samples], test.y[:samples]
     with torch.no_grad():
         accuracy = float((model(x).argmax(1) == y).float().mean())

@@ -102,7 +102,7 @@ def measure(
     model = Run.open(folder).load_model("best")
     block = spec.verify_block
     assert block is not None
-    test = load_split(spec, block, "test", seed=seed)
+    test = load_split(spec, block, "test")  # the split of the run trained above (default seed)
     with torch.no_grad():
         accuracy = float((model(test.x).argmax(1) == test.y).float().mean())
     x, y = test.x[:SAMPLES], test.y[:SAMPLES]

@@ -66,7 +66,7 @@ VARIANTS = {
 
 def splits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     spec = propdsl.load(SPEC)
-    data = load_split(spec, spec.train_block, "train", seed=0)
+    data = load_split(spec, spec.train_block, "train", split_seed=0)
     order = torch.randperm(len(data.x), generator=torch.Generator().manual_seed(123))
     n_val = int(0.2 * len(data.x))
     val, train = order[:n_val], order[n_val:]

@@ -41,7 +41,9 @@ class Quantified:
 
 @dataclass(frozen=True)
 class Property:
-    """A closed property of one data sample: `params` are bound to (x) or (x, y)."""
+    """A closed property of one data sample: `params` are bound to (x) or (x, y); or of a pair,
+    `(x, y, xt, yt)`, whose partner `(xt, yt)` is drawn as `partner` says
+    (`propdsl.partners.draw`)."""
 
     name: str
     params: tuple[tuple[str, Ty], ...]
@@ -49,6 +51,11 @@ class Property:
     body: I.Node
     formula: I.Node
     span: Span | None = field(default=None, compare=False)
+    partner: Any = None  # an OptionValue (other_class, class_mean, prototype) or None
+
+    @property
+    def paired(self) -> bool:
+        return self.partner is not None
 
     @property
     def quantified(self) -> list[Quantified]:
@@ -113,7 +120,9 @@ class Spec:
         out = {}
         for name, info in self.checked.properties.items():
             formula = simplify(info.body, self.checked.params)
-            out[name] = Property(name, info.params, info.network, info.body, formula, info.span)
+            out[name] = Property(
+                name, info.params, info.network, info.body, formula, info.span, info.partner
+            )
         return out
 
     @property
@@ -147,6 +156,26 @@ class Spec:
     def default_attack(self) -> Any:
         block = self.train_block
         return block.get("attack") if block is not None else None
+
+    def term_attacks(self) -> dict[str, Any]:
+        """The train block's per-term attacks (`attacks = terms(name = attack, ...)`): term
+        name -> `PGD` / `APGD` options; empty without the setting."""
+        from propdsl.attacks import resolve_attack
+
+        block = self.train_block
+        value = block.get("attacks") if block is not None else None
+        if value is None:
+            return {}
+        return {name: resolve_attack(a) for name, a in value.kwargs}
+
+    def adaptive_weight(self) -> Any:
+        """The train block's adaptive weight (`adaptive = woods_psi(weight = "psi", ...)`) as a
+        `propdsl.loss.schedules.WoodsPsi`, or None."""
+        from propdsl.loss.schedules import WoodsPsi
+
+        block = self.train_block
+        value = block.get("adaptive") if block is not None else None
+        return None if value is None else WoodsPsi(**value.kw())
 
     def loss(self, name: str, logic: Any = None, attack: Any = None, *, generator: Any = None):
         """The property `name` compiled into a loss module under a differentiable logic.
@@ -205,14 +234,18 @@ class Spec:
         The per-sample expression is averaged over the batch; `objective.last_terms` holds the
         batch mean of each top-level term of the last call (for logging).
         """
-        from propdsl.loss.compile import Objective, resolve_attack, resolve_logic
+        from propdsl.loss.compile import Objective, bind_param, resolve_attack, resolve_logic
         from propdsl.pretty import show
         from propdsl.simplify import simplify
 
         block = self.train_block
         if block is None or block.get("loss") is None:
             raise UsageError("the spec has no train block with a 'loss' setting")
-        expr = simplify(block.get("loss"), self.checked.params)
+        loss = block.get("loss")
+        adaptive = self.adaptive_weight()
+        if adaptive is not None:  # its param stays a variable, set per step by the objective
+            loss = bind_param(loss, adaptive.weight)
+        expr = simplify(loss, self.checked.params)
         props = {n: p.formula for n, p in self.properties.items()}
         terms = [(show(t), t) for t in _additive_terms(expr)]
         return Objective(
@@ -223,6 +256,8 @@ class Spec:
             resolve_attack(attack if attack is not None else self.default_attack()),
             terms=terms if len(terms) > 1 else (),
             property_params={n: [q for q, _ in p.params] for n, p in self.properties.items()},
+            term_attacks=self.term_attacks(),
+            adaptive=adaptive,
             generator=generator,
         )
 

@@ -181,6 +181,9 @@ class LetDecl(Decl):
 class PropertyDecl(Decl):
     params: tuple[Param, ...]
     body: Expr
+    # `property p(x, y, xt, yt) partner other_class(seed = 0) = ...`: how the partner sample
+    # (xt, yt) of each sample (x, y) is drawn; None for a property of one sample or a template
+    partner: Expr | None = None
     span: Span | None = _span()
     name_span: Span | None = _span()
 

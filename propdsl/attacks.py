@@ -42,6 +42,7 @@ __all__ = [
     "Attack",
     "AttackResult",
     "VanishingGradientWarning",
+    "noise",
     "option_parts",
     "resolve_attack",
     "run_attack",
@@ -129,6 +130,21 @@ class APGD:
 Attack = PGD | APGD
 
 
+def noise(samples: int = 1) -> PGD:
+    """A noise sampler as attack options: `samples` points drawn uniformly in the region (as
+    PGD's random start), no gradient step; each sample keeps its most violating draw. With one
+    sample the quantifier's body is evaluated at one uniformly random point: an unbiased
+    estimate of its mean over the region, the random perturbation `zeta` of Chen et al. 2024
+    ("Rethinking Robustness of Model Attributions"), not a worst case.
+
+    >>> noise()
+    PGD(steps=0, restarts=1, step_size=2.5, random_start=True, surrogate_beta=None)
+    """
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"noise samples must be a positive integer, got {samples!r}")
+    return PGD(steps=0, restarts=samples, random_start=True)
+
+
 def resolve_attack(attack: Attack | Any | None) -> Attack:
     """Attack options from `PGD(...)` / `APGD(...)`, a name (`"pgd"`, `"apgd"`), a checked
     option value such as a spec's `pgd(steps = 20)`, or None (`PGD()`).
@@ -145,7 +161,9 @@ def resolve_attack(attack: Attack | Any | None) -> Attack:
         return PGD(**kwargs)
     if name == "apgd":
         return APGD(**kwargs)
-    raise UsageError(f"unknown attack '{name}'; known attacks: pgd, apgd")
+    if name == "noise":
+        return noise(**kwargs)
+    raise UsageError(f"unknown attack '{name}'; known attacks: pgd, apgd, noise")
 
 
 def option_parts(value: Any) -> tuple[str, dict[str, Any]]:

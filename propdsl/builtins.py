@@ -41,11 +41,16 @@ class Builtin:
         domain: builds a quantifier's domain (`ball`, `box`, `range`).
         sampled: an explainer that averages gradients over sampled points (integrated gradients,
             SmoothGrad): no exact Jacobian bounds exist for it.
+        bounded: an exact explainer that Jacobian bounds cover (a function of the input
+            gradient at the point); guided backprop is exact but modifies the backward pass, so
+            it is not.
         metric: `"similarity"` (larger is closer: `cosine`, `topk_overlap`) or `"distance"`
             (smaller is closer: `norm`, `mse`), for explanation-stability properties.
         notation: the pretty-printer's form, `{0}` the argument and `{p}` the norm's subscript;
             None: `name(arguments)`.
         target: the implementation (`"module:function"`), where the backends call one by name.
+        random: a draw from the evaluation's generator (`uniform`, `random_class`), one per sample
+            and evaluation; losses only (the exact interpreter and the verifier have none).
     """
 
     name: str
@@ -55,11 +60,13 @@ class Builtin:
     explainer: bool = False
     input_gradient: bool = False
     sampled: bool = False
+    bounded: bool = True
     selects: str | None = None
     domain: bool = False
     metric: str | None = None
     notation: str | None = None
     target: str | None = None
+    random: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "keywords", MappingProxyType(dict(self.keywords)))
@@ -70,7 +77,11 @@ def _records(*records: Builtin) -> dict[str, Builtin]:
 
 
 def _explainer(
-    name: str, keywords: Mapping[str, Kw] | None = None, *, sampled: bool = False
+    name: str,
+    keywords: Mapping[str, Kw] | None = None,
+    *,
+    sampled: bool = False,
+    bounded: bool = True,
 ) -> Builtin:
     return Builtin(
         name=name,
@@ -80,6 +91,7 @@ def _explainer(
         explainer=True,
         input_gradient=True,
         sampled=sampled,
+        bounded=bounded and not sampled,
         target=f"propdsl.explain:{name}",
     )
 
@@ -103,6 +115,7 @@ BUILTINS: Mapping[str, Builtin] = MappingProxyType(
         Builtin(name="kl", rule="pair", arity=(2,)),
         _explainer("saliency"),
         _explainer("gradient_x_input"),
+        _explainer("guided_backprop", bounded=False),
         _explainer(
             "integrated_gradients",
             {"steps": nat(EXPLAIN_SAMPLES), "baseline": real()},
@@ -128,6 +141,8 @@ BUILTINS: Mapping[str, Builtin] = MappingProxyType(
             metric="similarity",
             target="propdsl.explain:topk_intersection",
         ),
+        Builtin(name="uniform", rule="uniform", arity=(0,), random=True),
+        Builtin(name="random_class", rule="argmax", arity=(1,), random=True),
         Builtin(name="ball", rule="ball", arity=(2, 3), domain=True),
         Builtin(name="box", rule="box", arity=(2,), domain=True),
         Builtin(name="range", rule="range", arity=(1,), domain=True),
@@ -141,11 +156,14 @@ RESERVED = frozenset(BUILTINS) | BUILTIN_NAMES
 
 EXPLAINERS = tuple(n for n, r in BUILTINS.items() if r.explainer)
 # exact functions of the input gradient at the point, which Jacobian bounds cover
-EXACT_EXPLAINERS = tuple(n for n in EXPLAINERS if not BUILTINS[n].sampled)
+EXACT_EXPLAINERS = tuple(n for n in EXPLAINERS if BUILTINS[n].bounded)
 SAMPLED_EXPLAINERS = tuple(n for n in EXPLAINERS if BUILTINS[n].sampled)
+# explainers without Jacobian bounds: sampled ones and modified backward passes (guided backprop)
+UNBOUNDED_EXPLAINERS = tuple(n for n in EXPLAINERS if not BUILTINS[n].bounded)
 INPUT_GRADIENTS = frozenset(n for n, r in BUILTINS.items() if r.input_gradient)
 SIMILARITIES = tuple(n for n, r in BUILTINS.items() if r.metric == "similarity")
 DISTANCES = tuple(n for n, r in BUILTINS.items() if r.metric == "distance")
+RANDOM = frozenset(n for n, r in BUILTINS.items() if r.random)
 
 
 def record(name: str) -> Builtin | None:

@@ -68,7 +68,31 @@ def _main(
     _state["debug"] = debug
     _install_output()
     _calm_threads()
+    _join_job()
     _load_plugins(plugin or [])
+
+
+def _other_rank() -> bool:
+    """A process of a distributed job other than rank 0 (torchrun's RANK, WORLD_SIZE)."""
+    return os.environ.get("WORLD_SIZE", "1") not in ("", "1") and os.environ.get(
+        "RANK", "0"
+    ) not in ("", "0")
+
+
+def _join_job() -> None:
+    """Under torchrun (WORLD_SIZE > 1): join the process group; rank 0 alone prints results
+    (docs/distributed.md). The library's errors are the same on every rank and only rank 0
+    prints them; an internal error prints on the rank it happens on."""
+    if os.environ.get("WORLD_SIZE", "1") in ("", "1"):
+        return
+    from propdsl import distributed
+
+    distributed.init_from_env()
+    if _other_rank():
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+        # rank 0's warnings stand for all: the same warning N times is noise
+        warnings.simplefilter("ignore")
+        logging.getLogger("propdsl").setLevel(logging.ERROR)
 
 
 def _load_plugins(refs: list[str]) -> None:
@@ -178,8 +202,18 @@ class _Display:
         sys.stderr.flush()
 
 
+# How long a rank other than 0 waits before it exits with an error: rank 0, which prints the
+# job's error, exits first, so the launcher reports rank 0's exit code (it stops the others).
+OTHER_RANK_GRACE = 3.0
+
+
 def _fail(message: str, code: int) -> None:
-    sys.stderr.write(message.rstrip("\n") + "\n")
+    if not _other_rank() or code == EXIT_INTERNAL:
+        prefix = f"rank {os.environ.get('RANK')}: " if _other_rank() else ""
+        sys.stderr.write(prefix + message.rstrip("\n") + "\n")
+    if _other_rank():
+        sys.stderr.flush()
+        time.sleep(OTHER_RANK_GRACE)
     raise typer.Exit(code)
 
 
@@ -301,6 +335,15 @@ def train_cmd(
         str | None, typer.Option("--model", help="A user model: pkg.module:factory or file.py:f.")
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    nproc: Annotated[
+        int | None,
+        typer.Option(
+            "--nproc",
+            help="Train data-parallel in N processes on this machine (torchrun's standalone "
+            "launch; --batch stays the global batch). See docs/distributed.md.",
+            min=1,
+        ),
+    ] = None,
 ) -> None:
     """Train the spec's network as its train block says; write a run folder.
 
@@ -308,6 +351,9 @@ def train_cmd(
     continues from there, with the run's own settings, to the same weights an uninterrupted run
     ends with.
     """
+    if nproc is not None and nproc > 1:
+        _launch("train", nproc, lambda: _train_folder(spec, out, param))
+        return
     from propdsl.api import load, parse_overrides
     from propdsl.train import RunWriteError, TrainingInterrupted, TrainOptions, run_folder, train
 
@@ -315,7 +361,11 @@ def train_cmd(
     if resume and not overrides:
         # A resumed run keeps the params it started with (unless the spec text changed, which
         # the trainer refuses with a clear message).
-        overrides = _run_params(spec, out) or {}
+        from propdsl import distributed
+
+        # rank 0's reading: the other processes may run where the folder is not
+        remembered = distributed.from_main(lambda: _run_params(spec, out))
+        overrides = remembered or {}
     loaded = load(spec, overrides)
     options = TrainOptions(
         out=out,
@@ -360,6 +410,60 @@ def train_cmd(
         typer.echo(f"run folder: {result.run}{acc_text}")
 
 
+def _train_folder(spec: Path, out: Path | None, param: list[str] | None) -> Path:
+    from propdsl.api import load, parse_overrides
+    from propdsl.train import TrainOptions, run_folder
+
+    return run_folder(load(spec, parse_overrides(param or [])), TrainOptions(out=out))
+
+
+def _launch(command: str, nproc: int, folder: Callable[[], Path] | None = None) -> None:
+    """`--nproc N`: run this same command line without --nproc in N processes (docs:
+    propdsl.distributed.launch); a process that dies ends the job with a line saying which,
+    and what the run folder keeps."""
+    from propdsl import distributed
+
+    if distributed.env_world() > 1:
+        raise UsageError("--nproc starts the processes itself: do not combine it with torchrun")
+    args = _without_nproc(sys.argv[1:])
+    if command not in args:
+        raise UsageError(f"--nproc needs the command line of `propdsl {command}`")
+    try:
+        distributed.launch(args, nproc)
+    except distributed.JobFailed as err:
+        if err.died is None:
+            raise typer.Exit(err.exit_code) from None  # rank 0 printed its error
+        keeps = ""
+        if folder is not None:
+            from propdsl.runs import RunFolderError, read_manifest
+
+            run = folder()
+            try:
+                manifest = read_manifest(run)
+            except RunFolderError:
+                manifest = None
+            keeps = (
+                f"; {run} keeps epoch {manifest.epoch} (continue with the same command and "
+                "--resume)"
+                if manifest is not None
+                else f"; {run} holds no finished epoch"
+            )
+        _fail(f"error: {err.died}; the other processes were stopped{keeps}", EXIT_SPEC)
+
+
+def _without_nproc(args: list[str]) -> list[str]:
+    out: list[str] = []
+    skip = False
+    for word in args:
+        if skip:
+            skip = False
+        elif word == "--nproc":
+            skip = True
+        elif not word.startswith("--nproc="):
+            out.append(word)
+    return out
+
+
 def _run_params(spec: Path, out: Path | None) -> dict[str, Any] | None:
     """The params a run to resume was trained with, when its spec text is this spec's."""
     from propdsl.api import read_source
@@ -386,6 +490,9 @@ def _resume_command(spec: Path, folder: Path, model: str | None) -> str:
     words = ["propdsl", "train", str(spec), "--out", str(folder), "--resume"]
     if model is not None:
         words += ["--model", model]
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world not in ("", "1"):
+        words += ["--nproc", world]  # the same number of processes: the same weights
     return shlex.join(words)
 
 
@@ -410,6 +517,15 @@ SpecDiffersOpt = Annotated[
     ),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
+NprocOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--nproc",
+        help="Shard the samples over N processes on this machine (torchrun's standalone "
+        "launch); the results are one process's. See docs/distributed.md.",
+        min=1,
+    ),
+]
 
 
 def _checked_common(
@@ -465,6 +581,7 @@ def eval_cmd(
     device: DeviceOpt = None,
     threads: ThreadsOpt = None,
     quiet: QuietOpt = False,
+    nproc: NprocOpt = None,
 ) -> None:
     """Evaluate a trained run: clean accuracy, constraint accuracy and security, plots.
 
@@ -472,6 +589,9 @@ def eval_cmd(
     RUN/eval/<key>/ (eval.json and the PNGs), one folder per setting; RUN/eval.json is a copy
     of the latest eval.json.
     """
+    if nproc is not None and nproc > 1:
+        _launch("eval", nproc)
+        return
     _checked_common(split, checkpoint, samples, threads)
     from propdsl.api import load, parse_overrides
     from propdsl.train import set_threads
@@ -551,6 +671,7 @@ def verify_cmd(
     device: DeviceOpt = None,
     threads: ThreadsOpt = None,
     quiet: QuietOpt = False,
+    nproc: NprocOpt = None,
 ) -> None:
     """Verify a trained run: falsify with a strong attack, then prove with bound propagation.
 
@@ -559,6 +680,9 @@ def verify_cmd(
     RUN/verify.json is a copy of the latest verify.json. With --model NET.onnx instead of
     --run, the ONNX network is verified on the spec's data (nothing is written).
     """
+    if nproc is not None and nproc > 1:
+        _launch("verify", nproc)
+        return
     from propdsl.results import positive_seconds
 
     _checked_common(split, checkpoint, samples, threads)
@@ -855,4 +979,8 @@ def main() -> None:
         app(standalone_mode=True)
     except SystemExit as exc:
         code = exc.code
+        if "torch.distributed" in sys.modules:
+            from propdsl import distributed
+
+            distributed.shutdown()
         raise SystemExit(code) from None

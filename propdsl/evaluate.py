@@ -43,12 +43,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from propdsl import distributed, runs
 from propdsl import ir as I
-from propdsl import runs
 from propdsl.api import Spec
 from propdsl.attacks import APGD, PGD
 from propdsl.errors import UsageError
 from propdsl.interpret import differentiates
+from propdsl.manipulation import manipulation_lines, manipulation_summary
 from propdsl.metrics import papers as paper_metrics
 from propdsl.metrics.papers import PaperMetric, PaperResults
 from propdsl.metrics.search import Criterion, Distance, min_perturbation
@@ -57,6 +58,7 @@ from propdsl.results import positive_count, result_key, write_results
 from propdsl.session import (
     Checkpoint,
     ParamSource,
+    draw_partners,
     holds_run,
     load_samples,
     open_run,
@@ -181,6 +183,9 @@ class EvalResult:
     # constraint accuracy (uniformly random points) at each radius of `eps_grid`
     accuracy_curve: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
     papers: PaperResults | None = None  # the metrics asked for with `metrics`
+    # per property of a pair: Chen et al.'s targeted explanation attack towards its partners
+    # (`propdsl.manipulation.manipulation_summary`)
+    manipulation: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
 
 Progress = Callable[[str, int, int], None]
@@ -320,9 +325,15 @@ def evaluate(
 
     grid = tuple(float(e) for e in (DEFAULT_EPS_GRID if eps_grid is None else eps_grid))
     has_eps = getattr(spec.param_types.get("eps"), "kind", None) == "Real"
-    closed = [name for name, p in spec.properties.items() if len(p.params) in (1, 2)]
-    planned_curve = _curve_choice(spec, closed, curve_properties) if grid and has_eps else []
-    steps = _Steps(progress, len(closed) + len(planned_curve) * len(grid) + 3 + len(chosen_metrics))
+    closed = [name for name, p in spec.properties.items() if len(p.params) in (1, 2) or p.paired]
+    # properties of a pair: their partners, drawn once from the split (`partner` clauses)
+    partners = draw_partners(setup, split, closed, x, y, dev)
+    single = [name for name in closed if name not in partners]
+    planned_curve = _curve_choice(spec, single, curve_properties) if grid and has_eps else []
+    steps = _Steps(
+        progress,
+        len(closed) + len(planned_curve) * len(grid) + 3 + len(partners) + len(chosen_metrics),
+    )
 
     with torch.no_grad():
         predicted = _predict(model, x, batch)
@@ -342,9 +353,22 @@ def evaluate(
             prop_attack = dataclasses.replace(strong, surrogate_beta=SURROGATE_BETA)
         t0 = time.perf_counter()
         try:
-            at_random, _ = _holds(spec, name, RANDOM_POINTS, model, x, y, batch, seed, dev)
+            pair = partners.get(name)
+            at_random, _ = _holds(
+                spec, name, RANDOM_POINTS, model, x, y, batch, seed, dev, partner=pair
+            )
             secure, points = _holds(
-                spec, name, prop_attack, model, x, y, batch, seed, dev, keep=GRID_SAMPLES
+                spec,
+                name,
+                prop_attack,
+                model,
+                x,
+                y,
+                batch,
+                seed,
+                dev,
+                keep=GRID_SAMPLES,
+                partner=pair,
             )
         except UsageError as err:  # CompileError: a property this backend cannot attack
             skipped[name] = str(err)
@@ -382,6 +406,14 @@ def evaluate(
     t0 = time.perf_counter()
     explanation = _explanation_metrics(model, x, y, float(radius), box, batch, seed, dev)
     log.info("explanation metrics: %.1fs", time.perf_counter() - t0)
+    manipulation: dict[str, Any] = {}
+    for name, (xt, _) in partners.items():
+        steps.start(f"explanation manipulation towards the partners of {name}")
+        t0 = time.perf_counter()
+        manipulation[name] = manipulation_summary(
+            spec.property(name), model, x, xt, box, relu, float(radius), batch
+        )
+        log.info("explanation manipulation (%s): %.1fs", name, time.perf_counter() - t0)
     steps.start("accuracy-robustness area")
     t0 = time.perf_counter()
     robustness = _robustness(model, x, y, predicted, box, batch, seed, dev)
@@ -436,6 +468,7 @@ def evaluate(
         robustness=robustness,
         skipped=skipped,
         json_path=folder / EVAL_JSON,
+        manipulation=manipulation,
         plots=(),
         checkpoint=setup.checkpoint.value,
         checkpoint_epoch=setup.checkpoint_epoch,
@@ -535,6 +568,7 @@ def _holds(
     device: torch.device,
     *,
     keep: int = 0,
+    partner: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """[N] exact truth of the property at the attack's points, and the first `keep` points.
 
@@ -547,10 +581,17 @@ def _holds(
     points: dict[str, Tensor] = {}
     with torch.no_grad():
         for i in range(0, x.shape[0], batch):
-            out = loss(model, x[i : i + batch], y[i : i + batch])
-            truth.append(out.satisfied.detach().reshape(-1))
+            xb, yb = x[i : i + batch], y[i : i + batch]
+            pb = None if partner is None else (partner[0][i : i + batch], partner[1][i : i + batch])
+            # In a distributed job each rank attacks its part of the batch (docs/distributed.md)
+            with distributed.sharded_batch(xb.shape[0]) as part:
+                own = None if pb is None else (pb[0][part.lo : part.hi], pb[1][part.lo : part.hi])
+                out = loss(model, xb[part.lo : part.hi], yb[part.lo : part.hi], partner=own)
+            truth.append(part.gather(out.satisfied.detach().reshape(-1)))
             if i == 0 and keep:
-                points = {k: v[:keep].detach() for k, v in out.counterexample.items()}
+                points = {
+                    k: part.gather(v[:keep].detach())[:keep] for k, v in out.counterexample.items()
+                }
     return torch.cat(truth), points
 
 
@@ -852,6 +893,7 @@ def _to_json(result: EvalResult, setup: Any, data: str, plots: Sequence[str]) ->
             "properties": {k: list(v) for k, v in result.security_curve.items()},
             "accuracy": {k: list(v) for k, v in result.accuracy_curve.items()},
         },
+        "explanation_manipulation": {k: dict(v) for k, v in result.manipulation.items()},
         "explanations": None
         if ex is None
         else {
@@ -1021,6 +1063,7 @@ def render_table(result: EvalResult) -> str:
             f"avg sensitivity {_fmt(ex.avg_sensitivity)}  "
             f"local Lipschitz {_fmt(ex.local_lipschitz_estimate)}"
         )
+    lines += manipulation_lines(result.manipulation)
     ara = result.robustness
     if ara is not None:
         lines.append(

@@ -18,10 +18,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
+from propdsl.distributed import draw
 from propdsl.region import Region
 
 __all__ = [
@@ -29,6 +33,7 @@ __all__ = [
     "avg_sensitivity",
     "cosine",
     "gradient_x_input",
+    "guided_backprop",
     "input_grad",
     "integrated_gradients",
     "local_lipschitz_estimate",
@@ -180,12 +185,188 @@ def smoothgrad(
     """
     if samples < 1:
         raise ValueError(f"smoothgrad needs samples >= 1, got {samples}")
-    n = torch.randn((samples, *x.shape), generator=generator, dtype=x.dtype, device=x.device).mul_(
-        noise
-    )
+    # dim 1 is the batch: a sharded batch draws the whole batch's noise (propdsl.distributed)
+    n = draw(
+        torch.randn,
+        (samples, *x.shape),
+        batch_dim=1,
+        generator=generator,
+        dtype=x.dtype,
+        device=x.device,
+    ).mul_(noise)
     noisy = (x + n).reshape(samples * x.shape[0], *x.shape[1:])
     g = input_grad(_logit(model, y), noisy, create_graph=create_graph)
     return g.reshape(samples, *x.shape).mean(dim=0)
+
+
+# -- guided backpropagation ---------------------------------------------------------------------
+#
+# Guided backprop changes the backward pass of each activation. A custom autograd function on
+# the forward graph would also change the derivative of the map itself (an attack or a training
+# step differentiates the map with respect to the input, and that second pass walks the same
+# forward graph), so the model runs twice: a plain forward pass records each activation's input
+# z with its true graph, and a second pass, whose activations pass back
+# `relu(grad_out) * act'(z)` with z read from the first pass, gives the map. The map then
+# depends on the input only through the true activations.
+
+
+class _GuidedActivation(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, true_z, derivative, value):  # type: ignore[override]
+        ctx.save_for_backward(true_z)
+        ctx.derivative = derivative
+        return value.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        (true_z,) = ctx.saved_tensors
+        return grad_out.clamp(min=0) * ctx.derivative(true_z), None, None, None
+
+
+def _sigmoid(v: Tensor) -> Tensor:
+    return 1 / (1 + torch.exp(-v))
+
+
+def _softplus_derivative(beta: float, threshold: float) -> Callable[[Tensor], Tensor]:
+    # d/dz softplus(z) = sigmoid(beta z), and 1 where torch's softplus turns linear.
+    return lambda z: torch.where(z * beta > threshold, torch.ones_like(z), _sigmoid(beta * z))
+
+
+def _option(args: tuple, kwargs: dict, position: int, name: str, default: float) -> float:
+    if name in kwargs:
+        return float(kwargs[name])
+    return float(args[position]) if len(args) > position else default
+
+
+_RELU = (torch.relu, F.relu, Tensor.relu)
+_RELU_IN_PLACE = (torch.relu_, F.relu_, Tensor.relu_)
+
+
+def _activation(
+    func: Any, args: tuple, kwargs: dict, relu_beta: float | None
+) -> tuple[Tensor, Callable[[Tensor], Tensor]] | None:
+    """(value, derivative) of a call of a monotone activation; None for any other call."""
+    if func in _RELU_IN_PLACE or (func in _RELU or func is F.leaky_relu) and kwargs.get("inplace"):
+        raise ValueError("guided backprop needs out-of-place activations (inplace=False)")
+    if func in _RELU:
+        z = args[0]
+        if relu_beta is not None:
+            return F.softplus(z, beta=relu_beta), _softplus_derivative(relu_beta, 20.0)
+        return torch.relu(z), lambda v: (v > 0).to(v.dtype)
+    if func is F.softplus:
+        z = args[0]
+        beta = _option(args, kwargs, 1, "beta", 1.0)
+        threshold = _option(args, kwargs, 2, "threshold", 20.0)
+        return F.softplus(z, beta=beta, threshold=threshold), _softplus_derivative(beta, threshold)
+    if func is F.leaky_relu:
+        z = args[0]
+        slope = _option(args, kwargs, 1, "negative_slope", 0.01)
+        return F.leaky_relu(z, slope), lambda v: torch.where(
+            v > 0, torch.ones_like(v), torch.full_like(v, slope)
+        )
+    if func in (torch.tanh, Tensor.tanh, F.tanh):
+        # tanh'(v) = 4 sigmoid(2v) (1 - sigmoid(2v))
+        return torch.tanh(args[0]), lambda v: 4 * _sigmoid(2 * v) * (1 - _sigmoid(2 * v))
+    if func in (torch.sigmoid, Tensor.sigmoid, F.sigmoid):
+        return torch.sigmoid(args[0]), lambda v: _sigmoid(v) * (1 - _sigmoid(v))
+    return None
+
+
+class _Record(TorchFunctionMode):
+    """The plain forward pass: records each activation's input (ReLUs as surrogates when
+    `relu_beta` is set)."""
+
+    def __init__(self, relu_beta: float | None):
+        super().__init__()
+        self.relu_beta = relu_beta
+        self.inputs: list[Tensor] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        act = _activation(func, args, kwargs, self.relu_beta)
+        if act is None:
+            return func(*args, **kwargs)
+        self.inputs.append(args[0])
+        return act[0]
+
+
+class _Guided(TorchFunctionMode):
+    """The guided pass: the i-th activation call backpropagates with the i-th recorded input."""
+
+    def __init__(self, relu_beta: float | None, inputs: list[Tensor]):
+        super().__init__()
+        self.relu_beta = relu_beta
+        self.inputs = inputs
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        act = _activation(func, args, kwargs, self.relu_beta)
+        if act is None:
+            return func(*args, **kwargs)
+        if self.calls >= len(self.inputs):
+            raise RuntimeError("guided backprop: the model called more activations than before")
+        true_z = self.inputs[self.calls]
+        self.calls += 1
+        value, derivative = act
+        return _GuidedActivation.apply(args[0], true_z, derivative, value)
+
+
+def _surrogate_beta() -> float | None:
+    """The beta of an enclosing `propdsl.attacks.smooth_relu` block (an attack's surrogate),
+    which the modes here would otherwise hide (the innermost mode sees a call first)."""
+    from torch.overrides import _get_current_function_mode_stack
+
+    beta = None
+    for mode in _get_current_function_mode_stack():
+        if type(mode).__name__ == "_SmoothReLU":
+            beta = float(mode.beta)
+    return beta
+
+
+def guided_backprop(model: nn.Module, x: Tensor, y: Tensor, *, create_graph: bool = True) -> Tensor:
+    """Guided backpropagation (Springenberg et al. 2015): the input gradient of
+    `model(x)[b, y_b]`, where every ReLU passes back only positive gradients, and only where its
+    input is positive: `grad_in = relu(grad_out) * [z > 0]`.
+
+    Other monotone activations use the same rule with their own derivative,
+    `grad_in = relu(grad_out) * act'(z)` (softplus: `sigmoid(beta z)`; leaky ReLU: 1 or its
+    slope; tanh, sigmoid), so a softplus surrogate of a ReLU network (Chen et al. 2024 attack
+    guided backprop maps on one; inside `propdsl.attacks.smooth_relu` the ReLUs are such
+    surrogates) gives a smooth guided map that tends to the ReLU one as beta grows. Linear,
+    convolution and pooling layers backpropagate as usual. Activations are caught as calls
+    (`nn.ReLU`, `F.relu`, `nn.Softplus`, ...) through a `TorchFunctionMode`: no model is copied
+    or modified; in-place activations are refused (`ValueError`). The map is differentiable
+    again with `create_graph` (its true derivative: see the comment above).
+
+    >>> import torch
+    >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU(), torch.nn.Linear(2, 1))
+    >>> with torch.no_grad():
+    ...     for p in model.parameters():
+    ...         _ = p.fill_(1.0)
+    ...     _ = model[2].weight.copy_(torch.tensor([[1.0, -1.0]]))
+    >>> guided_backprop(model, torch.zeros(1, 2), torch.tensor([0])).tolist()
+    [[1.0, 1.0]]
+    """
+    beta = _surrogate_beta()
+    logit = _logit(model, y)
+    with torch.enable_grad():
+        leaf = x if x.requires_grad else x.detach().requires_grad_(True)
+        record = _Record(beta)
+        with record:
+            model(leaf)
+        if not create_graph:
+            record.inputs = [z.detach() for z in record.inputs]
+        with _Guided(beta, record.inputs):
+            out = logit(leaf)
+        if out.shape != (x.shape[0],):
+            raise ValueError(f"guided backprop needs one logit per sample, got {tuple(out.shape)}")
+        if not out.requires_grad:
+            return torch.zeros_like(x)
+        (g,) = torch.autograd.grad(out.sum(), leaf, create_graph=create_graph, allow_unused=True)
+    if g is None:
+        return torch.zeros_like(x)
+    return g if create_graph else g.detach()
 
 
 # -- similarities and distances ([B, ...] x [B, ...] -> [B]) --------------------------------------

@@ -401,6 +401,14 @@ def export(
     try:
         for name in names:
             prop = spec.property(name)
+            partner = None
+            if prop.paired:
+                if y is None:
+                    raise UsageError(f"property '{name}' is a property of a pair: it needs labels")
+                from propdsl.partners import draw
+
+                # a constant input of each query, drawn from the exported samples
+                partner = draw(prop.partner, model, x, y, x, y)
             try:
                 with torch.no_grad():
                     query = to_query(
@@ -410,6 +418,7 @@ def export(
                         x,
                         y,
                         {net_name: model},
+                        partner=partner,
                     )
                 if query is None:
                     skipped[name] = "no quantified input: nothing to verify"

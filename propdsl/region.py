@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from propdsl.distributed import draw
 from propdsl.errors import UsageError
 
 INF = math.inf
@@ -289,7 +290,7 @@ class Region:
         """
         if self.centre is None:
             lo, hi = self.bounding_box()
-            u = torch.rand(lo.shape, generator=generator, dtype=lo.dtype, device=lo.device)
+            u = draw(torch.rand, lo.shape, generator=generator, dtype=lo.dtype, device=lo.device)
             return lo + u * (hi - lo)
         assert self.radius is not None
         c = self.centre
@@ -297,16 +298,16 @@ class Region:
         n = c[0].numel()
         kw: dict[str, Any] = dict(generator=generator, dtype=c.dtype, device=c.device)
         if self.p == INF:
-            delta = (2 * torch.rand(c.shape, **kw) - 1) * r
+            delta = (2 * draw(torch.rand, c.shape, **kw) - 1) * r
         elif self.p == 2:
-            g = torch.randn(c.shape, **kw)
+            g = draw(torch.randn, c.shape, **kw)
             g = g / _per_sample(lp_norm(g, 2), c).clamp_min(1e-12)
-            u = torch.rand(c.shape[0], **kw).pow(1.0 / n)
+            u = draw(torch.rand, (c.shape[0],), **kw).pow(1.0 / n)
             delta = g * _per_sample(u, c) * r
         else:
             # Uniform in the L1 ball: signed exponentials over a sum with one extra exponential.
-            e = -torch.rand((c.shape[0], n + 1), **kw).clamp_min(1e-12).log()
-            signs = torch.randint(0, 2, c.shape, generator=generator, device=c.device) * 2 - 1
+            e = -draw(torch.rand, (c.shape[0], n + 1), **kw).clamp_min(1e-12).log()
+            signs = draw(torch.randint, c.shape, 0, 2, generator=generator, device=c.device) * 2 - 1
             w = e[:, :n] / e.sum(dim=1, keepdim=True)
             delta = w.reshape(c.shape) * signs.to(c.dtype) * r
         if self.lo is None and self.hi is None:

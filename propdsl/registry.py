@@ -176,6 +176,9 @@ class Kind(enum.Enum):
     OPTIMIZER = "optimizer"
     SCHEDULE = "schedule"
     ACTIVATION = "activation"
+    ADAPTIVE = "adaptive"
+    AUGMENT = "augment"
+    PARTNER = "partner"
 
     @property
     def noun(self) -> str:
@@ -509,6 +512,13 @@ _declare(
                 "surrogate_beta": _SURROGATE,
             },
         ),
+        # uniform random points, no gradient step (PGD with steps = 0): a noise sampler
+        _entry(
+            Kind.ATTACK,
+            "noise",
+            "propdsl.attacks:noise",
+            {"samples": nat(AT_LEAST_ONE, "the most violating of the draws is kept")},
+        ),
     ],
 )
 
@@ -611,6 +621,73 @@ _declare(
     ],
 )
 
+# weights of the loss that a train block adapts during training (a param of the spec)
+_declare(
+    Kind.ADAPTIVE,
+    [
+        _entry(
+            Kind.ADAPTIVE,
+            "woods_psi",
+            "propdsl.loss.schedules:WoodsPsi",
+            {
+                "weight": Kw(type="String", note="the name of the Real param of the loss it sets"),
+                "base": real(POSITIVE),
+                "rate": real(NON_NEGATIVE),
+                "target": real(POSITIVE, "the cross-entropy the weight steers to"),
+                "down": real(NON_NEGATIVE),
+                "up": real(NON_NEGATIVE),
+            },
+            required=(("weight", '"psi"'),),
+        ),
+    ],
+)
+
+# training data made once before the first step (Casadio et al.'s static FGSM set)
+_declare(
+    Kind.AUGMENT,
+    [
+        _entry(
+            Kind.AUGMENT,
+            "fgsm",
+            "propdsl.loss.augment:FGSMAugment",
+            # copies clipped to [0, 1], the inputs' box (as the prelude's unit_box)
+            {"eps": real(POSITIVE, "one copy per input, by the initial model's FGSM step")},
+            required=(("eps", "0.1"),),
+        ),
+    ],
+)
+
+# How a property of a pair draws the partner (xt, yt) of each sample (x, y): targets implemented
+# by `propdsl.partners`. Prototypes are read from the network's penultimate-layer features.
+PROTOTYPES = Bounds(lo=1, hi=10000)
+_declare(
+    Kind.PARTNER,
+    [
+        _entry(
+            Kind.PARTNER,
+            "other_class",
+            "propdsl.partners:other_class",
+            {"seed": nat(SEED)},
+            summary="another sample of the data, of a different class",
+        ),
+        _entry(
+            Kind.PARTNER,
+            "class_mean",
+            "propdsl.partners:class_mean",
+            {"seed": nat(SEED)},
+            summary="the mean input of a different class",
+        ),
+        _entry(
+            Kind.PARTNER,
+            "prototype",
+            "propdsl.partners:prototype",
+            {"k": nat(PROTOTYPES), "seed": nat(SEED)},
+            summary="a prototype of a different class: the sample nearest the centre of one of "
+            "k clusters (k-means) of penultimate-layer features",
+        ),
+    ],
+)
+
 DEVICES = ("auto", "cpu", "cuda")
 
 # train / verify block keys: the kind of value each takes (a `Kind`'s value: an entry of that
@@ -623,9 +700,16 @@ TRAIN_KEYS: dict[str, Kw] = {
     "schedule": Kw(type="schedule"),
     "logic": Kw(type="logic"),
     "attack": Kw(type="attack"),
+    # per-term attacks: terms(name = attack, ...), a name being a property or a variable bound
+    # by a quantifier over a region in the loss
+    "attacks": Kw(type="attacks"),
     "loss": Kw(type="loss"),
     "seed": nat(SEED),
     "device": Kw(type="device"),
+    # training data added once before training (Casadio et al.'s FGSM-augmented set)
+    "augment": Kw(type="augment"),
+    # a param of the loss set every step by an adaptive rule (Woods et al.'s psi)
+    "adaptive": Kw(type="adaptive"),
     # epochs over which the radii grow to their value (0: from the start)
     "ramp": nat(NON_NEGATIVE),
     "threads": nat(THREADS),
@@ -642,7 +726,16 @@ BLOCK_KEYS: dict[str, dict[str, Kw]] = {"train": TRAIN_KEYS, "verify": VERIFY_KE
 # The kinds a block key may name: key -> Kind.
 OPTION_KINDS: dict[str, Kind] = {
     k.value: k
-    for k in (Kind.MODEL, Kind.OPTIMIZER, Kind.SCHEDULE, Kind.LOGIC, Kind.ATTACK, Kind.METHOD)
+    for k in (
+        Kind.MODEL,
+        Kind.OPTIMIZER,
+        Kind.SCHEDULE,
+        Kind.LOGIC,
+        Kind.ATTACK,
+        Kind.ADAPTIVE,
+        Kind.AUGMENT,
+        Kind.METHOD,
+    )
 }
 
 

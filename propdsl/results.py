@@ -33,7 +33,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from propdsl import runs
+from propdsl import distributed, runs
 from propdsl.errors import UsageError
 from propdsl.session import (
     Checkpoint,
@@ -146,6 +146,8 @@ def write_results(
     was), and `run/json_name` becomes a copy of the JSON with `"results": "kind/key"`, so
     readers of the old layout find the latest result. Returns the final folder.
     """
+    if not distributed.is_main():
+        return run / kind / key  # rank 0 writes a distributed job's results
     parent = run / kind
     if parent.is_symlink() or (parent.exists() and not parent.is_dir()):
         raise runs.RunFolderError(

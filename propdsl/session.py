@@ -15,7 +15,7 @@ trained run opened for a spec with its model and data.
   (`config.json` "params") as the defaults: a run trained with `--param eps=0.05` is evaluated
   at 0.05, not at the spec's default, unless the caller overrides `eps` (`spec.with_params`,
   `--param`); `ParamSource` records where each value came from, and the commands print it.
-  `load_samples` then draws the first samples of a split with the run's seed;
+  `load_samples` then draws the first samples of a split with the run's split seed;
 * `holds_run`: `eval`, `verify` and `export` hold the run folder's shared lock while they work:
   several can read one run at once, but a training cannot replace its weights under them, and
   they fail fast while a training holds the folder.
@@ -60,8 +60,12 @@ __all__ = [
     "holds_run",
     "json_value",
     "load_block_split",
+    "block_split_seed",
+    "DEFAULT_SPLIT_SEED",
     "load_run_split",
+    "draw_partners",
     "load_samples",
+    "partner_pool",
     "model_config",
     "open_run",
     "resolve_device",
@@ -96,6 +100,8 @@ def set_threads(threads: int | None) -> int:
         raise UsageError(f"threads must be between 1 and {MAX_THREADS}, got {threads!r}")
     import torch
 
+    if threads is None and os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
+        threads = 1  # one of several processes (docs/distributed.md): no oversubscription
     n = threads or default_threads()
     torch.set_num_threads(n)
     try:
@@ -129,16 +135,35 @@ def data_kwargs(block: BlockInfo) -> dict[str, Any]:
     return dict(kwargs)
 
 
+# The seed of the train / val / test split when the data source names none (its `seed` keyword).
+# Independent of the training seed, so that runs with different seeds are compared on one test
+# set. (Runs from before `split_seed` was recorded drew their split with the training seed.)
+DEFAULT_SPLIT_SEED = 0
+
+
+def block_split_seed(block: BlockInfo) -> int:
+    """The seed of the block's data split: the data source's `seed`, else the fixed default."""
+    return int(data_kwargs(block).get("seed", DEFAULT_SPLIT_SEED))
+
+
 def load_block_split(
-    spec: Spec, block: BlockInfo, split: str, *, seed: int, root: Path | None = None
+    spec: Spec,
+    block: BlockInfo,
+    split: str,
+    *,
+    split_seed: int | None = None,
+    root: Path | None = None,
 ) -> Any:
-    """One split of the block's data source, checked against the network's declared type."""
+    """One split of the block's data source, checked against the network's declared type.
+
+    `split_seed` draws the split where the data source names no `seed` (None: the default,
+    `DEFAULT_SPLIT_SEED`); a run passes the seed it recorded."""
     from propdsl.data import DataError, load_dataset
 
     name, _ = block.data
     kwargs = data_kwargs(block)
     kwargs.pop("split", None)
-    kwargs.setdefault("seed", seed)
+    kwargs.setdefault("seed", DEFAULT_SPLIT_SEED if split_seed is None else split_seed)
     if name == "tensors" and root is not None:
         kwargs.setdefault("root", str(root))
     try:
@@ -299,6 +324,12 @@ class RunSetup:
     @property
     def seed(self) -> int:
         return int(self.run.config.get("seed", 0))
+
+    @property
+    def split_seed(self) -> int:
+        """The seed the run's data split was drawn with (older runs: their training seed)."""
+        config = self.run.config
+        return int(config.get("split_seed", config.get("seed", 0)))
 
     def changed_params(self) -> dict[str, Any]:
         """The params whose value differs from the run's (what the result folder's name shows)."""
@@ -491,23 +522,55 @@ def open_run(
 
 def load_run_split(setup: RunSetup, split: str) -> Any:
     """The split of the spec's verify (else train) block's data, else of the data the run
-    records, drawn with the run's seed (so `test` is the test split the run never saw)."""
+    records, drawn with the run's split seed (so `test` is the test split the run never saw)."""
     from propdsl.data import DataError, load_dataset
 
     spec = setup.spec
     block = spec.verify_block or spec.train_block
     if block is not None:
-        return load_block_split(spec, block, split, seed=setup.seed, root=Path(spec.name).parent)
+        return load_block_split(
+            spec, block, split, split_seed=setup.split_seed, root=Path(spec.name).parent
+        )
     data = dict(setup.run.config.get("data") or {})
     name = data.pop("name", None)
     if name is None:
         raise UsageError(f"{spec.name} has no train or verify block and the run names no data")
     data.pop("split", None)
-    data.setdefault("seed", setup.seed)
+    data.setdefault("seed", setup.split_seed)
     try:
         return load_dataset(name, split=split, **data)
     except DataError as err:
         raise UsageError(str(err)) from None
+
+
+# Partners of properties of a pair are drawn from at most this many samples of the split (the
+# k-means of prototype partners runs over them).
+PARTNER_POOL = 2000
+
+
+def partner_pool(setup: RunSetup, split: str, device: Any) -> tuple[Any, Any]:
+    """(x, y) of the first `PARTNER_POOL` samples of a split of the run's data: the pool the
+    partners of properties of a pair are drawn from (`propdsl.partners.draw`)."""
+    ds = load_run_split(setup, split)
+    if len(ds) == 0:
+        raise UsageError(f"the {split} split is empty")
+    return ds.x[:PARTNER_POOL].to(device), ds.y[:PARTNER_POOL].to(device)
+
+
+def draw_partners(
+    setup: RunSetup, split: str, names: Any, x: Any, y: Any, device: Any
+) -> dict[str, tuple[Any, Any]]:
+    """The partners `(xt, yt)` of the samples `(x, y)` for each property of a pair among
+    `names`, drawn from `partner_pool` as each property's `partner` clause says."""
+    from propdsl.partners import draw
+
+    paired = [n for n in names if setup.spec.property(n).paired]
+    if not paired:
+        return {}
+    pool_x, pool_y = partner_pool(setup, split, device)
+    return {
+        n: draw(setup.spec.property(n).partner, setup.model, pool_x, pool_y, x, y) for n in paired
+    }
 
 
 def load_samples(setup: RunSetup, split: str, samples: int | None, device: Any) -> Any:

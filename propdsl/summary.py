@@ -31,6 +31,9 @@ def summary(spec: Spec) -> str:
     for prop in spec.properties.values():
         params = ", ".join(f"{n} : {t.show()}" for n, t in prop.params)
         lines.append(f"  {prop.name}({params})")
+        if prop.partner is not None:
+            pair = ", ".join(n for n, _ in prop.params[2:])
+            lines.append(f"    partner ({pair}) : {show_value(prop.partner)}")
         for q in prop.quantified:
             lines.append(f"    {q.kind} {q.name} : {q.type.show()} in {domain(q.domain)}")
         lines.append(f"    formula: {show(prop.formula)}")

@@ -11,6 +11,7 @@ and `MAX_THREADS` stay importable from here.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -30,12 +31,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from propdsl import registry, runs
+from propdsl import distributed, registry, runs
 from propdsl.api import Spec
 from propdsl.check import BlockInfo, OptionValue
 from propdsl.errors import CheckError, PropdslError, UsageError
+from propdsl.loss.augment import FGSMAugment
 from propdsl.session import (
     MAX_THREADS,
+    block_split_seed,
     build_from_config,
     data_kwargs,
     model_config,
@@ -331,7 +334,15 @@ def _train_in(
             "--resume continues the run in the folder and --force replaces it: use one"
         )
     if options.resume:
-        remembered = _run_config(run)
+        # rank 0 reads the folder (the others may run where it is not: another machine)
+        remembered = distributed.from_main(lambda: _run_config(run))
+        before = remembered.get("processes", 1)
+        if before != distributed.world():
+            log.warning(
+                "%s was trained in %s process(es) and continues in %d: the weights will differ "
+                "in the last bits from an uninterrupted run (docs/distributed.md)",
+                run, before, distributed.world(),
+            )  # fmt: skip
         recorded = remembered["model"].get("user")
         if recorded and options.model is None and model is None:
             raise UsageError(
@@ -339,7 +350,7 @@ def _train_in(
                 f"code, so name it to continue: --model {recorded}"
             )
     else:
-        _check_fresh_folder(run, options.force)
+        distributed.from_main(lambda: _check_fresh_folder(run, options.force))
     seed = _whole("seed", *_setting("seed", options.seed, remembered, block, 0), run, 0, MAX_SEED)
     epochs = _whole(
         "epochs", *_setting("epochs", options.epochs, remembered, block, 10), run, 1, None
@@ -348,6 +359,8 @@ def _train_in(
     threads_value, threads_origin = _setting("threads", options.threads, remembered, block, None)
     if threads_value is not None:
         _whole("threads", threads_value, threads_origin, run, 1, MAX_THREADS)
+    if threads_value is None and distributed.active():
+        threads_value = 1  # N processes with several threads each oversubscribe the cores
     threads = set_threads(threads_value)
     device_name, device_origin = _setting("device", options.device, remembered, block, None)
     try:
@@ -360,9 +373,23 @@ def _train_in(
             "(the weights may then differ in the last bits from a run on one device)"
         ) from None
     ramp = int(block.get("ramp", 0))
+    if device.type == "cuda" and distributed.active():
+        device = distributed.local_device()  # one GPU per process: its LOCAL_RANK's
+    if batch < distributed.world():
+        raise UsageError(
+            f"the batch ({batch}) is the global batch, split over the {distributed.world()} "
+            "processes: it must be at least their number"
+        )
 
-    train_ds = load_split(spec, block, "train", seed=seed, root=Path(spec.name).parent)
-    val_ds = load_split(spec, block, "val", seed=seed, root=Path(spec.name).parent)
+    # The split has its own seed (the data source's `seed`, else a fixed one), so the training
+    # seed changes the initialisation and the order, never the test set; a resumed run keeps
+    # the split it recorded (older runs: their training seed).
+    split_seed = block_split_seed(block)
+    if remembered:
+        split_seed = int(remembered.get("split_seed", remembered.get("seed", split_seed)))
+    root = Path(spec.name).parent
+    train_ds = load_split(spec, block, "train", split_seed=split_seed, root=root)
+    val_ds = load_split(spec, block, "val", split_seed=split_seed, root=root)
     mconf = model_config(spec, block, options.model, model)
     if model is None:
         model = _build_spec_model(spec, block, mconf, seed, options.model)
@@ -371,6 +398,16 @@ def _train_in(
     schedule = make_schedule(block, optimizer, epochs)
     generator = torch.Generator(device=device)
     objective = spec.objective(generator=generator)
+    # properties of a pair named in the loss: partners from the training set, per batch
+    partners = None
+    if getattr(objective, "paired", ()):
+        from propdsl.partners import Partners
+
+        partners = Partners(
+            train_ds.x.to(device),
+            train_ds.y.to(device),
+            {n: spec.property(n).partner for n in objective.paired},
+        )
     prop_names = list(spec.properties)
     prop_losses = {
         n: spec.loss(n, generator=generator) for n in prop_names if _closed_over_data(spec, n)
@@ -381,9 +418,11 @@ def _train_in(
         "spec_sha256": runs.spec_hash(spec.source.text),
         "params": spec.params,
         "seed": seed,
+        "split_seed": split_seed,
         "epochs": epochs,
         "batch": batch,
-        "device": str(device),
+        # a distributed run's processes each use their own GPU: the type is the setting
+        "device": device.type if distributed.active() else str(device),
         "threads": threads,
         "ramp": ramp,
         "data": {"name": block.data[0], **data_kwargs(block)},
@@ -396,20 +435,61 @@ def _train_in(
         "loss": _show_loss(objective),
         "versions": _versions(),
     }
-    _make_folder(run)
+    if distributed.world() > 1:
+        # the global batch is split over this many processes (docs/distributed.md)
+        config["processes"] = distributed.world()
+        if block.get("adaptive") is not None:
+            # each rank would follow its own shard's CE: the weight would differ between ranks
+            raise UsageError(
+                "an adaptive loss weight (`adaptive = ...`) follows the batch's cross-entropy "
+                "and is not supported in a distributed run yet: train it in one process"
+            )
+        if objective.paired:
+            raise UsageError(
+                "a loss with a property of a pair (a `partner` clause) is not supported in a "
+                "distributed run yet: train it in one process"
+            )
+    for key in ("attacks", "adaptive", "augment"):  # absent from older runs' configs
+        if block.get(key) is not None:
+            config[key] = _show(block.get(key))
+    if block.get("augment") is not None:
+        # Made once, from the model as built (its initial weights: a resumed run's weights are
+        # loaded later, so it gets the same set), then fixed; data_sha256 above is of the data
+        # as loaded, so a resume on another device is not refused for last-bit differences.
+        augment = FGSMAugment(**block.get("augment").kw())
+        x_aug, y_aug = augment.augment(model, train_ds.x.to(device), train_ds.y.to(device))
+        train_ds = dataclasses.replace(train_ds, x=x_aug.cpu(), y=y_aug.cpu())
     started = options.resume  # a run to resume has its config.json already
-    with runs.locked(run, "train"):
+    with contextlib.ExitStack() as folder:
+
+        def hold() -> None:
+            _make_folder(run)
+            folder.enter_context(runs.locked(run, "train"))
+
+        # Rank 0 alone holds and writes the run folder (docs/distributed.md).
+        distributed.from_main(hold)
         try:
-            if options.resume:
-                start_epoch, best_acc, metrics = _resume(
-                    run, config, model, optimizer, schedule, epochs
-                )
-                _write(run, lambda: _write_config(run, spec, config), "config.json")
-            else:
-                # again, now that this process holds the folder
-                _check_fresh_folder(run, options.force)
-                _start_fresh(run, spec, config)
-                start_epoch, best_acc, metrics = 0, -1.0, []
+
+            def prepare() -> tuple[int, float, list[dict[str, Any]], dict[str, Any] | None]:
+                if options.resume:
+                    start_epoch, best_acc, metrics = _resume(
+                        run, config, model, optimizer, schedule, epochs
+                    )
+                    if start_epoch > 0:  # the adaptive weight's accumulator (0 in older runs)
+                        objective.adaptive_r = float(runs.load_state(run).get("adaptive_r", 0.0))
+                    _write(run, lambda: _write_config(run, spec, config), "config.json")
+                else:
+                    # again, now that this process holds the folder
+                    _check_fresh_folder(run, options.force)
+                    _start_fresh(run, spec, config)
+                    start_epoch, best_acc, metrics = 0, -1.0, []
+                # the other processes start from rank 0's weights and optimizer state
+                states = _states(model, optimizer, schedule) if distributed.active() else None
+                return start_epoch, best_acc, metrics, states
+
+            start_epoch, best_acc, metrics, states = distributed.from_main(prepare)
+            if states is not None and not distributed.is_main():
+                _load_states(states, model, optimizer, schedule)
             started = True
             loop = _Loop(
                 run=run,
@@ -427,10 +507,38 @@ def _train_in(
                 epochs=epochs,
                 batch=batch,
                 ramp=ramp,
+                partners=partners,
             )
             return _epochs(loop, start_epoch, best_acc, metrics, on_epoch)
         except KeyboardInterrupt:
             raise _Interrupted(started) from None
+
+
+def _states(model: nn.Module, optimizer, schedule) -> dict[str, Any]:
+    """Rank 0's starting point, for the other ranks (on the CPU: each loads it onto its own
+    device; optimizer.load_state_dict moves the state to the parameters' device)."""
+    return {
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer": _on_cpu(optimizer.state_dict()),
+        "schedule": schedule.state_dict() if schedule is not None else None,
+    }
+
+
+def _on_cpu(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _on_cpu(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_on_cpu(v) for v in value)
+    return value
+
+
+def _load_states(states: dict[str, Any], model: nn.Module, optimizer, schedule) -> None:
+    model.load_state_dict(states["model"])
+    optimizer.load_state_dict(states["optimizer"])
+    if schedule is not None and states["schedule"] is not None:
+        schedule.load_state_dict(states["schedule"])
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -452,6 +560,7 @@ class _Loop:
     epochs: int
     batch: int
     ramp: int
+    partners: Any = None  # propdsl.partners.Partners of the loss's properties of a pair
 
 
 def _epochs(
@@ -478,7 +587,9 @@ def _epochs(
     train_ds, val_ds = loop.train_ds, loop.val_ds
     x_all, y_all = train_ds.x.to(device), train_ds.y.to(device)
     n = x_all.shape[0]
-    progress = _Progress(epochs, quiet=options.quiet)
+    parallel = distributed.active()
+    term_keys: list[str] = []  # the loss terms' order in the all-reduced statistics
+    progress = _Progress(epochs, quiet=options.quiet or not distributed.is_main())
     with progress:
         for epoch in range(start_epoch + 1, epochs + 1):
             t0 = time.perf_counter()
@@ -488,6 +599,8 @@ def _epochs(
             order = torch.randperm(n, generator=order_gen).to(device)
             scale = ramp_scale(epoch, ramp)
             _set_radius_scale([objective, *prop_losses.values()], scale)
+            if loop.partners is not None:
+                loop.partners.refresh(model)  # prototypes of this epoch's network
             model.train()
             # The epoch's sums stay on the device (one host sync per epoch on an accelerator);
             # see `_Sums`.
@@ -495,20 +608,37 @@ def _epochs(
             steps = 0
             for start in range(0, n, batch):
                 idx = order[start : start + batch]
-                xb, yb = x_all[idx], y_all[idx]
-                loss = objective(model, xb, yb)
-                if not sums.add(loss.detach(), objective.last_term_values, steps + 1):
-                    raise TrainingDiverged(_diverged_message(objective, epoch, steps + 1, run))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                if parallel:
+                    loss_value, term_values = _parallel_step(
+                        model, objective, optimizer, x_all, y_all, idx, term_keys
+                    )
+                    if not math.isfinite(loss_value):
+                        bad = [k for k, v in term_values.items() if not math.isfinite(v)]
+                        raise TrainingDiverged(
+                            _diverged_message(objective, epoch, steps + 1, run, bad)
+                        )
+                    optimizer.step()
+                    sums.add_reduced(loss_value, term_values)
+                else:
+                    xb, yb = x_all[idx], y_all[idx]
+                    if loop.partners is None:
+                        loss = objective(model, xb, yb)
+                    else:
+                        pairs = loop.partners.draw_for(model, xb, yb, salt=epoch * 100_003 + steps)
+                        loss = objective(model, xb, yb, partners=pairs)
+                    if not sums.add(loss.detach(), objective.last_term_values, steps + 1):
+                        raise TrainingDiverged(_diverged_message(objective, epoch, steps + 1, run))
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    objective.step_adaptive()  # Woods et al.'s psi follows each step's CE
                 steps += 1
                 if progress.live:
                     progress.batch(epoch, min(start + batch, n), n, sums.last)
             diverged = sums.diverged()
             if diverged is not None:
-                step, terms = diverged
-                raise TrainingDiverged(_diverged_message(objective, epoch, step, run, terms))
+                step, bad_terms = diverged
+                raise TrainingDiverged(_diverged_message(objective, epoch, step, run, bad_terms))
             if schedule is not None:
                 schedule.step()
             # An epoch whose weights are not finite, or exploded, never becomes last or best.
@@ -516,10 +646,13 @@ def _epochs(
             if problem is not None:
                 raise TrainingDiverged(_exploded_message(problem, epoch, run))
             train_seconds = time.perf_counter() - t0
+
             row: dict[str, Any] = {"epoch": epoch}
             row.update({k: v / max(1, steps) for k, v in sums.totals().items()})
             row.update(evaluate_epoch(model, val_ds, prop_losses, device, options.eval_samples))
             row["radius_scale"] = scale
+            if objective.adaptive is not None:  # the weight the next step uses
+                row[objective.adaptive.weight] = objective.adaptive_weight()
             row["lr"] = optimizer.param_groups[0]["lr"]
             row["train_seconds"] = round(train_seconds, 3)
             row["seconds"] = round(time.perf_counter() - t0, 3)
@@ -539,6 +672,7 @@ def _epochs(
                 "optimizer": optimizer.state_dict(),
                 "schedule": schedule.state_dict() if schedule is not None else {},
                 "best_acc": best_acc,
+                "adaptive_r": objective.adaptive_r,
             }
             weights = runs.checkpoint_bytes(model)
             sidecar = runs.dumps_json(meta)
@@ -550,12 +684,49 @@ def _epochs(
             if improved:
                 files.update({"best.safetensors": weights, "best.json": sidecar})
             files.update(runs.metrics_files([*metrics, row]))
-            _write(run, functools.partial(runs.commit_epoch, run, epoch, files), f"epoch {epoch}")
+            # Rank 0 alone writes the run folder; its error (a full disk) stops every rank. The
+            # others computed the same row (the validation too: the same weights and draws).
+            commit = functools.partial(runs.commit_epoch, run, epoch, files)
+            distributed.from_main(functools.partial(_write, run, commit, f"epoch {epoch}"))
             metrics.append(row)
             progress.epoch(row)
             if on_epoch is not None:
                 on_epoch(row)
     return TrainResult(run, model, metrics)
+
+
+def _parallel_step(
+    model: nn.Module,
+    objective: Any,
+    optimizer: torch.optim.Optimizer,
+    x_all: Tensor,
+    y_all: Tensor,
+    idx: Tensor,
+    term_keys: list[str],
+) -> tuple[float, dict[str, float]]:
+    """This rank's part of one global batch: forward (the attack included) and backward on its
+    shard, then one all-reduce of the gradients together with the loss statistics.
+
+    Each rank's loss is its shard's mean scaled by (shard size / global batch), so the summed
+    gradients are those of the global batch's mean, as in one process, whatever the shard sizes
+    (also for terms that do not depend on the batch, whose shares sum to one); a last batch
+    smaller than the number of ranks is computed whole by every rank, each weighing 1 / ranks.
+    The attack's random starts are drawn for the whole batch on every rank
+    (`distributed.sharded_batch`), so each sample gets the start it gets in one process.
+    Returns the global batch's loss and terms.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    with distributed.sharded_batch(len(idx)) as shard:
+        local = idx[shard.lo : shard.hi]
+        loss = objective(model, x_all[local], y_all[local])
+        (loss * shard.weight).backward()
+    if not term_keys:
+        term_keys.extend(objective.last_terms)
+    values = [float(loss.detach()), *(objective.last_terms[k] for k in term_keys)]
+    stats = torch.tensor(values, dtype=torch.float64) * shard.weight
+    params = [p for p in model.parameters() if p.requires_grad]
+    reduced = distributed.sync_gradients(params, stats).tolist()
+    return reduced[0], dict(zip(term_keys, reduced[1:], strict=True))
 
 
 class RunWriteError(runs.RunFolderError):
@@ -780,6 +951,17 @@ class _Sums:
             total = self.terms.get(column)
             self.terms[column] = v.double() if total is None else total + v
         return True
+
+    def add_reduced(self, loss: float, terms: dict[str, float]) -> None:
+        """A distributed step's loss and terms, already summed over the ranks (host floats,
+        checked by the caller)."""
+        self.last = loss
+        self.loss += loss
+        for label, v in terms.items():
+            column = _term_column(label)
+            total = self.terms.get(column)
+            value = torch.tensor(v, dtype=torch.float64, device=self.loss.device)
+            self.terms[column] = value if total is None else total + value
 
     def diverged(self) -> tuple[int, list[str]] | None:
         """(batch, non-finite terms) of the first non-finite loss of the epoch, or None."""

@@ -311,7 +311,8 @@ def _entries(text: str, *, continued: bool) -> list[tuple[str, str]]:
         for m in re.finditer(r"(?:^|[\s`$(])propdsl((?:\s+\S+)+)", line):
             words = m.group(1).split()
             k = 0
-            while k < len(words) and words[k].strip("[]") in globals_:
+            while k < len(words) and (words[k] == "--" or words[k].strip("[]") in globals_):
+                # `--`: torchrun's end of its own options (`-m propdsl -- train ...`)
                 k += 2 if words[k].strip("[]") in valued else 1
             name = words[k] if k < len(words) and words[k] in group.commands else ""
             if name or words[0].startswith("-") or words[0].startswith("[-"):

@@ -46,7 +46,7 @@ def test_the_spec_checks():
 def test_both_properties_go_to_the_jacobian_bounds():
     """Not `unsupported`: an untrained softplus model of the spec, a few test images."""
     spec = propdsl.load(SPEC)
-    test = load_split(spec, spec.verify_block, "test", seed=0)
+    test = load_split(spec, spec.verify_block, "test", split_seed=0)
     model = build_model(
         "mlp", (1, 8, 8), 10, hidden=[64], activation=("softplus", {"beta": 1.0}), seed=0
     )
@@ -98,7 +98,7 @@ def test_the_regulariser_raises_the_verified_rate(tmp_path: Path):
 
     spec = propdsl.load(SPEC)
     eps, delta, tau = (float(spec.params[k]) for k in ("eps", "delta", "tau"))
-    test = load_split(spec, spec.verify_block, "test", seed=0)
+    test = load_split(spec, spec.verify_block, "test", split_seed=0)
     x, y = test.x[:100], test.y[:100]
     rates: dict[str, dict[str, float]] = {}
     falsified_rate: dict[str, float] = {}

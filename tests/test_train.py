@@ -257,6 +257,7 @@ def test_there_is_a_method_spec_for_each_training_method_and_logic():
     assert {
         "standard",
         "noise_augmentation",
+        "fgsm_augmentation",
         "adversarial_pgd",
         "trades",
         "gradient_woods",
@@ -639,7 +640,7 @@ def _security(spec_path: Path, tmp_path: Path, epochs: int) -> tuple[float, floa
     """Clean test accuracy and constraint security against APGD-20 (not the training attack)."""
     spec = propdsl.load(spec_path)
     result = train(spec, options(tmp_path / spec_path.stem, epochs=epochs))
-    test = load_split(spec, spec.train_block, "test", seed=0)
+    test = load_split(spec, spec.train_block, "test", split_seed=0)
     model = result.model.eval()
     with torch.no_grad():
         acc = float((model(test.x).argmax(1) == test.y).float().mean())

@@ -15,7 +15,7 @@ from propdsl import ast as A
 from propdsl import ir as I
 from propdsl.check.constants import NOT_CONST, eval_const
 from propdsl.check.results import BlockInfo, PropertyInfo
-from propdsl.registry import Kw
+from propdsl.registry import Kind, Kw
 from propdsl.source import Diagnostic, Source, Span, suggest
 from propdsl.types import NetworkTy, Ty
 
@@ -284,6 +284,9 @@ class CheckerBase:
         raise NotImplementedError
 
     def type_expr(self, t: A.TypeExpr, scope: Scope) -> Ty:  # decls.py
+        raise NotImplementedError
+
+    def option_value(self, e: A.Expr, kind: Kind, key: str) -> Any:  # blocks.py
         raise NotImplementedError
 
     def unknown_name(  # scope.py

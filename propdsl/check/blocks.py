@@ -76,6 +76,11 @@ class Blocks(Names):
             value = self.setting_value(keys[s.key], s, b, net, scope)
             if value is not None:
                 settings.append((s.key, value))
+        if b.kind == "train" and "attacks" in seen:
+            self.check_term_attacks(b, dict(settings))
+        if b.kind == "train" and "adaptive" in seen:
+            written = next(s for s in b.settings if s.key == "adaptive")
+            self.check_adaptive(written, dict(settings))
         if b.kind == "verify" and "properties" not in seen:
             self.error(
                 "a verify block needs 'properties = [...]'",
@@ -316,7 +321,85 @@ class Blocks(Names):
             return tuple(names)
         if kind.type == "loss":
             return self.check_loss(e, b, net, scope)
+        if kind.type == "attacks":
+            return self.term_attacks(e)
         raise AssertionError(kind)
+
+    def term_attacks(self, e: A.Expr) -> OptionValue | None:
+        """`terms(name = attack, ...)`: an attack per term of the loss. The names are checked
+        against the loss once the whole block is read (`check_term_attacks`)."""
+        if not (isinstance(e, A.Call) and e.func.id == "terms") or e.args:
+            self.error(
+                "'attacks' takes terms(name = attack, ...)",
+                e.span,
+                "as in attacks = terms(robust = pgd(steps = 10), z = noise())",
+            )
+            return None
+        out: list[tuple[str, Any]] = []
+        spans: dict[str, Span | None] = {}
+        for k in e.keywords:  # the parser rejects a keyword given twice
+            spans[k.name] = keyword_name_span(k)
+            value = self.option_value(k.value, Kind.ATTACK, "attack")
+            if value is None:
+                return None
+            out.append((k.name, value))
+        self._term_attack_spans = spans
+        return OptionValue("terms", tuple(out))
+
+    def check_term_attacks(self, b: A.Block, settings: dict[str, Any]) -> None:
+        """Every name of `attacks = terms(...)` names a term of the loss: a property named in
+        it, or a variable bound by a `max` / `min` / `forall` / `exists` over a region in it
+        (not inside a property: a property's quantifiers follow the property's attack)."""
+        attacks, loss = settings.get("attacks"), settings.get("loss")
+        if attacks is None:
+            return
+        spans = self._term_attack_spans
+        if loss is None:
+            span = next(iter(spans.values()), None) or b.name_span
+            self.error("'attacks' names terms of the loss, but the block has no valid 'loss'", span)
+            return
+        names = loss_term_names(loss)
+        for name, _ in attacks.kwargs:
+            if name in names:
+                continue
+            hint = self.did_you_mean(name, sorted(names))
+            self.error(
+                f"'{name}' is not a term of the loss",
+                spans.get(name),
+                f"did you mean '{hint}'?"
+                if hint
+                else (
+                    f"terms: {', '.join(sorted(names))}"
+                    if names
+                    else "the loss has no property and no quantifier over a region"
+                ),
+            )
+
+    _term_attack_spans: dict[str, Span | None] = {}
+
+    def check_adaptive(self, written: A.Setting, settings: dict[str, Any]) -> None:
+        """`adaptive = woods_psi(weight = "psi", ...)` sets a Real param that the loss uses."""
+        value, loss = settings.get("adaptive"), settings.get("loss")
+        if value is None:
+            return
+        span = written.value.span
+        name = value.kw().get("weight")
+        if name is None:
+            self.error(f'{value.name}(...) needs weight = "NAME", the param it sets', span)
+            return
+        entry = self.params.get(name)
+        if entry is None or entry[0] != REAL:
+            reals = sorted(n for n, (ty, _) in self.params.items() if ty == REAL)
+            self.error(
+                f"'adaptive' sets param '{name}', but the spec has no Real param of that name",
+                span,
+                f"Real params: {', '.join(reals)}" if reals else "declare param NAME : Real = ...",
+            )
+            return
+        if loss is not None and not any(
+            isinstance(n, I.ParamRef) and n.name == name for n in I.walk(loss)
+        ):
+            self.error(f"'adaptive' sets param '{name}', which the loss does not use", span)
 
     def property_name_error(self, it: A.Name, scope: Scope) -> None:
         entry = scope.lookup(it.id)
@@ -336,6 +419,15 @@ class Blocks(Names):
                     "not a property of one sample (x, y)",
                     it.span,
                     "apply the network itself in the property's body",
+                )
+                return
+            if len(entry.decl.params) == 4 and not nets:
+                self.error(
+                    f"'{it.id}' takes four samples ({params}) but names no partner source, so "
+                    "it is a template, not a property of a sample or of a pair",
+                    it.span,
+                    f"say how its partner is drawn: property {it.id}({params}) partner "
+                    "other_class = ... (or class_mean, prototype(k = 150))",
                 )
                 return
             self.error(
@@ -376,6 +468,20 @@ class Blocks(Names):
             )
             return None
         return node
+
+
+def loss_term_names(loss: I.Node) -> set[str]:
+    """The names `attacks = terms(...)` may give an attack: the properties named in the loss,
+    and the variables its own quantifiers over regions bind."""
+    names: set[str] = set()
+    for n in I.walk(loss):
+        if isinstance(n, I.PropTerm):
+            names.add(n.name)
+        elif isinstance(n, I.Quant):
+            names.update(
+                v.name for v, d in zip(n.vars, n.domains, strict=True) if not isinstance(d, I.Range)
+            )
+    return names
 
 
 class _LossScope:
@@ -431,6 +537,14 @@ class _LossScope:
         name = e.args[0]
         if name.id not in c.properties:
             c.property_name_error(name, self.scope)
+            return c.bad(e.span)
+        if c.properties[name.id].partner is not None:
+            c.error(
+                f"certified training bounds a property of one sample; '{name.id}' is a "
+                "property of a pair",
+                name.span,
+                f"name it as a loss term instead: loss = ... + {name.id}",
+            )
             return c.bad(e.span)
         method = "ibp"
         for k in e.keywords:

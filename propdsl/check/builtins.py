@@ -156,6 +156,11 @@ class Builtins(Names):
             return self.bad(e.span)
         return I.Fn(fid, (args[0],), IndexTy(ty.shape[0], True), span=e.span)
 
+    def _rule_uniform(self, rec: Builtin, e: A.Call, args: list[I.Node]) -> I.Node:
+        if not self.arity(rec, e, args):
+            return self.bad(e.span)
+        return I.Fn(rec.name, (), REAL, span=e.span)
+
     def _rule_clamp(self, rec: Builtin, e: A.Call, args: list[I.Node]) -> I.Node:
         fid = rec.name
         if not self.arity(rec, e, args):

@@ -12,7 +12,7 @@ from typing import Any
 
 from propdsl import ast as A
 from propdsl import ir as I
-from propdsl.builtins import EXPLAINERS, RESERVED
+from propdsl.builtins import EXPLAINERS, RANDOM, RESERVED
 from propdsl.check.base import ERR, ErrTy
 from propdsl.check.constants import NOT_CONST, coerce_param, override_hint
 from propdsl.check.results import Checked, PropertyInfo, show_value
@@ -28,6 +28,7 @@ from propdsl.check.scope import (
     visible_networks,
     walk_ast,
 )
+from propdsl.registry import Kind
 from propdsl.types import BOOL, NAT, REAL, IndexTy, NetworkTy, Scalar, TensorTy, Ty, tensor
 
 
@@ -232,7 +233,10 @@ class Declarations(Names):
     def check_property(self, d: A.PropertyDecl, scope: Scope) -> Any:
         self.check_params_fresh(d.params, scope)
         entry = FunEntry(d, scope)
-        if self.is_template(d, scope):
+        partner = None
+        if d.partner is not None:
+            partner = self.check_partner(d)
+        if d.partner is None and self.is_template(d, scope):
             self.templates.append(d.name)
             self.resolve_names(d.body, scope, {p.name for p in d.params})
             return entry
@@ -243,7 +247,7 @@ class Declarations(Names):
             ty: Ty = ERR
             if p.annotation is not None:
                 ty = self.type_expr(p.annotation, scope)
-            if i == 0 and net is not None:
+            if i in (0, 2) and net is not None:
                 expect = self.networks[net].inp
                 if p.annotation is None:
                     ty = expect
@@ -253,7 +257,7 @@ class Declarations(Names):
                         p.annotation.span,
                     )
                     ty = expect
-            if i == 1 and net is not None:
+            if i in (1, 3) and net is not None:
                 k = self.networks[net].out.shape[0]
                 label = IndexTy(k, True)
                 if p.annotation is None:
@@ -286,8 +290,42 @@ class Declarations(Names):
         body = self.infer(d.body, inner)
         if not isinstance(body.ty, ErrTy) and body.ty != BOOL:
             self.error(f"a property must be Bool, but this is {body.ty}", d.body.span)
-        self.properties[d.name] = PropertyInfo(d.name, tuple(params), net, body, d.span)
+        drawn = next((n for n in I.walk(body) if isinstance(n, I.Fn) and n.fn in RANDOM), None)
+        if drawn is not None:
+            # A property is a statement to prove or refute; a random draw would make its
+            # verdict a coin toss (and `verified` meaningless).
+            self.error(
+                f"property '{d.name}' uses '{drawn.fn}', a random draw",
+                drawn.span or d.body.span,
+                "random built-ins belong in a train block's loss",
+            )
+        self.properties[d.name] = PropertyInfo(
+            d.name, tuple(params), net, body, d.span, partner=partner
+        )
         return entry
+
+    def check_partner(self, d: A.PropertyDecl) -> Any:
+        """The partner source of a property of a pair `p(x, y, xt, yt) partner SOURCE`: an
+        `OptionValue` of `registry.Kind.PARTNER`, or None after an error."""
+        assert d.partner is not None
+        if len(d.params) != 4:
+            span = d.params[0].span if d.params else d.name_span
+            self.error(
+                f"a property with a partner takes four parameters (x, y, xt, yt), but "
+                f"'{d.name}' has {len(d.params)}",
+                span,
+                f"write property {d.name}(x, y, xt, yt) partner ...",
+            )
+        names = {p.name for p in d.params}
+        for node in walk_ast(d.body):
+            if isinstance(node, A.Call) and node.func.id in names:
+                self.error(
+                    f"'{node.func.id}' is applied as a network, but a property with a partner "
+                    "takes samples (x, y, xt, yt)",
+                    node.func.span,
+                )
+                break
+        return self.option_value(d.partner, Kind.PARTNER, "partner")
 
     def is_template(self, d: A.PropertyDecl, scope: Scope) -> bool:
         if len(d.params) > 2 or len(d.params) == 0:

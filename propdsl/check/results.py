@@ -21,6 +21,8 @@ class PropertyInfo:
     network: str | None
     body: I.Node
     span: Span | None = field(default=None, compare=False)
+    # a property of a pair: how the partner (the third and fourth parameters) is drawn
+    partner: OptionValue | None = None
 
 
 @dataclass(frozen=True)

@@ -144,6 +144,8 @@ def explanation(
         return explain.saliency(model, x, y)
     if fn == "gradient_x_input":
         return explain.gradient_x_input(model, x, y)
+    if fn == "guided_backprop":
+        return explain.guided_backprop(model, x, y)
     if fn == "integrated_gradients":
         baseline = options.get("baseline")
         base = None if baseline is None else torch.full_like(x, float(baseline))

@@ -182,12 +182,16 @@ def sample_env(
     *,
     logic: Logic,
     config: EvalConfig | None = None,
+    partner: tuple[Tensor, Tensor] | None = None,
 ) -> Env:
     """The environment of a property of one sample for a batch: its first parameter bound to
-    `x`, its second (when it has one and `y` is given) to `y`."""
+    `x`, its second (when it has one and `y` is given) to `y`; a property of a pair also binds
+    its third and fourth to the partner `(xt, yt)` ([B, ...] and [B])."""
     values = {params[0]: x}
     if len(params) > 1 and y is not None:
         values[params[1]] = y
+    if len(params) == 4 and partner is not None:
+        values[params[2]], values[params[3]] = partner
     return Env(models, values, x.shape[0], logic, config or EvalConfig())
 
 

@@ -247,15 +247,19 @@ class Interpreter:
                 owner = owner.parent
             assert owner is not None
             v = owner.values[name]
+            # The expression may read variables bound between the owner and `env` (`j` in
+            # `min j in classes: ... grad(f(x)[j], x)`), so it is re-evaluated in a child of
+            # `env` with the variable rebound there, expanded to `env`'s batch: one row (and one
+            # gradient) per binding. A value free of those variables is lifted by `Code` and
+            # never reaches this point with `env is not owner`.
+            factor = env.batch // owner.batch
+            if factor > 1:
+                v = v.repeat_interleave(factor, dim=0)
             leaf = v if v.requires_grad else v.detach().requires_grad_(True)
-            # Re-evaluate the expression with the variable as a differentiable leaf.
-            sub = owner.child({name: leaf})
+            sub = env.child({name: leaf})
             with torch.enable_grad():
                 out = expr(sub)
                 (g,) = torch.autograd.grad(out.sum(), leaf, create_graph=True)
-            if env is not owner:
-                factor = env.batch // owner.batch
-                g = g.repeat_interleave(factor, dim=0) if factor > 1 else g
             return g
 
         return Lambda(node, free, run)

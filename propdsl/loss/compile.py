@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -39,12 +39,16 @@ from propdsl.interpret import (
     Lambda,
     as_batch,
     column,
+    env_device,
+    env_dtype,
     lookup,
     rebind,
     warn_empty,
 )
 from propdsl.logics import Logic, get_logic
-from propdsl.types import BOOL
+from propdsl.loss.schedules import WoodsPsi
+from propdsl.simplify import _rebuild as rebuild  # the simplifier's one-level IR map
+from propdsl.types import BOOL, REAL, IndexTy, TensorTy, Ty
 
 __all__ = [
     "APGD",
@@ -92,11 +96,37 @@ class Compiler(Interpreter):
         properties: Mapping[str, I.Node] | None = None,
         *,
         property_params: Mapping[str, Sequence[str]] | None = None,
+        term_attacks: Mapping[str, Attack] | None = None,
+        attack: Attack | None = None,
     ):
         super().__init__()
         self.properties = dict(properties or {})
         self.property_params = {k: tuple(v) for k, v in (property_params or {}).items()}
         self.prop_codes: dict[str, Code] = {}
+        # Per-term attacks (a train block's `attacks = terms(...)`): by property name, or by a
+        # variable bound by a quantifier over a region of the loss itself. `attack` overrides
+        # the evaluation's attack for every quantifier this compiler builds (None: keep it).
+        self.term_attacks = dict(term_attacks or {})
+        self.attack = attack
+        self._bodies: Compiler | None = None
+
+    def _body_compiler(self, name: str) -> Compiler:
+        """The compiler of property `name`'s body: its own attack where the loss gives it one;
+        without per-term attacks, this compiler (one memo, shared sub-expressions)."""
+        if not self.term_attacks:
+            return self
+        if name in self.term_attacks:
+            return Compiler(
+                self.properties,
+                property_params=self.property_params,
+                attack=self.term_attacks[name],
+            )
+        # The loss's variable names must not reach inside a property (its `x'` is its own).
+        if self._bodies is None:
+            self._bodies = Compiler(
+                self.properties, property_params=self.property_params, attack=self.attack
+            )
+        return self._bodies
 
     def logical(self, node: I.Node) -> bool:
         """Formulas, and numbers that contain a property's loss, depend on the logic."""
@@ -111,10 +141,14 @@ class Compiler(Interpreter):
         if node.name not in self.properties:
             raise CompileError(f"unknown property '{node.name}'")
         if node.name not in self.prop_codes:
-            self.prop_codes[node.name] = self(self.properties[node.name])
+            compiler = self._body_compiler(node.name)
+            self.prop_codes[node.name] = compiler(self.properties[node.name])
         body = self.prop_codes[node.name]
         params = self.property_params.get(node.name, ())
         data = ("x", "y")[: len(params)]
+        if len(params) == 4:
+            # a property of a pair: its partner is bound by the objective under these names
+            data = ("x", "y", *partner_names(node.name))
         if params == data:
             return Lambda(node, free | body.free, lambda env: env.logic.loss(body(env)))
         # `property p(img, label)` in a loss: bind its parameters to the sample's x and y.
@@ -126,6 +160,33 @@ class Compiler(Interpreter):
             return env.logic.loss(body(env.child(values)))
 
         return Lambda(node, free | outer, run)
+
+    # -- random draws (Woods et al.'s random logit) ----------------------------------------------
+    # A draw reads no variable (`free` is empty, whatever the argument), so `Code` lifts it to the
+    # root env and caches it there: one draw per sample and evaluation, the same inside `grad`'s
+    # re-evaluation and under every logic variant of the evaluation.
+    def _fn_uniform(self, node: I.Fn, free):
+        def run(env: Env) -> Tensor:
+            device = env_device(env)
+            gen = env.config.generator
+            if gen is not None and gen.device != device:
+                gen = None  # a generator on another device cannot draw here
+            return torch.rand(env.batch, generator=gen, dtype=env_dtype(env), device=device)
+
+        return Lambda(node, frozenset(), run)
+
+    def _fn_random_class(self, node: I.Fn, free):
+        assert isinstance(node.ty, IndexTy)
+        k = node.ty.k
+
+        def run(env: Env) -> Tensor:
+            device = env_device(env)
+            gen = env.config.generator
+            if gen is not None and gen.device != device:
+                gen = None
+            return torch.randint(0, k, (env.batch,), generator=gen, device=device)
+
+        return Lambda(node, frozenset(), run)
 
     def _fn_certified(self, node: I.Fn, free):
         try:
@@ -141,6 +202,12 @@ class Compiler(Interpreter):
         domains = [self.domain(d) for d in node.domains]
         names = tuple(v.name for v in node.vars)
         negate = node.kind in ("exists", "min")  # the attack maximises
+        own = [self.term_attacks[n] for n in names if n in self.term_attacks]
+        if len(set(own)) > 1:
+            raise CompileError(
+                f"the variables {', '.join(names)} move together in one attack; give them one"
+            )
+        fixed = own[0] if own else self.attack
 
         def run(env: Env) -> Tensor:
             record = env.recall(id(run))
@@ -162,7 +229,7 @@ class Compiler(Interpreter):
                     return objective
 
                 result = run_attack(
-                    _attack(env),
+                    fixed if fixed is not None else _attack(env),
                     tiled(),
                     regions,
                     models=list(env.models.values()),
@@ -226,6 +293,12 @@ class LossOutput:
     all_empty: Tensor | None = None
 
 
+def partner_names(prop: str) -> tuple[str, str]:
+    """The names an objective binds the partner of property `prop` to (not valid spec names,
+    so they never meet a spec's own)."""
+    return (f"{prop}.xt", f"{prop}.yt")
+
+
 def resolve_logic(logic: str | Logic | Any) -> Logic:
     """A logic from a `Logic`, a name, or a checked option value such as `yager(p = 3)`."""
     if isinstance(logic, Logic):
@@ -280,7 +353,14 @@ class PropertyLoss(nn.Module):
             if not isinstance(d, I.Range)
         ]
 
-    def env(self, model, x: Tensor, y: Tensor | None, logic: Logic) -> Env:
+    def env(
+        self,
+        model,
+        x: Tensor,
+        y: Tensor | None,
+        logic: Logic,
+        partner: tuple[Tensor, Tensor] | None = None,
+    ) -> Env:
         values: dict[str, Tensor] = {}
         for i, p in enumerate(self.params):
             if i == 0:
@@ -289,13 +369,32 @@ class PropertyLoss(nn.Module):
                 if y is None:
                     raise UsageError(f"property '{self.name}' needs labels y")
                 values[p] = y
+        if len(self.params) == 4:
+            if partner is None:
+                raise UsageError(
+                    f"property '{self.name}' is a property of a pair: pass its partner "
+                    "samples, partner=(xt, yt) (propdsl.partners.draw draws them)"
+                )
+            xt, yt = partner
+            if xt.shape != x.shape or yt.shape[:1] != x.shape[:1]:
+                raise UsageError(
+                    f"property '{self.name}': the partner batch {tuple(xt.shape)} does not "
+                    f"match the samples {tuple(x.shape)}"
+                )
+            values[self.params[2]], values[self.params[3]] = xt, yt
         config = CompileConfig(
             attack=self.attack, generator=self.generator, radius_scale=self.radius_scale
         )
         return Env(_models(model, self.networks), values, x.shape[0], logic, config)
 
-    def forward(self, model, x: Tensor, y: Tensor | None = None) -> LossOutput:
-        env = self.env(model, x, y, self.logic)
+    def forward(
+        self,
+        model,
+        x: Tensor,
+        y: Tensor | None = None,
+        partner: tuple[Tensor, Tensor] | None = None,
+    ) -> LossOutput:
+        env = self.env(model, x, y, self.logic, partner)
         value = as_batch(self.code(env), env)
         points: dict[str, Tensor] = {}
         empty: dict[str, Tensor] = {}
@@ -341,6 +440,8 @@ class Objective(nn.Module):
         *,
         terms: Sequence[tuple[str, I.Node]] = (),
         property_params: Mapping[str, Sequence[str]] | None = None,
+        term_attacks: Mapping[str, Attack] | None = None,
+        adaptive: WoodsPsi | None = None,
         generator: torch.Generator | None = None,
     ):
         super().__init__()
@@ -348,25 +449,123 @@ class Objective(nn.Module):
         self.networks = tuple(networks)
         self.logic = logic
         self.attack = attack
+        self.term_attacks = dict(term_attacks or {})
         self.generator = generator
-        compiler = Compiler(properties, property_params=property_params)
+        compiler = Compiler(
+            properties, property_params=property_params, term_attacks=self.term_attacks
+        )
         self.code = compiler(expr)
+        # the properties of a pair the loss names: their partners are bound per batch
+        self.paired = tuple(
+            dict.fromkeys(
+                n.name
+                for n in I.walk(expr)
+                if isinstance(n, I.PropTerm) and len(compiler.property_params.get(n.name, ())) == 4
+            )
+        )
         self.term_codes = [(label, compiler(node)) for label, node in terms]
         self.last_term_values: dict[str, Tensor] = {}
         self.radius_scale = 1.0
+        # An adaptive weight: the loss reads its param as the variable of that name (bound per
+        # call), updated by `step_adaptive` from the batch's cross-entropy (the same Code as
+        # the loss's `cross_entropy` term when it has one: hash-consed, computed once).
+        self.adaptive = adaptive
+        self._r: Tensor | float = 0.0  # R, on the batch's device once training runs (float64)
+        self._ce: Tensor | None = None  # the last batch's cross-entropy, detached
+        self._ce_code: Code | None = None
+        if adaptive is not None:
+            net = self.networks[0]
+            x = I.Var("x", _input_type(expr))
+            logits = I.Apply(net, x, _output_type(expr, net))
+            label = I.Var("y", IndexTy(cast(TensorTy, logits.type).shape[0], True))
+            self._ce_code = compiler(I.Fn("cross_entropy", (logits, label), REAL))
+
+    @property
+    def adaptive_r(self) -> float:
+        """Woods et al.'s accumulator R (a host sync on an accelerator: read it per epoch)."""
+        return float(self._r)
+
+    @adaptive_r.setter
+    def adaptive_r(self, value: float) -> None:
+        self._r = float(value)
+
+    @property
+    def last_cross_entropy(self) -> float | None:
+        return None if self._ce is None else float(self._ce)
+
+    def adaptive_weight(self) -> float | None:
+        """The adaptive param's value for the next step (None without one)."""
+        return None if self.adaptive is None else self.adaptive.value(self.adaptive_r)
+
+    def step_adaptive(self) -> None:
+        """After an optimiser step: advance the adaptive weight with the last batch's CE, on the
+        device (`WoodsPsi.advance` in tensor operations: no host sync per step)."""
+        a = self.adaptive
+        if a is None or self._ce is None:
+            return
+        ce = self._ce.to(torch.float64)
+        r = torch.as_tensor(self._r, dtype=torch.float64, device=ce.device)
+        # -log(ce / target) is +inf at ce = 0, clipped to `up` as `advance` does
+        change = (-torch.log(ce / a.target)).clamp(-a.down, a.up)
+        self._r = (r + change).clamp_min(0.0)
 
     @property
     def last_terms(self) -> dict[str, float]:
         # Converted on demand: each conversion is a host sync on an accelerator.
         return {label: float(v) for label, v in self.last_term_values.items()}
 
-    def forward(self, model, x: Tensor, y: Tensor) -> Tensor:
+    def forward(
+        self,
+        model,
+        x: Tensor,
+        y: Tensor,
+        partners: Mapping[str, tuple[Tensor, Tensor]] | None = None,
+    ) -> Tensor:
+        """The batch mean of the loss; `partners` maps each property of a pair named in the
+        loss (`paired`) to its partners `(xt, yt)` for this batch."""
         config = CompileConfig(
             attack=self.attack, generator=self.generator, radius_scale=self.radius_scale
         )
-        env = Env(_models(model, self.networks), {"x": x, "y": y}, x.shape[0], self.logic, config)
+        values = {"x": x, "y": y}
+        if self.adaptive is not None:
+            a = self.adaptive
+            r = torch.as_tensor(self._r, dtype=torch.float64, device=x.device)
+            values[a.weight] = (a.base * torch.exp(a.rate * r)).to(x.dtype)
+        for name in self.paired:
+            if partners is None or name not in partners:
+                raise UsageError(
+                    f"the loss names '{name}', a property of a pair: pass partners="
+                    f"{{'{name}': (xt, yt)}}"
+                )
+            values.update(zip(partner_names(name), partners[name], strict=True))
+        env = Env(_models(model, self.networks), values, x.shape[0], self.logic, config)
         per_sample = as_batch(self.code(env), env)
         self.last_term_values = {
             label: as_batch(code(env), env).detach().mean() for label, code in self.term_codes
         }
+        if self._ce_code is not None:
+            self._ce = as_batch(self._ce_code(env), env).detach().mean()
         return per_sample.mean()
+
+
+def _input_type(expr: I.Node) -> Ty:
+    """The type of the loss's sample `x` (a variable of every loss that reads the data)."""
+    for n in I.walk(expr):
+        if isinstance(n, I.Var) and n.name == "x":
+            return n.ty
+    raise CompileError("an adaptive weight needs a loss over the sample x")
+
+
+def _output_type(expr: I.Node, net: str) -> Ty:
+    for n in I.walk(expr):
+        if isinstance(n, I.Apply) and n.net == net:
+            return n.type
+    raise CompileError(f"an adaptive weight needs a loss that applies network '{net}'")
+
+
+def bind_param(node: I.Node, name: str) -> I.Node:
+    """`node` with param `name` read as a variable (`Objective` binds it per call), so that
+    simplifying the loss does not fold its value in."""
+    if isinstance(node, I.ParamRef) and node.name == name:
+        return I.Var(name, node.ty, span=node.span)
+    return rebuild(node, lambda c: bind_param(c, name))

@@ -460,9 +460,9 @@ def _make_builder() -> type:
             return A.LetDecl(str(name), params, body, span=_span(meta), name_span=_tok_span(name))
 
         def property_decl(self, meta, c):
-            name, params, body = c
+            name, params, _keyword, partner, body = c
             return A.PropertyDecl(
-                str(name), params, body, span=_span(meta), name_span=_tok_span(name)
+                str(name), params, body, partner, span=_span(meta), name_span=_tok_span(name)
             )
 
         def fun_params(self, meta, c):

@@ -154,7 +154,8 @@ def _decl_lines(d: A.Decl) -> list[str]:
         params = _params(d.params) if d.params is not None else ""
         return [f"let {d.name}{params} = {format_expr(d.body)}"]
     if isinstance(d, A.PropertyDecl):
-        return [f"property {d.name}{_params(d.params)} ="] + _stmt(d.body, 1)
+        partner = f" partner {format_expr(d.partner)}" if d.partner is not None else ""
+        return [f"property {d.name}{_params(d.params)}{partner} ="] + _stmt(d.body, 1)
     if isinstance(d, A.Block):
         raise TypeError("blocks are formatted by _block")
     raise TypeError(f"cannot format {type(d).__name__}")

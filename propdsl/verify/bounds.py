@@ -17,10 +17,12 @@ The engine works on the bound graph of `propdsl.verify.graph` (one rule per oper
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
-from typing import cast
+from typing import cast, overload
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from propdsl.region import INF, Region, RegionError
@@ -30,12 +32,16 @@ from propdsl.verify.layers import (
     ActivationRule,
     AffineRule,
     BoundRule,
+    Call,
     Interval,
     NonlinearRule,
     Relaxation,
     UnsupportedLayerError,
     concretize_box,
+    register_rule,
+    sum_spec,
 )
+from propdsl.verify.patches import Patches, affine_backward, unit_patches
 
 __all__ = ["AlphaOptions", "Method", "NamedEnum", "SplitConstraints", "bounds"]
 
@@ -46,7 +52,9 @@ __all__ = ["AlphaOptions", "Method", "NamedEnum", "SplitConstraints", "bounds"]
 
 @dataclass(frozen=True, kw_only=True)
 class AlphaOptions:
-    """alpha-CROWN's optimiser: `iterations` Adam steps of rate `lr` on the relaxation slopes.
+    """alpha-CROWN's optimiser: `iterations` Adam steps on the relaxation slopes, the first of
+    rate `lr`, each next one's rate `lr_decay` times the previous (auto_LiRPA's schedule: large
+    steps first, then refinement).
 
     `optimize_intermediate` also optimises the slopes used for the intermediate layers' bounds
     (one set per intermediate neuron, as auto_LiRPA does); without it only the output's are.
@@ -54,6 +62,7 @@ class AlphaOptions:
 
     iterations: int = 20
     lr: float = 0.1
+    lr_decay: float = 0.98
     optimize_intermediate: bool = True
 
     def __post_init__(self) -> None:
@@ -63,6 +72,8 @@ class AlphaOptions:
             raise ValueError(f"iterations must be >= 0, got {self.iterations}")
         if not (isinstance(self.lr, int | float) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if not (isinstance(self.lr_decay, int | float) and 0 < self.lr_decay <= 1):
+            raise ValueError(f"lr_decay must be in (0, 1], got {self.lr_decay!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -100,8 +111,10 @@ def bounds(
             LeakyReLU, Tanh, Sigmoid, Softplus, Flatten, AvgPool2d, BatchNorm in eval mode,
             Dropout, Identity, Normalize, residual additions, reshapes and scalings in
             `forward`); it is traced with torch.fx. More layers: `register_rule`.
-        lower, upper: the input box, [B, *input_shape] each.
-        region: instead of a box, a `Region` (an L-inf, L2 or L1 ball intersected with a box).
+        lower, upper: the input box, [B, *input_shape] each (for a model with several inputs,
+            tuples of them, one per input).
+        region: instead of a box, a `Region` (an L-inf, L2 or L1 ball intersected with a box),
+            or a tuple of Regions, one per input of a model with several inputs.
         method: `Method.IBP`, `Method.CROWN_IBP` (CROWN's backward pass over IBP's
             intermediate bounds), `Method.CROWN` (default) or `Method.ALPHA_CROWN`, or its name.
         C: specification matrix [B, S, O] or [S, O] (shared by the batch) over the O flattened
@@ -126,29 +139,46 @@ def bounds(
     >>> lb.shape, bool((lb <= net(x)).all() and (net(x) <= ub).all())
     (torch.Size([4, 1]), True)
     """
+    if isinstance(lower, tuple | list) or isinstance(upper, tuple | list):
+        if region is not None:
+            raise ValueError("give either lower and upper, or region, not both")
+        if not (isinstance(lower, tuple | list) and isinstance(upper, tuple | list)):
+            raise ValueError(
+                "a model with several inputs takes a tuple of lower bounds and one of upper bounds"
+            )
+        if len(lower) != len(upper):
+            raise ValueError(f"{len(lower)} lower bounds for {len(upper)} upper bounds")
+        joint = tuple(_input_region(lo, hi, None) for lo, hi in zip(lower, upper, strict=True))
+        return compute_bounds(model, joint, method, C, options)
+    if isinstance(region, tuple | list):
+        return compute_bounds(model, tuple(region), method, C, options)
     return compute_bounds(model, _input_region(lower, upper, region), method, C, options)
 
 
 def compute_bounds(
     model: nn.Module,
-    region: Region,
+    region: Region | tuple[Region, ...],
     method: Method | str = Method.CROWN,
     C: Tensor | None = None,
     options: AlphaOptions | None = None,
     *,
     intersect_ibp: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    """`bounds` over a `Region`. `intersect_ibp=False` returns CROWN's output bounds without
-    intersecting them with IBP's (to compare with other CROWN implementations)."""
+    """`bounds` over a `Region` (a tuple of regions, one per input, for a model with several
+    inputs). `intersect_ibp=False` returns CROWN's output bounds without intersecting them with
+    IBP's (to compare with other CROWN implementations)."""
     method = _method(method)
     if options is not None and not isinstance(options, AlphaOptions):
         raise TypeError(f"options must be AlphaOptions, got {type(options).__name__}")
+    parts = None
+    if isinstance(region, tuple | list):
+        model, region, parts = _join_inputs(model, tuple(region))
     lo, hi = region.bounding_box()
     example = ((lo[:1] + hi[:1]) / 2).repeat(2, *([1] * (lo.dim() - 1)))
     graph = build_graph(model, example)
     out_shape = graph.nodes[graph.output].shape
     spec = _spec(C, out_shape, lo)
-    prop = _Propagation(graph, region, lo, hi)
+    prop = _Propagation(graph, region, lo, hi, parts=parts)
 
     if method is Method.IBP:
         prop.run_ibp()
@@ -170,6 +200,91 @@ def compute_bounds(
 
 
 # -- arguments -----------------------------------------------------------------------------------
+
+
+class _InputPart(nn.Module):
+    """Input k of a model with several inputs, cut out of their flat concatenation."""
+
+    def __init__(self, offset: int, shape: torch.Size):
+        super().__init__()
+        self.offset, self.shape = offset, shape
+
+    def forward(self, z: Tensor) -> Tensor:
+        n = math.prod(self.shape)
+        return z[:, self.offset : self.offset + n].reshape(-1, *self.shape)
+
+
+@register_rule(_InputPart)
+class _InputPartRule(AffineRule):
+    mixes = False
+    nonnegative = True
+
+    def __init__(self, call: Call):
+        super().__init__(call)
+        part = call.module
+        self.offset, self.size = part.offset, math.prod(part.shape)
+        self.total = call.in_shapes[0][0]
+
+    def ibp(self, *inputs: Interval) -> Interval:
+        ((lo, hi),) = inputs
+        cut = slice(self.offset, self.offset + self.size)
+        shape = (lo.shape[0], *self.call.out_shape)
+        return lo[:, cut].reshape(shape), hi[:, cut].reshape(shape)
+
+    def backward(self, A: Tensor) -> tuple[list[Tensor | None], Tensor | None]:
+        flat = A.flatten(2)
+        after = self.total - self.offset - self.size
+        return [F.pad(flat, (self.offset, after))], None
+
+    def forward_dual(self, v: Tensor, q: float) -> Tensor | None:
+        return v[:, self.offset : self.offset + self.size].reshape(1, *self.call.out_shape)
+
+
+class _Joined(nn.Module):
+    """model(*inputs) as a function of the inputs' flat concatenation."""
+
+    def __init__(self, model: nn.Module, shapes: tuple[torch.Size, ...]):
+        super().__init__()
+        self.model = model
+        offsets = [0]
+        for shape in shapes:
+            offsets.append(offsets[-1] + math.prod(shape))
+        self.parts = nn.ModuleList(_InputPart(o, s) for o, s in zip(offsets, shapes, strict=False))
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.model(*(part(z) for part in self.parts))
+
+
+# One joined wrapper per (model, input shapes): its trace is cached like the model's.
+_JOINED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, _Joined]] = weakref.WeakKeyDictionary()
+
+
+def _join_inputs(
+    model: nn.Module, regions: tuple[Region, ...]
+) -> tuple[nn.Module, Region, list[tuple[int, int, Region]]]:
+    """A model with several inputs, one region each, as a model of one flat input: the joined
+    model, the product's bounding box and the parts (offset, size, region)."""
+    if not regions or not all(isinstance(r, Region) for r in regions):
+        raise TypeError("a model with several inputs takes a tuple of Regions, one per input")
+    batch = {r.shape[0] for r in regions}
+    if len(batch) != 1:
+        raise ValueError(f"the inputs' regions have different batch sizes {sorted(batch)}")
+    shapes = tuple(torch.Size(r.shape[1:]) for r in regions)
+    cache = _JOINED.setdefault(model, {})
+    joined = cache.get(shapes)
+    if joined is None:
+        joined = cache[shapes] = _Joined(model, shapes)
+    boxes = [r.bounding_box() for r in regions]
+    for r, (lo, hi) in zip(regions, boxes, strict=True):
+        _check_region(r, lo, hi)
+    lo = torch.cat([b[0].flatten(1) for b in boxes], 1)
+    hi = torch.cat([b[1].flatten(1) for b in boxes], 1)
+    parts, offset = [], 0
+    for r in regions:
+        n = math.prod(r.shape[1:])
+        parts.append((offset, n, r))
+        offset += n
+    return joined, Region.box(lo, hi), parts
 
 
 def _method(method: Method | str) -> Method:
@@ -307,6 +422,7 @@ class _Propagation:
         hi: Tensor,
         *,
         constraints: SplitConstraints | None = None,
+        parts: list[tuple[int, int, Region]] | None = None,
     ):
         _check_region(region, lo, hi)
         self.graph = graph
@@ -314,7 +430,13 @@ class _Propagation:
         self.constraints = constraints
         self.box = (lo, hi)
         self.batch = lo.shape[0]
-        self.ball = region.centre is not None and region.p != INF
+        # Several inputs: the flat input is their concatenation, (offset, size, region) each; a
+        # linear function is bounded over each input's region and the bounds are summed.
+        self.parts = parts
+        if parts is not None:
+            self.ball = any(r.centre is not None and r.p != INF for _, _, r in parts)
+        else:
+            self.ball = region.centre is not None and region.p != INF
         self.bounds: list[Interval] = [self.box] * len(graph.nodes)
         self.relaxations: dict[int, Relaxation] = {}
         # Per pre-activation node, per sample: the neurons CROWN bounds ([B, m]).
@@ -323,17 +445,33 @@ class _Propagation:
         # neurons that get their own parameters ([B, m]).
         self.alpha_base: dict[int, Tensor] = {}
         self.alpha_index: dict[int, Tensor] = {}
+        # alpha-CROWN's parameters of (start, activation) pairs whose rows reach the activation
+        # as windows: the windows (their geometry), the parameters being [k, B, S, C, kh, kw].
+        self.windows: dict[tuple[int, int], Patches] = {}
 
     # -- concretisation ----------------------------------------------------------------------
-    def concretize(self, A: Tensor, bias: Tensor) -> Tensor:
+    def concretize(self, A: Tensor | Patches, bias: Tensor) -> Tensor:
         """Lower bound [B, S] of A . x + bias over the input region."""
-        lb = concretize_box(A, *self.box)
+        if isinstance(A, Patches):
+            return self._concretize_patches(A, bias)
+        if self.parts is None:
+            return _concretize_region(A, self.region, *self.box) + bias
+        flat, (lo, hi) = A.flatten(2), self.box
+        for offset, size, region in self.parts:
+            cut = slice(offset, offset + size)
+            bias = bias + _concretize_region(flat[..., cut], region, lo[:, cut], hi[:, cut])
+        return bias
+
+    def _concretize_patches(self, A: Patches, bias: Tensor) -> Tensor:
+        lo, hi = self.box
+        mid, rad = ((hi + lo) / 2).unsqueeze(1), ((hi - lo) / 2).unsqueeze(1)
+        lb = A.dot(mid) - A.with_data(A.data.abs()).dot(rad)
         if self.ball:
             centre, radius = cast(Tensor, self.region.centre), cast(Tensor, self.region.radius)
-            flat = A.flatten(2)
             dual = INF if self.region.p == 1 else 2.0
-            norm = torch.linalg.vector_norm(flat, ord=dual, dim=-1)
-            at_centre = (flat @ centre.reshape(self.batch, -1, 1)).squeeze(-1)
+            # The windows are zero outside the image: their norms are the rows' norms.
+            norm = torch.linalg.vector_norm(A.data.flatten(2), ord=dual, dim=-1)
+            at_centre = A.dot(centre.unsqueeze(1))
             lb = torch.maximum(lb, at_centre - radius.reshape(-1, 1).to(lb) * norm)
         return lb + bias
 
@@ -358,11 +496,45 @@ class _Propagation:
         lo, hi = cast(BoundRule, node.rule).ibp(*(self.bounds[j] for j in node.inputs))
         if self.ball and self.graph.is_direct(i):
             # An affine map of a ball: the dual norm can beat the bounding box.
-            n = math.prod(node.shape)
-            lb = self.concretize(*self.backward(i, self._unit_spec(i, None)))
-            lo = torch.maximum(lo, lb[:, :n].reshape(lo.shape))
-            hi = torch.minimum(hi, -lb[:, n:].reshape(hi.shape))
+            closed = self._ball_image(i)
+            if closed is None:  # a layer without a closed form: one backward row per neuron
+                n = math.prod(node.shape)
+                lb = self.concretize(*self.backward(i, self._unit_spec(i, None)))
+                ball_lo, ball_hi = lb[:, :n].reshape(lo.shape), -lb[:, n:].reshape(hi.shape)
+            else:
+                ball_lo, ball_hi = closed
+            lo, hi = torch.maximum(lo, ball_lo), torch.minimum(hi, ball_hi)
         return lo, hi
+
+    def _ball_image(self, i: int) -> Interval | None:
+        """Bounds of node i, an affine function M x + b of the input (`is_direct`), over the
+        ball ||x - c||_p <= r in closed form: M c + b -/+ r ||M_k||_q per neuron k (q the dual
+        norm), with the rows' norms from the rules' `forward_dual` (no matrix, no backward
+        pass). None when a rule on the chain has no closed form."""
+        if self.parts is not None:
+            return None
+        chain = []
+        j = i
+        while j != 0:
+            chain.append(self.graph.nodes[j])
+            j = chain[-1].inputs[0]
+        centre = cast(Tensor, self.region.centre)
+        q = INF if self.region.p == 1 else 2.0
+        weights = torch.ones(
+            (1, *self.graph.nodes[0].shape), dtype=centre.dtype, device=centre.device
+        )
+        point = (centre, centre)
+        for node in reversed(chain):
+            rule = cast(AffineRule, node.rule)
+            mapped = rule.forward_dual(weights, q)
+            if mapped is None:
+                return None
+            weights = mapped
+            point = rule.ibp(point)  # exact for a point: the chain's image of the centre
+        norms = weights.sqrt() if q == 2 else weights
+        radius = cast(Tensor, self.region.radius).reshape(-1, *([1] * (norms.dim() - 1)))
+        spread = radius * norms
+        return point[0] - spread, point[1] + spread
 
     def run_ibp(self) -> None:
         for i in range(1, len(self.graph.nodes)):
@@ -405,7 +577,7 @@ class _Propagation:
         node = self.graph.nodes[i]
         rule = cast(ActivationRule, node.rule)  # the caller dispatched on the rule's kind
         lo, hi = self.bounds[node.inputs[0]]
-        if alphas is not None and (start, i) in alphas:
+        if alphas is not None and (start, i) in alphas and (start, i) not in self.windows:
             return rule.relax(
                 lo.unsqueeze(1), hi.unsqueeze(1), self._full_alpha(i, alphas[(start, i)])
             )
@@ -416,6 +588,7 @@ class _Propagation:
             self.relaxations[i] = cached
         return cached
 
+    @overload
     def backward(
         self,
         start: int,
@@ -424,22 +597,60 @@ class _Propagation:
         *,
         betas: dict[int, Tensor] | None = None,
         record: dict[int, Tensor] | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """Linear lower bound A . x + bias of spec . node[start], in terms of the input.
+        windows: dict[int, Patches] | None = None,
+    ) -> tuple[Tensor, Tensor]: ...
+
+    @overload
+    def backward(
+        self,
+        start: int,
+        spec: Patches,
+        alphas: dict | None = None,
+        *,
+        betas: dict[int, Tensor] | None = None,
+        record: dict[int, Tensor] | None = None,
+        windows: dict[int, Patches] | None = None,
+    ) -> tuple[Tensor | Patches, Tensor]: ...
+
+    def backward(
+        self,
+        start: int,
+        spec: Tensor | Patches,
+        alphas: dict | None = None,
+        *,
+        betas: dict[int, Tensor] | None = None,
+        record: dict[int, Tensor] | None = None,
+        windows: dict[int, Patches] | None = None,
+    ) -> tuple[Tensor | Patches, Tensor]:
+        """Linear lower bound A . x + bias of spec . node[start], in terms of the input
+        (windowed rows stay `Patches` as far as the layers allow).
 
         `betas` (beta-CROWN, Wang et al. 2021): per split pre-activation node, multipliers
         [B, S, *shape] >= 0 of the split constraints `sign * z >= 0`; the term
         `-beta * sign * z`, never positive on the sub-domain, is added to the bounded function,
         so the bound stays sound there for every beta >= 0 and tightens with good ones.
-        `record` receives the coefficients reaching each activation's output (for branching).
+        `record` receives the coefficients reaching each activation's output (for branching),
+        `windows` the windowed rows reaching each activation's output.
         """
-        coeffs: dict[int, Tensor] = {start: spec}
-        bias = torch.zeros((), dtype=spec.dtype, device=spec.device)
+        coeffs: dict[int, Tensor | Patches] = {start: spec}
+        like = spec.data if isinstance(spec, Patches) else spec
+        bias = torch.zeros((), dtype=like.dtype, device=like.device)
         signs = self.constraints.signs if self.constraints is not None else {}
         for i in range(start, 0, -1):
             A = coeffs.pop(i, None)
             if A is None:
                 continue
+            if isinstance(A, Patches):
+                step = self._patches_step(i, A, start, alphas, windows)
+                if step is not None:
+                    ins_p, b = step
+                    if b is not None:
+                        bias = bias + b
+                    for j, piece in zip(self.graph.nodes[i].inputs, ins_p, strict=True):
+                        if piece is not None:
+                            coeffs[j] = piece if j not in coeffs else _add_rows(coeffs[j], piece)
+                    continue
+                A = A.to_dense()
             if betas is not None and i in betas:
                 A = A - betas[i] * signs[i].unsqueeze(1)
             node = self.graph.nodes[i]
@@ -470,10 +681,49 @@ class _Propagation:
                 )
             for j, coeff in zip(node.inputs, ins, strict=True):
                 if coeff is not None:
-                    coeffs[j] = coeff if j not in coeffs else coeffs[j] + coeff
+                    coeffs[j] = coeff if j not in coeffs else _add_rows(coeffs[j], coeff)
         if 0 not in coeffs:  # every path was cut by a rule returning no coefficients
-            return spec.new_zeros(*spec.shape[:2], *self.graph.nodes[0].shape), bias
-        return coeffs[0], bias
+            rows = like.shape[:2]
+            return like.new_zeros(*rows, *self.graph.nodes[0].shape), bias
+        return coeffs[0], bias  # type: ignore[return-value]
+
+    def _patches_step(
+        self,
+        i: int,
+        A: Patches,
+        start: int,
+        alphas: dict | None,
+        windows: dict[int, Patches] | None = None,
+    ) -> tuple[list[Patches | None], Tensor | None] | None:
+        """One backward step with windowed rows (`propdsl.verify.patches`), or None where the
+        rows must become dense: a layer that is not a window map, or windows that have grown
+        to cover the whole node (dense rows are then no larger)."""
+        rule = self.graph.nodes[i].rule
+        if A.kernel[0] >= A.shape[1] and A.kernel[1] >= A.shape[2]:
+            return None
+        if isinstance(rule, AffineRule):
+            return affine_backward(rule, A)
+        if isinstance(rule, ActivationRule):
+            if windows is not None:
+                windows[i] = A
+            pos = A.data.clamp(min=0)
+            if alphas is not None and (start, i) in self.windows:
+                # Slopes per row and window entry: the lines are built in the windows.
+                lo, hi = self.bounds[self.graph.nodes[i].inputs[0]]
+                r = rule.relax(
+                    A.gather(lo.unsqueeze(1)), A.gather(hi.unsqueeze(1)), alphas[(start, i)]
+                )
+                up, low = r.upper_slope, r.lower_slope
+                data = torch.addcmul(A.data * up, pos, low - up)
+                b = sum_spec(A.data * r.upper_bias) + sum_spec(pos * (r.lower_bias - r.upper_bias))
+                return [A.with_data(data)], b
+            r = self._relaxation(i, start, alphas)
+            up = A.gather(r.upper_slope) if r.upper_slope.dim() else r.upper_slope
+            low = A.gather(r.lower_slope) if r.lower_slope.dim() else r.lower_slope
+            data = torch.addcmul(A.data * up, pos, low - up)
+            b = A.dot(r.upper_bias) + A.with_data(pos).dot(r.lower_bias - r.upper_bias)
+            return [A.with_data(data)], b
+        return None
 
     def run_crown(self, alphas: dict | None = None, best: list[Interval] | None = None) -> None:
         """Bounds of every node: interval arithmetic from the tightened inputs, intersected,
@@ -489,7 +739,13 @@ class _Propagation:
                     self.rows[i] = rows
                 if rows.shape[-1]:
                     m = rows.shape[-1]
-                    lb = self.concretize(*self.backward(i, self._unit_spec(i, rows), alphas))
+                    shape = self.graph.nodes[i].shape
+                    unit: Tensor | Patches = (
+                        unit_patches(tuple(shape), rows, lo)  # type: ignore[arg-type]
+                        if len(shape) == 3
+                        else self._unit_spec(i, rows)
+                    )
+                    lb = self.concretize(*self.backward(i, unit, alphas))
                     lo = _tighten(lo, rows, lb[:, :m], torch.maximum)
                     hi = _tighten(hi, rows, -lb[:, m:], torch.minimum)
             if best is not None:
@@ -517,11 +773,26 @@ class _Propagation:
         if intermediate:
             starts += [(i, 2 * rows.shape[-1]) for i, rows in self.rows.items() if rows.shape[-1]]
         alphas: dict[tuple[int, int], Tensor] = {}
+        self.windows = {}
         for start, size in starts:
+            reached: dict[int, Patches] = {}
+            start_shape = self.graph.nodes[start].shape
+            if start != self.graph.output and len(start_shape) == 3:
+                # Which activations the start's rows reach as windows: those get parameters
+                # per window entry (a dry CROWN pass finds the windows' geometry).
+                unit = unit_patches(tuple(start_shape), self.rows[start], spec)  # type: ignore[arg-type]
+                with torch.no_grad():
+                    self.backward(start, unit, windows=reached)
             for j in self.graph.activations_before(start):
                 if j not in self.alpha_base and not self._alpha_support(j):
                     continue
                 base, index = self.alpha_base[j], self.alpha_index[j]
+                window = reached.get(j)
+                if window is not None:
+                    init = torch.stack([window.gather(b.unsqueeze(1)) for b in base])
+                    alphas[(start, j)] = init.clone().requires_grad_()
+                    self.windows[(start, j)] = window
+                    continue
                 init = _gather_neurons(base.flatten(2), index).unsqueeze(2)
                 shape = (init.shape[0], self.batch, size, index.shape[1])
                 alphas[(start, j)] = init.expand(shape).clone().requires_grad_()
@@ -555,10 +826,20 @@ class _Propagation:
 
     def _project(self, alphas: dict[tuple[int, int], Tensor]) -> None:
         with torch.no_grad():
-            for (_, j), alpha in alphas.items():
+            for (start, j), alpha in alphas.items():
                 node = self.graph.nodes[j]
                 rule = cast(ActivationRule, node.rule)
                 lo, hi = (b.detach() for b in self.bounds[node.inputs[0]])
+                window = self.windows.get((start, j))
+                if window is not None:
+                    ranges = rule.alpha_range(
+                        window.gather(lo.unsqueeze(1)), window.gather(hi.unsqueeze(1))
+                    )
+                    low, high = (
+                        b if isinstance(b, Tensor) else torch.tensor(b).to(alpha) for b in ranges
+                    )
+                    alpha.copy_(torch.maximum(torch.minimum(alpha, high), low))
+                    continue
                 index = self.alpha_index[j]
                 low, high = (
                     _gather_neurons(b.flatten(2), index).unsqueeze(2)
@@ -579,6 +860,7 @@ class _Propagation:
             return crown
         params = list(alphas.values())
         optimiser = torch.optim.Adam(params, lr=options.lr)
+        schedule = torch.optim.lr_scheduler.ExponentialLR(optimiser, options.lr_decay)
         fixed = [(lo.detach(), hi.detach()) for lo, hi in self.bounds]
         best_bounds = list(fixed)
         # Start from detached bounds: nothing built before the loop is differentiated again.
@@ -598,8 +880,35 @@ class _Propagation:
                 for p, g in zip(params, grads, strict=True):
                     p.grad = torch.zeros_like(p) if g is None else g
                 optimiser.step()
+                schedule.step()
                 self._project(alphas)
         return best
+
+
+def _concretize_region(A: Tensor, region: Region, lo: Tensor, hi: Tensor) -> Tensor:
+    """min of A . x over the region: over its bounding box [lo, hi] and, for an L1 / L2 ball,
+    over the ball with the dual norm; both are sound for the intersection, the larger is kept."""
+    lb = concretize_box(A, lo, hi)
+    if region.centre is not None and region.p != INF:
+        centre, radius = region.centre, cast(Tensor, region.radius)
+        flat = A.flatten(2)
+        dual = INF if region.p == 1 else 2.0
+        norm = torch.linalg.vector_norm(flat, ord=dual, dim=-1)
+        at_centre = (flat @ centre.reshape(lo.shape[0], -1, 1)).squeeze(-1)
+        lb = torch.maximum(lb, at_centre - radius.reshape(-1, 1).to(lb) * norm)
+    return lb
+
+
+def _add_rows(a: Tensor | Patches, b: Tensor | Patches) -> Tensor | Patches:
+    """The sum of two sets of coefficients on one node (dense unless both are the same
+    windows)."""
+    if isinstance(a, Patches) and isinstance(b, Patches):
+        both = a.add(b)
+        if both is not None:
+            return both
+    dense_a = a.to_dense() if isinstance(a, Patches) else a
+    dense_b = b.to_dense() if isinstance(b, Patches) else b
+    return dense_a + dense_b
 
 
 def _dot(A: Tensor, c: Tensor) -> Tensor:

@@ -249,7 +249,8 @@ def build_graph(model: nn.Module, example: Tensor) -> BoundGraph:
             else:
                 raise UnsupportedLayerError(
                     f"{type(model).__name__}.forward takes more than one input "
-                    f"('{n.name}'); bounds cover single-input models"
+                    f"('{n.name}'): give one region per input, "
+                    "bounds(model, region=(region_1, region_2, ...))"
                 )
             continue
         if n.op == "get_attr":

@@ -41,7 +41,6 @@ True
 from __future__ import annotations
 
 import abc
-import copy
 import math
 import operator
 from collections.abc import Callable, Sequence
@@ -256,6 +255,15 @@ class AffineRule(BoundRule):
         M = coeff.reshape(coeff.shape[0], *([1] * (len(lead) - 2)), n_out, n_in).mT
         out = G.reshape(*lead, n_in) @ M
         return out.reshape(*out.shape[:-1], *out_shape)
+
+    def forward_dual(self, v: Tensor, q: float) -> Tensor | None:
+        """Row norms of the linear part M, applied forwards to per-element weights v >= 0
+        ([1, *in_shape]): for q = 2, u_k = sum_j M_kj^2 v_j (v holds squared weights); for
+        q = inf, u_k = max_j |M_kj| v_j. Composed along a chain with at most one mixing layer
+        (`BoundGraph.is_direct`), they give the dual norms of the rows of the whole chain: the
+        closed-form bounds of an affine function of an L2 / L1 ball. None: no closed form (the
+        engine then bounds the chain by a backward pass)."""
+        return None
 
     def ibp(self, *inputs: Interval) -> Interval:
         # Generic and exact per input: backward from the identity, concretised over each box.
@@ -547,9 +555,69 @@ class LinearRule(AffineRule):
     def forward_linear(self, k: int, G: Tensor) -> Tensor:
         return G @ self.weight.mT
 
+    def forward_dual(self, v: Tensor, q: float) -> Tensor | None:
+        if q == 2:
+            return v @ self.weight.square().mT
+        return (v.unsqueeze(-2) * self.weight.abs()).amax(-1)
 
-# Convolutions with at most this many (input, output) pairs run backwards as one dense matrix.
-DENSE_CONV_LIMIT = 1 << 21
+
+@register_rule(operator.matmul, torch.matmul, "matmul", torch.mm, "mm")
+class MatMulRule(AffineRule):
+    """`x @ W` and `W @ x` (operator, torch.matmul, the tensor method, torch.mm) with one
+    input-dependent factor and a constant one (broadcast like torch.matmul; a constant must not
+    depend on the batch)."""
+
+    def __init__(self, call: Call):
+        super().__init__(call)
+        a, b = call.arg(0, "input"), call.arg(1, "other")
+        if isinstance(a, BoundArg) and isinstance(b, BoundArg):
+            raise _product_error(call)
+        self.left = isinstance(a, BoundArg)  # the bounded factor is on the left
+        weight = b if self.left else a
+        self.weight = weight if isinstance(weight, Tensor) else call.tensor(weight)
+        rank = len(call.in_shapes[0])  # per-sample rank of the bounded factor
+        if self.weight.dim() > max(rank, 2) or (not self.left and rank < 2):
+            raise UnsupportedLayerError(
+                f"{call.describe()}: a constant factor of shape {list(self.weight.shape)} "
+                f"against per-sample inputs of shape {list(call.in_shapes[0])} would mix the "
+                "batch dimension into the product"
+            )
+
+    def _apply(self, x: Tensor, weight: Tensor) -> Tensor:
+        return x @ weight if self.left else weight @ x
+
+    def ibp(self, *inputs: Interval) -> Interval:
+        ((lo, hi),) = inputs
+        centre = self._apply((hi + lo) / 2, self.weight)
+        radius = self._apply((hi - lo) / 2, self.weight.abs())
+        return centre - radius, centre + radius
+
+    def _back(self, A: Tensor, weight: Tensor) -> Tensor:
+        w = weight
+        if self.left:  # out = x @ w: coefficients A @ w^T
+            coeff = A.unsqueeze(-1) * w if w.dim() == 1 else A @ w.mT
+        else:  # out = w @ x: coefficients w^T @ A
+            coeff = w.unsqueeze(-1) * A.unsqueeze(-2) if w.dim() == 1 else w.mT @ A
+        return _sum_to(coeff, self.call.in_shapes[0])
+
+    def backward(self, A: Tensor) -> tuple[list[Tensor | None], Tensor | None]:
+        return [self._back(A, self.weight)], None
+
+    def abs_backward(self, R: Tensor) -> list[Tensor | None]:
+        return [self._back(R, self.weight.abs())]
+
+    def forward_linear(self, k: int, G: Tensor) -> Tensor:
+        return self._apply(G, self.weight)
+
+    def forward_dual(self, v: Tensor, q: float) -> Tensor | None:
+        if self.weight.dim() != 2 or len(self.call.in_shapes[0]) < (1 if self.left else 2):
+            return None
+        w = self.weight
+        if q == 2:
+            return self._apply(v, w.square())
+        if self.left:  # max over n of v[..., n] |w[n, m]|
+            return (v.unsqueeze(-1) * w.abs()).amax(-2)
+        return (w.abs().unsqueeze(-1) * v.unsqueeze(-3)).amax(-2)  # [.., k, n, m] -> [.., k, m]
 
 
 def _conv_output_padding(
@@ -568,8 +636,8 @@ def _pair(v: Any) -> tuple[int, int]:
 
 @register_rule(nn.Conv2d, F.conv2d)
 class Conv2dRule(AffineRule):
-    """2-d convolution (zero padding). Backwards: one dense matrix product for small images,
-    a transposed convolution otherwise (autograd for asymmetric 'same' padding)."""
+    """2-d convolution (zero padding). Backwards: a transposed convolution (autograd for
+    asymmetric 'same' padding), never the layer's dense matrix."""
 
     def __init__(self, call: Call):
         super().__init__(call)
@@ -601,7 +669,6 @@ class Conv2dRule(AffineRule):
         else:
             self.padding = _pair(padding)
         self.conv_padding = self.padding if self.padding is not None else padding
-        self._matrix: Tensor | None = None
         if self.padding is not None:
             self.output_padding = _conv_output_padding(
                 call.in_shapes[0][-2:],
@@ -621,34 +688,54 @@ class Conv2dRule(AffineRule):
         radius = self._conv((hi - lo) / 2, self.weight.abs(), None)
         return centre - radius, centre + radius
 
-    def _dense(self) -> Tensor | None:
-        """The convolution as a matrix [N_in, N_out] when small: for small images one matrix
-        product beats a transposed convolution over B * S tiny images by an order of magnitude."""
-        if self._matrix is None:
-            n_in, n_out = math.prod(self.call.in_shapes[0]), math.prod(self.call.out_shape)
-            if n_in * n_out > DENSE_CONV_LIMIT:
-                return None
-            basis = torch.eye(n_in, dtype=self.weight.dtype, device=self.weight.device)
-            images = self._conv(basis.reshape(n_in, *self.call.in_shapes[0]), self.weight, None)
-            self._matrix = images.reshape(n_in, n_out)
-        return self._matrix
-
     def backward(self, A: Tensor) -> tuple[list[Tensor | None], Tensor | None]:
+        # A transposed convolution of A's rows: memory linear in the activations (never the
+        # layer's [inputs x outputs] matrix).
         bias = None if self.bias is None else A.sum((-1, -2)) @ self.bias
-        lead = A.shape[:2]
-        dense = self._dense()
-        if dense is not None:
-            back = A.reshape(*lead, -1) @ dense.T
-            return [back.reshape(*lead, *self.call.in_shapes[0])], bias
         if self.padding is None:
             coeffs, _ = _vjp_backward(
                 lambda x: self._conv(x, self.weight, None), A, self.call.in_shapes
             )
             return coeffs, bias
+        matrix = self._small_matrix(A)
+        if matrix is not None:
+            lead = A.shape[:2]
+            back = A.reshape(-1, matrix.shape[1]) @ matrix.T
+            return [back.reshape(*lead, *self.call.in_shapes[0])], bias
+        return [self._transpose(A, self.weight)], bias
+
+    def _small_matrix(self, A: Tensor) -> Tensor | None:
+        """The layer as a matrix [N_in, N_out], only when it is no larger than the rows A it is
+        applied to (and has fewer inputs than A has rows): memory stays linear in what the
+        backward pass holds anyway, and on small images one matrix product beats a transposed
+        convolution of many tiny images several times over. Built once per rule (one bound
+        call), from the images of the unit inputs, so it follows the weights (differentiably)."""
+        n_in, n_out = math.prod(self.call.in_shapes[0]), math.prod(self.call.out_shape)
+        rows = A.numel() // n_out
+        if n_in > rows or n_in * n_out > A.numel():
+            return None
+        cached = getattr(self, "_matrix", None)
+        tracked = torch.is_grad_enabled() and self.weight.requires_grad
+        if (
+            cached is None
+            or (cached.dtype, cached.device) != (A.dtype, A.device)
+            or (
+                tracked and not cached.requires_grad  # built without the weights' gradient
+            )
+        ):
+            basis = torch.eye(n_in, dtype=A.dtype, device=A.device)
+            images = self._conv(basis.reshape(n_in, *self.call.in_shapes[0]), self.weight, None)
+            cached = images.reshape(n_in, n_out)
+            self._matrix = cached
+        return cached
+
+    def _transpose(self, A: Tensor, weight: Tensor) -> Tensor:
+        assert self.padding is not None  # callers use autograd for asymmetric padding
+        lead = A.shape[:2]
         flat = A.reshape(-1, *A.shape[2:])
         back = F.conv_transpose2d(
             flat,
-            self.weight,
+            weight,
             None,
             self.stride,
             self.padding,
@@ -656,23 +743,38 @@ class Conv2dRule(AffineRule):
             self.groups,
             self.dilation,
         )
-        return [back.reshape(*lead, *back.shape[1:])], bias
+        return back.reshape(*lead, *back.shape[1:])
 
     def abs_backward(self, R: Tensor) -> list[Tensor | None]:
         # Each (input, output) pair of a convolution meets at most one kernel entry, so |M| is
         # the convolution with |W|.
-        twin = copy.copy(self)
-        twin.weight, twin.bias, twin._matrix = self.weight.abs(), None, None
-        return twin.backward(R)[0]
+        if self.padding is None:
+            coeffs, _ = _vjp_backward(
+                lambda x: self._conv(x, self.weight.abs(), None), R, self.call.in_shapes
+            )
+            return coeffs
+        return [self._transpose(R, self.weight.abs())]
 
     def forward_linear(self, k: int, G: Tensor) -> Tensor:
         in_shape, out_shape = self.call.in_shapes[0], self.call.out_shape
         lead = G.shape[: G.dim() - len(in_shape)]
-        dense = self._dense()  # [N_in, N_out], the images of the unit inputs
-        if dense is not None:
-            return (G.reshape(*lead, -1) @ dense).reshape(*lead, *out_shape)
         out = self._conv(G.reshape(-1, *in_shape), self.weight, None)
         return out.reshape(*lead, *out_shape)
+
+    def forward_dual(self, v: Tensor, q: float) -> Tensor | None:
+        # Each (input, output) pair meets at most one kernel entry: M_kj^2 is the convolution
+        # with W^2, and max_j |M_kj| v_j a maximum over each output's window.
+        if q == 2:
+            return self._conv(v, self.weight.square(), None)
+        if self.padding is None or len(self.call.in_shapes[0]) != 3:
+            return None
+        cols = F.unfold(v, tuple(self.weight.shape[-2:]), self.dilation, self.padding, self.stride)
+        g = self.groups
+        out_c, per_group = self.weight.shape[0], self.weight.shape[1]
+        cols = cols.reshape(g, 1, per_group * self.weight[0, 0].numel(), -1)  # [g, 1, K, L]
+        w = self.weight.abs().reshape(g, out_c // g, -1, 1)  # [g, O/g, K, 1]
+        out = torch.cat([(w[k] * cols[k]).amax(1) for k in range(g)])  # [O, L]
+        return out.reshape(1, *self.call.out_shape)
 
 
 @register_rule(nn.AvgPool2d, F.avg_pool2d)
@@ -728,6 +830,15 @@ class AvgPool2dRule(AffineRule):
         in_shape = self.call.in_shapes[0]
         lead = G.shape[: G.dim() - len(in_shape)]
         return self._pool(G.reshape(-1, *in_shape)).reshape(*lead, *self.call.out_shape)
+
+    def forward_dual(self, v: Tensor, q: float) -> Tensor | None:
+        if not self.simple:
+            return None
+        size = math.prod(self.kernel)  # every weight is 1 / size
+        if q == 2:
+            return self._pool(v) / size
+        # v >= 0: the zero padding never beats a window's own entries.
+        return F.max_pool2d(v, self.kernel, self.stride, self.padding) / size
 
 
 @register_rule(nn.AdaptiveAvgPool2d, F.adaptive_avg_pool2d)
@@ -786,9 +897,116 @@ class ReshapeRule(AffineRule):
     def backward(self, A: Tensor) -> tuple[list[Tensor | None], Tensor | None]:
         return [A.reshape(*A.shape[:2], *self.call.in_shapes[0])], None
 
+    def forward_dual(self, v: Tensor, q: float) -> Tensor | None:
+        return v.reshape(1, *self.call.out_shape)
+
     def forward_linear(self, k: int, G: Tensor) -> Tensor:
         lead = G.shape[: G.dim() - len(self.call.in_shapes[0])]
         return G.reshape(*lead, *self.call.out_shape)
+
+
+@register_rule(operator.getitem)
+class SliceRule(AffineRule):
+    """Basic indexing of the per-sample axes (`x[:, 2:5]`, `x[..., ::2]`, `x[:, 0]`); the
+    batch axis must be kept whole. Backwards the coefficients return to the selected places."""
+
+    mixes = False
+    nonnegative = True
+
+    def __init__(self, call: Call):
+        super().__init__(call)
+        index = call.args[1] if len(call.args) > 1 else None
+        index = index if isinstance(index, tuple) else (index,)
+        rank = len(call.in_shapes[0]) + 1
+        if any(not isinstance(k, slice | int) and k is not Ellipsis for k in index) or any(
+            isinstance(k, bool) for k in index
+        ):
+            raise UnsupportedLayerError(
+                f"{call.describe()}: only slices and integers index input-dependent tensors"
+            )
+        if index.count(Ellipsis) > 1:  # pragma: no cover - Python refuses this itself
+            raise UnsupportedLayerError(f"{call.describe()}: several ellipses")
+        if Ellipsis in index:
+            k = index.index(Ellipsis)
+            index = index[:k] + (slice(None),) * (rank - len(index) + 1) + index[k + 1 :]
+        first = index[0] if index else slice(None)
+        if first != slice(None):
+            raise UnsupportedLayerError(
+                f"{call.describe()}: indexing the batch dimension; bound propagation treats "
+                "samples independently"
+            )
+        if any(isinstance(k, slice) and k.step is not None and k.step < 0 for k in index):
+            raise UnsupportedLayerError(f"{call.describe()}: negative steps")  # pragma: no cover
+        self.index = index[1:]
+
+    def ibp(self, *inputs: Interval) -> Interval:
+        ((lo, hi),) = inputs
+        key = (slice(None), *self.index)
+        return lo[key], hi[key]
+
+    def backward(self, A: Tensor) -> tuple[list[Tensor | None], Tensor | None]:
+        out = A.new_zeros(*A.shape[:2], *self.call.in_shapes[0])
+        out[(slice(None), slice(None), *self.index)] = A
+        return [out], None
+
+    def forward_dual(self, v: Tensor, q: float) -> Tensor | None:
+        return v[(slice(None), *self.index)]
+
+
+@register_rule("expand", "expand_as", "repeat", torch.tile, "tile")
+class RepeatRule(AffineRule):
+    """Copies of the input's elements: `expand` / `expand_as` (broadcasting) and `repeat` /
+    `tile` (tiling) along per-sample axes; backwards the copies' coefficients are summed."""
+
+    mixes = False
+    nonnegative = True
+
+    def __init__(self, call: Call):
+        super().__init__(call)
+        in_shape, out_shape = tuple(call.in_shapes[0]), tuple(call.out_shape)
+        self.tile = call.target in ("repeat", torch.tile, "tile")
+        if self.tile:
+            reps = call.args[1:] if len(call.args) > 1 else (call.kwargs.get("dims"),)
+            if len(reps) == 1 and isinstance(reps[0], tuple | list):
+                reps = tuple(reps[0])
+            reps = tuple(int(r) for r in reps)
+            rank = len(out_shape) + 1
+            reps = (1,) * (rank - len(reps)) + reps
+            padded = (1,) * (len(out_shape) - len(in_shape)) + in_shape
+            if (
+                reps[0] != 1
+                or tuple(r * d for r, d in zip(reps[1:], padded, strict=True)) != out_shape
+            ):
+                raise UnsupportedLayerError(
+                    f"{call.describe()}: repeats {list(reps)} tile the batch dimension; bound "
+                    "propagation treats samples independently"
+                )
+            self.reps, self.padded = reps[1:], padded
+        elif len(out_shape) < len(in_shape):  # pragma: no cover - torch refuses this itself
+            raise UnsupportedLayerError(f"{call.describe()}: cannot expand to fewer dimensions")
+
+    def _forward(self, x: Tensor) -> Tensor:
+        lead = x.shape[0]
+        if self.tile:
+            return x.reshape(lead, *self.padded).repeat(1, *self.reps)
+        return x.reshape(
+            lead, *((1,) * (len(self.call.out_shape) - x.dim() + 1)), *x.shape[1:]
+        ).expand(lead, *self.call.out_shape)
+
+    def ibp(self, *inputs: Interval) -> Interval:
+        ((lo, hi),) = inputs
+        return self._forward(lo), self._forward(hi)
+
+    def backward(self, A: Tensor) -> tuple[list[Tensor | None], Tensor | None]:
+        lead = A.shape[:2]
+        in_shape = self.call.in_shapes[0]
+        if not self.tile:
+            padded = (1,) * (len(self.call.out_shape) - len(in_shape)) + tuple(in_shape)
+            return [A.sum_to_size(*lead, *padded).reshape(*lead, *in_shape)], None
+        split = [n for r, d in zip(self.reps, self.padded, strict=True) for n in (r, d)]
+        tiles = A.reshape(*lead, *split)
+        summed = tiles.sum(tuple(2 + 2 * k for k in range(len(self.reps))))
+        return [summed.reshape(*lead, *in_shape)], None
 
 
 @register_rule(
@@ -820,6 +1038,9 @@ class IdentityRule(AffineRule):
 
     def forward_linear(self, k: int, G: Tensor) -> Tensor:
         return G
+
+    def forward_dual(self, v: Tensor, q: float) -> Tensor | None:
+        return v
 
 
 class ElementwiseLinearRule(AffineRule):
@@ -890,6 +1111,15 @@ class ElementwiseLinearRule(AffineRule):
         lead = G.shape[: G.dim() - len(self.call.in_shapes[k])]
         scale = self.scales[k]
         return (G if scale is None else G * scale).expand(*lead, *self.call.out_shape)
+
+    def forward_dual(self, v: Tensor, q: float) -> Tensor | None:
+        # One input copied element by element; a broadcast input would reach an output twice.
+        if len(self.scales) != 1 or self.call.in_shapes[0] != self.call.out_shape:
+            return None
+        scale = self.scales[0]
+        if scale is None:
+            return v
+        return v * (scale.square() if q == 2 else scale.abs())
 
 
 @register_rule(nn.BatchNorm1d, nn.BatchNorm2d)
@@ -1385,6 +1615,9 @@ class PermuteRule(AffineRule):
     def backward(self, A: Tensor) -> tuple[list[Tensor | None], Tensor | None]:
         return [A.permute(0, 1, *(k + 2 for k in self.inverse))], None
 
+    def forward_dual(self, v: Tensor, q: float) -> Tensor | None:
+        return v.permute(0, *(k + 1 for k in self.order))
+
 
 @register_rule(torch.cat, torch.concat, torch.concatenate)
 class CatRule(AffineRule):
@@ -1445,6 +1678,9 @@ class ConstantPadRule(AffineRule):
     def ibp(self, *inputs: Interval) -> Interval:
         ((lo, hi),) = inputs
         return F.pad(lo, self.pad, value=self.value), F.pad(hi, self.pad, value=self.value)
+
+    def forward_dual(self, v: Tensor, q: float) -> Tensor | None:
+        return F.pad(v, self.pad)  # padded entries are constants: no weight on the input
 
     def backward(self, A: Tensor) -> tuple[list[Tensor | None], Tensor | None]:
         index: list[slice] = [slice(None)] * A.dim()

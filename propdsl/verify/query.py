@@ -175,6 +175,7 @@ def to_query(
     models: dict[str, Any],
     *,
     config: EvalConfig | None = None,
+    partner: tuple[Tensor, Tensor] | None = None,
 ) -> Query | None:
     """The query of `formula` for samples (x, y); None when it has no quantified input.
 
@@ -190,7 +191,8 @@ def to_query(
     Raises:
         Unsupported: the formula is outside the linear fragment (with the offending position).
     """
-    env = sample_env(models, params, x, y, logic=BOOLEAN, config=config)
+    # a property of a pair: the partner (xt, yt) is a constant input, like x itself
+    env = sample_env(models, params, x, y, logic=BOOLEAN, config=config, partner=partner)
     builder = _Builder(Interpreter(), networks, env)
     node = formula
     outer_finite: list[I.Quant] = []

@@ -25,6 +25,7 @@ from propdsl.results import positive_count, positive_seconds, result_key, write_
 from propdsl.session import (
     Checkpoint,
     RunSetup,
+    draw_partners,
     holds_run,
     load_samples,
     open_run,
@@ -178,8 +179,21 @@ def verify_run(
     spec, model = setup.spec, setup.model
     chosen, timeout, falsifier, names = _settings(spec, method, timeout, properties)
     generator = torch.Generator(device=dev).manual_seed(setup.seed)
+    # properties of a pair: partners from the split, as each `partner` clause says
+    partners = draw_partners(setup, split, names, x, y, dev)
     verdicts = _verdicts(
-        spec, model, x, y, names, chosen, falsifier, timeout, generator, complete, progress
+        spec,
+        model,
+        x,
+        y,
+        names,
+        chosen,
+        falsifier,
+        timeout,
+        generator,
+        complete,
+        progress,
+        partners,
     )
     reasons = {name: _reasons(v) for name, v in verdicts.items()}
     n = int(x.shape[0])
@@ -283,6 +297,7 @@ def _verdicts(
     generator: torch.Generator,
     complete: bool,
     progress: Callable[[str, int, int], None] | None,
+    partners: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> dict[str, PropertyVerdicts]:
     verdicts: dict[str, PropertyVerdicts] = {}
     for k, name in enumerate(names):
@@ -302,6 +317,7 @@ def _verdicts(
                 timeout=timeout,
                 generator=generator,
                 complete=complete,
+                **({"partner": partners[name]} if partners and name in partners else {}),
             )
         )
     return verdicts
@@ -348,8 +364,9 @@ def verify_model(
 ) -> ModelReport:
     """Verify a network that is not a run (e.g. `propdsl.load_onnx(path)`) on the first
     `samples` (default: the verify block's, else 100) of a split of the spec's verify (else
-    train) data source, drawn with `seed` (default: the train block's seed, else 0, as a run
-    trained with the spec draws them). The model must fit the spec's network: its
+    train) data source, split with the data source's `seed` (else 0: the split seed a run
+    trained with the spec uses, whatever its training seed); `seed` (default: the train block's
+    seed, else 0) seeds the falsifier. The model must fit the spec's network: its
     `input_shape` / `num_outputs` (an imported ONNX model's) or, for other modules, a forward
     pass on one sample; a mismatch is a usage error naming both.
     """
@@ -369,7 +386,7 @@ def verify_model(
     vb = spec.verify_block
     n = samples or (vb.get("samples") if vb is not None else None) or DEFAULT_SAMPLES
     n = positive_count("the verify block's samples", n)
-    ds = load_block_split(spec, block, split, seed=seed, root=Path(spec.name).parent)
+    ds = load_block_split(spec, block, split, root=Path(spec.name).parent)
     if len(ds) == 0:
         raise UsageError(f"the {split} split is empty")
     x, y = ds.x[:n], ds.y[:n]

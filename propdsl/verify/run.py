@@ -45,6 +45,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from propdsl import distributed
 from propdsl import ir as I
 from propdsl.attacks import APGD
 from propdsl.errors import UsageError
@@ -118,6 +119,7 @@ def verify_property(
     generator: torch.Generator | None = None,
     chunk: int = DEFAULT_CHUNK,
     complete: bool = False,
+    partner: tuple[Tensor, Tensor] | None = None,
 ) -> PropertyVerdicts:
     """Verdicts of property `name` for each sample of (x, y); see the module docstring.
 
@@ -145,6 +147,13 @@ def verify_property(
     t0 = time.perf_counter()
     prop = spec.property(name)
     batch = x.shape[0]
+    if prop.paired and partner is None:
+        if y is None:
+            raise UsageError(f"property '{name}' is a property of a pair: it needs labels y")
+        # no partners given: drawn from the samples themselves, as the property says
+        from propdsl.partners import draw
+
+        partner = draw(prop.partner, model, x, y, x, y)
     status = [UNKNOWN] * batch
     reasons: list[str | None] = [None] * batch
     margin = torch.full((batch,), float("nan"), dtype=torch.float64)
@@ -161,7 +170,7 @@ def verify_property(
         with warnings.catch_warnings():
             # Empty regions are reported per sample below, with their verdicts.
             warnings.simplefilter("ignore", EmptyRegionWarning)
-            out = loss(model, x, y)
+            out = loss(model, x, y, partner=partner)
         satisfied = out.satisfied.detach().cpu()
         # points per sample only (a region quantifier under a finite one has K points per sample)
         counterexamples = {
@@ -218,7 +227,12 @@ def verify_property(
                     idx = torch.tensor(part, device=x.device)
                     sub_y = y[idx] if y is not None else None
                     with torch.no_grad():
-                        query = _to_query(prop.formula, params, networks, x[idx], sub_y, models)
+                        sub_partner = (
+                            None if partner is None else (partner[0][idx], partner[1][idx])
+                        )
+                        query = _to_query(
+                            prop.formula, params, networks, x[idx], sub_y, models, sub_partner
+                        )
                     if query is None:
                         # no quantified input: the exact evaluation above decided it
                         for i in part:
@@ -385,13 +399,16 @@ def _timeout_reason(timeout: float | None, batch: int, *, before: bool) -> str:
     )
 
 
-def _to_query(formula, params, networks, x, y, models) -> Query | JacobianQuery | None:
+def _to_query(
+    formula, params, networks, x, y, models, partner=None
+) -> Query | JacobianQuery | None:
     """The linear query of the formula; outside the linear fragment, the Jacobian query of a
-    Lipschitz or explanation-stability property; else the linear verifier's Unsupported."""
+    Lipschitz or explanation-stability property; else the linear verifier's Unsupported. The
+    partner of a property of a pair is a constant input."""
     try:
-        return to_query(formula, params, networks, x, y, models)
+        return to_query(formula, params, networks, x, y, models, partner=partner)
     except Unsupported:
-        query = to_jacobian_query(formula, params, networks, x, y, models)
+        query = to_jacobian_query(formula, params, networks, x, y, models, partner=partner)
         if query is None:
             raise
         return query
@@ -471,6 +488,8 @@ def verify(
     if hasattr(model, "input_shape") and hasattr(model, "num_outputs"):
         check_model_fits(spec, model)  # an imported network (load_onnx) knows its shapes
     chosen = as_method(method)
+    if distributed.active():
+        return {n: _verify_sharded(spec, n, model, x, y, chosen, options) for n in names}
     return {n: verify_property(spec, n, model, x, y, method=chosen, **options) for n in names}
 
 
@@ -511,6 +530,36 @@ def check_model_fits(spec: Any, model: nn.Module, network: str | None = None) ->
                 f"the model takes Tensor[{', '.join(map(str, got_in))}] and gives {got_out} "
                 "outputs"
             )
+
+
+def _verify_sharded(
+    spec: Any, name: str, model: nn.Module, x: Tensor, y: Tensor | None, method: Method, options
+) -> PropertyVerdicts:
+    """`verify_property` in a distributed job: each rank decides its part of the samples (the
+    falsifier's random starts drawn for the whole batch, `distributed.sharded_batch`), and every
+    rank gets every sample's verdict, in order: the verdicts of one process."""
+    with distributed.sharded_batch(x.shape[0]) as part:
+        sub_y = y[part.lo : part.hi] if y is not None else None
+        own_options = dict(options)
+        if own_options.get("partner") is not None:  # a pair property's partners, per sample
+            xt, yt = own_options["partner"]
+            own_options["partner"] = (xt[part.lo : part.hi], yt[part.lo : part.hi])
+        own = verify_property(
+            spec, name, model, x[part.lo : part.hi], sub_y, method=method, **own_options
+        )
+    if not part.sharded:
+        return own
+    reasons = [r for r in distributed.gather([own.reason]) if r is not None]
+    return PropertyVerdicts(
+        name,
+        distributed.gather(own.status),
+        part.gather(own.margin),
+        {k: part.gather(v) for k, v in own.counterexamples.items()},
+        max(distributed.gather([own.seconds])),
+        reasons[0] if reasons else None,
+        distributed.gather(own.reasons),
+        {k: part.gather(v) for k, v in own.witnesses.items()},
+    )
 
 
 def as_method(method: Method | str) -> Method:

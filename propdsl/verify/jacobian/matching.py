@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from propdsl import ir as I
-from propdsl.builtins import DISTANCES, EXACT_EXPLAINERS, SAMPLED_EXPLAINERS, SIMILARITIES
+from propdsl.builtins import DISTANCES, EXACT_EXPLAINERS, SIMILARITIES, UNBOUNDED_EXPLAINERS
 from propdsl.interpret import BOOLEAN, Env, Interpreter, sample_env
 from propdsl.region import Region, RegionError
 from propdsl.verify.bounds import Method, _method
@@ -117,6 +117,8 @@ def to_jacobian_query(
     x: Tensor,
     y: Tensor | None,
     models: dict[str, nn.Module],
+    *,
+    partner: tuple[Tensor, Tensor] | None = None,
 ) -> JacobianQuery | None:
     """The Jacobian query of a Lipschitz or explanation-stability property (see above), or None
     when `formula` has neither form (the caller then reports why the linear verifier cannot
@@ -126,7 +128,7 @@ def to_jacobian_query(
         Unsupported: a strict Lipschitz inequality (false where the two points coincide), or
             an explanation without certified bounds (smoothgrad, integrated gradients).
     """
-    env = sample_env(models, params, x, y, logic=BOOLEAN)
+    env = sample_env(models, params, x, y, logic=BOOLEAN, partner=partner)
     interpreter = Interpreter()
     node = formula
     variables: list[I.Var] = []
@@ -328,7 +330,7 @@ class _Matcher:
             point, label = node.args
             if self._binder(point) and self.free(label):
                 return node.fn, str(node.option("net")), label
-        if isinstance(node, I.Fn) and node.fn in SAMPLED_EXPLAINERS:
+        if isinstance(node, I.Fn) and node.fn in UNBOUNDED_EXPLAINERS:
             raise Unsupported(
                 f"'{node.fn}' has no certified bounds; Jacobian bounds cover saliency, "
                 "grad(f(x')[y], x') and gradient_x_input",

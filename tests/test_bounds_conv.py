@@ -1,0 +1,266 @@
+"""Convolutions without dense matrices: windowed rows (patches), transposed convolutions and the
+closed-form bounds of affine maps of L2 / L1 balls, checked against dense computations and
+against sampling."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from propdsl.region import Region
+from propdsl.verify.bounds import _Propagation, compute_bounds
+from propdsl.verify.graph import build_graph
+from propdsl.verify.patches import unit_patches
+
+D = torch.float64  # exact comparisons: float64 throughout
+
+
+class Residual(nn.Module):
+    def __init__(self, channels: int, stride: int):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(channels)
+        self.conv1 = nn.Conv2d(channels, 4, 3, stride=stride, padding=1)
+        self.shortcut = nn.Conv2d(channels, 4, 3, stride=stride, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1, dilation=1)
+        self.fc = nn.LazyLinear(3)
+
+    def forward(self, x):
+        y = torch.relu(self.conv1(self.bn(x)))
+        y = y + self.shortcut(x)
+        y = torch.relu(self.conv2(y))
+        return self.fc(y.flatten(1))
+
+
+def _conv_net(kind: str, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    if kind == "stride":
+        net = nn.Sequential(
+            nn.Conv2d(2, 4, 4, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(4, 6, 3, stride=2, padding=0), nn.ReLU(),
+            nn.Flatten(), nn.LazyLinear(3),
+        )  # fmt: skip
+    elif kind == "dilation":
+        net = nn.Sequential(
+            nn.Conv2d(2, 4, 3, padding=2, dilation=2), nn.ReLU(),
+            nn.Conv2d(4, 4, 3, stride=1, padding=1, dilation=1), nn.Tanh(),
+            nn.Flatten(), nn.LazyLinear(3),
+        )  # fmt: skip
+    elif kind == "groups":
+        net = nn.Sequential(
+            nn.Conv2d(2, 4, 3, padding=1, groups=2), nn.ReLU(),
+            nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=4), nn.ReLU(),
+            nn.Flatten(), nn.LazyLinear(3),
+        )  # fmt: skip
+    elif kind == "pool_bn":
+        net = nn.Sequential(
+            nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+            nn.AvgPool2d(2), nn.Conv2d(4, 4, 3, padding=1), nn.Sigmoid(),
+            nn.Flatten(), nn.LazyLinear(3),
+        )  # fmt: skip
+    else:
+        net = Residual(2, 2)
+    net(torch.zeros(1, 2, 8, 8))  # materialise the lazy layer
+    net = net.to(D)
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.3, 0.3)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(-1.5, 1.5)
+    return net.eval()
+
+
+KINDS = ["stride", "dilation", "groups", "pool_bn", "residual"]
+
+
+def _region(kind: str, x: torch.Tensor, eps: float) -> Region:
+    if kind == "box":
+        return Region.ball(x, eps, math.inf, lo=0.0, hi=1.0)
+    if kind == "l2":
+        return Region.ball(x, eps * 4, 2)
+    return Region.ball(x, eps * 8, 1, lo=0.0, hi=1.0)
+
+
+def _propagation(net: nn.Module, region: Region) -> _Propagation:
+    lo, hi = region.bounding_box()
+    graph = build_graph(net, ((lo[:1] + hi[:1]) / 2).repeat(2, 1, 1, 1))
+    prop = _Propagation(graph, region, lo, hi)
+    prop.run_crown()
+    return prop
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("ball", ["box", "l2", "l1"])
+def test_windowed_rows_equal_dense_rows(kind, ball):
+    # The backward pass from every 3-d node with windowed rows gives the rows and the bounds of
+    # the dense backward pass from unit vectors.
+    net = _conv_net(kind, 0)
+    x = torch.rand(3, 2, 8, 8, dtype=D)
+    prop = _propagation(net, _region(ball, x, 0.05))
+    checked = 0
+    for node in prop.graph.nodes[1:]:
+        if len(node.shape) != 3 or node.index == prop.graph.output:
+            continue
+        n = math.prod(node.shape)
+        rows = torch.arange(n)
+        A_p, b_p = prop.backward(node.index, unit_patches(tuple(node.shape), rows, x))
+        A_d, b_d = prop.backward(node.index, prop._unit_spec(node.index, rows))
+        dense_p = A_p.to_dense() if not isinstance(A_p, torch.Tensor) else A_p
+        torch.testing.assert_close(dense_p.expand_as(A_d), A_d.expand_as(dense_p))
+        torch.testing.assert_close(
+            torch.as_tensor(b_p).expand(3, 2 * n), torch.as_tensor(b_d).expand(3, 2 * n)
+        )
+        torch.testing.assert_close(prop.concretize(A_p, b_p), prop.concretize(A_d, b_d))
+        checked += 1
+    assert checked >= 2
+
+
+@pytest.mark.parametrize(
+    "stride,padding,dilation,groups",
+    [(1, 0, 1, 1), (2, 1, 1, 1), (3, 2, 2, 1), (1, 1, 1, 2), (2, 0, 1, 4), (2, 3, 2, 2)],
+)
+def test_conv_backward_equals_its_dense_matrix(stride, padding, dilation, groups):
+    # The transposed convolution of A's rows equals A times the layer's matrix (built here
+    # from the images of the unit inputs, as the previous dense implementation did).
+    torch.manual_seed(1)
+    conv = nn.Conv2d(4, 4, 3, stride=stride, padding=padding, dilation=dilation, groups=groups)
+    conv = conv.to(D)
+    from propdsl.verify.layers import Conv2dRule
+
+    graph = build_graph(conv, torch.zeros(2, 4, 9, 7, dtype=D))
+    rule = graph.nodes[1].rule
+    assert isinstance(rule, Conv2dRule)
+    in_shape, out_shape = graph.nodes[0].shape, graph.nodes[1].shape
+    n_in = math.prod(in_shape)
+    with torch.no_grad():
+        images = conv(torch.eye(n_in, dtype=D).reshape(n_in, *in_shape)) - conv.bias[:, None, None]
+    M = images.reshape(n_in, -1)  # [inputs, outputs]
+    for rows in (5, 300):  # few rows: a transposed convolution; many: the layer's matrix
+        A = torch.randn(2, rows, *out_shape, dtype=D)
+        (coeff,), bias = rule.backward(A)
+        torch.testing.assert_close(coeff.reshape(2, rows, -1), A.reshape(2, rows, -1) @ M.T)
+        torch.testing.assert_close(bias, (A * conv.bias[:, None, None]).flatten(2).sum(-1))
+    A = torch.randn(2, 5, *out_shape, dtype=D)
+    (abs_coeff,) = rule.abs_backward(A.abs())
+    torch.testing.assert_close(abs_coeff.reshape(2, 5, -1), A.abs().reshape(2, 5, -1) @ M.T.abs())
+    v = torch.rand(1, *in_shape, dtype=D)
+    torch.testing.assert_close(rule.forward_dual(v, 2.0).flatten(), M.T.square() @ v.flatten())
+    torch.testing.assert_close(
+        rule.forward_dual(v, math.inf).flatten(), (M.T.abs() * v.flatten()).amax(1)
+    )
+
+
+class Prefix(nn.Module):
+    """Element-wise maps around one mixing layer: a direct chain."""
+
+    def __init__(self, mixing: nn.Module):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(2)
+        self.mixing = mixing
+        self.scale = torch.linspace(-2, 2, 4, dtype=D).reshape(4, 1, 1)
+
+    def forward(self, x):
+        return (self.mixing(self.bn(2.0 * x - 0.5)) * self.scale).permute(0, 2, 3, 1)
+
+
+@pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize("layer", ["conv", "conv_groups", "pool"])
+def test_closed_form_ball_bounds_equal_the_backward_pass(p, layer):
+    torch.manual_seed(2)
+    mixing = {
+        "conv": nn.Conv2d(2, 4, 3, stride=2, padding=1),
+        "conv_groups": nn.Conv2d(2, 4, 3, padding=2, dilation=2, groups=2),
+        "pool": nn.Sequential(nn.AvgPool2d(2), nn.Conv2d(2, 4, 1)),
+    }[layer]
+    net = Prefix(mixing if layer != "pool" else mixing[0])
+    if layer == "pool":
+        net.scale = torch.linspace(-2, 2, 2, dtype=D).reshape(2, 1, 1)
+    net.bn.running_mean.uniform_(-1, 1)
+    net.bn.running_var.uniform_(0.5, 2)
+    net = net.to(D).eval()
+    x = torch.rand(3, 2, 6, 6, dtype=D)
+    region = Region.ball(x, torch.tensor([0.1, 0.3, 0.5], dtype=D), p)
+    prop = _propagation(net, region)
+    out = prop.graph.output
+    assert prop.graph.is_direct(out)
+    closed = prop._ball_image(out)
+    assert closed is not None
+    n = math.prod(prop.graph.nodes[out].shape)
+    lb = prop.concretize(*prop.backward(out, prop._unit_spec(out, None)))
+    torch.testing.assert_close(closed[0].reshape(3, -1), lb[:, :n])
+    torch.testing.assert_close(closed[1].reshape(3, -1), -lb[:, n:])
+
+
+def _sample_ball(region: Region, count: int, generator: torch.Generator) -> torch.Tensor:
+    assert region.centre is not None
+    points = [region.sample(generator) for _ in range(count)]
+    # the ball's surface too: the extremes of an affine map lie there
+    c = region.centre
+    for _ in range(count // 4):
+        d = torch.randn(c.shape, generator=generator, dtype=c.dtype)
+        if region.p == 1:
+            d = d * (torch.rand(c.shape, generator=generator, dtype=c.dtype) < 0.02)
+        norm = d.flatten(1).norm(p=region.p, dim=1).clamp_min(1e-12)
+        r = region.radius.reshape(-1, *([1] * (c.dim() - 1)))
+        points.append(region.project(c + d / norm.reshape(-1, *([1] * (c.dim() - 1))) * r))
+    return torch.stack(points, 1)
+
+
+def _check_sound(kind: str, ball: str, method: str, seed: int, eps: float) -> None:
+    net = _conv_net(kind, seed)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(2, 2, 8, 8, generator=gen, dtype=D)
+    region = _region(ball, x, eps)
+    lb, ub = compute_bounds(net, region, method)
+    pts = _sample_ball(region, 60, gen)
+    assert all(bool(region.contains(pts[:, k]).all()) for k in range(pts.shape[1]))
+    with torch.no_grad():
+        out = net(pts.reshape(-1, *x.shape[1:])).reshape(2, pts.shape[1], -1)
+    assert bool((out >= lb[:, None] - 1e-6).all()), (out.min(1).values - lb).min()
+    assert bool((out <= ub[:, None] + 1e-6).all()), (ub - out.max(1).values).min()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("ball", ["box", "l2", "l1"])
+def test_conv_crown_bounds_are_sound_by_sampling(kind, ball):
+    _check_sound(kind, ball, "crown", 3, 0.1)
+
+
+@pytest.mark.slow
+@settings(max_examples=40, deadline=None)
+@given(
+    kind=st.sampled_from(KINDS),
+    ball=st.sampled_from(["box", "l2", "l1"]),
+    method=st.sampled_from(["ibp", "crown_ibp", "crown", "alpha_crown"]),
+    seed=st.integers(0, 10_000),
+    eps=st.floats(0.005, 0.2),
+)
+def test_conv_bounds_are_sound_by_sampling(kind, ball, method, seed, eps):
+    _check_sound(kind, ball, method, seed, eps)
+
+
+@pytest.mark.parametrize("kind", ["dilation", "residual"])
+def test_alpha_crown_with_window_slopes_is_sound_and_tightens(kind):
+    # The intermediate rows of convolutional nodes reach the activations before them as
+    # windows; their slopes are parameters per window entry.
+    net = _conv_net(kind, 5)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.rand(2, 2, 8, 8, generator=gen, dtype=D)
+    region = _region("box", x, 0.15)
+    lo, hi = region.bounding_box()
+    graph = build_graph(net, ((lo[:1] + hi[:1]) / 2).repeat(2, 1, 1, 1))
+    prop = _Propagation(graph, region, lo, hi)
+    prop.run_crown()
+    out = graph.nodes[graph.output].shape[0]
+    spec = torch.cat([torch.eye(out, dtype=D), -torch.eye(out, dtype=D)]).unsqueeze(0)
+    crown = prop.spec_bound(spec).detach()
+    from propdsl.verify import AlphaOptions
+
+    best = prop.optimise(spec, crown, AlphaOptions(iterations=15, lr=0.2))
+    assert prop.windows, "no activation was reached by windowed rows"
+    assert bool((best >= crown).all()) and bool((best > crown + 1e-6).any())
+    _check_sound(kind, "box", "alpha_crown", 5, 0.15)
