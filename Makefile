@@ -6,7 +6,7 @@ PYTEST_ARGS ?=
 export OMP_NUM_THREADS ?= 2
 export MKL_NUM_THREADS ?= 2
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-fast lint bench reproduce clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -40,6 +40,13 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py
+
+# the four paper reproductions on digits (docs/reproductions.md); REPRO_ARGS, e.g. --data mnist
+REPRO_ARGS ?=
+reproduce: $(STAMP)
+	@for p in casadio chen woods etmann; do \
+	  $(PY) benchmarks/reproduce_$$p.py $(REPRO_ARGS) || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .import_linter_cache .hypothesis dist build
