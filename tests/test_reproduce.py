@@ -145,3 +145,19 @@ def test_missing_data_is_skipped(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "skipped: mnist" in proc.stderr
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+@pytest.mark.parametrize("paper", ["etmann", "casadio"])
+def test_runs_unchanged_on_mnist_files(tmp_path, paper):
+    # MNIST files in the original (idx) format, written here: the same script, --data mnist
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_data import write_mnist
+
+    write_mnist(tmp_path / "data", "MNIST", n_train=80, n_test=40)
+    out = tmp_path / "out"
+    proc = run(
+        paper, out, "--quick", "--data", "mnist", env={"PROPDSL_DATA": str(tmp_path / "data")}
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["data"] == "mnist" and finite(results)
