@@ -37,6 +37,39 @@ class RegionError(UsageError, ValueError):
     used as asked (bound propagation over an empty or unbounded region)."""
 
 
+def _finite_ok(t: Tensor, *, allow_inf: bool = False) -> Tensor:
+    """0-dim BoolTensor: `t` has no NaN (and, unless `allow_inf`, no infinite) values."""
+    return ~t.isnan().any() if allow_inf else torch.isfinite(t).all()
+
+
+def _bound(value: float | Tensor, ref: Tensor, what: str) -> tuple[Tensor, Tensor | None]:
+    """A box bound as a tensor of `ref`'s dtype and device, with its validity still to check:
+    a Python number is checked here (no tensor op, no host sync), a tensor's check is returned
+    as a 0-dim BoolTensor for the caller to fuse with its other checks into one sync."""
+    if not isinstance(value, int | float):
+        t = torch.as_tensor(value, dtype=ref.dtype, device=ref.device)
+        if t.dim() > 0:
+            return t, _finite_ok(t, allow_inf=True)
+        # A constant such as the spec's `box(0, 1)`: one read, no reduction.
+        if math.isnan(t.item()):
+            raise RegionError(f"{what} has 1 NaN values")
+        return t, None
+    if math.isnan(value):
+        raise RegionError(f"{what} has 1 NaN values")
+    return torch.as_tensor(value, dtype=ref.dtype, device=ref.device), None
+
+
+def _all_true(checks: list[Tensor | None]) -> bool:
+    """Whether every 0-dim check holds, with one host sync for all of them (none if none)."""
+    pending = [c for c in checks if c is not None]
+    if not pending:
+        return True
+    ok = pending[0]
+    for c in pending[1:]:
+        ok = ok & c
+    return bool(ok)
+
+
 def _check_finite(t: Tensor, what: str, *, allow_inf: bool = False) -> None:
     bad = t.isnan() if allow_inf else ~torch.isfinite(t)
     if bool(bad.any()):
@@ -106,20 +139,29 @@ class Region:
     ) -> Region:
         if p not in (1, 2, INF):
             raise ValueError(f"ball norm must be 1, 2 or inf, got {p}")
-        _check_finite(centre, "the ball's centre")
+        scalar = isinstance(radius, int | float)
+        if scalar and not radius >= 0:
+            raise ValueError("ball radius must be non-negative (and not NaN)")
         # Convert straight to the centre's dtype: a Python float must not pass through float32.
         r = _per_sample(radius, centre).flatten()
         if r.numel() not in (1, centre.shape[0]):
             raise ValueError(f"ball radius has {r.numel()} entries for {centre.shape[0]} centres")
-        if not bool((r >= 0).all()):
-            raise ValueError("ball radius must be non-negative (and not NaN)")
+        # Every validity check of the construction as one fused test and one host sync (this
+        # runs once per attack, i.e. per training step); the detailed messages only on failure.
+        checks = [_finite_ok(centre), None if scalar else (r >= 0).all()]
+        lo_t = lo_ok = hi_t = hi_ok = None
+        if lo is not None:
+            lo_t, lo_ok = _bound(lo, centre, "the box's lower bound")
+        if hi is not None:
+            hi_t, hi_ok = _bound(hi, centre, "the box's upper bound")
+        if not _all_true([*checks, lo_ok, hi_ok]):
+            _check_finite(centre, "the ball's centre")
+            if not bool((r >= 0).all()):
+                raise ValueError("ball radius must be non-negative (and not NaN)")
+            for bound, name in ((lo_t, "lower"), (hi_t, "upper")):
+                if bound is not None:
+                    _check_finite(bound, f"the box's {name} bound", allow_inf=True)
         r = r.expand(centre.shape[0])
-        to: dict[str, Any] = dict(dtype=centre.dtype, device=centre.device)
-        lo_t = None if lo is None else torch.as_tensor(lo, **to)
-        hi_t = None if hi is None else torch.as_tensor(hi, **to)
-        for bound, name in ((lo_t, "lower"), (hi_t, "upper")):
-            if bound is not None:
-                _check_finite(bound, f"the box's {name} bound", allow_inf=True)
         return Region(centre=centre, radius=r, p=float(p), lo=lo_t, hi=hi_t)
 
     @staticmethod
@@ -127,18 +169,20 @@ class Region:
         """The box [lo, hi] per sample (bounds [B, ...]; lo > hi somewhere makes it empty)."""
         if lo.shape != hi.shape:
             raise ValueError("box bounds must have the same shape")
-        _check_finite(lo, "the box's lower bound", allow_inf=True)
-        _check_finite(hi, "the box's upper bound", allow_inf=True)
+        if not _all_true([_finite_ok(lo, allow_inf=True), _finite_ok(hi, allow_inf=True)]):
+            _check_finite(lo, "the box's lower bound", allow_inf=True)
+            _check_finite(hi, "the box's upper bound", allow_inf=True)
         return Region(centre=None, radius=None, p=INF, lo=lo, hi=hi)
 
     def intersect_box(self, lo: float | Tensor, hi: float | Tensor) -> Region:
         """This region intersected with one more box (boxes intersect element-wise)."""
         ref = self.centre if self.centre is not None else self.lo
         assert ref is not None
-        lo_t = torch.as_tensor(lo, dtype=ref.dtype, device=ref.device)
-        hi_t = torch.as_tensor(hi, dtype=ref.dtype, device=ref.device)
-        _check_finite(lo_t, "the box's lower bound", allow_inf=True)
-        _check_finite(hi_t, "the box's upper bound", allow_inf=True)
+        lo_t, lo_ok = _bound(lo, ref, "the box's lower bound")
+        hi_t, hi_ok = _bound(hi, ref, "the box's upper bound")
+        if not _all_true([lo_ok, hi_ok]):
+            _check_finite(lo_t, "the box's lower bound", allow_inf=True)
+            _check_finite(hi_t, "the box's upper bound", allow_inf=True)
         new_lo = lo_t if self.lo is None else torch.maximum(self.lo, lo_t)
         new_hi = hi_t if self.hi is None else torch.minimum(self.hi, hi_t)
         return Region(self.centre, self.radius, self.p, new_lo, new_hi)
@@ -178,15 +222,24 @@ class Region:
             empty |= (lo > hi).reshape(batch, -1).any(dim=1)
         if self.centre is not None:
             assert self.radius is not None
-            c = self.centre.double()
+            dtype = self.centre.dtype
+            # L-inf in the region's own dtype when it is float32 or float64: each coordinate's
+            # `c - clip(c)` is one correctly rounded subtraction (clip is exact) and the max is
+            # exact, so the computed distance is within a relative eps/2 of the true one, and
+            # the sums on the right within 2 eps: far inside the 4 eps * (r + dist) of rounding
+            # allowed, so a region that meets its box is never called empty. Sums of L1 / L2
+            # norms round more (n terms), so those go through float64 as before.
+            native = self.p == INF and dtype in (torch.float32, torch.float64)
+            work = dtype if native else torch.float64
+            c = self.centre.to(work)
             nearest = c
             if lo is not None:
-                nearest = torch.maximum(nearest, lo.double())
+                nearest = torch.maximum(nearest, lo.to(work))
             if hi is not None:
-                nearest = torch.minimum(nearest, hi.double())
+                nearest = torch.minimum(nearest, hi.to(work))
             dist = lp_norm(c - nearest, self.p)
-            r = self.radius.double().expand(batch)
-            rounding = 4 * torch.finfo(self.centre.dtype).eps * (r + dist)
+            r = self.radius.to(work).expand(batch)
+            rounding = 4 * torch.finfo(dtype).eps * (r + dist)
             empty |= dist > r + _EMPTY_TOL + rounding
         return empty
 
