@@ -215,11 +215,14 @@ class Region:
         """
         shape = self.shape
         batch = shape[0]
-        empty = torch.zeros(batch, dtype=torch.bool, device=self._device())
-        lo = None if self.lo is None else self.lo.expand(shape)
-        hi = None if self.hi is None else self.hi.expand(shape)
-        if lo is not None and hi is not None:
-            empty |= (lo > hi).reshape(batch, -1).any(dim=1)
+        parts: list[Tensor] = []
+        if self.lo is not None and self.hi is not None:
+            # Compared as given: a bound shared by every sample (the spec's `box(0, 1)`) once.
+            crossed = self.lo > self.hi
+            if crossed.dim() == len(shape) and crossed.shape[0] == batch:
+                parts.append(crossed.expand(shape).reshape(batch, -1).any(dim=1))
+            else:
+                parts.append(crossed.any().expand(batch))
         if self.centre is not None:
             assert self.radius is not None
             dtype = self.centre.dtype
@@ -232,16 +235,19 @@ class Region:
             native = self.p == INF and dtype in (torch.float32, torch.float64)
             work = dtype if native else torch.float64
             c = self.centre.to(work)
-            nearest = c
-            if lo is not None:
-                nearest = torch.maximum(nearest, lo.to(work))
-            if hi is not None:
-                nearest = torch.minimum(nearest, hi.to(work))
+            lo = None if self.lo is None else self.lo.to(work)
+            hi = None if self.hi is None else self.hi.to(work)
+            # clamp is max-then-min, as the nearest box point needs (also where lo > hi)
+            nearest = c if lo is None and hi is None else torch.clamp(c, lo, hi)
             dist = lp_norm(c - nearest, self.p)
             r = self.radius.to(work).expand(batch)
             rounding = 4 * torch.finfo(dtype).eps * (r + dist)
-            empty |= dist > r + _EMPTY_TOL + rounding
-        return empty
+            parts.append(dist > r + _EMPTY_TOL + rounding)
+        if not parts:
+            return torch.zeros(batch, dtype=torch.bool, device=self._device())
+        if len(parts) == 1:
+            return parts[0].clone() if parts[0].stride(0) == 0 else parts[0]
+        return parts[0] | parts[1]
 
     def select(self, index: Tensor) -> Region:
         """The region of the samples `index` (a [K] index or a [B] boolean mask)."""
