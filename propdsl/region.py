@@ -42,26 +42,25 @@ def _finite_ok(t: Tensor, *, allow_inf: bool = False) -> Tensor:
     return ~t.isnan().any() if allow_inf else torch.isfinite(t).all()
 
 
-def _bound(value: float | Tensor, ref: Tensor, what: str) -> tuple[Tensor, Tensor | None]:
+def _bound(value: float | Tensor, ref: Tensor) -> tuple[Tensor, Tensor | bool | None]:
     """A box bound as a tensor of `ref`'s dtype and device, with its validity still to check:
-    a Python number is checked here (no tensor op, no host sync), a tensor's check is returned
-    as a 0-dim BoolTensor for the caller to fuse with its other checks into one sync."""
-    if not isinstance(value, int | float):
-        t = torch.as_tensor(value, dtype=ref.dtype, device=ref.device)
-        if t.dim() > 0:
-            return t, _finite_ok(t, allow_inf=True)
-        # A constant such as the spec's `box(0, 1)`: one read, no reduction.
-        if math.isnan(t.item()):
-            raise RegionError(f"{what} has 1 NaN values")
-        return t, None
-    if math.isnan(value):
-        raise RegionError(f"{what} has 1 NaN values")
-    return torch.as_tensor(value, dtype=ref.dtype, device=ref.device), None
+    a Python number or 0-dim tensor (a constant such as the spec's `box(0, 1)`) is checked here
+    without a reduction (False if NaN, None if fine); any other tensor's check is returned as a
+    0-dim BoolTensor for the caller to fuse with its other checks into one host sync."""
+    if isinstance(value, int | float):
+        return torch.as_tensor(value, dtype=ref.dtype, device=ref.device), not math.isnan(value)
+    t = torch.as_tensor(value, dtype=ref.dtype, device=ref.device)
+    if t.dim() > 0:
+        return t, _finite_ok(t, allow_inf=True)
+    return t, not math.isnan(t.item())
 
 
-def _all_true(checks: list[Tensor | None]) -> bool:
-    """Whether every 0-dim check holds, with one host sync for all of them (none if none)."""
-    pending = [c for c in checks if c is not None]
+def _all_true(checks: list[Tensor | bool | None]) -> bool:
+    """Whether every check holds (None: nothing to check; a bool: known; a 0-dim BoolTensor:
+    read back), with one host sync for all the tensors (none if a bool already failed)."""
+    if any(c is False for c in checks):
+        return False
+    pending = [c for c in checks if isinstance(c, Tensor)]
     if not pending:
         return True
     ok = pending[0]
@@ -139,23 +138,23 @@ class Region:
     ) -> Region:
         if p not in (1, 2, INF):
             raise ValueError(f"ball norm must be 1, 2 or inf, got {p}")
-        scalar = isinstance(radius, int | float)
-        if scalar and not radius >= 0:
-            raise ValueError("ball radius must be non-negative (and not NaN)")
         # Convert straight to the centre's dtype: a Python float must not pass through float32.
         r = _per_sample(radius, centre).flatten()
-        if r.numel() not in (1, centre.shape[0]):
-            raise ValueError(f"ball radius has {r.numel()} entries for {centre.shape[0]} centres")
         # Every validity check of the construction as one fused test and one host sync (this
-        # runs once per attack, i.e. per training step); the detailed messages only on failure.
-        checks = [_finite_ok(centre), None if scalar else (r >= 0).all()]
+        # runs once per attack, i.e. per training step); on a failure the checks run one by
+        # one, in their order, for the first one's message.
+        scalar = isinstance(radius, int | float)
+        checks = [_finite_ok(centre), bool(radius >= 0) if scalar else (r >= 0).all()]
         lo_t = lo_ok = hi_t = hi_ok = None
         if lo is not None:
-            lo_t, lo_ok = _bound(lo, centre, "the box's lower bound")
+            lo_t, lo_ok = _bound(lo, centre)
         if hi is not None:
-            hi_t, hi_ok = _bound(hi, centre, "the box's upper bound")
-        if not _all_true([*checks, lo_ok, hi_ok]):
+            hi_t, hi_ok = _bound(hi, centre)
+        if r.numel() not in (1, centre.shape[0]) or not _all_true([*checks, lo_ok, hi_ok]):
             _check_finite(centre, "the ball's centre")
+            if r.numel() not in (1, centre.shape[0]):
+                n = centre.shape[0]
+                raise ValueError(f"ball radius has {r.numel()} entries for {n} centres")
             if not bool((r >= 0).all()):
                 raise ValueError("ball radius must be non-negative (and not NaN)")
             for bound, name in ((lo_t, "lower"), (hi_t, "upper")):
@@ -178,8 +177,8 @@ class Region:
         """This region intersected with one more box (boxes intersect element-wise)."""
         ref = self.centre if self.centre is not None else self.lo
         assert ref is not None
-        lo_t, lo_ok = _bound(lo, ref, "the box's lower bound")
-        hi_t, hi_ok = _bound(hi, ref, "the box's upper bound")
+        lo_t, lo_ok = _bound(lo, ref)
+        hi_t, hi_ok = _bound(hi, ref)
         if not _all_true([lo_ok, hi_ok]):
             _check_finite(lo_t, "the box's lower bound", allow_inf=True)
             _check_finite(hi_t, "the box's upper bound", allow_inf=True)

@@ -369,3 +369,29 @@ def test_linf_emptiness_in_float32_matches_the_float64_test():
     touching = kind == 0
     assert not got[touching].any()  # exactly touching: never empty
     assert got.sum() > 100 and (~got).sum() > 100  # both answers are exercised
+
+
+@pytest.mark.parametrize(
+    ("centre", "radius", "lo", "hi", "message"),
+    [
+        (math.nan, 0.1, math.nan, 1.0, "the ball's centre has 1 NaN or infinite values"),
+        (math.inf, -0.1, 0.0, 1.0, "the ball's centre has 1 NaN or infinite values"),
+        (0.5, -0.1, math.nan, 1.0, "ball radius must be non-negative"),
+        (0.5, math.nan, 0.0, 1.0, "ball radius must be non-negative"),
+        (0.5, 0.1, math.nan, 1.0, "the box's lower bound has 1 NaN values"),
+        (0.5, 0.1, 0.0, torch.tensor(math.nan), "the box's upper bound has 1 NaN values"),
+        (0.5, torch.tensor([0.1, -1.0]), 0.0, 1.0, "ball radius must be non-negative"),
+        (0.5, 0.1, torch.tensor([0.0, math.nan]), 1.0, "the box's lower bound has 1 NaN values"),
+    ],
+)
+def test_ball_reports_the_first_invalid_input_after_the_fused_check(
+    centre, radius, lo, hi, message
+):
+    """The validity checks run fused (one host read); on a failure the first failing input in
+    the order centre, radius, lower bound, upper bound is the one reported."""
+    c = torch.full((2, 2), 0.5)
+    c[0, 0] = centre
+    with pytest.raises(ValueError, match=message):
+        Region.ball(c, radius, INF, lo=lo, hi=hi)
+    # valid inputs of the same kinds pass
+    Region.ball(torch.full((2, 2), 0.5), 0.1, INF, lo=torch.tensor(0.0), hi=1.0)
