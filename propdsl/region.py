@@ -37,6 +37,38 @@ class RegionError(UsageError, ValueError):
     used as asked (bound propagation over an empty or unbounded region)."""
 
 
+def _finite_ok(t: Tensor, *, allow_inf: bool = False) -> Tensor:
+    """0-dim BoolTensor: `t` has no NaN (and, unless `allow_inf`, no infinite) values."""
+    return ~t.isnan().any() if allow_inf else torch.isfinite(t).all()
+
+
+def _bound(value: float | Tensor, ref: Tensor) -> tuple[Tensor, Tensor | bool | None]:
+    """A box bound as a tensor of `ref`'s dtype and device, with its validity still to check:
+    a Python number or 0-dim tensor (a constant such as the spec's `box(0, 1)`) is checked here
+    without a reduction (False if NaN, None if fine); any other tensor's check is returned as a
+    0-dim BoolTensor for the caller to fuse with its other checks into one host sync."""
+    if isinstance(value, int | float):
+        return torch.as_tensor(value, dtype=ref.dtype, device=ref.device), not math.isnan(value)
+    t = torch.as_tensor(value, dtype=ref.dtype, device=ref.device)
+    if t.dim() > 0:
+        return t, _finite_ok(t, allow_inf=True)
+    return t, not math.isnan(t.item())
+
+
+def _all_true(checks: list[Tensor | bool | None]) -> bool:
+    """Whether every check holds (None: nothing to check; a bool: known; a 0-dim BoolTensor:
+    read back), with one host sync for all the tensors (none if a bool already failed)."""
+    if any(c is False for c in checks):
+        return False
+    pending = [c for c in checks if isinstance(c, Tensor)]
+    if not pending:
+        return True
+    ok = pending[0]
+    for c in pending[1:]:
+        ok = ok & c
+    return bool(ok)
+
+
 def _check_finite(t: Tensor, what: str, *, allow_inf: bool = False) -> None:
     bad = t.isnan() if allow_inf else ~torch.isfinite(t)
     if bool(bad.any()):
@@ -106,20 +138,29 @@ class Region:
     ) -> Region:
         if p not in (1, 2, INF):
             raise ValueError(f"ball norm must be 1, 2 or inf, got {p}")
-        _check_finite(centre, "the ball's centre")
         # Convert straight to the centre's dtype: a Python float must not pass through float32.
         r = _per_sample(radius, centre).flatten()
-        if r.numel() not in (1, centre.shape[0]):
-            raise ValueError(f"ball radius has {r.numel()} entries for {centre.shape[0]} centres")
-        if not bool((r >= 0).all()):
-            raise ValueError("ball radius must be non-negative (and not NaN)")
+        # Every validity check of the construction as one fused test and one host sync (this
+        # runs once per attack, i.e. per training step); on a failure the checks run one by
+        # one, in their order, for the first one's message.
+        scalar = isinstance(radius, int | float)
+        checks = [_finite_ok(centre), bool(radius >= 0) if scalar else (r >= 0).all()]
+        lo_t = lo_ok = hi_t = hi_ok = None
+        if lo is not None:
+            lo_t, lo_ok = _bound(lo, centre)
+        if hi is not None:
+            hi_t, hi_ok = _bound(hi, centre)
+        if r.numel() not in (1, centre.shape[0]) or not _all_true([*checks, lo_ok, hi_ok]):
+            _check_finite(centre, "the ball's centre")
+            if r.numel() not in (1, centre.shape[0]):
+                n = centre.shape[0]
+                raise ValueError(f"ball radius has {r.numel()} entries for {n} centres")
+            if not bool((r >= 0).all()):
+                raise ValueError("ball radius must be non-negative (and not NaN)")
+            for bound, name in ((lo_t, "lower"), (hi_t, "upper")):
+                if bound is not None:
+                    _check_finite(bound, f"the box's {name} bound", allow_inf=True)
         r = r.expand(centre.shape[0])
-        to: dict[str, Any] = dict(dtype=centre.dtype, device=centre.device)
-        lo_t = None if lo is None else torch.as_tensor(lo, **to)
-        hi_t = None if hi is None else torch.as_tensor(hi, **to)
-        for bound, name in ((lo_t, "lower"), (hi_t, "upper")):
-            if bound is not None:
-                _check_finite(bound, f"the box's {name} bound", allow_inf=True)
         return Region(centre=centre, radius=r, p=float(p), lo=lo_t, hi=hi_t)
 
     @staticmethod
@@ -127,18 +168,20 @@ class Region:
         """The box [lo, hi] per sample (bounds [B, ...]; lo > hi somewhere makes it empty)."""
         if lo.shape != hi.shape:
             raise ValueError("box bounds must have the same shape")
-        _check_finite(lo, "the box's lower bound", allow_inf=True)
-        _check_finite(hi, "the box's upper bound", allow_inf=True)
+        if not _all_true([_finite_ok(lo, allow_inf=True), _finite_ok(hi, allow_inf=True)]):
+            _check_finite(lo, "the box's lower bound", allow_inf=True)
+            _check_finite(hi, "the box's upper bound", allow_inf=True)
         return Region(centre=None, radius=None, p=INF, lo=lo, hi=hi)
 
     def intersect_box(self, lo: float | Tensor, hi: float | Tensor) -> Region:
         """This region intersected with one more box (boxes intersect element-wise)."""
         ref = self.centre if self.centre is not None else self.lo
         assert ref is not None
-        lo_t = torch.as_tensor(lo, dtype=ref.dtype, device=ref.device)
-        hi_t = torch.as_tensor(hi, dtype=ref.dtype, device=ref.device)
-        _check_finite(lo_t, "the box's lower bound", allow_inf=True)
-        _check_finite(hi_t, "the box's upper bound", allow_inf=True)
+        lo_t, lo_ok = _bound(lo, ref)
+        hi_t, hi_ok = _bound(hi, ref)
+        if not _all_true([lo_ok, hi_ok]):
+            _check_finite(lo_t, "the box's lower bound", allow_inf=True)
+            _check_finite(hi_t, "the box's upper bound", allow_inf=True)
         new_lo = lo_t if self.lo is None else torch.maximum(self.lo, lo_t)
         new_hi = hi_t if self.hi is None else torch.minimum(self.hi, hi_t)
         return Region(self.centre, self.radius, self.p, new_lo, new_hi)
@@ -171,24 +214,39 @@ class Region:
         """
         shape = self.shape
         batch = shape[0]
-        empty = torch.zeros(batch, dtype=torch.bool, device=self._device())
-        lo = None if self.lo is None else self.lo.expand(shape)
-        hi = None if self.hi is None else self.hi.expand(shape)
-        if lo is not None and hi is not None:
-            empty |= (lo > hi).reshape(batch, -1).any(dim=1)
+        parts: list[Tensor] = []
+        if self.lo is not None and self.hi is not None:
+            # Compared as given: a bound shared by every sample (the spec's `box(0, 1)`) once.
+            crossed = self.lo > self.hi
+            if crossed.dim() == len(shape) and crossed.shape[0] == batch:
+                parts.append(crossed.expand(shape).reshape(batch, -1).any(dim=1))
+            else:
+                parts.append(crossed.any().expand(batch))
         if self.centre is not None:
             assert self.radius is not None
-            c = self.centre.double()
-            nearest = c
-            if lo is not None:
-                nearest = torch.maximum(nearest, lo.double())
-            if hi is not None:
-                nearest = torch.minimum(nearest, hi.double())
+            dtype = self.centre.dtype
+            # L-inf in the region's own dtype when it is float32 or float64: each coordinate's
+            # `c - clip(c)` is one correctly rounded subtraction (clip is exact) and the max is
+            # exact, so the computed distance is within a relative eps/2 of the true one, and
+            # the sums on the right within 2 eps: far inside the 4 eps * (r + dist) of rounding
+            # allowed, so a region that meets its box is never called empty. Sums of L1 / L2
+            # norms round more (n terms), so those go through float64 as before.
+            native = self.p == INF and dtype in (torch.float32, torch.float64)
+            work = dtype if native else torch.float64
+            c = self.centre.to(work)
+            lo = None if self.lo is None else self.lo.to(work)
+            hi = None if self.hi is None else self.hi.to(work)
+            # clamp is max-then-min, as the nearest box point needs (also where lo > hi)
+            nearest = c if lo is None and hi is None else torch.clamp(c, lo, hi)
             dist = lp_norm(c - nearest, self.p)
-            r = self.radius.double().expand(batch)
-            rounding = 4 * torch.finfo(self.centre.dtype).eps * (r + dist)
-            empty |= dist > r + _EMPTY_TOL + rounding
-        return empty
+            r = self.radius.to(work).expand(batch)
+            rounding = 4 * torch.finfo(dtype).eps * (r + dist)
+            parts.append(dist > r + _EMPTY_TOL + rounding)
+        if not parts:
+            return torch.zeros(batch, dtype=torch.bool, device=self._device())
+        if len(parts) == 1:
+            return parts[0].clone() if parts[0].stride(0) == 0 else parts[0]
+        return parts[0] | parts[1]
 
     def select(self, index: Tensor) -> Region:
         """The region of the samples `index` (a [K] index or a [B] boolean mask)."""

@@ -215,3 +215,46 @@ def test_every_digits_property_batches_its_restarts_like_one_restart_at_a_time(n
     assert len(batched[1]) == len(sliced[1]) >= 1
     for a, b in zip(batched[1], sliced[1], strict=True):
         assert torch.allclose(a, b, rtol=0, atol=1e-9)
+
+
+def test_min_perturbation_batches_restarts_with_the_labels_repeated(monkeypatch):
+    """metrics.search passes `tiled=` (the labels repeated per restart): the same distances
+    and breaking points as restarts run one at a time (run_attack without `tiled`)."""
+    from propdsl.metrics import search
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.ReLU(), torch.nn.Linear(12, 3))
+    x = torch.rand(10, 6)
+    labels = net(x).argmax(1)
+    attack = APGD(steps=8, restarts=3)
+    calls = []
+
+    def run(tiled_on):
+        real = search.run_attack
+
+        def spy(*args, **kwargs):
+            calls.append(kwargs.get("tiled") is not None)
+            if not tiled_on:
+                kwargs.pop("tiled", None)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(search, "run_attack", spy)
+        out = search.min_perturbation(
+            net,
+            x,
+            labels,
+            distance=search.Distance.L2,
+            attack=attack,
+            max_distance=2.0,
+            bisections=4,
+            box=(0.0, 1.0),
+            generator=torch.Generator().manual_seed(1),
+        )
+        monkeypatch.setattr(search, "run_attack", real)
+        return out
+
+    batched, sequential = run(True), run(False)
+    assert all(calls)  # every attack of the search was given the tiled objective
+    assert bool(batched.found.any())  # the search breaks some samples: a real comparison
+    assert torch.equal(batched.found, sequential.found)
+    torch.testing.assert_close(batched.distance, sequential.distance, rtol=1e-5, atol=1e-6)

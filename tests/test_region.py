@@ -337,3 +337,61 @@ def test_non_finite_centres_and_bounds_are_region_errors():
     from propdsl.errors import UsageError
 
     assert issubclass(RegionError, UsageError)
+
+
+def test_linf_emptiness_in_float32_matches_the_float64_test():
+    """L-inf `is_empty` runs in float32 for float32 regions (no float64 copies per attack); on
+    random float32 centres, boxes and radii, some exactly touching (radius = the distance as
+    float32 computes it, where a region that meets its box must never be called empty), its
+    answer is the float64 formula's: the distance, rounded once per coordinate, stays far
+    inside the 4 eps * (r + dist) of rounding allowed."""
+    gen = torch.Generator().manual_seed(7)
+    b, n = 4000, 6
+    c = torch.rand(b, n, generator=gen) * 4 - 1.5
+    lo = torch.rand(b, n, generator=gen) - 0.5
+    hi = lo + torch.rand(b, n, generator=gen) * 1.5 + 0.1
+    dist32 = (c - c.clamp(lo, hi)).abs().amax(dim=1)
+    kind = torch.randint(0, 4, (b,), generator=gen)
+    scale = torch.rand(b, generator=gen)
+    radius = (
+        torch.stack([dist32, dist32 * 0.999, dist32 + 1e-3, scale * 2.0], dim=1)
+        .gather(1, kind[:, None])
+        .squeeze(1)
+    )
+    region = Region.ball(c, radius, INF).intersect_box(lo, hi)
+    got = region.is_empty()
+    # The float64 formula, independently: distance, tolerance and rounding allowance.
+    c64, r64 = c.double(), radius.double()
+    d64 = (c64 - torch.minimum(torch.maximum(c64, lo.double()), hi.double())).abs().amax(dim=1)
+    eps = torch.finfo(torch.float32).eps
+    want = d64 > r64 + 1e-6 + 4 * eps * (r64 + d64)
+    assert torch.equal(got, want)
+    touching = kind == 0
+    assert not got[touching].any()  # exactly touching: never empty
+    assert got.sum() > 100 and (~got).sum() > 100  # both answers are exercised
+
+
+@pytest.mark.parametrize(
+    ("centre", "radius", "lo", "hi", "message"),
+    [
+        (math.nan, 0.1, math.nan, 1.0, "the ball's centre has 1 NaN or infinite values"),
+        (math.inf, -0.1, 0.0, 1.0, "the ball's centre has 1 NaN or infinite values"),
+        (0.5, -0.1, math.nan, 1.0, "ball radius must be non-negative"),
+        (0.5, math.nan, 0.0, 1.0, "ball radius must be non-negative"),
+        (0.5, 0.1, math.nan, 1.0, "the box's lower bound has 1 NaN values"),
+        (0.5, 0.1, 0.0, torch.tensor(math.nan), "the box's upper bound has 1 NaN values"),
+        (0.5, torch.tensor([0.1, -1.0]), 0.0, 1.0, "ball radius must be non-negative"),
+        (0.5, 0.1, torch.tensor([0.0, math.nan]), 1.0, "the box's lower bound has 1 NaN values"),
+    ],
+)
+def test_ball_reports_the_first_invalid_input_after_the_fused_check(
+    centre, radius, lo, hi, message
+):
+    """The validity checks run fused (one host read); on a failure the first failing input in
+    the order centre, radius, lower bound, upper bound is the one reported."""
+    c = torch.full((2, 2), 0.5)
+    c[0, 0] = centre
+    with pytest.raises(ValueError, match=message):
+        Region.ball(c, radius, INF, lo=lo, hi=hi)
+    # valid inputs of the same kinds pass
+    Region.ball(torch.full((2, 2), 0.5), 0.1, INF, lo=torch.tensor(0.0), hi=1.0)

@@ -124,6 +124,8 @@ def min_perturbation(
             [region],
             models=[model],
             generator=generator,
+            # All restarts as one batch: the labels repeated per copy (sample-major).
+            tiled=lambda k: lambda v: violation(model(v), own.repeat_interleave(k, 0), criterion),
         )
         (point,) = result.points
         with torch.no_grad():
