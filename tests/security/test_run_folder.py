@@ -165,7 +165,7 @@ class Faults:
     `enospc` (a full disk; a temporary is written half), or `kill` (the process dies at once,
     no cleanup: `os._exit` in a forked child)."""
 
-    NAMES = ("_write_new", "_replace", "_remove", "_fsync_dir")
+    NAMES = ("_write_new", "_link_new", "_replace", "_remove", "_fsync_dir")
 
     def __init__(self, monkeypatch, at: int | None = None, mode: str = "interrupt"):
         self.calls: list[str] = []
@@ -273,15 +273,18 @@ def epoch_two(boundaries: list[str]) -> range:
 
 
 def test_the_boundaries_are_what_one_commit_per_epoch_writes(boundaries):
-    # clearing the earlier run (all its files), config + spec + fsync, then per epoch: temporaries,
+    # clearing the earlier run (all its files), config + spec + fsync, then per epoch: temporaries
+    # (when best moves, best.safetensors and best.json are hard links to last's temporaries),
     # the manifest, the renames, one fsync (7 files when best moves, 5 when it stays)
     clear = ["_remove"] * (len(runs.RESULT_COPIES) + len(runs.RESULT_DIRS) + len(runs.RUN_FILES))
     start = ["_write_new", "_replace"] * 2 + ["_fsync_dir"]
 
-    def commit(n):
-        return ["_write_new"] * n + ["_write_new", "_replace"] + ["_replace"] * n + ["_fsync_dir"]
+    def commit(best: bool):
+        n = 7 if best else 5
+        staged = ["_write_new"] * 3 + ["_link_new"] * 2 * best + ["_write_new"] * 2
+        return staged + ["_write_new", "_replace"] + ["_replace"] * n + ["_fsync_dir"]
 
-    assert boundaries == clear + start + commit(7) + commit(7) + commit(5)
+    assert boundaries == clear + start + commit(True) + commit(True) + commit(False)
 
 
 def test_ctrl_c_at_every_write_of_an_epoch_resumes_bit_for_bit(
