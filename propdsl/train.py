@@ -215,7 +215,10 @@ def train(
     (`last.safetensors`, and `best.safetensors` when the validation accuracy improved), the
     optimizer state and a metrics row: the batch means of the loss and of each of its additive
     terms, the validation accuracy and each property's satisfaction rate at the training
-    attack's points. A loss that becomes NaN or infinite, or weights that do at the end of an
+    attack's points. The files are serialised at the end of the epoch and committed in a
+    background thread while the next epoch trains (one commit in flight at a time; a failed
+    commit stops the run after the batch in progress; `train` returns or raises only once no
+    commit is under way). A loss that becomes NaN or infinite, or weights that do at the end of an
     epoch (or exceed `MAX_ABS_WEIGHT`), stop the run with `TrainingDiverged`; the checkpoint of
     the last finished epoch stays as it was. The run folder is locked while training writes it.
 
@@ -228,7 +231,10 @@ def train(
         spec: a loaded spec with a train block.
         options: overrides (epochs, device, threads, seed, output folder, resume, user model).
         model: a ready model to train instead of the zoo's (its weights are the start).
-        on_epoch: called with each epoch's metrics row, after its checkpoint is written.
+        on_epoch: called with each epoch's metrics row at the end of the epoch (the model holds
+            that epoch's weights), once its files are serialised; their commit may still be
+            under way in the background. Whatever it raises (a KeyboardInterrupt) leaves the
+            epoch committed: the commit in flight is finished first.
 
     Returns:
         `TrainResult` with the run folder, the trained model (last epoch) and the metrics rows.
