@@ -132,6 +132,10 @@ _NO_LINKS = {
 }
 
 
+# linkat(2) without AT_SYMLINK_FOLLOW where the platform has it: never through a symlink.
+_LINK_NOFOLLOW = {"follow_symlinks": False} if os.link in os.supports_follow_symlinks else {}
+
+
 def _link_new(folder: Path, name: str, source: str) -> str:
     """A new temporary `.NAME.<random>.tmp` in `folder` that is a hard link to the temporary
     `source` (same folder): a second name for the same bytes, without writing them again.
@@ -142,7 +146,7 @@ def _link_new(folder: Path, name: str, source: str) -> str:
     for _ in range(100):
         tmp = f".{name}.{secrets.token_hex(6)}.tmp"
         try:
-            os.link(folder / source, folder / tmp, follow_symlinks=False)
+            os.link(folder / source, folder / tmp, **_LINK_NOFOLLOW)
         except FileExistsError:
             continue
         return tmp

@@ -721,6 +721,16 @@ def test_a_temporary_name_already_taken_is_never_opened(tmp_path, monkeypatch):
     (folder / "plot.png").symlink_to(outside)  # a reader's result file, planted as a symlink
     runs.write_bytes(folder / "plot.png", b"png")
     assert (folder / "plot.png").read_bytes() == b"png" and outside.read_text() == "keep me"
+    # best as a hard link to last's temporary: a name taken by a planted symlink is skipped
+    (folder / ".best.safetensors.aaaaaaaaaaaa.tmp").symlink_to(outside)
+    tokens = iter(["cccccccccccc", "aaaaaaaaaaaa", "bbbbbbbbbbbb", "dddddddddddd"])
+    monkeypatch.setattr(runs.secrets, "token_hex", lambda n: next(tokens))
+    weights = b"weights"
+    runs.commit_epoch(folder, 1, {"last.safetensors": weights, "best.safetensors": weights})
+    assert outside.read_text() == "keep me"
+    assert (folder / "best.safetensors").read_bytes() == weights
+    assert os.path.samefile(folder / "best.safetensors", folder / "last.safetensors")
+    assert runs.verify(folder, runs.read_manifest(folder)) == []
 
 
 # -- a run folder never runs code ----------------------------------------------------------------
