@@ -786,6 +786,9 @@ class _Committer:
                 interrupted = True
         if self._pool is not None:
             self._pool.shutdown(wait=True)
+        pending = self._pending
+        if exc[0] is not None and pending is not None and pending.exception() is not None:
+            log.warning("the commit under way failed as well: %s", pending.exception())
         if interrupted and exc[0] is None:
             raise KeyboardInterrupt
 
