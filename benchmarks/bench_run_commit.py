@@ -59,7 +59,7 @@ def _mode(name: str):
     real_write, real_fsync, real_commit = runs._write_new, runs._fsync_dir, runs.commit_epoch
     if name == "before":
 
-        def per_file(run, epoch, files):
+        def per_file(run, epoch, files, **_):
             for file, data in files.items():
                 tmp = run / (file + ".tmp")
                 tmp.write_bytes(data)

@@ -20,8 +20,9 @@ An epoch ends with one commit (`commit_epoch`): every changed file is written to
 name in the folder, then the manifest naming them is renamed into place (the commit point), then
 the temporaries are renamed to their names and the folder is fsynced once. A process killed
 anywhere leaves the previous epoch's complete set, or a committed set whose last renames
-`recover` completes; it never leaves a mix of two epochs. Temporaries are created with O_EXCL and
-never follow a symlink.
+`recover` completes; it never leaves a mix of two epochs. Temporaries are created with O_EXCL (or
+as hard links, which also fail rather than replace a name) and never follow a symlink; `best` of
+an epoch that improved is a hard link to `last`, not a second copy.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-# -- the write primitives (every change to a run folder goes through these four) ----------------
+# -- the write primitives (every change to a run folder goes through these five) ----------------
 _OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
 _OPEN_NEW |= getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
 
@@ -114,6 +115,40 @@ def _write_new(folder: Path, name: str, data: bytes) -> str:
             with contextlib.suppress(OSError):
                 os.unlink(folder / tmp)
             raise
+        return tmp
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(folder))  # pragma: no cover
+
+
+# Where hard links are not supported (some network or FAT file systems), `_link_new` fails with
+# one of these and the file is written as a copy instead.
+_NO_LINKS = {
+    errno.EPERM,
+    errno.EACCES,
+    errno.EMLINK,
+    errno.EXDEV,
+    errno.ENOSYS,
+    errno.ENOTSUP,
+    getattr(errno, "EOPNOTSUPP", errno.ENOTSUP),
+}
+
+
+# linkat(2) without AT_SYMLINK_FOLLOW where the platform has it: never through a symlink.
+_LINK_NOFOLLOW = {"follow_symlinks": False} if os.link in os.supports_follow_symlinks else {}
+
+
+def _link_new(folder: Path, name: str, source: str) -> str:
+    """A new temporary `.NAME.<random>.tmp` in `folder` that is a hard link to the temporary
+    `source` (same folder): a second name for the same bytes, without writing them again.
+
+    `os.link` creates the name or fails (never follows or overwrites a file or symlink planted
+    under it). Raises OSError where the file system has no hard links (`_NO_LINKS`).
+    """
+    for _ in range(100):
+        tmp = f".{name}.{secrets.token_hex(6)}.tmp"
+        try:
+            os.link(folder / source, folder / tmp, **_LINK_NOFOLLOW)
+        except FileExistsError:
+            continue
         return tmp
     raise FileExistsError(errno.EEXIST, "no free temporary name", str(folder))  # pragma: no cover
 
@@ -337,6 +372,44 @@ def metrics_files(rows: list[dict[str, Any]]) -> dict[str, bytes]:
     return {METRICS_JSONL: jsonl.encode(), METRICS_CSV: buf.getvalue().encode()}
 
 
+class MetricsFiles:
+    """`metrics_files` of a growing list of rows, each row serialised once: `add(row)` returns
+    the files holding every row so far, byte for byte what `metrics_files` writes (rewriting
+    every row each epoch made a long run's epoch end grow with its length)."""
+
+    def __init__(self, rows: list[dict[str, Any]] = ()):  # type: ignore[assignment]
+        self.rows: list[dict[str, Any]] = []
+        self._jsonl: list[str] = []
+        self._keys: list[str] = []
+        self._csv: list[str] = []  # each row's CSV line under `_keys`
+        for row in rows:
+            self._append(row)
+
+    def _append(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        self._jsonl.append(json.dumps(row, sort_keys=True) + "\n")
+        new = [k for k in row if k not in self._keys]
+        if new:  # a new column: every line changes
+            self._keys += new
+            self._csv = [self._line(r) for r in self.rows]
+        else:
+            self._csv.append(self._line(row))
+
+    def _line(self, row: dict[str, Any] | None) -> str:
+        buf = io.StringIO(newline="")
+        writer = csv.DictWriter(buf, fieldnames=self._keys)
+        if row is None:
+            writer.writeheader()
+        else:
+            writer.writerow(row)
+        return buf.getvalue()
+
+    def add(self, row: dict[str, Any]) -> dict[str, bytes]:
+        self._append(row)
+        table = self._line(None) + "".join(self._csv)
+        return {METRICS_JSONL: "".join(self._jsonl).encode(), METRICS_CSV: table.encode()}
+
+
 def read_metrics(run: Path) -> list[dict[str, Any]]:
     path = run / METRICS_JSONL
     if not path.exists():
@@ -443,25 +516,48 @@ def _file_hash(path: Path) -> str | None:
         return None
 
 
-def commit_epoch(run: Path, epoch: int, files: Mapping[str, bytes]) -> Manifest:
+# `commit_epoch(previous=READ)`: the caller does not know the folder's manifest; read it.
+READ: Any = object()
+
+
+def commit_epoch(
+    run: Path, epoch: int, files: Mapping[str, bytes], *, previous: Manifest | None = READ
+) -> Manifest:
     """Write one epoch's files as one atomic step; returns the new manifest.
 
     1. every file goes to a fresh temporary in the folder (a failure here, such as a full disk,
-       removes them and leaves the previous epoch as it was);
+       removes them and leaves the previous epoch as it was); a file whose bytes are the very
+       object of an earlier file (`best.safetensors` of an improved epoch is `last`'s) becomes a
+       hard link to that file's temporary, so it is neither written nor hashed twice (a copy
+       where the file system has no hard links);
     2. the manifest naming the temporaries and the digests of the whole set is renamed into
        place: the commit point;
     3. the temporaries are renamed to their names and the folder is fsynced (once per epoch: an
        fsync of every file made tiny epochs several times slower).
 
     A process killed in step 3 leaves renames that `recover` completes from the manifest.
+
+    `previous`: the folder's manifest as the caller knows it (what its last `commit_epoch`
+    returned, or `recover`'s; None: no epoch committed yet), so it is not read again; by default
+    it is read from the folder. Only the holder of the folder's lock writes it, so the two agree.
     """
-    previous = read_manifest(run)
+    if previous is READ:
+        previous = read_manifest(run)
     hashes = dict(previous.files) if previous is not None else {}
     staged: dict[str, str] = {}
     try:
         for name, data in files.items():
             if name not in EPOCH_FILES:
                 raise ValueError(f"{name} is not a file of an epoch")
+            same = next((n for n in staged if files[n] is data), None)
+            if same is not None:
+                try:
+                    staged[name] = _link_new(run, name, staged[same])
+                    hashes[name] = hashes[same]
+                    continue
+                except OSError as err:
+                    if err.errno not in _NO_LINKS:
+                        raise
             staged[name] = _write_new(run, name, data)
             hashes[name] = sha256(data)
         manifest = Manifest(

@@ -11,6 +11,7 @@ and `MAX_THREADS` stay importable from here.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -35,6 +36,7 @@ from propdsl import distributed, registry, runs
 from propdsl.api import Spec
 from propdsl.check import BlockInfo, OptionValue
 from propdsl.errors import CheckError, PropdslError, UsageError
+from propdsl.interpret import differentiates
 from propdsl.loss.augment import FGSMAugment
 from propdsl.session import (
     MAX_THREADS,
@@ -213,7 +215,10 @@ def train(
     (`last.safetensors`, and `best.safetensors` when the validation accuracy improved), the
     optimizer state and a metrics row: the batch means of the loss and of each of its additive
     terms, the validation accuracy and each property's satisfaction rate at the training
-    attack's points. A loss that becomes NaN or infinite, or weights that do at the end of an
+    attack's points. The files are serialised at the end of the epoch and committed in a
+    background thread while the next epoch trains (one commit in flight at a time; a failed
+    commit stops the run after the batch in progress; `train` returns or raises only once no
+    commit is under way). A loss that becomes NaN or infinite, or weights that do at the end of an
     epoch (or exceed `MAX_ABS_WEIGHT`), stop the run with `TrainingDiverged`; the checkpoint of
     the last finished epoch stays as it was. The run folder is locked while training writes it.
 
@@ -226,7 +231,10 @@ def train(
         spec: a loaded spec with a train block.
         options: overrides (epochs, device, threads, seed, output folder, resume, user model).
         model: a ready model to train instead of the zoo's (its weights are the start).
-        on_epoch: called with each epoch's metrics row, after its checkpoint is written.
+        on_epoch: called with each epoch's metrics row at the end of the epoch (the model holds
+            that epoch's weights), once its files are serialised; their commit may still be
+            under way in the background. Whatever it raises (a KeyboardInterrupt) leaves the
+            epoch committed: the commit in flight is finished first.
 
     Returns:
         `TrainResult` with the run folder, the trained model (last epoch) and the metrics rows.
@@ -590,7 +598,9 @@ def _epochs(
     parallel = distributed.active()
     term_keys: list[str] = []  # the loss terms' order in the all-reduced statistics
     progress = _Progress(epochs, quiet=options.quiet or not distributed.is_main())
-    with progress:
+    table = runs.MetricsFiles(metrics)
+    committer = _Committer(run, background=not parallel)
+    with progress, committer:
         for epoch in range(start_epoch + 1, epochs + 1):
             t0 = time.perf_counter()
             torch.manual_seed(seed * 100_003 + epoch)
@@ -627,23 +637,27 @@ def _epochs(
                         pairs = loop.partners.draw_for(model, xb, yb, salt=epoch * 100_003 + steps)
                         loss = objective(model, xb, yb, partners=pairs)
                     if not sums.add(loss.detach(), objective.last_term_values, steps + 1):
+                        committer.wait()  # the message says which epoch the folder keeps
                         raise TrainingDiverged(_diverged_message(objective, epoch, steps + 1, run))
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
                     objective.step_adaptive()  # Woods et al.'s psi follows each step's CE
                 steps += 1
+                committer.check()  # a failed commit of the epoch before stops the run now
                 if progress.live:
                     progress.batch(epoch, min(start + batch, n), n, sums.last)
             diverged = sums.diverged()
             if diverged is not None:
                 step, bad_terms = diverged
+                committer.wait()
                 raise TrainingDiverged(_diverged_message(objective, epoch, step, run, bad_terms))
             if schedule is not None:
                 schedule.step()
             # An epoch whose weights are not finite, or exploded, never becomes last or best.
             problem = weights_problem(model)
             if problem is not None:
+                committer.wait()
                 raise TrainingDiverged(_exploded_message(problem, epoch, run))
             train_seconds = time.perf_counter() - t0
 
@@ -674,6 +688,8 @@ def _epochs(
                 "best_acc": best_acc,
                 "adaptive_r": objective.adaptive_r,
             }
+            # Serialised here, at the end of the epoch: the bytes are the snapshot the commit
+            # writes while the next epoch changes the weights and the optimizer state.
             weights = runs.checkpoint_bytes(model)
             sidecar = runs.dumps_json(meta)
             files = {
@@ -681,18 +697,100 @@ def _epochs(
                 "last.json": sidecar,
                 "last.state.pt": runs.state_bytes(state),
             }
-            if improved:
+            if improved:  # the same objects: `commit_epoch` links them rather than copying
                 files.update({"best.safetensors": weights, "best.json": sidecar})
-            files.update(runs.metrics_files([*metrics, row]))
-            # Rank 0 alone writes the run folder; its error (a full disk) stops every rank. The
-            # others computed the same row (the validation too: the same weights and draws).
-            commit = functools.partial(runs.commit_epoch, run, epoch, files)
-            distributed.from_main(functools.partial(_write, run, commit, f"epoch {epoch}"))
+            files.update(table.add(row))
+            committer.submit(epoch, files)
             metrics.append(row)
             progress.epoch(row)
             if on_epoch is not None:
                 on_epoch(row)
+        committer.wait()
     return TrainResult(run, model, metrics)
+
+
+class _Committer:
+    """Commits each epoch's files (`runs.commit_epoch`, through `_write`) in a background thread
+    while the next epoch trains, one commit at a time.
+
+    The thread only hashes, writes, renames and fsyncs bytes the loop serialised at the end of
+    the epoch (no torch work, so no compute threads beside the loop's). `submit` first waits for
+    the commit before it, so commits stay in epoch order and at most one is in flight;
+    `check` (after every batch) raises the error of a commit that failed, `wait` waits for the
+    commit in flight and raises its error: the same `RunWriteError` (or interrupt) an inline
+    commit raised. Leaving the `with` block waits for the commit in flight whatever happens, so
+    the folder's lock is released only once no write is under way, and an error or interrupt
+    reports the epoch the folder really keeps. A kill (`kill -9`) mid-commit is what it always
+    was: the folder keeps the epoch before or the committed one (`runs.recover`).
+
+    In a distributed run (`background=False`) each commit is made at once, on rank 0, every rank
+    waiting for it (`distributed.from_main`), as before.
+    """
+
+    def __init__(self, run: Path, *, background: bool):
+        self.run = run
+        # The folder's manifest after the last commit (read once, by the first commit): the
+        # commits need not read it back every epoch.
+        self.manifest: Any = runs.READ
+        self._pool = (
+            concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="propdsl-commit")
+            if background
+            else None
+        )
+        self._pending: concurrent.futures.Future | None = None
+
+    def _commit(self, epoch: int, files: dict[str, bytes]) -> None:
+        def commit() -> runs.Manifest:
+            return runs.commit_epoch(self.run, epoch, files, previous=self.manifest)
+
+        self.manifest = runs.READ  # unknown until this commit returns
+        self.manifest = _write(self.run, commit, f"epoch {epoch}")
+
+    def submit(self, epoch: int, files: dict[str, bytes]) -> None:
+        self.wait()
+        if self._pool is None:
+            # Rank 0 alone writes the run folder; its error (a full disk) stops every rank.
+            # The others computed the same row (the validation too: the same weights and draws).
+            distributed.from_main(functools.partial(self._commit, epoch, files))
+        else:
+            self._pending = self._pool.submit(self._commit, epoch, files)
+
+    def check(self) -> None:
+        pending = self._pending
+        if pending is not None and pending.done():
+            self._pending = None
+            pending.result()
+
+    def wait(self) -> None:
+        pending = self._pending
+        if pending is None:
+            return
+        try:
+            pending.result()
+        finally:
+            if pending.done():  # not when an interrupt stopped the wait: __exit__ waits
+                self._pending = None
+
+    def __enter__(self) -> _Committer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        # A commit in flight is waited for, Ctrl-C or not (it takes milliseconds): the lock
+        # must outlive it. Its error, if any, is raised by `wait` on the way out without an
+        # error of the loop's; with one, the loop's error is the one reported.
+        interrupted = False
+        while self._pending is not None and not self._pending.done():
+            try:
+                concurrent.futures.wait([self._pending])
+            except KeyboardInterrupt:
+                interrupted = True
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        pending = self._pending
+        if exc[0] is not None and pending is not None and pending.exception() is not None:
+            log.warning("the commit under way failed as well: %s", pending.exception())
+        if interrupted and exc[0] is None:
+            raise KeyboardInterrupt
 
 
 def _parallel_step(
@@ -855,6 +953,8 @@ def data_hash(*datasets: Any) -> str:
 @torch.no_grad()
 def weights_problem(model: nn.Module) -> str | None:
     """None when every weight is finite and at most MAX_ABS_WEIGHT in size; else what is wrong."""
+    if _weights_fine(model):
+        return None
     for name, t in model.state_dict().items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             return f"are not finite ('{name}' holds NaN or infinite values)"
@@ -864,6 +964,26 @@ def weights_problem(model: nn.Module) -> str | None:
             if top > MAX_ABS_WEIGHT:
                 return f"exploded (|w| reaches {top:.3g} in '{name}', over {MAX_ABS_WEIGHT:.0e})"
     return None
+
+
+def _weights_fine(model: nn.Module) -> bool:
+    """The usual case of `weights_problem` in one host read: the largest |value| of every
+    parameter and buffer (NaN or inf where one holds one), checked together. False: look
+    closer (the loop of `weights_problem` names the culprit, or finds nothing wrong)."""
+    params = [p.detach() for p in model.parameters() if p.is_floating_point() and p.numel()]
+    buffers = [b for b in model.buffers() if b.is_floating_point() and b.numel()]
+    tensors = params + buffers
+    if not tensors:
+        return True
+    if len({t.device for t in tensors}) != 1 or len({t.dtype for t in tensors}) != 1:
+        return False  # one foreach call takes tensors of one device and dtype
+    try:
+        tops = torch.stack(torch._foreach_norm(tensors, math.inf)).to(torch.float64)
+    except (AttributeError, RuntimeError, TypeError):  # a torch without it: the loop
+        return False
+    limit = torch.full_like(tops, math.inf)
+    limit[: len(params)] = MAX_ABS_WEIGHT
+    return bool((torch.isfinite(tops) & (tops <= limit)).all())
 
 
 def _exploded_message(problem: str, epoch: int, run: Path) -> str:
@@ -1100,10 +1220,17 @@ def _same_model(old: dict[str, Any], new: dict[str, Any]) -> bool:
 def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch: int = 512) -> float:
     was = model.training
     model.eval()
+    try:
+        return _accuracy(model, x, y, batch)
+    finally:
+        model.train(was)
+
+
+def _accuracy(model: nn.Module, x: Tensor, y: Tensor, batch: int = 512) -> float:
+    """`accuracy` of a model already in eval mode (without no_grad: the caller's)."""
     correct = 0
     for i in range(0, x.shape[0], batch):
         correct += int((model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum())
-    model.train(was)
     return correct / max(1, x.shape[0])
 
 
@@ -1119,29 +1246,30 @@ def evaluate_epoch(model, val_ds, prop_losses, device, samples: int) -> dict[str
     """
     if len(val_ds) == 0:
         return {"val_accuracy": None, **{f"satisfied[{name}]": None for name in prop_losses}}
-    from propdsl.evaluate import SURROGATE_BETA
-    from propdsl.interpret import differentiates
-
     x, y = val_ds.x.to(device), val_ds.y.to(device)
-    out: dict[str, Any] = {"val_accuracy": accuracy(model, x, y)}
     xs, ys = x[:samples], y[:samples]
     relu = any(isinstance(m, nn.ReLU) for m in model.modules())
     was = model.training
-    model.eval()
-    # The attacks (and explanations) take their input gradients under enable_grad; no graph
-    # into the weights is needed here.
-    with torch.no_grad():
-        for name, loss in prop_losses.items():
-            attack = loss.attack
-            smooth = relu and attack.surrogate_beta is None and differentiates(loss.formula)
-            if smooth:
-                loss.attack = dataclasses.replace(attack, surrogate_beta=SURROGATE_BETA)
-            try:
-                res = loss(model, xs, ys)
-            finally:
-                loss.attack = attack
-            out[f"satisfied[{name}]"] = float(res.satisfied.float().mean())
-    model.train(was)
+    model.eval()  # once for the whole validation (each switch walks every module)
+    try:
+        # The attacks (and explanations) take their input gradients under enable_grad; no
+        # graph into the weights is needed here.
+        with torch.no_grad():
+            out: dict[str, Any] = {"val_accuracy": _accuracy(model, x, y)}
+            for name, loss in prop_losses.items():
+                attack = loss.attack
+                smooth = relu and attack.surrogate_beta is None and differentiates(loss.formula)
+                if smooth:
+                    from propdsl.evaluate import SURROGATE_BETA
+
+                    loss.attack = dataclasses.replace(attack, surrogate_beta=SURROGATE_BETA)
+                try:
+                    res = loss(model, xs, ys)
+                finally:
+                    loss.attack = attack
+                out[f"satisfied[{name}]"] = float(res.satisfied.float().mean())
+    finally:
+        model.train(was)
     return out
 
 

@@ -20,6 +20,7 @@ import shlex
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -165,7 +166,7 @@ class Faults:
     `enospc` (a full disk; a temporary is written half), or `kill` (the process dies at once,
     no cleanup: `os._exit` in a forked child)."""
 
-    NAMES = ("_write_new", "_replace", "_remove", "_fsync_dir")
+    NAMES = ("_write_new", "_link_new", "_replace", "_remove", "_fsync_dir")
 
     def __init__(self, monkeypatch, at: int | None = None, mode: str = "interrupt"):
         self.calls: list[str] = []
@@ -273,15 +274,18 @@ def epoch_two(boundaries: list[str]) -> range:
 
 
 def test_the_boundaries_are_what_one_commit_per_epoch_writes(boundaries):
-    # clearing the earlier run (all its files), config + spec + fsync, then per epoch: temporaries,
+    # clearing the earlier run (all its files), config + spec + fsync, then per epoch: temporaries
+    # (when best moves, best.safetensors and best.json are hard links to last's temporaries),
     # the manifest, the renames, one fsync (7 files when best moves, 5 when it stays)
     clear = ["_remove"] * (len(runs.RESULT_COPIES) + len(runs.RESULT_DIRS) + len(runs.RUN_FILES))
     start = ["_write_new", "_replace"] * 2 + ["_fsync_dir"]
 
-    def commit(n):
-        return ["_write_new"] * n + ["_write_new", "_replace"] + ["_replace"] * n + ["_fsync_dir"]
+    def commit(best: bool):
+        n = 7 if best else 5
+        staged = ["_write_new"] * 3 + ["_link_new"] * 2 * best + ["_write_new"] * 2
+        return staged + ["_write_new", "_replace"] + ["_replace"] * n + ["_fsync_dir"]
 
-    assert boundaries == clear + start + commit(7) + commit(7) + commit(5)
+    assert boundaries == clear + start + commit(True) + commit(True) + commit(False)
 
 
 def test_ctrl_c_at_every_write_of_an_epoch_resumes_bit_for_bit(
@@ -362,6 +366,232 @@ def test_a_full_disk_keeps_the_previous_epoch_and_says_how_to_go_on(
     again = cli_run(*shlex.split(then.split("then: ")[1])[1:], "--threads", "1", "-q")
     assert again.exit_code == 0, again.output
     assert_equals_reference(run, reference)
+
+
+# -- the commit in the background ----------------------------------------------------------------
+# Each epoch's commit runs in a background thread while the next epoch trains (the sweeps above
+# inject their faults there). These pin what the thread must not change: a Ctrl-C waits for the
+# commit in flight, the commit writes the epoch's end state whatever the next epoch does
+# meanwhile, and its errors stop the run at once with the message an inline commit gave.
+def commit_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("propdsl-commit")]
+
+
+def test_a_ctrl_c_while_a_commit_is_in_flight_waits_for_it(tmp_path, monkeypatch, reference):
+    """Epoch 2's commit is held before its first file while epoch 3 trains; Ctrl-C in epoch 3's
+    validation (the folder still at epoch 1) returns only once that commit is done: it reports
+    epoch 2, the folder holds epoch 2's complete set, and resuming ends as the reference."""
+    import propdsl.train as trainer
+
+    run = tmp_path / "run"
+    release = threading.Event()
+    seen: dict[str, object] = {}
+    real_write, real_evaluate = runs._write_new, trainer.evaluate_epoch
+    count = {"last": 0, "evaluations": 0}
+
+    def held_write(folder, name, data):
+        if name == "last.safetensors":
+            count["last"] += 1
+            if count["last"] == 2:  # epoch 2's commit, in the background
+                assert release.wait(30), "the interrupt never came"
+        return real_write(folder, name, data)
+
+    def interrupt_in_epoch_three(*args, **kwargs):
+        count["evaluations"] += 1
+        if count["evaluations"] == 3:
+            seen["epoch on disk"] = runs.read_manifest(run).epoch
+            seen["in flight"] = commit_threads()
+            threading.Timer(0.2, release.set).start()  # the commit goes on after the interrupt
+            raise KeyboardInterrupt
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(runs, "_write_new", held_write)
+    monkeypatch.setattr(trainer, "evaluate_epoch", interrupt_in_epoch_three)
+    with pytest.raises(TrainingInterrupted) as info:
+        train(propdsl.load(SPEC), opts(run))
+    assert seen["epoch on disk"] == 1 and seen["in flight"]
+    # returned after the commit: nothing half-written, no thread left, the lock free
+    assert info.value.epoch == 2 and info.value.started
+    assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
+    assert not commit_threads()
+    assert assert_committed_set(run) == 2
+    with runs.locked(run, "test"):
+        pass
+    monkeypatch.undo()
+    train(propdsl.load(SPEC), opts(run, resume=True))
+    assert_equals_reference(run, reference)
+
+
+def test_the_commit_writes_the_epochs_end_state_while_the_next_epoch_trains(
+    tmp_path, monkeypatch, reference
+):
+    """Epoch 1's commit is held until epoch 2 has taken two optimizer steps (changing the
+    weights and the optimizer state in place), then a Ctrl-C: the folder holds exactly what a
+    one-epoch run ends with, and resuming ends as the reference."""
+    one = tmp_path / "one"
+    train(propdsl.load(SPEC), opts(one, epochs=1))
+    import propdsl.train as trainer
+
+    run = tmp_path / "run"
+    stepped = threading.Event()
+    count = {"last": 0, "evaluations": 0, "steps": 0}
+    real_write, real_evaluate = runs._write_new, trainer.evaluate_epoch
+    real_step = torch.optim.Adam.step
+
+    def held_write(folder, name, data):
+        if name == "last.safetensors":
+            count["last"] += 1
+            if count["last"] == 1:
+                assert stepped.wait(30), "epoch 2 never stepped"
+        return real_write(folder, name, data)
+
+    def evaluate(*args, **kwargs):
+        count["evaluations"] += 1
+        return real_evaluate(*args, **kwargs)
+
+    def step(self, *args, **kwargs):
+        if count["evaluations"] == 1:  # in epoch 2
+            count["steps"] += 1
+            if count["steps"] == 3:
+                stepped.set()
+                raise KeyboardInterrupt
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(runs, "_write_new", held_write)
+    monkeypatch.setattr(trainer, "evaluate_epoch", evaluate)
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    with pytest.raises(TrainingInterrupted) as info:
+        train(propdsl.load(SPEC), opts(run))
+    assert info.value.epoch == 1 and count["steps"] == 3
+    assert assert_committed_set(run) == 1
+    assert same_weights(run / "last.safetensors", one / "last.safetensors")
+    ours, theirs = runs.load_state(run), runs.load_state(one)
+    for a, b in zip(
+        ours["optimizer"]["state"].values(), theirs["optimizer"]["state"].values(), strict=True
+    ):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert rows(run)[0]["loss"] == rows(one)[0]["loss"]
+    monkeypatch.undo()
+    train(propdsl.load(SPEC), opts(run, resume=True))
+    assert_equals_reference(run, reference)
+
+
+@pytest.mark.parametrize("failure", ["enospc", "bug"])
+def test_a_failed_commit_stops_the_next_epoch_at_once_with_the_same_error(
+    tmp_path, monkeypatch, reference, failure
+):
+    """Epoch 2's commit fails (a full disk; a bug) while epoch 3 trains: the run stops after the
+    batch in progress (not at the end of epoch 3) with the error an inline commit raised, the
+    folder keeps epoch 1, and resuming ends as the reference."""
+    import propdsl.train as trainer
+
+    run = tmp_path / "run"
+    stepped, failed = threading.Event(), threading.Event()
+    count = {"last": 0, "evaluations": 0, "steps": 0}
+    real_write, real_evaluate = runs._write_new, trainer.evaluate_epoch
+    real_step = torch.optim.Adam.step
+
+    def failing_write(folder, name, data):
+        if name == "last.state.pt":
+            count["last"] += 1
+            if count["last"] == 2:
+                assert stepped.wait(30)
+                failed.set()
+                if failure == "enospc":
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                raise RuntimeError("a bug in the commit")
+        return real_write(folder, name, data)
+
+    def evaluate(*args, **kwargs):
+        count["evaluations"] += 1
+        return real_evaluate(*args, **kwargs)
+
+    def step(self, *args, **kwargs):
+        if count["evaluations"] == 2:  # in epoch 3
+            count["steps"] += 1
+            if count["steps"] == 2:  # the commit fails during this batch
+                stepped.set()
+                assert failed.wait(30)
+                time.sleep(0.05)  # the failure reaches its future
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(runs, "_write_new", failing_write)
+    monkeypatch.setattr(trainer, "evaluate_epoch", evaluate)
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    if failure == "enospc":
+        with pytest.raises(RunWriteError) as info:
+            train(propdsl.load(SPEC), opts(run))
+        assert str(info.value) == (
+            f"cannot write epoch 2 to {run}: No space left on device; the run keeps epoch 1 "
+            "(fix the cause, then resume)"
+        )
+        assert info.value.epoch == 1
+    else:
+        with pytest.raises(RuntimeError, match="a bug in the commit"):
+            train(propdsl.load(SPEC), opts(run))
+    assert count["steps"] == 2  # stopped after the failure's batch; epoch 3 has 5 or more
+    assert count["evaluations"] == 2
+    assert not commit_threads()
+    assert assert_committed_set(run) == 1
+    assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.undo()
+    train(propdsl.load(SPEC), opts(run, resume=True))
+    assert_equals_reference(run, reference)
+
+
+def test_best_is_a_hard_link_to_last_and_keeps_its_bytes_when_last_moves_on(
+    tmp_path, monkeypatch, reference
+):
+    """Epochs 1 and 2 improve: best.* are the same files as last.* (hard links, no second copy);
+    epoch 3 does not: last.* are new files and best.* keep epoch 2's bytes. Where the file system
+    refuses hard links, best.* are written as copies, with the same content."""
+    run = tmp_path / "run"
+    train(propdsl.load(SPEC), opts(run, epochs=2))
+    for ext in ("safetensors", "json"):
+        last, best = os.stat(run / f"last.{ext}"), os.stat(run / f"best.{ext}")
+        assert (last.st_ino, last.st_dev) == (best.st_ino, best.st_dev) and best.st_nlink == 2
+    before = (run / "best.safetensors").read_bytes()
+    train(propdsl.load(SPEC), opts(run, resume=True, epochs=3))
+    assert (run / "best.safetensors").read_bytes() == before
+    assert os.stat(run / "best.safetensors").st_nlink == 1
+    assert not os.path.samefile(run / "last.safetensors", run / "best.safetensors")
+    assert_equals_reference(run, reference)
+
+    def no_links(*args, **kwargs):
+        raise PermissionError(errno.EPERM, os.strerror(errno.EPERM))
+
+    monkeypatch.setattr(os, "link", no_links)
+    copied = tmp_path / "copied"
+    train(propdsl.load(SPEC), opts(copied, epochs=2))
+    assert not os.path.samefile(copied / "last.safetensors", copied / "best.safetensors")
+    assert os.stat(copied / "best.safetensors").st_nlink == 1
+    assert same_weights(copied / "best.safetensors", copied / "last.safetensors")
+    assert assert_committed_set(copied) == 2
+    train(propdsl.load(SPEC), opts(copied, resume=True, epochs=3))
+    assert_equals_reference(copied, reference)
+
+
+def test_metrics_files_serialise_each_row_once_with_the_same_bytes():
+    table = runs.MetricsFiles()
+    rows_so_far: list[dict] = []
+    for row in (
+        {"epoch": 1, "loss": 0.5, "val_accuracy": None},
+        {"epoch": 2, "loss": 0.25, "val_accuracy": 0.5},
+        {"epoch": 3, "loss": 0.125, "val_accuracy": 0.75, "w": 1.5},  # a new column
+        {"epoch": 4, "loss": "a,b", "val_accuracy": 1.0},  # quoted, and w missing
+    ):
+        rows_so_far.append(row)
+        assert table.add(row) == runs.metrics_files(rows_so_far)
+    resumed = runs.MetricsFiles(rows_so_far[:2])
+    assert resumed.add(rows_so_far[2]) == runs.metrics_files(rows_so_far[:3])
+    csv_text = runs.metrics_files(rows_so_far)[runs.METRICS_CSV].decode()
+    assert csv_text.splitlines() == [
+        "epoch,loss,val_accuracy,w",
+        "1,0.5,,",
+        "2,0.25,0.5,",
+        "3,0.125,0.75,1.5",
+        '4,"a,b",1.0,',
+    ]
 
 
 # -- the lock ------------------------------------------------------------------------------------
@@ -491,6 +721,16 @@ def test_a_temporary_name_already_taken_is_never_opened(tmp_path, monkeypatch):
     (folder / "plot.png").symlink_to(outside)  # a reader's result file, planted as a symlink
     runs.write_bytes(folder / "plot.png", b"png")
     assert (folder / "plot.png").read_bytes() == b"png" and outside.read_text() == "keep me"
+    # best as a hard link to last's temporary: a name taken by a planted symlink is skipped
+    (folder / ".best.safetensors.aaaaaaaaaaaa.tmp").symlink_to(outside)
+    tokens = iter(["cccccccccccc", "aaaaaaaaaaaa", "bbbbbbbbbbbb", "dddddddddddd"])
+    monkeypatch.setattr(runs.secrets, "token_hex", lambda n: next(tokens))
+    weights = b"weights"
+    runs.commit_epoch(folder, 1, {"last.safetensors": weights, "best.safetensors": weights})
+    assert outside.read_text() == "keep me"
+    assert (folder / "best.safetensors").read_bytes() == weights
+    assert os.path.samefile(folder / "best.safetensors", folder / "last.safetensors")
+    assert runs.verify(folder, runs.read_manifest(folder)) == []
 
 
 # -- a run folder never runs code ----------------------------------------------------------------
@@ -791,6 +1031,17 @@ def test_weights_problem_checks_finiteness_and_size():
         net[0].weight[0, 0] = 0.5
         net[1].running_var[1] = math.inf  # a buffer: not trained, but saved
     assert "are not finite ('1.running_var'" in weights_problem(net)
+    with torch.no_grad():
+        net[1].running_var[1] = 5e6  # a buffer may be large, only not NaN or infinite
+    assert weights_problem(net) is None
+    with torch.no_grad():
+        net[0].bias[1] = math.nan
+    assert "are not finite ('0.bias'" in weights_problem(net)
+    half = nn.Sequential(nn.Linear(3, 2)).to(torch.float16)  # not float32
+    assert weights_problem(half) is None
+    with torch.no_grad():
+        half[0].weight[1, 1] = -math.inf
+    assert "are not finite ('0.weight'" in weights_problem(half)
 
 
 def test_an_epoch_with_nan_weights_keeps_the_one_before(tmp_path, monkeypatch):
