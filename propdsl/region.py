@@ -279,6 +279,9 @@ class Region:
         assert self.radius is not None
         r = _per_sample(self.radius, self.centre)
         lo, hi = self.centre - r, self.centre + r
+        if self.lo is not None and self.hi is not None:
+            # clamp is max-then-min: the same as the two steps below, one op each
+            return torch.clamp(lo, self.lo, self.hi), torch.clamp(hi, self.lo, self.hi)
         if self.lo is not None:
             lo = torch.maximum(lo, self.lo)
             hi = torch.maximum(hi, self.lo)
@@ -357,6 +360,9 @@ class Region:
         kw: dict[str, Any] = dict(generator=generator, dtype=c.dtype, device=c.device)
         if self.p == INF:
             delta = (2 * draw(torch.rand, c.shape, **kw) - 1) * r
+            # delta is in the ball already: projecting is clipping into the box (as `project`
+            # does, without its clamp of delta to the radius)
+            return self.clip_box(c + delta)
         elif self.p == 2:
             g = draw(torch.randn, c.shape, **kw)
             g = g / _per_sample(lp_norm(g, 2), c).clamp_min(1e-12)

@@ -142,11 +142,17 @@ class Interpreter:
                     (env.batch,), int(value), dtype=torch.long, device=env_device(env)
                 ),
             )
-        return Lambda(
-            node,
-            free,
-            lambda env: torch.tensor(float(value), dtype=env_dtype(env), device=env_device(env)),
-        )
+        made: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+
+        def constant(env: Env) -> Tensor:
+            # one 0-dim tensor per dtype and device, made once (no op reads it in place)
+            at = (env_dtype(env), env_device(env))
+            t = made.get(at)
+            if t is None:
+                t = made[at] = torch.tensor(float(value), dtype=at[0], device=at[1])
+            return t
+
+        return Lambda(node, free, constant)
 
     def _Var(self, node: I.Var, free):
         name = node.name
@@ -499,7 +505,7 @@ class Interpreter:
                     fill = fills.get(at)
                     if fill is None:
                         fill = fills[at] = env.logic.constant(kind == "forall", out.new_zeros(()))
-                    out = torch.where(mask, fill, out)
+                    out = out.masked_fill(mask, fill)
                 else:
                     out = out.masked_fill(mask, -math.inf if kind == "max" else math.inf)
             if kind == "forall":
