@@ -400,15 +400,20 @@ class PropertyLoss(nn.Module):
         empty: dict[str, Tensor] = {}
         batch = x.shape[0]
         records = [r for r in env.found if r[0] is self.logic]  # the points the loss was at
-        all_empty = torch.full((batch,), bool(records), dtype=torch.bool, device=x.device)
+        # Every sample's regions were all empty only where every quantifier found its region
+        # empty (a quantifier that met none, or K regions per sample, rules all samples out).
+        tracked = bool(records) and all(r[3] is not None for r in records)
+        all_empty = torch.full((batch,), tracked, dtype=torch.bool, device=x.device)
         for _, names, pts, none_in in records:
-            mask = torch.zeros(pts[0].shape[0], dtype=torch.bool, device=pts[0].device)
-            if none_in is not None:
-                mask = none_in
-            if mask.shape[0] == batch:
-                all_empty = all_empty & mask
-            else:  # K regions per sample (under a finite quantifier): not tracked per sample
-                all_empty = torch.zeros_like(all_empty)
+            if tracked and none_in is not None:
+                if none_in.shape[0] == batch:
+                    all_empty = all_empty & none_in
+                else:  # K regions per sample (under a finite quantifier): not tracked per sample
+                    all_empty = torch.zeros_like(all_empty)
+                    tracked = False
+            mask = none_in
+            if mask is None:
+                mask = torch.zeros(pts[0].shape[0], dtype=torch.bool, device=pts[0].device)
             for name, p in zip(names, pts, strict=True):
                 if name in points:
                     continue
