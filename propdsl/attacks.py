@@ -35,6 +35,7 @@ from torch.overrides import TorchFunctionMode
 
 from propdsl.errors import UsageError
 from propdsl.region import INF, Region, rows
+from propdsl.tracing import Traceable, Tracer
 
 __all__ = [
     "APGD",
@@ -261,6 +262,7 @@ def run_attack(
     models: Sequence[nn.Module] = (),
     generator: torch.Generator | None = None,
     tiled: Callable[[int], Objective] | None = None,
+    traceable: Traceable | None = None,
 ) -> AttackResult:
     """Maximise `objective(*points)` per sample, each point in its region.
 
@@ -278,6 +280,9 @@ def run_attack(
             restarts run as one batch of `restarts * B` samples through the objective, as a
             hand-written attack would; without it, each restart's slice is evaluated by
             `objective` on its own (the same points and values, `restarts` calls per step).
+        traceable: makes the objective's evaluations traceable across attacks
+            (`propdsl.tracing`): once hot, an evaluation runs as one traced graph, with the
+            same values and gradients. Not used with a surrogate (`surrogate_beta`).
 
     Returns:
         `AttackResult` with one detached point tensor per region, the [B] objective there, and
@@ -312,6 +317,7 @@ def run_attack(
         # so the first restart still starts where a single run does.
         starts = [[_start(r, attack.random_start, generator) for r in regions] for _ in range(k)]
         if k == 1:
+            fn = objective
             problem = _Problem(objective, regions, attack.surrogate_beta, batch)
             start = starts[0]
         else:
@@ -326,6 +332,9 @@ def run_attack(
             ]
             fn = tiled(k) if tiled is not None else _sliced(objective, k)
             problem = _Problem(fn, tiled_regions, attack.surrogate_beta, batch * k, copies=k)
+        if traceable is not None and attack.surrogate_beta is None:
+            site = (traceable.site, k if tiled is not None else -k)
+            problem.tracer = Tracer(Traceable(site, traceable.tensors, traceable.models), fn, start)
         if isinstance(attack, PGD):
             found = _pgd(attack, problem, start, warn=True)
         else:
@@ -497,6 +506,7 @@ class _Problem:
         self.batch = batch
         self.copies = copies  # restarts stacked in the batch (sample-major)
         self._ones: Tensor | None = None
+        self.tracer: Tracer | None = None
 
     def _call(self, points: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
         # Leaves that require grad, so objectives that differentiate internally (saliency) work.
@@ -509,6 +519,10 @@ class _Problem:
 
     def evaluate(self, points: Sequence[Tensor], *, need_grad: bool = True) -> _Eval:
         if self.beta is None:  # the hot path: one evaluation climbs and judges
+            if need_grad and self.tracer is not None:
+                traced = self.tracer.evaluate(points)
+                if traced is not None:
+                    return _Eval(traced[0], traced[1:], traced[0])
             with torch.enable_grad():
                 value, leaves = self._call(points)
                 grads = self._grads(value, leaves) if need_grad else None

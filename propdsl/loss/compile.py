@@ -41,6 +41,7 @@ from propdsl.interpret import (
     column,
     env_device,
     env_dtype,
+    env_tensors,
     lookup,
     rebind,
     warn_empty,
@@ -48,6 +49,7 @@ from propdsl.interpret import (
 from propdsl.logics import Logic, get_logic
 from propdsl.loss.schedules import WoodsPsi
 from propdsl.simplify import _rebuild as rebuild  # the simplifier's one-level IR map
+from propdsl.tracing import Traceable
 from propdsl.types import BOOL, REAL, IndexTy, TensorTy, Ty
 
 __all__ = [
@@ -228,13 +230,15 @@ class Compiler(Interpreter):
 
                     return objective
 
+                models = list(env.models.values())
                 result = run_attack(
                     fixed if fixed is not None else _attack(env),
                     tiled(),
                     regions,
-                    models=list(env.models.values()),
+                    models=models,
                     generator=env.config.generator,
                     tiled=tiled,
+                    traceable=Traceable(run, lambda: env_tensors(violation_env), models),
                 )
                 empty = result.empty
                 if empty is not None and not bool(empty.any()):
