@@ -4,8 +4,10 @@ signed margin, the input gradient) on the digits MLP and CNN, batch 64, three wa
 * `eager`: the hand-written step of bench_loss.py (`nn.Module` calls, autograd's engine);
 * `traced`: the same step traced once by `torch.fx.experimental.proxy_tensor.make_fx` into one
   graph of ATen operations, forward and backward (no module calls, no autograd engine at run
-  time; the weights are inputs, so one trace serves every optimizer step). The trace time is
-  reported too: it is paid once per input shape;
+  time; the weights are inputs, so one trace serves every optimizer step), run as the graph's
+  Python code. The trace time is reported too: it is paid once per input shape;
+* `traced, TorchScript`: that graph run by TorchScript's interpreter, as `propdsl.tracing`
+  runs a hot attack objective (`_interpreted`: its operations called from C++);
 * `torch.compile` (only with `--compile`: about 20 s of compilation per model on this machine):
   the step compiled by TorchInductor (`dynamic=False`).
 
@@ -27,16 +29,21 @@ from bench_loss import CLOCKS, _model  # the benchmarks folder is on the path (r
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from propdsl.tracing import _interpreted
+
 BATCH = 64
 
 
 def _step(model: nn.Module) -> Callable[..., tuple[Tensor, Tensor]]:
-    """One attack evaluation: the margin max_{j != y} f_j - f_y and its input gradient."""
+    """One attack evaluation: the margin max_{j != y} f_j - f_y and its input gradient, as a
+    function of flat tensors (the weights, then the point, the labels, the excluded mask)."""
+    names = [n for n, _ in model.named_parameters()]
 
-    def step(params: dict, buffers: dict, point: Tensor, y: Tensor, own: Tensor):
+    def step(*args: Tensor):
+        *weights, point, y, own = args
         leaf = point.detach().requires_grad_(True)
         with torch.enable_grad():
-            logits = functional_call(model, (params, buffers), (leaf,))
+            logits = functional_call(model, dict(zip(names, weights, strict=True)), (leaf,))
             value = (logits - logits.gather(1, y[:, None])).masked_fill(own, -torch.inf).amax(1)
             (grad,) = torch.autograd.grad(value.sum(), leaf)
         return value.detach(), grad
@@ -45,7 +52,8 @@ def _step(model: nn.Module) -> Callable[..., tuple[Tensor, Tensor]]:
 
 
 def _eager(model: nn.Module) -> Callable[..., tuple[Tensor, Tensor]]:
-    def step(params: dict, buffers: dict, point: Tensor, y: Tensor, own: Tensor):
+    def step(*args: Tensor):
+        point, y, own = args[-3:]
         leaf = point.detach().requires_grad_(True)
         with torch.enable_grad():
             logits = model(leaf)
@@ -54,6 +62,13 @@ def _eager(model: nn.Module) -> Callable[..., tuple[Tensor, Tensor]]:
         return value.detach(), grad
 
     return step
+
+
+def _no_grad(fn: Callable[..., object], args: tuple) -> object:
+    """A traced graph holds its own backward: run it without autograd, as propdsl.tracing does
+    (the eager step records autograd's graph, as an attack does)."""
+    with torch.no_grad():
+        return fn(*args)
 
 
 def _timed(fn: Callable[[], object], repeats: int, inner: int, clock) -> float:
@@ -84,26 +99,31 @@ def run(
     rows = []
     for kind in ("mlp", "cnn"):
         model = _model(kind).eval()
-        params = {k: v.detach() for k, v in model.named_parameters()}
-        buffers = dict(model.named_buffers())
-        args = (params, buffers, x, y, own)
+        args = (*(p.detach() for p in model.parameters()), x, y, own)
         eager = _eager(model)
         start = time.perf_counter()
         traced = make_fx(_step(model))(*args)
         trace_s = time.perf_counter() - start
-        variants: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {"traced": traced}
+        variants: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {
+            "traced": traced,
+            "traced, TorchScript": _interpreted(traced, list(args)),
+        }
         if compile:
             variants["torch.compile"] = torch.compile(eager, dynamic=False)
         v0, g0 = eager(*args)
         for name, fn in variants.items():
-            v1, g1 = fn(*args)
+            with torch.no_grad():
+                v1, g1 = fn(*args)
             if not (torch.allclose(v0, v1, atol=1e-6) and torch.allclose(g0, g1, atol=1e-6)):
                 raise AssertionError(f"{kind}: the {name} step disagrees with the eager one")
         # interleaved rounds, the best of each
         best: dict[str, float] = {}
         for _ in range(2 if quick else 3):
             for name, fn in {"eager": eager, **variants}.items():
-                t = _timed(lambda fn=fn, a=args: fn(*a), repeats, inner, tick)
+                if name == "eager":
+                    t = _timed(lambda fn=fn, a=args: fn(*a), repeats, inner, tick)
+                else:
+                    t = _timed(lambda fn=fn, a=args: _no_grad(fn, a), repeats, inner, tick)
                 best[name] = min(best.get(name, t), t)
         for name in variants:
             row = {

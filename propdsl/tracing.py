@@ -7,7 +7,13 @@ the same signature (its code, the shapes, dtypes and devices of its points, the 
 evaluation is traced by `torch.fx.experimental.proxy_tensor.make_fx` into one graph of ATen
 operations, forward and backward (`value`, `d value / d points`), and later evaluations run that
 graph: the same operations on the same kernels, so the values and gradients are bit-identical
-to the eager ones (tests/test_tracing.py), without the Python around them.
+to the eager ones (tests/test_tracing.py), without the Python around them. The graph is handed
+to TorchScript's interpreter (`torch.jit.trace`, or `torch.jit.script` where the tracer
+rejects an argument), which calls its operations from C++, with its optimisations (fusion) off,
+and only when it gives bit-identical outputs on the traced example; otherwise the Python code
+of the graph runs. (`torch.jit` is deprecated in favour of `torch.compile` and `torch.export`
+but maintained; should it go, the Python-coded graph remains. `torch.compile` itself is no use
+here on a CPU: benchmarks/bench_trace.py.)
 
 What makes a trace reusable from one attack to the next: every tensor the objective reads
 besides its points must be *named* by the caller (`Traceable.tensors`: the data, values cached
@@ -31,6 +37,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping, Sequence
@@ -113,7 +120,7 @@ def _signature(t: Tensor) -> tuple[Any, ...]:
 class _Graph:
     """A traced evaluation: `run(points, tensors)` -> (value, grads), the named tensors read."""
 
-    def __init__(self, module: torch.fx.GraphModule, names: list[str], signatures, models):
+    def __init__(self, module: Callable[..., Any], names: list[str], signatures, models):
         self.module = module
         self.names = names
         self.signatures = signatures  # per name, its tensor's signature when traced
@@ -131,8 +138,9 @@ class _Graph:
         return True
 
     def run(self, points: Sequence[Tensor], tensors: Mapping[str, Tensor]) -> list[Tensor]:
-        # The graph holds its own backward: no autograd graph to record around it.
-        with torch.no_grad():
+        # The graph holds its own backward: no autograd graph to record around it. No
+        # TorchScript optimisation either (fusion would change the rounding).
+        with torch.no_grad(), torch.jit.optimized_execution(False):
             return list(self.module(*points, *(tensors[n] for n in self.names)))
 
 
@@ -215,7 +223,43 @@ def _trace(
     graph.lint()
     module.recompile()
     signatures = [_signature(tensors[n]) for n in names]
-    return _Graph(module, names, signatures, models)
+    inputs_now = [*points, *(tensors[n] for n in names)]
+    return _Graph(_interpreted(module, inputs_now), names, signatures, models)
+
+
+def _packets(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of `module` calling `torch.ops.aten.name` (resolved by its argument types), not
+    `torch.ops.aten.name.overload`, which TorchScript's compiler does not accept."""
+    import copy
+
+    out = copy.deepcopy(module)
+    for node in out.graph.nodes:
+        if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+            node.target = node.target.overloadpacket
+    out.recompile()
+    return out
+
+
+def _interpreted(module: torch.fx.GraphModule, example: list[Tensor]) -> Callable[..., Any]:
+    """The graph run by TorchScript's interpreter (its operations called from C++, not from
+    Python: about half the time of the Python-coded graph for a small MLP) when it records the
+    same graph and gives bit-identical outputs on the example; else the Python-coded graph."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.jit is deprecated, still maintained
+            with torch.no_grad(), torch.jit.optimized_execution(False):
+                try:
+                    scripted = torch.jit.trace(module, tuple(example), check_trace=False)
+                except RuntimeError:
+                    # the tracer rejects some arguments (a convolution's output mask): compile
+                    # the graph's code instead
+                    scripted = torch.jit.script(_packets(module))
+                want, got = module(*example), scripted(*example)
+    except Exception:
+        return module
+    if len(want) != len(got) or not all(torch.equal(a, b) for a, b in zip(want, got, strict=True)):
+        return module
+    return scripted
 
 
 class Tracer:

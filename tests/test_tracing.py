@@ -187,3 +187,26 @@ def test_tracing_waits_for_a_hot_objective_and_can_be_turned_off():
     assert not tracing._TRACES
     with pytest.raises(ValueError, match="non-negative"):
         tracing.set_tracing(after=-1)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_hot_graphs_run_in_torchscripts_interpreter(kind):
+    # the comparisons above then cover the interpreted graphs (bit-identical losses and points)
+    _, used = _run("classification_robust", kind, traced=True)
+    assert [isinstance(g.module, torch.jit.ScriptModule) for g in used] == [True]
+
+
+def test_a_graph_torchscript_gets_wrong_or_cannot_take_stays_python(monkeypatch):
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x = torch.rand(5, 3)
+    module = make_fx(lambda a: (torch.tanh(a) * 2).sum(1))(x)
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("unsupported")
+
+    monkeypatch.setattr(torch.jit, "trace", lambda m, example, **kw: lambda *a: [a[0].sum(1)])
+    assert tracing._interpreted(module, [x]) is module  # different outputs: not used
+    monkeypatch.setattr(torch.jit, "trace", refuse)
+    monkeypatch.setattr(torch.jit, "script", refuse)
+    assert tracing._interpreted(module, [x]) is module
