@@ -206,8 +206,8 @@ def _trace(
         value = getattr(module, str(node.target), None)
         if not isinstance(value, Tensor):
             return None
-        name = by_id.get(id(value))
-        if name is None:
+        found = by_id.get(id(value))
+        if found is None:
             if _STABLE.get(id(value)) is value:
                 continue  # a registered constant: kept in the graph
             return None  # a tensor nobody named: the next attack could not supply it
@@ -217,7 +217,7 @@ def _trace(
             with ctx:
                 inputs[attr] = graph.placeholder(f"t{len(names)}")
             where = inputs[attr]
-            names.append(name)
+            names.append(found)
         node.replace_all_uses_with(inputs[attr])
         graph.erase_node(node)
     graph.lint()
