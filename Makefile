@@ -33,6 +33,9 @@ lint: $(STAMP)
 # the whole suite, slow end-to-end and fuzz tests included (what CI runs)
 test: lint
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+	@echo "the loss-side tests again, every attack objective traced from its first hot call:"
+	PROPDSL_TRACE_AFTER=0 $(VENV)/bin/pytest -q -p no:cacheprovider -m "not slow and not fuzz" \
+	  -k "loss or attack or compile or tracing or train or pairs or woods" $(PYTEST_ARGS)
 
 # the quick loop while developing
 test-fast: $(STAMP)

@@ -35,6 +35,7 @@ from torch.overrides import TorchFunctionMode
 
 from propdsl.errors import UsageError
 from propdsl.region import INF, Region, rows
+from propdsl.tracing import Traceable, Tracer
 
 __all__ = [
     "APGD",
@@ -261,6 +262,7 @@ def run_attack(
     models: Sequence[nn.Module] = (),
     generator: torch.Generator | None = None,
     tiled: Callable[[int], Objective] | None = None,
+    traceable: Traceable | None = None,
 ) -> AttackResult:
     """Maximise `objective(*points)` per sample, each point in its region.
 
@@ -278,6 +280,9 @@ def run_attack(
             restarts run as one batch of `restarts * B` samples through the objective, as a
             hand-written attack would; without it, each restart's slice is evaluated by
             `objective` on its own (the same points and values, `restarts` calls per step).
+        traceable: makes the objective's evaluations traceable across attacks
+            (`propdsl.tracing`): once hot, an evaluation runs as one traced graph, with the
+            same values and gradients. Not used with a surrogate (`surrogate_beta`).
 
     Returns:
         `AttackResult` with one detached point tensor per region, the [B] objective there, and
@@ -312,6 +317,7 @@ def run_attack(
         # so the first restart still starts where a single run does.
         starts = [[_start(r, attack.random_start, generator) for r in regions] for _ in range(k)]
         if k == 1:
+            fn = objective
             problem = _Problem(objective, regions, attack.surrogate_beta, batch)
             start = starts[0]
         else:
@@ -326,6 +332,9 @@ def run_attack(
             ]
             fn = tiled(k) if tiled is not None else _sliced(objective, k)
             problem = _Problem(fn, tiled_regions, attack.surrogate_beta, batch * k, copies=k)
+        if traceable is not None and attack.surrogate_beta is None:
+            site = (traceable.site, k if tiled is not None else -k)
+            problem.tracer = Tracer(Traceable(site, traceable.tensors, traceable.models), fn, start)
         if isinstance(attack, PGD):
             found = _pgd(attack, problem, start, warn=True)
         else:
@@ -364,17 +373,26 @@ def _best_copy(
     return [x[rows_] for x in points], value[rows_]
 
 
+_MODULE_TRAIN = nn.Module.train
+
+
 @contextlib.contextmanager
 def _eval_mode(models: Sequence[nn.Module]) -> Iterator[None]:
     flags = [(m, m.training) for model in models for m in model.modules()]
     try:
-        for model in models:
-            model.eval()
+        if any(type(m).train is not _MODULE_TRAIN for m, _ in flags):
+            for model in models:
+                model.eval()  # a module with its own `train` gets its call
+        else:
+            # What `model.eval()` does when no module overrides `train`, without its recursion
+            # through `nn.Module.__setattr__` (this runs once per attack, every training step).
+            for m, _ in flags:
+                object.__setattr__(m, "training", False)
         yield
     finally:
         # Set each flag directly: `train(flag)` would recurse and overwrite the children's.
         for module, flag in flags:
-            module.training = flag
+            object.__setattr__(module, "training", flag)
 
 
 def _start(region: Region, random_start: bool, generator: torch.Generator | None) -> Tensor:
@@ -487,6 +505,8 @@ class _Problem:
         self.beta = beta
         self.batch = batch
         self.copies = copies  # restarts stacked in the batch (sample-major)
+        self._ones: Tensor | None = None
+        self.tracer: Tracer | None = None
 
     def _call(self, points: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
         # Leaves that require grad, so objectives that differentiate internally (saliency) work.
@@ -499,6 +519,10 @@ class _Problem:
 
     def evaluate(self, points: Sequence[Tensor], *, need_grad: bool = True) -> _Eval:
         if self.beta is None:  # the hot path: one evaluation climbs and judges
+            if need_grad and self.tracer is not None:
+                traced = self.tracer.evaluate(points)
+                if traced is not None:
+                    return _Eval(traced[0], traced[1:], traced[0])
             with torch.enable_grad():
                 value, leaves = self._call(points)
                 grads = self._grads(value, leaves) if need_grad else None
@@ -518,23 +542,31 @@ class _Problem:
                 true = self._call(points)[0].detach()
         return _Eval(value.detach(), grads, true)
 
-    @staticmethod
-    def _grads(value: Tensor, leaves: list[Tensor]) -> list[Tensor]:
+    def _grads(self, value: Tensor, leaves: list[Tensor]) -> list[Tensor]:
         if not value.requires_grad:
             return [torch.zeros_like(x) for x in leaves]
-        grads = torch.autograd.grad(value.sum(), leaves, allow_unused=True)
+        # The gradient of value.sum(), from ones made once: no sum to run and differentiate.
+        ones = self._ones
+        if ones is None or ones.dtype != value.dtype or ones.device != value.device:
+            ones = self._ones = torch.ones_like(value)
+        grads = torch.autograd.grad(value, leaves, grad_outputs=ones, allow_unused=True)
         return [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads, strict=True)]
 
     def warn_if_flat(self, grads: Sequence[Tensor]) -> None:
         if self.beta is not None:
             return
-        # Judged on the first restart, as a single run would be.
-        firsts = [g.unflatten(0, (-1, self.copies))[:, 0] for g in grads]
-        flat = torch.stack([rows(g).abs().amax(dim=1) for g in firsts]).amax(dim=0) == 0
+        # Judged on the first restart, as a single run would be. A sample moves where some
+        # gradient entry is non-zero (NaN included: it is not flat).
+        moving = None
+        for g in grads:
+            first = g if self.copies == 1 else g.unflatten(0, (-1, self.copies))[:, 0]
+            some = rows(first).any(dim=1)
+            moving = some if moving is None else moving | some
         samples = self.batch // self.copies
-        if 2 * int(flat.sum()) > samples:
+        flat = samples - int(moving.sum()) if moving is not None else 0
+        if 2 * flat > samples:
             warnings.warn(
-                f"the attack objective's input gradient is exactly zero for {int(flat.sum())} of "
+                f"the attack objective's input gradient is exactly zero for {flat} of "
                 f"{samples} samples at the start, so the attack cannot move; objectives built "
                 "on input gradients (saliency) of ReLU networks are flat almost everywhere: give "
                 "the attack a softplus surrogate to climb, surrogate_beta (in a spec: "

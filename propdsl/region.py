@@ -39,7 +39,13 @@ class RegionError(UsageError, ValueError):
 
 def _finite_ok(t: Tensor, *, allow_inf: bool = False) -> Tensor:
     """0-dim BoolTensor: `t` has no NaN (and, unless `allow_inf`, no infinite) values."""
-    return ~t.isnan().any() if allow_inf else torch.isfinite(t).all()
+    if allow_inf:
+        return ~t.isnan().any()
+    if t.numel() == 0:
+        return torch.ones((), dtype=torch.bool, device=t.device)
+    # the largest magnitude is finite exactly when every entry is (NaN propagates through
+    # amax): three ops where `isfinite(t).all()` takes five
+    return t.abs().amax() < math.inf
 
 
 def _bound(value: float | Tensor, ref: Tensor) -> tuple[Tensor, Tensor | bool | None]:
@@ -279,6 +285,9 @@ class Region:
         assert self.radius is not None
         r = _per_sample(self.radius, self.centre)
         lo, hi = self.centre - r, self.centre + r
+        if self.lo is not None and self.hi is not None:
+            # clamp is max-then-min: the same as the two steps below, one op each
+            return torch.clamp(lo, self.lo, self.hi), torch.clamp(hi, self.lo, self.hi)
         if self.lo is not None:
             lo = torch.maximum(lo, self.lo)
             hi = torch.maximum(hi, self.lo)
@@ -357,6 +366,9 @@ class Region:
         kw: dict[str, Any] = dict(generator=generator, dtype=c.dtype, device=c.device)
         if self.p == INF:
             delta = (2 * draw(torch.rand, c.shape, **kw) - 1) * r
+            # delta is in the ball already: projecting is clipping into the box (as `project`
+            # does, without its clamp of delta to the radius)
+            return self.clip_box(c + delta)
         elif self.p == 2:
             g = draw(torch.randn, c.shape, **kw)
             g = g / _per_sample(lp_norm(g, 2), c).clamp_min(1e-12)

@@ -187,6 +187,37 @@ def test_parameter_grads_and_training_flags_are_left_alone():
     assert not res.value.requires_grad and not res.points[0].requires_grad
 
 
+def test_a_module_with_its_own_train_gets_its_call():
+    # The fast path sets the flags directly; a module that overrides `train` (here: one that
+    # freezes a statistic when put in eval mode) must still see `eval()` called on it.
+    class Freezing(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 2)
+            self.calls: list[bool] = []
+
+        def train(self, mode: bool = True):
+            self.calls.append(mode)
+            return super().train(mode)
+
+        def forward(self, v):
+            return self.lin(v)
+
+    net = nn.Sequential(nn.Linear(4, 4), Freezing())
+    net.train()
+    net[1].calls.clear()
+    seen = []
+
+    def objective(v):
+        seen.append([m.training for m in net.modules()])
+        return net(v)[:, 0]
+
+    run_attack(PGD(steps=2), objective, [Region.ball(torch.rand(3, 4), 0.1)], models=[net])
+    assert net[1].calls == [False]  # eval() reached it; the flags came back without a call
+    assert seen and not any(any(flags) for flags in seen)
+    assert all(m.training for m in net.modules())
+
+
 def test_flags_are_restored_when_the_objective_raises():
     net = _small_net()
     net.train()

@@ -93,7 +93,9 @@ def inject(monkeypatch):
     calls = []
 
     def use(*points):
-        def fake(attack, objective, regions, *, models=(), generator=None, tiled=None):
+        def fake(
+            attack, objective, regions, *, models=(), generator=None, tiled=None, traceable=None
+        ):
             assert len(regions) == len(points)
             for region, p in zip(regions, points, strict=True):
                 assert bool(region.contains(p).all()), "injected point outside the region"

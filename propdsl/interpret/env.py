@@ -26,6 +26,7 @@ __all__ = [
     "column",
     "env_device",
     "env_dtype",
+    "env_tensors",
     "lookup",
     "rebind",
     "sample_env",
@@ -241,6 +242,31 @@ def _first_tensor(env: Env) -> Tensor | None:
                 return v
         e = e.parent
     return None
+
+
+def env_tensors(env: Env) -> dict[str, Tensor]:
+    """Every tensor an evaluation in a child of `env` may read besides the child's own
+    bindings, by a name that means the same value in an environment built the same way for
+    another batch (`propdsl.tracing`): the bindings, cached values and finite-quantifier grids
+    of `env` and its parents (by depth and closure key), and the models' parameters and
+    buffers."""
+    out: dict[str, Tensor] = {}
+    e: Env | None = env
+    depth = 0
+    while e is not None:
+        for kind, table in (("v", e.values), ("c", e.cache), ("s", e.shared)):
+            for key, t in table.items():
+                if isinstance(t, Tensor):
+                    out[f"{depth}{kind}{key}"] = t
+        for var, (col, _) in (e.grid or {}).items():
+            out[f"{depth}g{var}"] = col
+        e, depth = e.parent, depth + 1
+    for net, model in env.models.items():
+        for name, t in model.named_parameters():
+            out[f"m.{net}.{name}"] = t
+        for name, t in model.named_buffers():
+            out[f"b.{net}.{name}"] = t
+    return out
 
 
 def env_dtype(env: Env) -> torch.dtype:

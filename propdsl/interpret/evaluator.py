@@ -47,6 +47,7 @@ from propdsl.interpret.env import (
 from propdsl.logics import Cmp, Logic, get_logic, stack
 from propdsl.region import Region
 from propdsl.simplify import nnf
+from propdsl.tracing import stable
 from propdsl.types import BOOL, IndexTy, shape_of
 
 __all__ = ["BOOLEAN", "Code", "Interpreter", "Lambda"]
@@ -142,11 +143,17 @@ class Interpreter:
                     (env.batch,), int(value), dtype=torch.long, device=env_device(env)
                 ),
             )
-        return Lambda(
-            node,
-            free,
-            lambda env: torch.tensor(float(value), dtype=env_dtype(env), device=env_device(env)),
-        )
+        made: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+
+        def constant(env: Env) -> Tensor:
+            # one 0-dim tensor per dtype and device, made once (no op reads it in place)
+            at = (env_dtype(env), env_device(env))
+            t = made.get(at)
+            if t is None:
+                t = made[at] = stable(torch.tensor(float(value), dtype=at[0], device=at[1]))
+            return t
+
+        return Lambda(node, free, constant)
 
     def _Var(self, node: I.Var, free):
         name = node.name
@@ -428,8 +435,8 @@ class Interpreter:
                     layouts.clear()
                 axes = [torch.arange(k, device=device) for k in sizes]
                 cols = torch.cartesian_prod(*axes).reshape(total, len(sizes)).unbind(1)
-                grid = {n: (c, len(sizes) == 1) for n, c in zip(names, cols, strict=True)}
-                values = {n: c.repeat(batch) for n, c in zip(names, cols, strict=True)}
+                grid = {n: (stable(c), len(sizes) == 1) for n, c in zip(names, cols, strict=True)}
+                values = {n: stable(c.repeat(batch)) for n, c in zip(names, cols, strict=True)}
                 found = layouts[(batch, device)] = (values, grid)
             return found
 
@@ -482,7 +489,7 @@ class Interpreter:
                 e = exclude(env)
                 col = cols.get(e.device)
                 if col is None:
-                    col = cols[e.device] = torch.arange(k, device=e.device)
+                    col = cols[e.device] = stable(torch.arange(k, device=e.device))
                 return col == e.reshape(-1, 1)
 
             excluded = Lambda(node, exclude.free, make_mask)
@@ -498,8 +505,10 @@ class Interpreter:
                     at = (env.logic, out.dtype, out.device)
                     fill = fills.get(at)
                     if fill is None:
-                        fill = fills[at] = env.logic.constant(kind == "forall", out.new_zeros(()))
-                    out = torch.where(mask, fill, out)
+                        fill = fills[at] = stable(
+                            env.logic.constant(kind == "forall", out.new_zeros(()))
+                        )
+                    out = out.masked_fill(mask, fill)
                 else:
                     out = out.masked_fill(mask, -math.inf if kind == "max" else math.inf)
             if kind == "forall":

@@ -367,4 +367,4 @@ def connected_zero(x: Tensor) -> Tensor:
 
 def difference(a: Tensor, b: Tensor) -> Tensor:
     """``a - b``, but 0 (not NaN) where both are the same infinity, which compare equal."""
-    return torch.where(torch.isinf(a) & (a == b), 0.0, a - b)
+    return (a - b).masked_fill(torch.isinf(a) & (a == b), 0.0)

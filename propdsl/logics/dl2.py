@@ -51,9 +51,9 @@ class DL2(Logic):
         if op in (Cmp.LE, Cmp.GE):
             return torch.relu(d)
         if op in (Cmp.LT, Cmp.GT):
-            # Written with where rather than relu so that the gradient at equality, where the
+            # Masked rather than relu so that the gradient at equality, where the
             # strict comparison fails, is that of a - b (relu's is 0 there); NaN passes.
-            return torch.where(d < 0, 0.0, d + self.xi * (d == 0).to(d.dtype))
+            return torch.add(d, (d == 0).to(d.dtype), alpha=self.xi).masked_fill(d < 0, 0.0)
         if op is Cmp.EQ:
             return d.abs()
         if op is Cmp.NE:

@@ -193,7 +193,8 @@ class Violation(_SignedLogic):
         # point, so `>=` subtracts the other way round instead of negating (one op fewer
         # forward and backward, every attack step).
         greater = op in (Cmp.GE, Cmp.GT)
-        d = torch.where(lhs == rhs, 0.0, rhs - lhs if greater else lhs - rhs)
+        # masked_fill, not where: the same values and gradients, one op fewer each way
+        d = (rhs - lhs if greater else lhs - rhs).masked_fill(lhs == rhs, 0.0)
         if greater or op in (Cmp.LE, Cmp.LT):
             return d
         if op is Cmp.EQ:

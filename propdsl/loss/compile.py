@@ -41,6 +41,7 @@ from propdsl.interpret import (
     column,
     env_device,
     env_dtype,
+    env_tensors,
     lookup,
     rebind,
     warn_empty,
@@ -48,6 +49,7 @@ from propdsl.interpret import (
 from propdsl.logics import Logic, get_logic
 from propdsl.loss.schedules import WoodsPsi
 from propdsl.simplify import _rebuild as rebuild  # the simplifier's one-level IR map
+from propdsl.tracing import Traceable
 from propdsl.types import BOOL, REAL, IndexTy, TensorTy, Ty
 
 __all__ = [
@@ -228,13 +230,15 @@ class Compiler(Interpreter):
 
                     return objective
 
+                models = list(env.models.values())
                 result = run_attack(
                     fixed if fixed is not None else _attack(env),
                     tiled(),
                     regions,
-                    models=list(env.models.values()),
+                    models=models,
                     generator=env.config.generator,
                     tiled=tiled,
+                    traceable=Traceable(run, lambda: env_tensors(violation_env), models),
                 )
                 empty = result.empty
                 if empty is not None and not bool(empty.any()):
@@ -400,15 +404,20 @@ class PropertyLoss(nn.Module):
         empty: dict[str, Tensor] = {}
         batch = x.shape[0]
         records = [r for r in env.found if r[0] is self.logic]  # the points the loss was at
-        all_empty = torch.full((batch,), bool(records), dtype=torch.bool, device=x.device)
+        # Every sample's regions were all empty only where every quantifier found its region
+        # empty (a quantifier that met none, or K regions per sample, rules all samples out).
+        tracked = bool(records) and all(r[3] is not None for r in records)
+        all_empty = torch.full((batch,), tracked, dtype=torch.bool, device=x.device)
         for _, names, pts, none_in in records:
-            mask = torch.zeros(pts[0].shape[0], dtype=torch.bool, device=pts[0].device)
-            if none_in is not None:
-                mask = none_in
-            if mask.shape[0] == batch:
-                all_empty = all_empty & mask
-            else:  # K regions per sample (under a finite quantifier): not tracked per sample
-                all_empty = torch.zeros_like(all_empty)
+            if tracked and none_in is not None:
+                if none_in.shape[0] == batch:
+                    all_empty = all_empty & none_in
+                else:  # K regions per sample (under a finite quantifier): not tracked per sample
+                    all_empty = torch.zeros_like(all_empty)
+                    tracked = False
+            mask = none_in
+            if mask is None:
+                mask = torch.zeros(pts[0].shape[0], dtype=torch.bool, device=pts[0].device)
             for name, p in zip(names, pts, strict=True):
                 if name in points:
                     continue
