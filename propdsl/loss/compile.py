@@ -516,7 +516,7 @@ class Objective(nn.Module):
         r = torch.as_tensor(self._r, dtype=torch.float64, device=ce.device)
         # -log(ce / target) is +inf at ce = 0, clipped to `up` as `advance` does
         change = (-torch.log(ce / a.target)).clamp(-a.down, a.up)
-        self._r = (r + change).clamp_min(0.0)
+        object.__setattr__(self, "_r", (r + change).clamp_min(0.0))
 
     @property
     def last_terms(self) -> dict[str, float]:
@@ -549,11 +549,14 @@ class Objective(nn.Module):
             values.update(zip(partner_names(name), partners[name], strict=True))
         env = Env(_models(model, self.networks), values, x.shape[0], self.logic, config)
         per_sample = as_batch(self.code(env), env)
-        self.last_term_values = {
-            label: as_batch(code(env), env).detach().mean() for label, code in self.term_codes
-        }
+        # Plain attributes, set without nn.Module.__setattr__'s checks (every training step).
+        object.__setattr__(
+            self,
+            "last_term_values",
+            {label: as_batch(code(env), env).detach().mean() for label, code in self.term_codes},
+        )
         if self._ce_code is not None:
-            self._ce = as_batch(self._ce_code(env), env).detach().mean()
+            object.__setattr__(self, "_ce", as_batch(self._ce_code(env), env).detach().mean())
         return per_sample.mean()
 
 
