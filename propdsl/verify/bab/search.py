@@ -318,6 +318,33 @@ class _Search:
             )
         return self.ctx.confirm(points, "")
 
+    def check_and_settle(
+        self,
+        points: Tensor,
+        boxes: Region,
+        how: str,
+        bounded: Bounded,
+        region: Callable[[], Region],
+        open_: Tensor,
+        signs: list[Tensor] | None,
+    ) -> tuple[Tensor, Tensor] | None:
+        """The step both searches take on the sub-domains they could not prove: probe the
+        candidate points (a confirmed counterexample is kept in `found`, described by `how`),
+        then decide the leaves by linear programming. None when a counterexample was found;
+        else the masks of the sub-domains refuted and left undecided (all False: no leaf)."""
+        found = self.probe(points, boxes)
+        if found is not None:
+            found.how = how
+            self.found = found
+            return None
+        leaves = bounded.unstable() <= self.options.lp_unstable
+        if not bool(leaves.any()):
+            return torch.zeros_like(leaves), torch.zeros_like(leaves)
+        refuted, undecided = self.decide_leaves(leaves, region(), open_, signs, bounded)
+        if self.found is not None:
+            return None
+        return refuted, undecided
+
     def decide_leaves(
         self,
         leaves: Tensor,
@@ -508,19 +535,15 @@ class InputSearch(_Search):
             torch.cat([lo, lo]).to(dtype),
             torch.cat([hi, hi]).to(dtype),
         )
-        found = self.probe(points, boxes)
-        if found is not None:
-            found.how = (
-                f"counterexample near a sub-box's candidate point (input splitting, round "
-                f"{self.rounds + 1})"
-            )
-            self.found = found
+        how = (
+            f"counterexample near a sub-box's candidate point (input splitting, round "
+            f"{self.rounds + 1})"
+        )
+        settled = self.check_and_settle(points, boxes, how, bounded, lambda: region, open_, None)
+        if settled is None:
             return
-        leaves = bounded.unstable() <= self.options.lp_unstable
-        if bool(leaves.any()):
-            refuted, undecided = self.decide_leaves(leaves, region, open_, None, bounded)
-            if self.found is not None:
-                return
+        refuted, undecided = settled
+        if bool((refuted | undecided).any()):
             self._prove(refuted, depth)
             keep = ~(refuted | undecided)
             lo, hi, open_, depth, value = lo[keep], hi[keep], open_[keep], depth[keep], value[keep]
@@ -733,21 +756,18 @@ class ReluSearch(_Search):
         primal = self.primal_points(
             bounded, lo.expand(n_open, *lo.shape[1:]), hi.expand(n_open, *hi.shape[1:]), open_
         )
-        found = self.probe(primal, region_batch(self.ctx.region_m, n_open))
-        if found is not None:
-            found.how = (
-                f"counterexample near a sub-domain's bound minimiser (ReLU splitting, round "
-                f"{self.rounds + 1})"
-            )
-            self.found = found
+        how = (
+            f"counterexample near a sub-domain's bound minimiser (ReLU splitting, round "
+            f"{self.rounds + 1})"
+        )
+        boxes = region_batch(self.ctx.region_m, n_open)
+        settled = self.check_and_settle(
+            primal, boxes, how, bounded, lambda: self._region(n_open), open_, signs
+        )
+        if settled is None:
             return
-        leaves = bounded.unstable() <= self.options.lp_unstable
-        if bool(leaves.any()):
-            refuted, undecided = self.decide_leaves(
-                leaves, self._region(n_open), open_, signs, bounded
-            )
-            if self.found is not None:
-                return
+        refuted, undecided = settled
+        if bool((refuted | undecided).any()):
             d = int(refuted.sum())
             self.proved += d
             if d:
