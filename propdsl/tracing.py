@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Traceable", "set_tracing", "stable", "tracing"]
+__all__ = ["Traceable", "module_tensors", "set_tracing", "stable", "tracing"]
 
 _LOCK = threading.Lock()
 _STABLE: weakref.WeakValueDictionary[int, Tensor] = weakref.WeakValueDictionary()
@@ -113,6 +113,29 @@ class Traceable:
     models: Sequence[nn.Module] = ()
 
 
+def module_tensors(model: nn.Module) -> tuple[list[tuple[str, Tensor]], list[tuple[str, Tensor]]]:
+    """`named_parameters()` and `named_buffers()` of `model` (each tensor once, at its first
+    name), read from the modules' own tables: a fraction of their generators' cost."""
+    params: list[tuple[str, Tensor]] = []
+    buffers: list[tuple[str, Tensor]] = []
+    seen: set[int] = set()
+    modules: set[int] = set()
+    stack: list[tuple[str, nn.Module]] = [("", model)]
+    while stack:
+        prefix, m = stack.pop()
+        if id(m) in modules:
+            continue
+        modules.add(id(m))
+        for table, out in ((m._parameters, params), (m._buffers, buffers)):
+            for name, t in table.items():
+                if t is not None and id(t) not in seen:
+                    seen.add(id(t))
+                    out.append((prefix + name, t))
+        children = [(prefix + name + ".", c) for name, c in m._modules.items() if c is not None]
+        stack.extend(reversed(children))
+    return params, buffers
+
+
 def _signature(t: Tensor) -> tuple[Any, ...]:
     return (tuple(t.shape), t.dtype, t.device, t.is_contiguous())
 
@@ -162,15 +185,21 @@ def _random(node: torch.fx.Node) -> bool:
     return node.op == "call_function" and torch.Tag.nondeterministic_seeded in tags
 
 
+def _mutates(node: torch.fx.Node) -> bool:
+    target = node.target
+    schema = getattr(target, "_schema", None)
+    return node.op == "call_function" and schema is not None and schema.is_mutable
+
+
 def _trace(
     objective: Callable[..., Tensor],
     points: Sequence[Tensor],
     tensors: Mapping[str, Tensor],
     models: Sequence[nn.Module],
 ) -> _Graph | None:
-    """The evaluation of `objective` at points like `points` as a graph whose inputs are the
-    points and the named tensors it reads; None when that graph would not be reusable."""
-    from torch.fx.experimental.proxy_tensor import make_fx
+    """The evaluation of `objective` at points like `points` (its value and input gradient)
+    as a graph whose inputs are the points and the named tensors it reads; None when that graph
+    would not be reusable."""
 
     def joint(*pts: Tensor) -> tuple[Tensor, ...]:
         leaves = [p.detach().requires_grad_(True) for p in pts]
@@ -186,9 +215,41 @@ def _trace(
             *(torch.zeros_like(p) if g is None else g for p, g in zip(leaves, grads, strict=True)),
         )
 
+    return _trace_joint(joint, points, tensors, models)
+
+
+def _trace_joint(
+    joint: Callable[..., tuple[Tensor, ...]],
+    points: Sequence[Tensor],
+    tensors: Mapping[str, Tensor],
+    models: Sequence[nn.Module],
+) -> _Graph | None:
+    """`joint(*points)` as a graph whose inputs are the points and the named tensors it reads;
+    None when it reads an unnamed tensor, draws random numbers, writes into a tensor in place
+    or cannot be traced. Tracing runs the function once: a named tensor it wrote into (a
+    batch-norm's running statistics) gets its value back."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    versions = {name: t._version for name, t in tensors.items()}
+    saved = {name: t.detach().clone() for name, t in tensors.items()}
+    cuda = sorted({t.device.index or 0 for t in tensors.values() if t.device.type == "cuda"})
     try:
-        module = make_fx(joint)(*points)
+        # the random generators as they were: a model that draws (dropout in training) is not
+        # traced, and its draws while being traced must not shift the eager run that follows
+        with torch.random.fork_rng(devices=cuda):
+            module = make_fx(joint)(*points)
     except Exception:  # a host read, an unsupported operation: the objective stays eager
+        module = None
+    # (compared by value: writes during make_fx's dispatch need not bump `_version`)
+    changed = [
+        n for n, t in tensors.items() if t._version != versions[n] or not torch.equal(t, saved[n])
+    ]
+    if changed:
+        with torch.no_grad():
+            for name in changed:
+                tensors[name].copy_(saved[name])
+        return None
+    if module is None:
         return None
     by_id: dict[int, str] = {}
     for name, t in tensors.items():
@@ -199,7 +260,7 @@ def _trace(
     names: list[str] = []
     where = placeholders[-1] if placeholders else None
     for node in list(graph.nodes):
-        if _random(node):
+        if _random(node) or _mutates(node):
             return None
         if node.op != "get_attr":
             continue
@@ -210,7 +271,7 @@ def _trace(
         if found is None:
             if _STABLE.get(id(value)) is value:
                 continue  # a registered constant: kept in the graph
-            return None  # a tensor nobody named: the next attack could not supply it
+            return None  # a tensor nobody named: the next call could not supply it
         attr = str(node.target)
         if attr not in inputs:
             ctx = graph.inserting_after(where) if where is not None else graph.inserting_before()

@@ -210,3 +210,33 @@ def test_a_graph_torchscript_gets_wrong_or_cannot_take_stays_python(monkeypatch)
     monkeypatch.setattr(torch.jit, "trace", refuse)
     monkeypatch.setattr(torch.jit, "script", refuse)
     assert tracing._interpreted(module, [x]) is module
+
+
+def test_a_trace_that_draws_or_writes_leaves_the_generators_and_buffers_as_they_were():
+    # Tracing runs the objective once: a model that draws noise or counts its calls in a
+    # buffer (in eval mode too) is refused, and that run must not shift what follows.
+    class Noisy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 1)
+            self.register_buffer("calls", torch.zeros(()))
+
+        def forward(self, v):
+            self.calls += 1
+            return self.lin(v + 0.01 * torch.randn_like(v))
+
+    x = torch.rand(6, 4)
+
+    def attacks(traced: bool):
+        tracing.clear()
+        tracing.set_tracing(traced, after=0)
+        torch.manual_seed(0)
+        net = Noisy()
+        site = Traceable("noisy", lambda: {n: t for n, t in net.named_buffers()}, [net])
+        values = [_attack(lambda v: net(v)[:, 0], x, site, seed=s).value for s in range(3)]
+        return values, net.calls.clone(), torch.rand(3)
+
+    eager, traced = attacks(False), attacks(True)
+    assert list(tracing._TRACES.values()) == [None]  # tried once, refused
+    assert all(torch.equal(a, b) for a, b in zip(eager[0], traced[0], strict=True))
+    assert torch.equal(eager[1], traced[1]) and torch.equal(eager[2], traced[2])

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from propdsl.errors import UsageError
 from propdsl.logics import Logic
+from propdsl.tracing import module_tensors
 
 __all__ = [
     "CompileError",
@@ -262,9 +263,10 @@ def env_tensors(env: Env) -> dict[str, Tensor]:
             out[f"{depth}g{var}"] = col
         e, depth = e.parent, depth + 1
     for net, model in env.models.items():
-        for name, t in model.named_parameters():
+        params, buffers = module_tensors(model)
+        for name, t in params:
             out[f"m.{net}.{name}"] = t
-        for name, t in model.named_buffers():
+        for name, t in buffers:
             out[f"b.{net}.{name}"] = t
     return out
 
