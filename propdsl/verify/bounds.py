@@ -41,7 +41,7 @@ from propdsl.verify.layers import (
     register_rule,
     sum_spec,
 )
-from propdsl.verify.patches import Patches, affine_backward, unit_patches
+from propdsl.verify.patches import Patches, addcmul, affine_backward, unit_patches, writable
 
 __all__ = ["AlphaOptions", "Method", "NamedEnum", "SplitConstraints", "bounds"]
 
@@ -465,7 +465,7 @@ class _Propagation:
     def _concretize_patches(self, A: Patches, bias: Tensor) -> Tensor:
         lo, hi = self.box
         mid, rad = ((hi + lo) / 2).unsqueeze(1), ((hi - lo) / 2).unsqueeze(1)
-        lb = A.dot(mid) - A.with_data(A.data.abs()).dot(rad)
+        lb = A.dot(mid) - A.dot(rad, absolute=True)
         if self.ball:
             centre, radius = cast(Tensor, self.region.centre), cast(Tensor, self.region.radius)
             dual = INF if self.region.p == 1 else 2.0
@@ -666,8 +666,12 @@ class _Propagation:
                 # A lower bound of A . f(z) takes f's lower line where A >= 0 and its upper
                 # line where A < 0: A u + relu(A) (l - u), for the slopes and the offsets alike.
                 pos = A.clamp(min=0)
-                ins = [torch.addcmul(A * r.upper_slope, pos, r.lower_slope - r.upper_slope)]
                 bias = bias + _dot(A, r.upper_bias) + _dot(pos, r.lower_bias - r.upper_bias)
+                # A u + pos (l - u), the sum written into the product A u: A, pos and the
+                # result are the only tensors of A's size (the largest of a dense pass).
+                diff = r.lower_slope - r.upper_slope
+                ins = [addcmul(A * r.upper_slope, pos, diff, owned=True)]
+                del pos, diff  # not kept alive through the next layers
             elif isinstance(rule, NonlinearRule):
                 ins, b = rule.backward(A, *self.bounds[node.inputs[0]])
                 if b is not None:
@@ -718,10 +722,20 @@ class _Propagation:
                 b = sum_spec(A.data * r.upper_bias) + sum_spec(pos * (r.lower_bias - r.upper_bias))
                 return [A.with_data(data)], b
             r = self._relaxation(i, start, alphas)
-            up = A.gather(r.upper_slope) if r.upper_slope.dim() else r.upper_slope
-            low = A.gather(r.lower_slope) if r.lower_slope.dim() else r.lower_slope
-            data = torch.addcmul(A.data * up, pos, low - up)
             b = A.dot(r.upper_bias) + A.with_data(pos).dot(r.lower_bias - r.upper_bias)
+            # data = A up + pos (low - up), the lines' slopes gathered at the windows. At real
+            # sizes these window-sized tensors are the largest of a backward pass, so each
+            # product is written into its own operand, and pos (low - up) is taken as
+            # A (low - up) with (low - up) zeroed where A < 0 (the same numbers, pos being A
+            # or 0), which lets pos go first: two such tensors besides A, not five.
+            diff = r.lower_slope - r.upper_slope
+            if diff.dim():
+                diff = A.gather(diff)
+                if writable(diff, A.data):
+                    diff.masked_fill_(A.data < 0, 0.0)
+                    pos = A.data
+            data = A.times(r.upper_slope)
+            data = addcmul(data, pos, diff, owned=True)
             return [A.with_data(data)], b
         return None
 
