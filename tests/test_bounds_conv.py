@@ -4,6 +4,7 @@ against sampling."""
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -15,7 +16,7 @@ from torch import nn
 from propdsl.region import Region
 from propdsl.verify.bounds import _Propagation, compute_bounds
 from propdsl.verify.graph import build_graph
-from propdsl.verify.patches import unit_patches
+from propdsl.verify.patches import Patches, addcmul, times, unit_patches, writable
 
 D = torch.float64  # exact comparisons: float64 throughout
 
@@ -264,3 +265,105 @@ def test_alpha_crown_with_window_slopes_is_sound_and_tightens(kind):
     assert prop.windows, "no activation was reached by windowed rows"
     assert bool((best >= crown).all()) and bool((best > crown + 1e-6).any())
     _check_sound(kind, "box", "alpha_crown", 5, 0.15)
+
+
+# -- products written into their own operands (memory) -------------------------------------------
+
+
+def test_products_are_written_in_place_only_where_that_is_safe():
+    gen = torch.Generator().manual_seed(0)
+    a, b, c = (torch.randn(2, 3, 5, generator=gen) for _ in range(3))
+    row = torch.randn(1, 3, 5, generator=gen)
+    # Owned, of the result's shape, not recorded: the result is a itself, the same numbers.
+    expected = a * row
+    mine = a.clone()
+    out = times(mine, row, owned=True)
+    assert out.data_ptr() == mine.data_ptr() and torch.equal(out, expected)
+    mine = a.clone()
+    out = addcmul(mine, b, c, owned=True)
+    assert out.data_ptr() == mine.data_ptr() and torch.equal(out, torch.addcmul(a, b, c))
+    # Not owned, an expanded view, a smaller operand than the result, a recorded operand:
+    # a new tensor, the operand untouched.
+    expanded = row.expand(2, 3, 5)
+    tracked = b.clone().requires_grad_()
+    for first, second, owned in (
+        (a, b, False),
+        (expanded, b, True),
+        (row, a, True),
+        (a.clone(), tracked, True),
+    ):
+        before = first.clone()
+        out = times(first, second, owned=owned)
+        assert out.data_ptr() != first.data_ptr() and torch.equal(out, before * second)
+        assert torch.equal(first, before)
+    assert not writable(expanded, b) and not writable(row, a) and writable(a, row)
+    assert times(a.clone(), tracked, owned=True).requires_grad  # autograd still sees it
+
+
+def test_window_dot_and_mask_in_place_equal_their_out_of_place_forms():
+    gen = torch.Generator().manual_seed(1)
+    rows = torch.tensor([0, 7, 20, 35])
+    P = unit_patches((2, 6, 6), rows, torch.zeros(1, dtype=D))
+    P = P.with_data(torch.randn(1, 8, 2, 4, 4, generator=gen, dtype=D))
+    P = Patches(P.data, P.ah, P.aw, (1, 1), (2, 2), P.shape)  # windows over the border
+    t = torch.rand(3, 1, 2, 6, 6, generator=gen, dtype=D)
+    torch.testing.assert_close(
+        P.dot(t, absolute=True), P.with_data(P.data.abs()).dot(t), rtol=0, atol=0
+    )
+    kept = P.data.clone()
+    masked = P.with_data(P.data.clone()).masked(inplace=True)
+    assert torch.equal(masked.data, P.masked().data) and torch.equal(P.data, kept)
+    assert bool((masked.data != P.data).any())  # the border was zeroed
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("ball", ["box", "l2"])
+def test_in_place_backward_gives_the_bounds_of_the_out_of_place_one(kind, ball, monkeypatch):
+    # Without autograd the backward pass writes its products into their own operands and
+    # drops relu(A) early; with the weights' gradient recorded it takes the out-of-place
+    # products it always took. Both give the same bounds (up to one rounding: a fused
+    # multiply-add may round differently when its output's layout differs).
+    calls: list[bool] = []
+    # (the package exports a function named `bounds`, so the module is looked up by name)
+    engine = importlib.import_module("propdsl.verify.bounds")
+    patches = importlib.import_module("propdsl.verify.patches")
+
+    def spy(a, b):
+        calls.append(patches_writable(a, b))
+        return calls[-1]
+
+    patches_writable = patches.writable
+    monkeypatch.setattr(patches, "writable", spy)
+    monkeypatch.setattr(engine, "writable", spy)
+    net = _conv_net(kind, 2)
+    x = torch.rand(3, 2, 8, 8, generator=torch.Generator().manual_seed(2), dtype=D)
+    region = _region(ball, x, 0.08)
+    for method in ("crown", "crown_ibp"):
+        calls.clear()
+        lb, ub = compute_bounds(net, region, method, intersect_ibp=False)
+        assert lb.requires_grad and not any(calls)  # the out-of-place products
+        calls.clear()
+        with torch.no_grad():
+            lb_in, ub_in = compute_bounds(net, region, method, intersect_ibp=False)
+        assert any(calls)  # some products were written in place
+        torch.testing.assert_close(lb_in, lb.detach(), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(ub_in, ub.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_in_place_backward_at_the_benchmark_architecture():
+    # The mnist_a_adv architecture of the scaling benchmark (8 x 8, float32, batch 2, shared
+    # and per-sample rows): the bounds with and without autograd agree to float32 rounding.
+    torch.manual_seed(3)
+    net = nn.Sequential(
+        nn.Conv2d(1, 16, 4, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 32, 4, stride=2, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(32 * 2 * 2, 100), nn.ReLU(), nn.Linear(100, 10),
+    ).eval()  # fmt: skip
+    x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    for eps, p in ((0.02, math.inf), (0.1, math.inf), (0.5, 2)):
+        region = Region.ball(x, eps, p)
+        lb, ub = compute_bounds(net, region, "crown", intersect_ibp=False)
+        with torch.no_grad():
+            lb_in, ub_in = compute_bounds(net, region, "crown", intersect_ibp=False)
+        torch.testing.assert_close(lb_in, lb.detach(), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(ub_in, ub.detach(), rtol=1e-6, atol=1e-6)
