@@ -155,6 +155,26 @@ def test_conv_backward_equals_its_dense_matrix(stride, padding, dilation, groups
     )
 
 
+@pytest.mark.parametrize("side,matrix", [(8, True), (10, False)])
+def test_conv_backward_takes_the_matrix_on_small_images_only(side, matrix):
+    # Many rows: on an image up to 8 times the kernel's area the layer's matrix, beyond it the
+    # transposed convolution (less work per row); the same coefficients either way.
+    torch.manual_seed(2)
+    conv = nn.Conv2d(2, 3, 3, stride=2, padding=1).to(D)
+    graph = build_graph(conv, torch.zeros(2, 2, side, side, dtype=D))
+    rule = graph.nodes[1].rule
+    in_shape, out_shape = graph.nodes[0].shape, graph.nodes[1].shape
+    n_in = math.prod(in_shape)
+    A = torch.randn(2, 2 * n_in, *out_shape, dtype=D)  # rows enough for the matrix by size
+    assert (rule._small_matrix(A) is not None) == matrix
+    with torch.no_grad():
+        images = conv(torch.eye(n_in, dtype=D).reshape(n_in, *in_shape)) - conv.bias[:, None, None]
+    (coeff,), _ = rule.backward(A)
+    torch.testing.assert_close(
+        coeff.reshape(*A.shape[:2], -1), A.reshape(*A.shape[:2], -1) @ images.reshape(n_in, -1).T
+    )
+
+
 class Prefix(nn.Module):
     """Element-wise maps around one mixing layer: a direct chain."""
 
