@@ -387,3 +387,55 @@ def test_in_place_backward_at_the_benchmark_architecture():
             lb_in, ub_in = compute_bounds(net, region, "crown", intersect_ibp=False)
         torch.testing.assert_close(lb_in, lb.detach(), rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(ub_in, ub.detach(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_dense_lines_in_slices_of_rows_equal_the_whole(per_row, monkeypatch):
+    # Large dense rows go through an activation's lines a slice of rows at a time (relu(A) is
+    # never whole); the rows and the offsets are those of the whole computation.
+    engine = importlib.import_module("propdsl.verify.bounds")
+    from propdsl.verify.layers import Relaxation
+
+    gen = torch.Generator().manual_seed(4)
+    A = torch.randn(2, 7, 3, 5, generator=gen, dtype=D)
+    lines = torch.randn(4, 2, 7 if per_row else 1, 3, 5, generator=gen, dtype=D)
+    r = Relaxation(*lines)
+    bias = torch.randn(2, 7, generator=gen, dtype=D)
+    pos = A.clamp(min=0)
+    expected = torch.addcmul(A * r.upper_slope, pos, r.lower_slope - r.upper_slope)
+    offsets = (A * r.upper_bias + pos * (r.lower_bias - r.upper_bias)).flatten(2).sum(-1)
+    sliced: list[slice] = []
+    row_slice = engine._row_slice
+    monkeypatch.setattr(engine, "LINES_SLICE", 90)  # 3 rows of 2 x 15 entries a slice
+
+    def spy(t, cut):
+        sliced.append(cut)
+        return row_slice(t, cut)
+
+    monkeypatch.setattr(engine, "_row_slice", spy)
+    out, total = engine._dense_lines(A, r, bias)
+    assert len(sliced) == 2 * 3  # offsets and slopes of the slices [0, 3), [3, 6), [6, 7)
+    torch.testing.assert_close(out, expected, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(total, bias + offsets, rtol=1e-14, atol=1e-14)
+
+
+def test_dense_lines_in_slices_give_the_bounds_of_the_whole_pass(monkeypatch):
+    engine = importlib.import_module("propdsl.verify.bounds")
+    net = _conv_net("stride", 4)
+    x = torch.rand(3, 2, 8, 8, generator=torch.Generator().manual_seed(4), dtype=D)
+    region = _region("box", x, 0.08)
+    calls = []
+    row_slice = engine._row_slice
+
+    def spy(t, cut):
+        calls.append(cut)
+        return row_slice(t, cut)
+
+    with torch.no_grad():
+        whole = compute_bounds(net, region, "crown", intersect_ibp=False)
+        monkeypatch.setattr(engine, "LINES_SLICE", 64)
+        monkeypatch.setattr(engine, "_row_slice", spy)
+        sliced = compute_bounds(net, region, "crown", intersect_ibp=False)
+    assert calls  # the lines were taken in slices
+    for a, b in zip(sliced, whole, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
