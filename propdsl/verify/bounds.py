@@ -947,6 +947,7 @@ def _dense_lines(A: Tensor, r: Relaxation, bias: Tensor) -> tuple[Tensor, Tensor
         pos = A[:, cut].clamp(min=0)
         parts.append(_dot(pos, _row_slice(offsets, cut)))
         out[:, cut].addcmul_(pos, _row_slice(diff, cut))
+        del pos  # before the next slice is made
     return out, bias + _dot(A, r.upper_bias) + torch.cat(parts, 1)
 
 
