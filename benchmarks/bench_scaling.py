@@ -16,8 +16,9 @@ auto_LiRPA, propdsl, ...), so both libraries see the same machine load:
   least as tight up to 1e-4.
 * scaling curves: the mnist_a_adv architecture against input size (1 x 8 x 8, 1 x 28 x 28,
   3 x 32 x 32), hidden width and batch size, CROWN: time, and peak memory of one bound call
-  (measured in a fresh process each: the peak resident set size above the one before the call,
-  read from /proc on Linux; absent elsewhere).
+  (measured in fresh processes, after one unmeasured call that pays both libraries' one-time
+  costs: the peak resident set size above the one before the call, read from /proc on Linux,
+  the median of 3 processes; absent elsewhere).
 
 auto_LiRPA is not a dependency: point `AUTO_LIRPA_PATH` at a checkout of it (its own
 dependencies, such as appdirs, importable), or its columns stay empty.
@@ -30,6 +31,8 @@ dependencies, such as appdirs, importable), or its columns stay empty.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import math
 import os
@@ -294,7 +297,7 @@ def scaling_times(quick: bool) -> list[dict[str, Any]]:
         if lirpa is not None:
             entry["lirpa_ms"] = times[1] * 1e3
         for lib in ("propdsl", "auto_LiRPA") if lirpa is not None else ("propdsl",):
-            entry[f"{lib}_mib"] = peak_memory(config, lib)
+            entry[f"{lib}_mib"] = peak_memory(config, lib, 1 if quick else 3)
         out.append(entry)
     return out
 
@@ -309,13 +312,31 @@ def _rss_kib(field: str) -> int | None:
     return None
 
 
+def _release_freed() -> None:
+    """Hand memory freed by the allocator back to the system (glibc's malloc_trim), so that
+    the resident size before the measured call holds live objects only."""
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (AttributeError, OSError):  # not glibc
+        pass
+
+
 def _measure_child(config: dict[str, int], lib: str) -> None:
-    """In a fresh process: the peak resident memory of one bound call above the memory before."""
+    """In a fresh process: the peak resident memory of one bound call above the memory before.
+
+    One call first, unmeasured, so that neither side's one-time costs count: propdsl traces
+    the model (torch.fx) inside its first call where auto_LiRPA does it in `BoundedModule`
+    (built before the measurement), the first convolutions set up their kernels, and
+    auto_LiRPA's first call on some models imports sympy and torch's compiler (over 150 MiB).
+    """
     model, x = _scaling_case(config)
     if lib == "propdsl":
         call = ours(model, x, math.inf, SCALING_EPS, "crown")
     else:
         call = theirs(import_lirpa(), model, x, math.inf, SCALING_EPS, "crown")
+    call()
+    _release_freed()
     before = _rss_kib("VmRSS")
     try:  # reset the high-water mark to the current size (Linux >= 4.0)
         Path("/proc/self/clear_refs").write_text("5")
@@ -327,20 +348,27 @@ def _measure_child(config: dict[str, int], lib: str) -> None:
     print(json.dumps({"mib": mib}))
 
 
-def peak_memory(config: dict[str, int], lib: str) -> float | None:
+def peak_memory(config: dict[str, int], lib: str, repeats: int = 3) -> float | None:
+    """The median over `repeats` fresh processes: the peak resident size moves by 10-20%
+    from one process to the next with the same work (where the allocator places blocks)."""
     if not Path("/proc/self/status").exists():
         return None
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
-    done = subprocess.run(
-        [sys.executable, __file__, "--child", json.dumps(config), lib],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    return json.loads(lines[-1])["mib"] if done.returncode == 0 and lines else None
+    peaks = []
+    for _ in range(repeats):
+        done = subprocess.run(
+            [sys.executable, __file__, "--child", json.dumps(config), lib],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+        )
+        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+        mib = json.loads(lines[-1])["mib"] if done.returncode == 0 and lines else None
+        if mib is not None:
+            peaks.append(mib)
+    return statistics.median(peaks) if peaks else None
 
 
 # -- output --------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ against sampling."""
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -15,7 +16,7 @@ from torch import nn
 from propdsl.region import Region
 from propdsl.verify.bounds import _Propagation, compute_bounds
 from propdsl.verify.graph import build_graph
-from propdsl.verify.patches import unit_patches
+from propdsl.verify.patches import Patches, addcmul, times, unit_patches, writable
 
 D = torch.float64  # exact comparisons: float64 throughout
 
@@ -154,6 +155,26 @@ def test_conv_backward_equals_its_dense_matrix(stride, padding, dilation, groups
     )
 
 
+@pytest.mark.parametrize("side,matrix", [(8, True), (10, False)])
+def test_conv_backward_takes_the_matrix_on_small_images_only(side, matrix):
+    # Many rows: on an image up to 8 times the kernel's area the layer's matrix, beyond it the
+    # transposed convolution (less work per row); the same coefficients either way.
+    torch.manual_seed(2)
+    conv = nn.Conv2d(2, 3, 3, stride=2, padding=1).to(D)
+    graph = build_graph(conv, torch.zeros(2, 2, side, side, dtype=D))
+    rule = graph.nodes[1].rule
+    in_shape, out_shape = graph.nodes[0].shape, graph.nodes[1].shape
+    n_in = math.prod(in_shape)
+    A = torch.randn(2, 2 * n_in, *out_shape, dtype=D)  # rows enough for the matrix by size
+    assert (rule._small_matrix(A) is not None) == matrix
+    with torch.no_grad():
+        images = conv(torch.eye(n_in, dtype=D).reshape(n_in, *in_shape)) - conv.bias[:, None, None]
+    (coeff,), _ = rule.backward(A)
+    torch.testing.assert_close(
+        coeff.reshape(*A.shape[:2], -1), A.reshape(*A.shape[:2], -1) @ images.reshape(n_in, -1).T
+    )
+
+
 class Prefix(nn.Module):
     """Element-wise maps around one mixing layer: a direct chain."""
 
@@ -264,3 +285,157 @@ def test_alpha_crown_with_window_slopes_is_sound_and_tightens(kind):
     assert prop.windows, "no activation was reached by windowed rows"
     assert bool((best >= crown).all()) and bool((best > crown + 1e-6).any())
     _check_sound(kind, "box", "alpha_crown", 5, 0.15)
+
+
+# -- products written into their own operands (memory) -------------------------------------------
+
+
+def test_products_are_written_in_place_only_where_that_is_safe():
+    gen = torch.Generator().manual_seed(0)
+    a, b, c = (torch.randn(2, 3, 5, generator=gen) for _ in range(3))
+    row = torch.randn(1, 3, 5, generator=gen)
+    # Owned, of the result's shape, not recorded: the result is a itself, the same numbers.
+    expected = a * row
+    mine = a.clone()
+    out = times(mine, row, owned=True)
+    assert out.data_ptr() == mine.data_ptr() and torch.equal(out, expected)
+    mine = a.clone()
+    out = addcmul(mine, b, c, owned=True)
+    assert out.data_ptr() == mine.data_ptr() and torch.equal(out, torch.addcmul(a, b, c))
+    # Not owned, an expanded view, a smaller operand than the result, a recorded operand:
+    # a new tensor, the operand untouched.
+    expanded = row.expand(2, 3, 5)
+    tracked = b.clone().requires_grad_()
+    for first, second, owned in (
+        (a, b, False),
+        (expanded, b, True),
+        (row, a, True),
+        (a.clone(), tracked, True),
+    ):
+        before = first.clone()
+        out = times(first, second, owned=owned)
+        assert out.data_ptr() != first.data_ptr() and torch.equal(out, before * second)
+        assert torch.equal(first, before)
+    assert not writable(expanded, b) and not writable(row, a) and writable(a, row)
+    assert times(a.clone(), tracked, owned=True).requires_grad  # autograd still sees it
+
+
+def test_window_dot_and_mask_in_place_equal_their_out_of_place_forms():
+    gen = torch.Generator().manual_seed(1)
+    rows = torch.tensor([0, 7, 20, 35])
+    P = unit_patches((2, 6, 6), rows, torch.zeros(1, dtype=D))
+    P = P.with_data(torch.randn(1, 8, 2, 4, 4, generator=gen, dtype=D))
+    P = Patches(P.data, P.ah, P.aw, (1, 1), (2, 2), P.shape)  # windows over the border
+    t = torch.rand(3, 1, 2, 6, 6, generator=gen, dtype=D)
+    torch.testing.assert_close(
+        P.dot(t, absolute=True), P.with_data(P.data.abs()).dot(t), rtol=0, atol=0
+    )
+    kept = P.data.clone()
+    masked = P.with_data(P.data.clone()).masked(inplace=True)
+    assert torch.equal(masked.data, P.masked().data) and torch.equal(P.data, kept)
+    assert bool((masked.data != P.data).any())  # the border was zeroed
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("ball", ["box", "l2"])
+def test_in_place_backward_gives_the_bounds_of_the_out_of_place_one(kind, ball, monkeypatch):
+    # Without autograd the backward pass writes its products into their own operands and
+    # drops relu(A) early; with the weights' gradient recorded it takes the out-of-place
+    # products it always took. Both give the same bounds (up to one rounding: a fused
+    # multiply-add may round differently when its output's layout differs).
+    calls: list[bool] = []
+    # (the package exports a function named `bounds`, so the module is looked up by name)
+    engine = importlib.import_module("propdsl.verify.bounds")
+    patches = importlib.import_module("propdsl.verify.patches")
+
+    def spy(a, b):
+        calls.append(patches_writable(a, b))
+        return calls[-1]
+
+    patches_writable = patches.writable
+    monkeypatch.setattr(patches, "writable", spy)
+    monkeypatch.setattr(engine, "writable", spy)
+    net = _conv_net(kind, 2)
+    x = torch.rand(3, 2, 8, 8, generator=torch.Generator().manual_seed(2), dtype=D)
+    region = _region(ball, x, 0.08)
+    for method in ("crown", "crown_ibp"):
+        calls.clear()
+        lb, ub = compute_bounds(net, region, method, intersect_ibp=False)
+        assert lb.requires_grad and not any(calls)  # the out-of-place products
+        calls.clear()
+        with torch.no_grad():
+            lb_in, ub_in = compute_bounds(net, region, method, intersect_ibp=False)
+        assert any(calls)  # some products were written in place
+        torch.testing.assert_close(lb_in, lb.detach(), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(ub_in, ub.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_in_place_backward_at_the_benchmark_architecture():
+    # The mnist_a_adv architecture of the scaling benchmark (8 x 8, float32, batch 2, shared
+    # and per-sample rows): the bounds with and without autograd agree to float32 rounding.
+    torch.manual_seed(3)
+    net = nn.Sequential(
+        nn.Conv2d(1, 16, 4, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 32, 4, stride=2, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(32 * 2 * 2, 100), nn.ReLU(), nn.Linear(100, 10),
+    ).eval()  # fmt: skip
+    x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    for eps, p in ((0.02, math.inf), (0.1, math.inf), (0.5, 2)):
+        region = Region.ball(x, eps, p)
+        lb, ub = compute_bounds(net, region, "crown", intersect_ibp=False)
+        with torch.no_grad():
+            lb_in, ub_in = compute_bounds(net, region, "crown", intersect_ibp=False)
+        torch.testing.assert_close(lb_in, lb.detach(), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(ub_in, ub.detach(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_dense_lines_in_slices_of_rows_equal_the_whole(per_row, monkeypatch):
+    # Large dense rows go through an activation's lines a slice of rows at a time (relu(A) is
+    # never whole); the rows and the offsets are those of the whole computation.
+    engine = importlib.import_module("propdsl.verify.bounds")
+    from propdsl.verify.layers import Relaxation
+
+    gen = torch.Generator().manual_seed(4)
+    A = torch.randn(2, 7, 3, 5, generator=gen, dtype=D)
+    lines = torch.randn(4, 2, 7 if per_row else 1, 3, 5, generator=gen, dtype=D)
+    r = Relaxation(*lines)
+    bias = torch.randn(2, 7, generator=gen, dtype=D)
+    pos = A.clamp(min=0)
+    expected = torch.addcmul(A * r.upper_slope, pos, r.lower_slope - r.upper_slope)
+    offsets = (A * r.upper_bias + pos * (r.lower_bias - r.upper_bias)).flatten(2).sum(-1)
+    sliced: list[slice] = []
+    row_slice = engine._row_slice
+    monkeypatch.setattr(engine, "LINES_SLICE", 90)  # 3 rows of 2 x 15 entries a slice
+
+    def spy(t, cut):
+        sliced.append(cut)
+        return row_slice(t, cut)
+
+    monkeypatch.setattr(engine, "_row_slice", spy)
+    out, total = engine._dense_lines(A, r, bias)
+    assert len(sliced) == 2 * 3  # offsets and slopes of the slices [0, 3), [3, 6), [6, 7)
+    torch.testing.assert_close(out, expected, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(total, bias + offsets, rtol=1e-14, atol=1e-14)
+
+
+def test_dense_lines_in_slices_give_the_bounds_of_the_whole_pass(monkeypatch):
+    engine = importlib.import_module("propdsl.verify.bounds")
+    net = _conv_net("stride", 4)
+    x = torch.rand(3, 2, 8, 8, generator=torch.Generator().manual_seed(4), dtype=D)
+    region = _region("box", x, 0.08)
+    calls = []
+    row_slice = engine._row_slice
+
+    def spy(t, cut):
+        calls.append(cut)
+        return row_slice(t, cut)
+
+    with torch.no_grad():
+        whole = compute_bounds(net, region, "crown", intersect_ibp=False)
+        monkeypatch.setattr(engine, "LINES_SLICE", 64)
+        monkeypatch.setattr(engine, "_row_slice", spy)
+        sliced = compute_bounds(net, region, "crown", intersect_ibp=False)
+    assert calls  # the lines were taken in slices
+    for a, b in zip(sliced, whole, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

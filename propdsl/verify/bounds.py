@@ -41,7 +41,7 @@ from propdsl.verify.layers import (
     register_rule,
     sum_spec,
 )
-from propdsl.verify.patches import Patches, affine_backward, unit_patches
+from propdsl.verify.patches import Patches, addcmul, affine_backward, unit_patches, writable
 
 __all__ = ["AlphaOptions", "Method", "NamedEnum", "SplitConstraints", "bounds"]
 
@@ -465,7 +465,7 @@ class _Propagation:
     def _concretize_patches(self, A: Patches, bias: Tensor) -> Tensor:
         lo, hi = self.box
         mid, rad = ((hi + lo) / 2).unsqueeze(1), ((hi - lo) / 2).unsqueeze(1)
-        lb = A.dot(mid) - A.with_data(A.data.abs()).dot(rad)
+        lb = A.dot(mid) - A.dot(rad, absolute=True)
         if self.ball:
             centre, radius = cast(Tensor, self.region.centre), cast(Tensor, self.region.radius)
             dual = INF if self.region.p == 1 else 2.0
@@ -663,11 +663,9 @@ class _Propagation:
                     bias = bias + b
             elif isinstance(rule, ActivationRule):
                 r = self._relaxation(i, start, alphas)
-                # A lower bound of A . f(z) takes f's lower line where A >= 0 and its upper
-                # line where A < 0: A u + relu(A) (l - u), for the slopes and the offsets alike.
-                pos = A.clamp(min=0)
-                ins = [torch.addcmul(A * r.upper_slope, pos, r.lower_slope - r.upper_slope)]
-                bias = bias + _dot(A, r.upper_bias) + _dot(pos, r.lower_bias - r.upper_bias)
+                coeff, bias = _dense_lines(A, r, bias)
+                ins = [coeff]
+                del coeff  # not kept alive through the next layers
             elif isinstance(rule, NonlinearRule):
                 ins, b = rule.backward(A, *self.bounds[node.inputs[0]])
                 if b is not None:
@@ -718,10 +716,20 @@ class _Propagation:
                 b = sum_spec(A.data * r.upper_bias) + sum_spec(pos * (r.lower_bias - r.upper_bias))
                 return [A.with_data(data)], b
             r = self._relaxation(i, start, alphas)
-            up = A.gather(r.upper_slope) if r.upper_slope.dim() else r.upper_slope
-            low = A.gather(r.lower_slope) if r.lower_slope.dim() else r.lower_slope
-            data = torch.addcmul(A.data * up, pos, low - up)
             b = A.dot(r.upper_bias) + A.with_data(pos).dot(r.lower_bias - r.upper_bias)
+            # data = A up + pos (low - up), the lines' slopes gathered at the windows. At real
+            # sizes these window-sized tensors are the largest of a backward pass, so each
+            # product is written into its own operand, and pos (low - up) is taken as
+            # A (low - up) with (low - up) zeroed where A < 0 (the same numbers, pos being A
+            # or 0), which lets pos go first: two such tensors besides A, not six.
+            diff = r.lower_slope - r.upper_slope
+            if diff.dim():
+                diff = A.gather(diff)
+                if writable(diff, A.data):
+                    diff.masked_fill_(A.data < 0, 0.0)
+                    pos = A.data
+            data = A.times(r.upper_slope)
+            data = addcmul(data, pos, diff, owned=True)
             return [A.with_data(data)], b
         return None
 
@@ -909,6 +917,43 @@ def _add_rows(a: Tensor | Patches, b: Tensor | Patches) -> Tensor | Patches:
     dense_a = a.to_dense() if isinstance(a, Patches) else a
     dense_b = b.to_dense() if isinstance(b, Patches) else b
     return dense_a + dense_b
+
+
+# Dense rows of more entries than this go through an activation's lines in slices of rows.
+LINES_SLICE = 1 << 20
+
+
+def _dense_lines(A: Tensor, r: Relaxation, bias: Tensor) -> tuple[Tensor, Tensor]:
+    """Dense rows A through an activation's lines: the rows on its input and `bias` plus the
+    lines' offsets. A lower bound of A . f(z) takes f's lower line where A >= 0 and its upper
+    line where A < 0: A u + relu(A) (l - u), for the slopes and the offsets alike.
+
+    The rows are the largest tensors of a dense pass (at width 1600 of the scaling benchmark,
+    76 MiB each), so without autograd the sum is written into the product A u, and relu(A) is
+    made a slice of rows at a time: A, the result and one slice, where the whole relu(A) would
+    be a third tensor of A's size."""
+    diff = r.lower_slope - r.upper_slope
+    out = A * r.upper_slope
+    offsets = r.lower_bias - r.upper_bias
+    rows = A.shape[1]
+    if A.numel() <= LINES_SLICE or not (writable(out, A) and writable(out, diff)):
+        pos = A.clamp(min=0)
+        bias = bias + _dot(A, r.upper_bias) + _dot(pos, offsets)
+        return addcmul(out, pos, diff, owned=True), bias
+    step = max(1, LINES_SLICE * rows // A.numel())
+    parts = []
+    for start in range(0, rows, step):
+        cut = slice(start, start + step)
+        pos = A[:, cut].clamp(min=0)
+        parts.append(_dot(pos, _row_slice(offsets, cut)))
+        out[:, cut].addcmul_(pos, _row_slice(diff, cut))
+        del pos  # before the next slice is made
+    return out, bias + _dot(A, r.upper_bias) + torch.cat(parts, 1)
+
+
+def _row_slice(t: Tensor, cut: slice) -> Tensor:
+    """The rows `cut` of per-row values [B, S, ...]; values shared by the rows as they are."""
+    return t if t.dim() == 0 or t.shape[1] == 1 else t[:, cut]
 
 
 def _dot(A: Tensor, c: Tensor) -> Tensor:

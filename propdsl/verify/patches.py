@@ -35,7 +35,7 @@ from propdsl.verify.layers import (
     IdentityRule,
 )
 
-__all__ = ["Patches", "affine_backward", "unit_patches"]
+__all__ = ["Patches", "addcmul", "affine_backward", "times", "unit_patches", "writable"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -121,8 +121,9 @@ class Patches:
         picked = cols.index_select(1, index)
         return picked.reshape(t.shape[0], index.shape[0], t.shape[1], kh, kw)
 
-    def masked(self) -> Patches:
-        """The same rows with the window entries outside the node set to zero."""
+    def masked(self, *, inplace: bool = False) -> Patches:
+        """The same rows with the window entries outside the node set to zero (in `data`
+        itself with `inplace`, for data the caller has just made)."""
         _, height, width = self.shape
         kh, kw = self.kernel
         rows = self.top.unsqueeze(-1) + torch.arange(kh, device=self.top.device)
@@ -132,7 +133,7 @@ class Patches:
         if bool(inside_r.all()) and bool(inside_c.all()):
             return self
         mask = (inside_r.unsqueeze(-1) & inside_c.unsqueeze(-2)).unsqueeze(2)  # [B', S, 1, kh, kw]
-        return self.with_data(self.data * mask.to(self.data.dtype))
+        return self.with_data(times(self.data, mask.to(self.data.dtype), owned=inplace))
 
     def with_data(self, data: Tensor) -> Patches:
         return Patches(data, self.ah, self.aw, self.stride, self.padding, self.shape)
@@ -168,11 +169,50 @@ class Patches:
         data = self.data + other.data
         return Patches(data, ah, aw, self.stride, self.padding, self.shape)
 
-    def dot(self, t: Tensor) -> Tensor:
-        """sum over each row's window of data * t, for t [Bt, St, C, H, W] or a scalar -> [B, S]."""
+    def dot(self, t: Tensor, *, absolute: bool = False) -> Tensor:
+        """sum over each row's window of data * t, for t [Bt, St, C, H, W] or a scalar -> [B, S];
+        with `absolute`, of |data| * t for t >= 0."""
         if t.dim() == 0:
-            return self.data.flatten(2).sum(-1) * t
-        return (self.data * self.gather(t)).flatten(2).sum(-1)
+            data = self.data.abs() if absolute else self.data
+            return data.flatten(2).sum(-1) * t
+        # The product is written into the gathered values: one window-sized tensor, not two
+        # (|data| t = |data t| for t >= 0, so |data| is not made either).
+        product = times(self.gather(t), self.data, owned=True)
+        if absolute:
+            product = product.abs() if product.requires_grad else product.abs_()
+        return product.flatten(2).sum(-1)
+
+    def times(self, t: Tensor) -> Tensor:
+        """data * (t at each row's window), for t [Bt, St, C, H, W] or a scalar."""
+        if t.dim() == 0:
+            return self.data * t
+        return times(self.gather(t), self.data, owned=True)
+
+
+def writable(a: Tensor, b: Tensor | float) -> bool:
+    """Whether a op b may be written into a: a has the result's shape, no two of its entries
+    share memory (no expanded view), and autograd records neither operand."""
+    b_grad = isinstance(b, Tensor) and b.requires_grad
+    b_shape = b.shape if isinstance(b, Tensor) else ()
+    return (
+        not (a.requires_grad or b_grad)
+        and a.shape == torch.broadcast_shapes(a.shape, b_shape)
+        and all(stride or size == 1 for stride, size in zip(a.stride(), a.shape, strict=True))
+    )
+
+
+def times(a: Tensor, b: Tensor | float, *, owned: bool) -> Tensor:
+    """a * b, written into a when the caller owns a (made it and holds no other reference to
+    it) and that is safe (`writable`). Equal to a * b bit for bit; the point is memory: at
+    real sizes the windows' products are the largest tensors of a backward pass."""
+    return a.mul_(b) if owned and writable(a, b) else a * b
+
+
+def addcmul(a: Tensor, b: Tensor, c: Tensor | float, *, owned: bool) -> Tensor:
+    """torch.addcmul(a, b, c) (a + b c, fused), written into a on the terms of `times`."""
+    if owned and writable(a, b) and writable(a, c):
+        return a.addcmul_(b, c)
+    return torch.addcmul(a, b, c)
 
 
 def unit_patches(shape: tuple[int, int, int], rows: Tensor, like: Tensor) -> Patches:
@@ -204,7 +244,7 @@ def affine_backward(
                 out.append(P)
             else:
                 full = scale.expand(call.out_shape).unsqueeze(0).unsqueeze(0)
-                out.append(P.with_data(P.data * P.gather(full)))
+                out.append(P.with_data(P.times(full)))
         bias = None
         if rule.shift is not None:
             bias = P.dot(rule.shift.expand(call.out_shape).unsqueeze(0).unsqueeze(0))
@@ -245,5 +285,6 @@ def _through_kernel(P, weight, bias, stride, padding, dilation, groups, call):
     new_stride = (P.stride[0] * stride[0], P.stride[1] * stride[1])
     new_padding = (P.padding[0] * stride[0] + padding[0], P.padding[1] * stride[1] + padding[1])
     data = back.reshape(*lead, *back.shape[1:])
-    new = Patches(data, P.ah, P.aw, new_stride, new_padding, shape).masked()  # type: ignore[arg-type]
+    # `back` is this function's own: the entries outside the node are zeroed in place.
+    new = Patches(data, P.ah, P.aw, new_stride, new_padding, shape).masked(inplace=True)  # type: ignore[arg-type]
     return [new], bias_term
