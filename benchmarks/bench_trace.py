@@ -20,12 +20,12 @@ checked to agree (1e-6) before timing. Run `python benchmarks/bench_trace.py [--
 from __future__ import annotations
 
 import argparse
-import statistics
+import functools
 import time
 from collections.abc import Callable
 
 import torch
-from bench_loss import CLOCKS, _model  # the benchmarks folder is on the path (run.py, scripts)
+from bench_loss import CLOCKS, _model, _timed  # the benchmarks folder is on the path
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -71,18 +71,6 @@ def _no_grad(fn: Callable[..., object], args: tuple) -> object:
         return fn(*args)
 
 
-def _timed(fn: Callable[[], object], repeats: int, inner: int, clock) -> float:
-    for _ in range(inner):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = clock()
-        for _ in range(inner):
-            fn()
-        times.append((clock() - start) / inner)
-    return statistics.median(times)
-
-
 def run(
     quick: bool = False, threads: int | None = 2, clock: str = "wall", compile: bool = False
 ) -> list[dict]:
@@ -121,9 +109,10 @@ def run(
         for _ in range(2 if quick else 3):
             for name, fn in {"eager": eager, **variants}.items():
                 if name == "eager":
-                    t = _timed(lambda fn=fn, a=args: fn(*a), repeats, inner, tick)
+                    step = functools.partial(fn, *args)
                 else:
-                    t = _timed(lambda fn=fn, a=args: _no_grad(fn, a), repeats, inner, tick)
+                    step = functools.partial(_no_grad, fn, args)
+                t = _timed(step, warmup=inner, repeats=repeats, inner=inner, clock=tick)
                 best[name] = min(best.get(name, t), t)
         for name in variants:
             row = {
