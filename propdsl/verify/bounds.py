@@ -663,9 +663,9 @@ class _Propagation:
                     bias = bias + b
             elif isinstance(rule, ActivationRule):
                 r = self._relaxation(i, start, alphas)
-                coeff, bias = _dense_lines(A, r, bias)
-                ins = [coeff]
-                del coeff  # not kept alive through the next layers
+                lines, bias = _dense_lines(A, r, bias)
+                ins = [lines]
+                del lines  # not kept alive through the next layers
             elif isinstance(rule, NonlinearRule):
                 ins, b = rule.backward(A, *self.bounds[node.inputs[0]])
                 if b is not None:

@@ -208,7 +208,7 @@ def times(a: Tensor, b: Tensor | float, *, owned: bool) -> Tensor:
     return a.mul_(b) if owned and writable(a, b) else a * b
 
 
-def addcmul(a: Tensor, b: Tensor, c: Tensor | float, *, owned: bool) -> Tensor:
+def addcmul(a: Tensor, b: Tensor, c: Tensor, *, owned: bool) -> Tensor:
     """torch.addcmul(a, b, c) (a + b c, fused), written into a on the terms of `times`."""
     if owned and writable(a, b) and writable(a, c):
         return a.addcmul_(b, c)
