@@ -997,5 +997,5 @@ def main() -> None:
         if "torch.distributed" in sys.modules:
             from propdsl import distributed
 
-            distributed.shutdown()
+            distributed.shutdown(ok=code in (0, None))
         raise SystemExit(code) from None

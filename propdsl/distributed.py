@@ -142,9 +142,19 @@ def local_device() -> torch.device:
     return torch.device("cuda", local)
 
 
-def shutdown() -> None:
-    if _dist().is_available() and _dist().is_initialized():
-        _dist().destroy_process_group()
+def shutdown(ok: bool = False) -> None:
+    """Leave the process group. After a command that succeeded on this rank (`ok`), first wait
+    for the others at a barrier, so that no rank tears its group down while a peer's last
+    collective is still in flight (a gloo worker then aborted a process at exit, rarely, on a
+    loaded machine); a peer already gone ends the wait at once."""
+    dist = _dist()
+    if dist.is_available() and dist.is_initialized():
+        if ok:
+            try:
+                dist.barrier()
+            except Exception:  # noqa: BLE001 - a peer that failed: nothing left to wait for
+                pass
+        dist.destroy_process_group()
 
 
 # -- sharding ----------------------------------------------------------------------------------
