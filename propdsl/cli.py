@@ -997,5 +997,30 @@ def main() -> None:
         if "torch.distributed" in sys.modules:
             from propdsl import distributed
 
-            distributed.shutdown(ok=code in (0, None))
+            if distributed.active():
+                distributed.shutdown(ok=code in (0, None))
+                _leave_now(code)
         raise SystemExit(code) from None
+
+
+def _leave_now(code: object) -> None:
+    """End a process of a distributed job at once, its output flushed and its work committed:
+    without the interpreter's finalisation, where gloo's threads were seen aborting a finished
+    process ("terminate called without an active exception", SIGABRT) on a loaded machine."""
+    import logging
+    import os
+
+    if code is None:
+        status = 0
+    elif isinstance(code, int):
+        status = code
+    else:  # SystemExit("message"): the message on stderr, status 1
+        print(code, file=sys.stderr)
+        status = 1
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status)
