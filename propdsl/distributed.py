@@ -142,6 +142,17 @@ def local_device() -> torch.device:
     return torch.device("cuda", local)
 
 
+def finish(ok: bool) -> None:
+    """The end of a command in a distributed job: after one that succeeded on this rank (`ok`),
+    wait for the other ranks at a barrier; a peer already gone ends the wait at once."""
+    dist = _dist()
+    if ok and dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        except Exception:  # noqa: BLE001 - a peer that failed: nothing left to wait for
+            pass
+
+
 def shutdown(ok: bool = False) -> None:
     """Leave the process group. After a command that succeeded on this rank (`ok`), first wait
     for the others at a barrier, so that no rank tears its group down while a peer's last
