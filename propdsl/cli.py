@@ -997,12 +997,14 @@ def main() -> None:
         if "torch.distributed" in sys.modules:
             from propdsl import distributed
 
-            if distributed.active():
+            if distributed.active() and code in (0, None):
                 # After a command that succeeded the ranks meet at a barrier (no collective of
                 # a peer is left in flight); then the process ends without tearing the group
-                # down: the system closes its connections.
-                distributed.finish(ok=code in (0, None))
+                # down: the system closes its connections. After an error or an interrupt the
+                # ranks leave as before (a peer may still be saying what the folder keeps).
+                distributed.finish(ok=True)
                 _leave_now(code)
+            distributed.shutdown()
         raise SystemExit(code) from None
 
 
