@@ -706,28 +706,49 @@ def test_planted_symlinks_never_redirect_a_write(tmp_path):
     assert outside.read_text() == "keep me"
 
 
+class _Names:
+    """Stands for `runs._NAMES`: hands out the given 12-hex-digit random parts in turn."""
+
+    def __init__(self, *tokens: str):
+        self.tokens = iter(tokens)
+        self.drawn = 0
+
+    def getrandbits(self, k: int) -> int:
+        assert k == 48
+        self.drawn += 1
+        return int(next(self.tokens), 16)
+
+
+def test_temporary_names_are_the_pattern_stray_ones_are_removed_by():
+    names = {runs._temp_name("last.safetensors") for _ in range(200)}
+    assert len(names) == 200
+    assert all(runs._TEMP.match(n)["name"] == "last.safetensors" for n in names)
+
+
 def test_a_temporary_name_already_taken_is_never_opened(tmp_path, monkeypatch):
     outside = tmp_path / "precious.txt"
     outside.write_text("keep me")
     folder = tmp_path / "run"
     folder.mkdir()
     (folder / ".config.json.aaaaaaaaaaaa.tmp").symlink_to(outside)
-    tokens = iter(["aaaaaaaaaaaa", "bbbbbbbbbbbb"])
-    monkeypatch.setattr(runs.secrets, "token_hex", lambda n: next(tokens))
+    names = _Names("aaaaaaaaaaaa", "bbbbbbbbbbbb")
+    monkeypatch.setattr(runs, "_NAMES", names)
     runs.write_json(folder / "config.json", {"a": 1})
     assert json.loads((folder / "config.json").read_text()) == {"a": 1}
     assert outside.read_text() == "keep me"
+    assert names.drawn == 2  # the planted name was drawn first, and skipped
     monkeypatch.undo()
     (folder / "plot.png").symlink_to(outside)  # a reader's result file, planted as a symlink
     runs.write_bytes(folder / "plot.png", b"png")
     assert (folder / "plot.png").read_bytes() == b"png" and outside.read_text() == "keep me"
     # best as a hard link to last's temporary: a name taken by a planted symlink is skipped
     (folder / ".best.safetensors.aaaaaaaaaaaa.tmp").symlink_to(outside)
-    tokens = iter(["cccccccccccc", "aaaaaaaaaaaa", "bbbbbbbbbbbb", "dddddddddddd"])
-    monkeypatch.setattr(runs.secrets, "token_hex", lambda n: next(tokens))
+    names = _Names("cccccccccccc", "aaaaaaaaaaaa", "bbbbbbbbbbbb", "dddddddddddd")
+    monkeypatch.setattr(runs, "_NAMES", names)
     weights = b"weights"
     runs.commit_epoch(folder, 1, {"last.safetensors": weights, "best.safetensors": weights})
     assert outside.read_text() == "keep me"
+    assert names.drawn == 4
     assert (folder / "best.safetensors").read_bytes() == weights
     assert os.path.samefile(folder / "best.safetensors", folder / "last.safetensors")
     assert runs.verify(folder, runs.read_manifest(folder)) == []
