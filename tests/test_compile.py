@@ -357,6 +357,43 @@ def test_objective_of_the_digits_spec_and_its_terms():
     )
 
 
+def test_a_cross_entropy_loss_is_pytorch_s_fused_mean_without_the_interpreter(monkeypatch):
+    """`loss = cross_entropy` (standard training) is `F.cross_entropy(f(x), y)` with its mean
+    reduction, taken without building an environment; other losses over the cross-entropy keep
+    the general path. Values and weight gradients match the hand-written loss."""
+    model = digits_mlp()
+    x, y = digits_batch()
+
+    def value_and_grads(objective):
+        model.zero_grad(set_to_none=True)
+        value = objective(model, x, y)
+        value.backward()
+        return value.detach(), [p.grad.clone() for p in model.parameters()]
+
+    objective = objective_spec("cross_entropy").objective(attack=CENTRE)
+    assert objective._ce_net == "f"
+    # the interpreter is not run: its code would raise
+    monkeypatch.setattr(objective, "code", lambda env: (_ for _ in ()).throw(AssertionError))
+    fast, fast_grads = value_and_grads(objective)
+    hand, hand_grads = value_and_grads(lambda m, a, b: F.cross_entropy(m(a), b))
+    assert torch.equal(fast, hand)
+    for g, h in zip(fast_grads, hand_grads, strict=True):
+        assert torch.equal(g, h)
+    assert objective.last_term_values == {}
+    monkeypatch.undo()
+    # the general path (fast paths off) gives the same mean of the per-sample losses
+    general = objective_spec("cross_entropy").objective(attack=CENTRE)
+    general._ce_net, general._ce_mean = None, None
+    slow, slow_grads = value_and_grads(general)
+    torch.testing.assert_close(slow, hand, rtol=1e-6, atol=0.0)
+    for g, h in zip(slow_grads, hand_grads, strict=True):
+        torch.testing.assert_close(g, h, rtol=1e-5, atol=1e-7)
+    # a loss that scales it is not the cross-entropy alone: the general path, the same number
+    scaled = objective_spec("2 * cross_entropy").objective(attack=CENTRE)
+    assert scaled._ce_mean is None and scaled._ce_net is None
+    torch.testing.assert_close(value_and_grads(scaled)[0], 2 * hand, rtol=1e-6, atol=0.0)
+
+
 def test_adversarial_training_objective(inject):
     model = digits_mlp()
     x, y = digits_batch()
