@@ -1039,17 +1039,22 @@ def _check_each_step(device: torch.device) -> bool:
 
 
 class _Sums:
-    """An epoch's loss and term sums, as tensors on the training device.
+    """An epoch's loss and term sums: host floats when each step is checked (the CPU, where the
+    check already reads the loss: a tensor sum would add an op per step), otherwise tensors on the
+    training device (no host sync per step).
 
     `add` returns False at the first non-finite loss when each step is checked; otherwise the
     first non-finite batch (and which terms were non-finite there) is kept on the device for
-    `diverged` at the end of the epoch.
+    `diverged` at the end of the epoch. Either way the sums are float64 sums of the same values.
     """
 
     def __init__(self, device: torch.device, *, check_each_step: bool):
         self.check_each_step = check_each_step
-        self.loss = torch.zeros((), dtype=torch.float64, device=device)
-        self.terms: dict[str, Tensor] = {}
+        self.device = device
+        self.loss: Tensor | float = (
+            0.0 if check_each_step else torch.zeros((), dtype=torch.float64, device=device)
+        )
+        self.terms: dict[str, Any] = {}
         self.last: float = math.nan  # the last loss, when checked on the host (progress bar)
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
         self.bad_terms: dict[str, Tensor] = {}
@@ -1059,12 +1064,16 @@ class _Sums:
             self.last = float(loss)
             if not math.isfinite(self.last):
                 return False
-        else:
-            first = (self.first_bad < 0) & ~torch.isfinite(loss)
-            self.first_bad = torch.where(first, step, self.first_bad)
+            self.loss += self.last
             for label, v in terms.items():
-                bad = first & ~torch.isfinite(v)
-                self.bad_terms[label] = self.bad_terms.get(label, bad) | bad
+                column = _term_column(label)
+                self.terms[column] = self.terms.get(column, 0.0) + float(v)
+            return True
+        first = (self.first_bad < 0) & ~torch.isfinite(loss)
+        self.first_bad = torch.where(first, step, self.first_bad)
+        for label, v in terms.items():
+            bad = first & ~torch.isfinite(v)
+            self.bad_terms[label] = self.bad_terms.get(label, bad) | bad
         self.loss += loss
         for label, v in terms.items():
             column = _term_column(label)
@@ -1076,11 +1085,17 @@ class _Sums:
         """A distributed step's loss and terms, already summed over the ranks (host floats,
         checked by the caller)."""
         self.last = loss
+        if self.check_each_step:
+            self.loss += loss
+            for label, v in terms.items():
+                column = _term_column(label)
+                self.terms[column] = self.terms.get(column, 0.0) + v
+            return
         self.loss += loss
         for label, v in terms.items():
             column = _term_column(label)
             total = self.terms.get(column)
-            value = torch.tensor(v, dtype=torch.float64, device=self.loss.device)
+            value = torch.tensor(v, dtype=torch.float64, device=self.device)
             self.terms[column] = value if total is None else total + value
 
     def diverged(self) -> tuple[int, list[str]] | None:
@@ -1093,6 +1108,9 @@ class _Sums:
         return step, [label for label, bad in self.bad_terms.items() if bool(bad)]
 
     def totals(self) -> dict[str, float]:
+        if self.check_each_step:
+            return {"loss": float(self.loss), **{k: float(v) for k, v in self.terms.items()}}
+        assert isinstance(self.loss, Tensor)
         values = torch.stack([self.loss, *self.terms.values()]).tolist()  # one host sync
         return dict(zip(["loss", *self.terms], values, strict=True))
 

@@ -663,3 +663,33 @@ def test_robust_training_raises_security_far_above_standard_training(tmp_path: P
     assert std_sec <= 0.55
     assert pgd_sec >= std_sec + 0.2 and pgd_sec >= 1.5 * std_sec
     assert dl2_sec >= std_sec + 0.2 and dl2_sec >= 1.5 * std_sec
+
+
+@pytest.mark.parametrize("with_terms", [False, True])
+def test_epoch_sums_on_the_host_equal_the_device_sums(with_terms):
+    """On the CPU the epoch's sums are host floats (the per-step check already reads the loss);
+    elsewhere float64 tensors. Both are the float64 sums of the same float32 values."""
+    from propdsl.train import _Sums
+
+    gen = torch.Generator().manual_seed(3)
+    losses = torch.rand(40, generator=gen) * 10
+    terms = torch.rand(40, 2, generator=gen)
+    host = _Sums(torch.device("cpu"), check_each_step=True)
+    device = _Sums(torch.device("cpu"), check_each_step=False)
+    for step, (loss, t) in enumerate(zip(losses, terms, strict=True), 1):
+        named = {"cross_entropy(f(x), y)": t[0], "0.5 · loss[r]": t[1]} if with_terms else {}
+        assert host.add(loss, named, step) and device.add(loss, named, step)
+    expected = {"loss": math.fsum(float(v) for v in losses)}
+    if with_terms:
+        expected |= {
+            "loss[cross_entropy(f(x), y)]": math.fsum(float(v) for v in terms[:, 0]),
+            "loss[0.5 · loss[r]]": math.fsum(float(v) for v in terms[:, 1]),
+        }
+    assert set(host.totals()) == set(device.totals()) == set(expected)
+    for key, value in expected.items():
+        assert host.totals()[key] == pytest.approx(value, rel=1e-12)
+        assert device.totals()[key] == pytest.approx(value, rel=1e-12)
+    assert host.diverged() is None and device.diverged() is None
+    assert not host.add(torch.tensor(math.nan), {}, 41)
+    device.add(torch.tensor(math.inf), {}, 41)
+    assert device.diverged() == (41, [])
