@@ -580,7 +580,8 @@ _declare(
 )
 
 _LR, _WEIGHT_DECAY = real(POSITIVE), real(NON_NEGATIVE)
-_ADAM = {"lr": _LR, "weight_decay": _WEIGHT_DECAY}
+_FUSED = Kw(type="Bool", note="PyTorch's fused kernel; default true where one exists")
+_ADAM = {"lr": _LR, "weight_decay": _WEIGHT_DECAY, "fused": _FUSED}
 _declare(
     Kind.OPTIMIZER,
     [
@@ -593,6 +594,7 @@ _declare(
                 "momentum": real(FRACTION),
                 "weight_decay": _WEIGHT_DECAY,
                 "nesterov": Kw(type="Bool", note="`true` needs a momentum > 0"),
+                "fused": _FUSED,
             },
         ),
         _entry(Kind.OPTIMIZER, "adam", "torch.optim:Adam", _ADAM),

@@ -27,6 +27,7 @@ from typer.testing import CliRunner
 
 import propdsl
 from propdsl import cli
+from propdsl.errors import CheckError, UsageError
 from propdsl.logics import available_logics, logic_class
 from propdsl.models import build_model
 from propdsl.runs import Run
@@ -693,3 +694,91 @@ def test_epoch_sums_on_the_host_equal_the_device_sums(with_terms):
     assert not host.add(torch.tensor(math.nan), {}, 41)
     device.add(torch.tensor(math.inf), {}, 41)
     assert device.diverged() == (41, [])
+
+
+def _optimizer_block(name: str, **kw):
+    from propdsl.check import BlockInfo
+    from propdsl.check.results import OptionValue
+
+    option = OptionValue(name, tuple(kw.items()))
+    return BlockInfo("train", "f", ("digits", ()), (("optimizer", option),))
+
+
+@pytest.mark.parametrize(
+    "name, kw",
+    [
+        ("adam", {"lr": 0.01}),
+        ("adamw", {"lr": 0.01, "weight_decay": 0.01}),
+        ("sgd", {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4}),
+    ],
+)
+def test_optimizers_take_pytorch_s_fused_kernel_unless_told_not_to(name, kw):
+    """By default the fused kernel: the same update as PyTorch's unfused one (a second
+    implementation) up to rounding; `fused = false` gives the unfused kernel itself."""
+    from propdsl.train import make_optimizer
+
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(5, 3, generator=gen), torch.randn(3, generator=gen)]
+    grads = [[torch.randn(t.shape, generator=gen) for t in start] for _ in range(4)]
+
+    def trained(**extra):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        optimizer = make_optimizer(_optimizer_block(name, **kw, **extra), params)
+        for step in grads:
+            for p, g in zip(params, step, strict=True):
+                p.grad = g.clone()
+            optimizer.step()
+        return optimizer, params
+
+    fused, fused_params = trained()
+    plain, plain_params = trained(fused=False)
+    assert fused.param_groups[0]["fused"] is True
+    assert not plain.param_groups[0]["fused"]
+    unfused = getattr(torch.optim, {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD"}[name])
+    reference = [torch.nn.Parameter(t.clone()) for t in start]
+    by_hand = unfused(reference, **kw)
+    for step in grads:
+        for p, g in zip(reference, step, strict=True):
+            p.grad = g.clone()
+        by_hand.step()
+    for f, p, r in zip(fused_params, plain_params, reference, strict=True):
+        assert torch.equal(p, r)  # fused = false is PyTorch's default kernel, bit for bit
+        torch.testing.assert_close(f, r, rtol=1e-6, atol=1e-6)
+
+
+def test_a_resumed_optimizer_keeps_the_kernel_it_was_trained_with():
+    """The kernel is part of the optimizer state: a run saved by an unfused optimizer (an older
+    propdsl) resumes unfused."""
+    from propdsl.train import make_optimizer
+
+    params = [torch.nn.Parameter(torch.ones(3))]
+    old = torch.optim.Adam(params, lr=0.01)
+    params[0].grad = torch.ones(3)
+    old.step()
+    resumed = make_optimizer(_optimizer_block("adam", lr=0.01), params)
+    assert resumed.param_groups[0]["fused"] is True
+    resumed.load_state_dict(old.state_dict())
+    assert not resumed.param_groups[0]["fused"]
+
+
+def test_fused_falls_back_where_no_kernel_exists_and_is_an_error_when_asked_for():
+    from propdsl.train import make_optimizer
+
+    meta = [torch.nn.Parameter(torch.empty(3, device="meta"))]
+    assert not make_optimizer(_optimizer_block("adam"), meta).param_groups[0]["fused"]
+    with pytest.raises(UsageError, match=r"adam\(fused = true\): PyTorch has no fused kernel f"):
+        make_optimizer(_optimizer_block("adam", fused=True), meta)
+
+
+def test_a_spec_can_turn_the_fused_kernel_off_and_must_give_a_bool(tmp_path):
+    base = (
+        "network f : Tensor[1, 8, 8] -> Tensor[10]\n"
+        'train f on digits(split = "train") {\n  loss = cross_entropy\n'
+    )
+    spec = propdsl.load(base + "  optimizer = adam(lr = 0.01, fused = false)\n}\n")
+    result = train(spec, options(tmp_path / "run", epochs=1))
+    state = torch.load(tmp_path / "run" / "last.state.pt", weights_only=True)
+    assert not state["optimizer"]["param_groups"][0]["fused"]
+    assert result.metrics[0]["loss"] > 0
+    with pytest.raises(CheckError, match="fused"):
+        propdsl.load(base + "  optimizer = sgd(lr = 0.1, fused = 1)\n}\n")
