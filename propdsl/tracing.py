@@ -35,19 +35,20 @@ with `set_tracing(False)` or the environment variable `PROPDSL_TRACE=0`
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import warnings
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Traceable", "module_tensors", "set_tracing", "stable", "tracing"]
+__all__ = ["Traceable", "eager", "module_tensors", "set_tracing", "stable", "tracing"]
 
 _LOCK = threading.Lock()
 _STABLE: weakref.WeakValueDictionary[int, Tensor] = weakref.WeakValueDictionary()
@@ -88,6 +89,24 @@ def set_tracing(enabled: bool | None = None, *, after: int | None = None) -> Non
 def tracing() -> bool:
     """Whether traced attack evaluations are on."""
     return _SETTINGS.enabled
+
+
+_LOCAL = threading.local()
+
+
+@contextlib.contextmanager
+def eager() -> Iterator[None]:
+    """Attacks started in this block (in this thread) are evaluated eagerly: they neither use
+    nor make traces, and do not count towards an objective becoming hot. For attacks that run
+    too rarely for a trace to pay for itself, such as `train`'s per-epoch validation check: a
+    trace costs about 100 eager evaluations (the first in a process about 10 times that, for
+    the tracing machinery's imports), while the check runs one attack an epoch."""
+    before = getattr(_LOCAL, "eager", False)
+    _LOCAL.eager = True
+    try:
+        yield
+    finally:
+        _LOCAL.eager = before
 
 
 def stable(t: Tensor) -> Tensor:
@@ -335,7 +354,7 @@ class Tracer:
         self.calls = 0
         self.graph: _Graph | None = None
         self.tensors: Mapping[str, Tensor] = {}
-        self.active = _SETTINGS.enabled
+        self.active = _SETTINGS.enabled and not getattr(_LOCAL, "eager", False)
         self.points = tuple(_signature(p) for p in points)
 
     def evaluate(self, points: Sequence[Tensor]) -> list[Tensor] | None:

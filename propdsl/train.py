@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from propdsl import distributed, registry, runs
+from propdsl import distributed, registry, runs, tracing
 from propdsl.api import Spec
 from propdsl.check import BlockInfo, OptionValue
 from propdsl.errors import CheckError, PropdslError, UsageError
@@ -1303,8 +1303,9 @@ def evaluate_epoch(model, val_ds, prop_losses, device, samples: int) -> dict[str
     model.eval()  # once for the whole validation (each switch walks every module)
     try:
         # The attacks (and explanations) take their input gradients under enable_grad; no
-        # graph into the weights is needed here.
-        with torch.no_grad():
+        # graph into the weights is needed here. One attack per property and epoch is too rare
+        # for a traced evaluation to pay for itself: they stay eager (`tracing.eager`).
+        with torch.no_grad(), tracing.eager():
             out: dict[str, Any] = {"val_accuracy": _accuracy(model, x, y)}
             for name, loss in prop_losses.items():
                 attack = loss.attack

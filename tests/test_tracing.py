@@ -15,6 +15,7 @@ from propdsl.attacks import PGD, run_attack
 from propdsl.models import build_model
 from propdsl.region import Region
 from propdsl.tracing import Traceable
+from propdsl.train import TrainOptions, train
 
 SPEC = Path(__file__).resolve().parent.parent / "specs" / "digits.prop"
 
@@ -240,3 +241,38 @@ def test_a_trace_that_draws_or_writes_leaves_the_generators_and_buffers_as_they_
     assert list(tracing._TRACES.values()) == [None]  # tried once, refused
     assert all(torch.equal(a, b) for a, b in zip(eager[0], traced[0], strict=True))
     assert torch.equal(eager[1], traced[1]) and torch.equal(eager[2], traced[2])
+
+
+def test_attacks_in_an_eager_block_neither_use_nor_make_nor_count_traces():
+    """`tracing.eager()` (train's per-epoch validation): the attacks in it stay eager even when
+    every objective is hot from its first attack, leave no trace or count behind, and the
+    setting is back (nesting too) after the block."""
+    tracing.set_tracing(True, after=0)
+    spec = propdsl.load(SPEC, params={"eps": 0.1})
+    loss = spec.loss("classification_robust", logic="dl2", attack=PGD(steps=4))
+    model = _model("mlp")
+    x, y = _batches(1)[0]
+    results = []
+    with tracing.eager():
+        with tracing.eager():
+            pass
+        for _ in range(3):
+            loss.generator = torch.Generator().manual_seed(0)
+            results.append(loss(model, x, y).loss)
+    assert not tracing._TRACES and not tracing._SEEN
+    loss.generator = torch.Generator().manual_seed(0)
+    traced = loss(model, x, y).loss  # outside the block the objective is traced at once
+    assert [g is not None for g in tracing._TRACES.values()] == [True]
+    assert all(torch.equal(r, traced) for r in results)
+
+
+def test_train_s_validation_check_is_never_traced(tmp_path):
+    tracing.set_tracing(True, after=0)
+    text = (
+        "network f : Tensor[1, 8, 8] -> Tensor[10]\nparam eps : Real = 0.1\n"
+        "property robust(x, y) = classification_robustness(f, x, y, eps)\n"
+        'train f on digits(split = "train") {\n  loss = cross_entropy\n  epochs = 2\n}\n'
+    )
+    options = TrainOptions(out=tmp_path / "run", quiet=True, eval_samples=16, threads=1)
+    train(propdsl.load(text), options)
+    assert not tracing._TRACES and not tracing._SEEN
