@@ -1,7 +1,8 @@
 """Cost of `propdsl.train.train` per epoch against a hand-written PyTorch loop doing the same work.
 
-Both train the zoo's digits MLP (64-100-100-10, the same seeded initial weights) on the digits
-train split (1258 images) with Adam (lr 0.003), batches of 64 in the same seeded order, and end
+Both train the zoo's digits MLP (64-100-100-10) and CNN (conv 16-32, dense 100: the `train/cnn`
+rows), the same seeded initial weights, on the digits train split (1258 images) with Adam
+(lr 0.003), batches of 64 in the same seeded order, and end
 every epoch as `train` does: validation accuracy, the classification-robustness property's
 satisfaction on 256 validation images at a PGD-10 point, and a checkpoint of the weights and the
 optimizer state.
@@ -29,8 +30,8 @@ The first epoch of every run is left out (warm-up).
 machine, where wall-clock times swing several-fold); `train` reports its batches' span in wall
 time only, so the `training only` rows are left out then.
 
-Run `python benchmarks/bench_train.py [--quick] [--threads N] [--clock cpu]` or through
-`benchmarks/run.py`.
+Run `python benchmarks/bench_train.py [--quick] [--threads N] [--clock cpu] [--models mlp,cnn]`
+or through `benchmarks/run.py`.
 """
 
 from __future__ import annotations
@@ -83,13 +84,14 @@ def hand_loop(
     seed: int = 0,
     clock=time.perf_counter,
     fused: bool = False,
+    kind: str = "mlp",
 ) -> list[tuple]:
     """The hand-written loop; per epoch (total seconds, training seconds, mean loss).
 
     `fused`: Adam with PyTorch's fused kernel, as `train` builds it, instead of the default one.
     """
     (x, y), (xv, yv) = data
-    model = build_model("mlp", (1, 8, 8), 10, hidden=[100, 100], seed=seed)
+    model = network(kind, seed)
     opt = torch.optim.Adam(model.parameters(), lr=LR, fused=fused or None)
     gen = torch.Generator()
     n = x.shape[0]
@@ -125,8 +127,20 @@ def hand_loop(
     return times
 
 
+def network(kind: str, seed: int = 0) -> nn.Module:
+    """The zoo's digits MLP (64-100-100-10) or CNN (conv 16-32, dense 100), seeded."""
+    if kind == "mlp":
+        return build_model("mlp", (1, 8, 8), 10, hidden=[100, 100], seed=seed)
+    return build_model("cnn", (1, 8, 8), 10, channels=[16, 32], hidden=100, seed=seed)
+
+
 def propdsl_loop(
-    spec_path: Path, epochs: int, out: Path, params: dict, clock=time.perf_counter
+    spec_path: Path,
+    epochs: int,
+    out: Path,
+    params: dict,
+    clock=time.perf_counter,
+    kind: str = "mlp",
 ) -> list[tuple]:
     """`propdsl.train.train` on the spec; per epoch (seconds, training seconds, mean loss).
 
@@ -141,7 +155,7 @@ def propdsl_loop(
         rows.append(row)
 
     options = TrainOptions(out=out, epochs=epochs, quiet=True, threads=torch.get_num_threads())
-    train(spec, options, on_epoch=on_epoch)
+    train(spec, options, model=network(kind), on_epoch=on_epoch)
     totals = [None, *(end - begin for begin, end in zip(marks, marks[1:], strict=False))]
     return [
         (total, row["train_seconds"], row["loss"]) for total, row in zip(totals, rows, strict=True)
@@ -156,6 +170,7 @@ def _compare(
     repeats: int,
     data,
     clock: str = "wall",
+    kind: str = "mlp",
 ) -> list[dict]:
     tick = CLOCKS[clock]
     mine_total, mine_train = [], []
@@ -166,9 +181,13 @@ def _compare(
         for r in range(repeats):
             # Alternate the three so that machine noise hits them alike.
             params = {"eps": EPS, **({"weight": weight} if weight else {})}
-            mine = propdsl_loop(METHODS / spec, epochs, Path(tmp) / f"run{r}", params, tick)
+            mine = propdsl_loop(
+                METHODS / spec, epochs, Path(tmp) / f"run{r}", params, tick, kind=kind
+            )
             for fused in (False, True):
-                hand = hand_loop(epochs, weight, data, Path(tmp), clock=tick, fused=fused)
+                hand = hand_loop(
+                    epochs, weight, data, Path(tmp), clock=tick, fused=fused, kind=kind
+                )
                 # The same work: same weights, data order and random starts give the same
                 # losses, up to the rounding of differently ordered float operations (and of
                 # the two Adam kernels), which grows over epochs.
@@ -192,7 +211,7 @@ def _compare(
         for what, mine_t, hand_t in spans:
             rows.append(
                 {
-                    "benchmark": f"train/mlp: {name}, {what}",
+                    "benchmark": f"train/{kind}: {name}, {what}",
                     "baseline": baseline,
                     "ms": round(1e3 * mine_t, 1),
                     "baseline_ms": round(1e3 * hand_t, 1),
@@ -205,24 +224,34 @@ def _compare(
     return rows
 
 
-def run(quick: bool = False, threads: int | None = 2, clock: str = "wall") -> list[dict]:
-    """One row per method and span (whole epoch, training batches only)."""
+def run(
+    quick: bool = False,
+    threads: int | None = 2,
+    clock: str = "wall",
+    models: tuple[str, ...] = ("mlp", "cnn"),
+) -> list[dict]:
+    """One row per model, method, baseline and span (whole epoch, training batches only)."""
     if threads is not None:
         torch.set_num_threads(threads)
     train_ds = load_dataset("digits", split="train", seed=0)
     val_ds = load_dataset("digits", split="val", seed=0)
     data = ((train_ds.x, train_ds.y), (val_ds.x, val_ds.y))
     epochs, repeats = (3, 2) if quick else (5, 3)
-    rows = _compare(
-        f"CE + {WEIGHT} DL2 CR, PGD-{STEPS}",
-        "property_dl2.prop",
-        WEIGHT,
-        epochs,
-        repeats,
-        data,
-        clock,
-    )
-    rows += _compare("standard (CE)", "standard.prop", 0.0, epochs + 2, repeats, data, clock)
+    rows = []
+    for kind in models:
+        rows += _compare(
+            f"CE + {WEIGHT} DL2 CR, PGD-{STEPS}",
+            "property_dl2.prop",
+            WEIGHT,
+            epochs,
+            repeats,
+            data,
+            clock,
+            kind,
+        )
+        rows += _compare(
+            "standard (CE)", "standard.prop", 0.0, epochs + 2, repeats, data, clock, kind
+        )
     return rows
 
 
@@ -231,8 +260,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall")
+    parser.add_argument("--models", default="mlp,cnn", help="comma-separated: mlp, cnn")
     args = parser.parse_args()
-    for row in run(quick=args.quick, threads=args.threads, clock=args.clock):
+    models = tuple(m for m in args.models.split(",") if m)
+    if not models or set(models) - {"mlp", "cnn"}:
+        parser.error(f"--models takes mlp and/or cnn, got {args.models!r}")
+    for row in run(quick=args.quick, threads=args.threads, clock=args.clock, models=models):
         print(row)
 
 
