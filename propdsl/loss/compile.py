@@ -474,30 +474,27 @@ class Objective(nn.Module):
             )
         )
         self.term_codes = [(label, compiler(node)) for label, node in terms]
-        # A loss that is the cross-entropy alone (standard training) is taken with PyTorch's
-        # mean reduction: the same batch mean as the per-sample losses' mean, one op and one
-        # backward node fewer every step.
-        self._ce_mean: tuple[Code, Code] | None = None
+        # A loss that is `cross_entropy(f(x), y)` alone (standard training) is PyTorch's
+        # cross-entropy with its mean reduction, taken without building an environment: the
+        # same batch mean, one op and one backward node fewer every step.
+        self._ce_net: str | None = None
         if (
             isinstance(expr, I.Fn)
             and expr.fn == "cross_entropy"
             and len(expr.args) == 2
             and not expr.options
-            and not self.term_codes
-            and not self.paired
+            and not terms
+            and adaptive is None
         ):
-            self._ce_mean = (compiler(expr.args[0]), compiler(expr.args[1]))
-        # ... and when it is `cross_entropy(f(x), y)`, without building an environment.
-        logits, label = cast(I.Fn, expr).args if self._ce_mean is not None else (None, None)
-        self._ce_net: str | None = None
-        if (
-            isinstance(logits, I.Apply)
-            and isinstance(logits.arg, I.Var)
-            and logits.arg.name == "x"
-            and isinstance(label, I.Var)
-            and label.name == "y"
-        ):
-            self._ce_net = logits.net
+            logits, label = expr.args
+            if (
+                isinstance(logits, I.Apply)
+                and isinstance(logits.arg, I.Var)
+                and logits.arg.name == "x"
+                and isinstance(label, I.Var)
+                and label.name == "y"
+            ):
+                self._ce_net = logits.net
         self.last_term_values: dict[str, Tensor] = {}
         self.radius_scale = 1.0
         # An adaptive weight: the loss reads its param as the variable of that name (bound per
@@ -557,7 +554,7 @@ class Objective(nn.Module):
     ) -> Tensor:
         """The batch mean of the loss; `partners` maps each property of a pair named in the
         loss (`paired`) to its partners `(xt, yt)` for this batch."""
-        if self._ce_net is not None and self._ce_code is None:
+        if self._ce_net is not None:
             logits = _models(model, self.networks)[self._ce_net](x)
             if logits.dim() == 2 and y.shape == (x.shape[0],) == logits.shape[:1]:
                 if self.last_term_values:
@@ -579,12 +576,6 @@ class Objective(nn.Module):
                 )
             values.update(zip(partner_names(name), partners[name], strict=True))
         env = Env(_models(model, self.networks), values, x.shape[0], self.logic, config)
-        if self._ce_mean is not None and self._ce_code is None:
-            logits, labels = (code(env) for code in self._ce_mean)
-            if logits.dim() == 2 and labels.shape == (x.shape[0],) == logits.shape[:1]:
-                if self.last_term_values:
-                    object.__setattr__(self, "last_term_values", {})
-                return F.cross_entropy(logits, labels.long())
         per_sample = as_batch(self.code(env), env)
         # Plain attributes, set without nn.Module.__setattr__'s checks (every training step).
         object.__setattr__(
