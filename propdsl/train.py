@@ -1117,18 +1117,15 @@ class _Sums:
         """A distributed step's loss and terms, already summed over the ranks (host floats,
         checked by the caller)."""
         self.last = loss
-        if self.check_each_step:
-            self.loss += loss
-            for label, v in terms.items():
-                column = _term_column(label)
-                self.terms[column] = self.terms.get(column, 0.0) + v
-            return
         self.loss += loss
         for label, v in terms.items():
             column = _term_column(label)
             total = self.terms.get(column)
-            value = torch.tensor(v, dtype=torch.float64, device=self.device)
-            self.terms[column] = value if total is None else total + value
+            if self.check_each_step:
+                self.terms[column] = (total or 0.0) + v
+            else:
+                value = torch.tensor(v, dtype=torch.float64, device=self.device)
+                self.terms[column] = value if total is None else total + value
 
     def diverged(self) -> tuple[int, list[str]] | None:
         """(batch, non-finite terms) of the first non-finite loss of the epoch, or None."""

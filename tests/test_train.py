@@ -694,6 +694,16 @@ def test_epoch_sums_on_the_host_equal_the_device_sums(with_terms):
     assert not host.add(torch.tensor(math.nan), {}, 41)
     device.add(torch.tensor(math.inf), {}, 41)
     assert device.diverged() == (41, [])
+    # a distributed step's values, already reduced over the ranks (host floats)
+    host = _Sums(torch.device("cpu"), check_each_step=True)
+    device = _Sums(torch.device("cpu"), check_each_step=False)
+    for loss, t in zip(losses.tolist(), terms.tolist(), strict=True):
+        named = {"cross_entropy(f(x), y)": t[0], "0.5 · loss[r]": t[1]} if with_terms else {}
+        host.add_reduced(loss, named)
+        device.add_reduced(loss, named)
+    for key, value in expected.items():
+        assert host.totals()[key] == pytest.approx(value, rel=1e-12)
+        assert device.totals()[key] == pytest.approx(value, rel=1e-12)
 
 
 def _optimizer_block(name: str, **kw):
