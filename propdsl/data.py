@@ -486,13 +486,35 @@ def _minmax(x: np.ndarray, train: np.ndarray) -> np.ndarray:
 # -- scikit-learn sources -----------------------------------------------------------------------
 
 
-def _load_digits(options: SourceOptions) -> RawData:
-    from sklearn.datasets import load_digits
+def _sklearn_data(name: str) -> Path | None:
+    """scikit-learn's bundled data file `name` (`sklearn/datasets/data/NAME`), found without
+    importing scikit-learn (its import takes about a second, more than reading the file);
+    None where the installed scikit-learn keeps it elsewhere."""
+    import importlib.util
 
-    bunch = load_digits()
+    spec = importlib.util.find_spec("sklearn")
+    for root in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = Path(root) / "datasets" / "data" / name
+        if path.is_file():
+            return path
+    return None
+
+
+def _load_digits(options: SourceOptions) -> RawData:
+    # scikit-learn's `load_digits`: 1797 rows of 64 pixels (0-16) and the digit, as a CSV.
+    path = _sklearn_data("digits.csv.gz")
+    if path is not None:
+        with gzip.open(path, "rt") as fh:
+            table = np.loadtxt(fh, delimiter=",")
+        images, target = table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
+    else:
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        images, target = bunch.images, bunch.target.astype(np.int64)
     return RawData(
-        x=bunch.images.reshape(-1, 1, 8, 8),
-        y=bunch.target.astype(np.int64),
+        x=images.reshape(-1, 1, 8, 8),
+        y=target,
         divisor=16.0,
         num_classes=10,
         class_names=tuple(str(c) for c in range(10)),
@@ -500,14 +522,25 @@ def _load_digits(options: SourceOptions) -> RawData:
 
 
 def _load_breast_cancer(options: SourceOptions) -> RawData:
-    from sklearn.datasets import load_breast_cancer
+    # scikit-learn's `load_breast_cancer`: a header line (569, 30, the class names), then 569
+    # rows of 30 features and the class.
+    path = _sklearn_data("breast_cancer.csv")
+    if path is not None:
+        with open(path, encoding="utf-8") as fh:
+            names = tuple(fh.readline().strip().split(",")[2:])
+            table = np.loadtxt(fh, delimiter=",")
+        data, target = table[:, :-1], table[:, -1].astype(np.int64)
+    else:
+        from sklearn.datasets import load_breast_cancer
 
-    bunch = load_breast_cancer()
+        bunch = load_breast_cancer()
+        data, target = bunch.data, bunch.target.astype(np.int64)
+        names = tuple(str(c) for c in bunch.target_names)
     return RawData(
-        x=bunch.data,
-        y=bunch.target.astype(np.int64),
+        x=data,
+        y=target,
         num_classes=2,
-        class_names=tuple(str(c) for c in bunch.target_names),
+        class_names=names,
     )
 
 

@@ -554,3 +554,26 @@ def test_malformed_data_exits_1_from_the_cli_not_70(tmp_path):
         result = CliRunner().invoke(cli.app, ["train", str(spec), "--out", str(tmp_path / case)])
         assert result.exit_code in (1, 2), (case, result.output)
         assert "internal error" not in result.output and path.name in result.output, case
+
+
+@pytest.mark.parametrize("name", ["digits", "breast_cancer"])
+def test_scikit_learn_sources_read_its_files_as_its_loaders_do(name, monkeypatch):
+    """digits and breast_cancer are read from scikit-learn's bundled files without importing
+    it; the arrays are its loaders' to the bit (and the loaders themselves where a file is not
+    where it is expected)."""
+    from sklearn.datasets import load_breast_cancer, load_digits
+
+    import propdsl.data as D
+
+    bunch = load_digits() if name == "digits" else load_breast_cancer()
+    loader = D._load_digits if name == "digits" else D._load_breast_cancer
+    assert D._sklearn_data("digits.csv.gz" if name == "digits" else "breast_cancer.csv")
+    read = loader(None)
+    monkeypatch.setattr(D, "_sklearn_data", lambda file: None)
+    fallback = loader(None)
+    expected = bunch.images.reshape(-1, 1, 8, 8) if name == "digits" else bunch.data
+    for raw in (read, fallback):
+        assert raw.x.dtype == expected.dtype and np.array_equal(raw.x, expected)
+        assert raw.y.dtype == np.int64 and np.array_equal(raw.y, bunch.target)
+    names = tuple(str(c) for c in bunch.target_names)
+    assert read.class_names == fallback.class_names == names

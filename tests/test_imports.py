@@ -65,3 +65,14 @@ def test_fmt_check_command_is_light():
         "    pass\n"
     )
     assert not loaded["torch"] and not loaded["sympy"], loaded
+
+
+def test_loading_the_offline_datasets_does_not_import_scikit_learn():
+    """digits and breast_cancer are read from scikit-learn's files (its import takes about a
+    second of every `train`, `eval` and `verify`)."""
+    loaded = loaded_after(
+        "from propdsl.data import load_dataset\n"
+        "assert len(load_dataset('digits', split='train', seed=0)) > 1000\n"
+        "assert len(load_dataset('breast_cancer', split='train', seed=0)) > 300\n"
+    )
+    assert loaded["torch"] and not loaded["sklearn"], loaded
