@@ -997,12 +997,14 @@ def main() -> None:
         if "torch.distributed" in sys.modules:
             from propdsl import distributed
 
-            if distributed.active() and code in (0, None):
+            if distributed.active() and (code in (0, None) or distributed.peer_lost()):
                 # After a command that succeeded the ranks meet at a barrier (no collective of
                 # a peer is left in flight); then the process ends without tearing the group
-                # down: the system closes its connections. After an error or an interrupt the
-                # ranks leave as before (a peer may still be saying what the folder keeps).
-                distributed.finish(ok=True)
+                # down: the system closes its connections. So does a process whose peer died
+                # (its error is printed; a teardown with a dead peer aborted it). After other
+                # errors or an interrupt the ranks leave as before (a peer may still be saying
+                # what the folder keeps).
+                distributed.finish(ok=code in (0, None))
                 _leave_now(code)
             distributed.shutdown()
         raise SystemExit(code) from None

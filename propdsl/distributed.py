@@ -47,12 +47,24 @@ class RankLost(PropdslError):
     `TIMEOUT`. The launcher names the process that died."""
 
 
+_PEER_LOST = False  # a collective of this process met a vanished peer (`RankLost`)
+
+
+def peer_lost() -> bool:
+    """Whether this process lost contact with another process of its job: its group is then
+    not torn down (gloo's teardown with a dead peer aborted the process, SIGABRT, and the
+    launcher then named the wrong process)."""
+    return _PEER_LOST
+
+
 @contextlib.contextmanager
 def _collective(what: str) -> Iterator[None]:
     """Turn the backend's error for a vanished peer into `RankLost` (never an internal error)."""
+    global _PEER_LOST
     try:
         yield
     except RuntimeError as err:
+        _PEER_LOST = True
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise RankLost(
             f"rank {rank()} lost contact with another process of the job during {what} (it "
@@ -418,8 +430,16 @@ def launch(args: Sequence[str], nproc: int) -> None:
         died = None
         exited = [r for r, f in sorted(failures.items()) if f.exitcode > 0]
         # SIGTERM is how the launcher stops the others once one failed: it names a death only
-        # when no process failed by itself
-        killed = sorted(failures.items(), key=lambda f: (f[1].exitcode == -signal.SIGTERM, f[0]))
+        # when no process failed by itself. A SIGABRT comes after any other signal: a process
+        # whose peer was killed may abort in the backend's teardown, a consequence, not the cause.
+        killed = sorted(
+            failures.items(),
+            key=lambda f: (
+                f[1].exitcode == -signal.SIGTERM,
+                f[1].exitcode == -signal.SIGABRT,
+                f[0],
+            ),
+        )
         for r, failure in killed:
             if failure.exitcode < 0 and (failure.exitcode != -signal.SIGTERM or not exited):
                 try:

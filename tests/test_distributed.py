@@ -517,3 +517,45 @@ def test_vnnlib_instances_shared_out_over_two_processes_give_one_process_records
     two = [{k: r.get(k) for k in keys} for r in reports["two"]]
     assert two == one
     assert [r["answer"] for r in one] == [r["expected"] for r in rows]
+
+
+@pytest.mark.parametrize(
+    "exits, named",
+    [
+        # rank 1 killed; rank 0 aborted in the backend's teardown after losing it: rank 1
+        (
+            {0: -signal.SIGABRT, 1: -signal.SIGKILL},
+            "process rank 1 (pid 101) was killed by SIGKILL",
+        ),
+        # rank 0 reported the lost peer itself and exited with 1: rank 1
+        ({0: 1, 1: -signal.SIGKILL}, "process rank 1 (pid 101) was killed by SIGKILL"),
+        # an abort alone is named; the launcher's SIGTERMs to the others never are
+        (
+            {0: -signal.SIGTERM, 1: -signal.SIGABRT},
+            "process rank 1 (pid 101) was killed by SIGABRT",
+        ),
+        ({0: 1, 1: -signal.SIGTERM}, None),
+    ],
+)
+def test_the_launcher_names_the_process_that_died_not_the_one_that_aborted_after(
+    monkeypatch, exits, named
+):
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+    from torch.distributed.launcher import api
+
+    failures = {
+        r: ProcessFailure(local_rank=r, pid=100 + r, exitcode=code, error_file="/nonexistent")
+        for r, code in exits.items()
+    }
+
+    def elastic_launch(config, entry):
+        def run(*args):
+            raise ChildFailedError("propdsl", failures)
+
+        return run
+
+    monkeypatch.setattr(api, "elastic_launch", elastic_launch)
+    with pytest.raises(distributed.JobFailed) as info:
+        distributed.launch(["train", "x.prop"], 2)
+    assert info.value.died == named
+    assert info.value.exit_code == (exits[0] if exits[0] > 0 else 1)
