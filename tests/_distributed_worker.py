@@ -43,9 +43,17 @@ def main(argv: list[str]) -> int:
                         return int(exc.code)
             return 0
         raise SystemExit(f"unknown mode {argv[0]!r}")
-    finally:
+    except BaseException:
         distributed.shutdown()
+        raise
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from propdsl import distributed
+    from propdsl.cli import _leave_now
+
+    code = main(sys.argv[1:])
+    # As `propdsl.cli.main` ends a distributed command: the ranks meet at a barrier, then each
+    # ends at once without tearing its group down (gloo's teardown aborted finished ranks).
+    distributed.finish(ok=code == 0)
+    _leave_now(code)
