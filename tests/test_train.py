@@ -792,3 +792,60 @@ def test_a_spec_can_turn_the_fused_kernel_off_and_must_give_a_bool(tmp_path):
     assert result.metrics[0]["loss"] > 0
     with pytest.raises(CheckError, match="fused"):
         propdsl.load(base + "  optimizer = sgd(lr = 0.1, fused = 1)\n}\n")
+
+
+# -- per-epoch seeding -----------------------------------------------------------------------------
+
+
+def test_seed_global_on_the_cpu_seeds_the_cpu_generator_as_torch_manual_seed_does(monkeypatch):
+    """The CPU generator's draws after `seed_global(v, cpu)` are those after
+    `torch.manual_seed(v)`, and no accelerator's seeding is queued (what costs ~1 ms a call)."""
+    from propdsl.train import seed_global
+
+    torch.manual_seed(1234)
+    expected = (torch.rand(5), torch.randn(3, 3), torch.randint(0, 10, (4,)))
+    torch.manual_seed(99)  # another state first
+
+    def queued(*args, **kwargs):
+        raise AssertionError("an accelerator's seeding was queued")
+
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", queued)
+    seed_global(1234, torch.device("cpu"))
+    got = (torch.rand(5), torch.randn(3, 3), torch.randint(0, 10, (4,)))
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+
+
+def test_seed_global_elsewhere_is_torch_manual_seed(monkeypatch):
+    from propdsl.train import seed_global
+
+    calls = []
+    monkeypatch.setattr(torch, "manual_seed", lambda value: calls.append(value))
+    seed_global(7, torch.device("meta"))
+    assert calls == [7]
+
+
+def test_every_epoch_reseeds_the_global_generator(tmp_path: Path, monkeypatch):
+    """Epoch e of a run with seed s starts from `torch.manual_seed(s * 100003 + e)`'s CPU state
+    (dropout draws from it); no epoch queues an accelerator's seeding."""
+    import propdsl.train as trainer
+
+    seeds = []
+    real = trainer.seed_global
+
+    def record(value, device):
+        real(value, device)
+        seeds.append((value, torch.random.get_rng_state()))
+
+    def queued(*args, **kwargs):  # the model's initial seeding (once, before) may queue it
+        if seeds:
+            raise AssertionError("an epoch queued an accelerator's seeding")
+
+    monkeypatch.setattr(trainer, "seed_global", record)
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", queued)
+    spec = propdsl.load(write(tmp_path, TINY.replace("epochs    = 2", "epochs    = 3")))
+    train(spec, options(tmp_path / "run", seed=5))
+    monkeypatch.undo()
+    assert [value for value, _ in seeds] == [5 * 100_003 + e for e in (1, 2, 3)]
+    for value, state in seeds:
+        torch.manual_seed(value)
+        assert torch.equal(torch.random.get_rng_state(), state)

@@ -288,15 +288,26 @@ def test_the_boundaries_are_what_one_commit_per_epoch_writes(boundaries):
     assert boundaries == clear + start + commit(True) + commit(True) + commit(False)
 
 
+# The commits of this tiny model are made inline (`INLINE_COMMIT_BYTES`); the epoch's sweeps run
+# them in the background thread as well.
+@pytest.fixture(params=["inline", "background"])
+def commit_path(request, monkeypatch):
+    import propdsl.train as trainer
+
+    if request.param == "background":
+        monkeypatch.setattr(trainer, "INLINE_COMMIT_BYTES", -1)
+    return request.param
+
+
 def test_ctrl_c_at_every_write_of_an_epoch_resumes_bit_for_bit(
-    tmp_path, monkeypatch, reference, boundaries
+    tmp_path, monkeypatch, reference, boundaries, commit_path
 ):
     assert sweep(tmp_path, monkeypatch, reference, "interrupt", epoch_two(boundaries)) == 17
 
 
 @FORK
 def test_a_kill_at_every_write_of_an_epoch_resumes_bit_for_bit(
-    tmp_path, monkeypatch, reference, boundaries
+    tmp_path, monkeypatch, reference, boundaries, commit_path
 ):
     assert sweep(tmp_path, monkeypatch, reference, "kill", epoch_two(boundaries)) == 17
 
@@ -373,11 +384,52 @@ def test_a_full_disk_keeps_the_previous_epoch_and_says_how_to_go_on(
 # inject their faults there). These pin what the thread must not change: a Ctrl-C waits for the
 # commit in flight, the commit writes the epoch's end state whatever the next epoch does
 # meanwhile, and its errors stop the run at once with the message an inline commit gave.
+# A tiny model's commit is small enough to be made inline (`INLINE_COMMIT_BYTES`): the tests
+# of the background thread lower the limit so that every commit goes there.
 def commit_threads() -> list[str]:
     return [t.name for t in threading.enumerate() if t.name.startswith("propdsl-commit")]
 
 
-def test_a_ctrl_c_while_a_commit_is_in_flight_waits_for_it(tmp_path, monkeypatch, reference):
+@pytest.fixture
+def background(monkeypatch):
+    import propdsl.train as trainer
+
+    monkeypatch.setattr(trainer, "INLINE_COMMIT_BYTES", -1)
+
+
+def test_commits_up_to_the_inline_size_are_made_in_the_loops_thread(tmp_path, monkeypatch):
+    """Each commit runs inline when its distinct bytes are at most INLINE_COMMIT_BYTES (best's
+    bytes, the same objects as last's, counted once) and in the commit thread above it."""
+    import propdsl.train as trainer
+
+    seen: list[tuple[str, int]] = []
+    real = runs.commit_epoch
+
+    def commit_epoch(run, epoch, files, **kw):
+        distinct = {id(b): b for b in files.values()}.values()
+        seen.append((threading.current_thread().name, sum(len(b) for b in distinct)))
+        return real(run, epoch, files, **kw)
+
+    monkeypatch.setattr(runs, "commit_epoch", commit_epoch)
+    train(propdsl.load(SPEC), opts(tmp_path / "a"))
+    assert [thread for thread, _ in seen] == ["MainThread"] * 3
+    sizes = [size for _, size in seen]
+    assert max(sizes) <= trainer.INLINE_COMMIT_BYTES
+    # epochs that improve write best as well, without doubling the count: all about one size
+    assert max(sizes) < 1.5 * min(sizes)
+    assert sizes == sorted(sizes)  # the metrics files grow by a row (~400 bytes) an epoch
+    seen.clear()
+    limit = (sizes[0] + sizes[1]) // 2  # the first epoch's commit inline, the later ones not
+    monkeypatch.setattr(trainer, "INLINE_COMMIT_BYTES", limit)
+    train(propdsl.load(SPEC), opts(tmp_path / "b"))
+    for thread, size in seen:
+        assert thread == ("MainThread" if size <= limit else "propdsl-commit_0"), (thread, size)
+    assert [thread for thread, _ in seen] == ["MainThread"] + ["propdsl-commit_0"] * 2
+
+
+def test_a_ctrl_c_while_a_commit_is_in_flight_waits_for_it(
+    tmp_path, monkeypatch, reference, background
+):
     """Epoch 2's commit is held before its first file while epoch 3 trains; Ctrl-C in epoch 3's
     validation (the folder still at epoch 1) returns only once that commit is done: it reports
     epoch 2, the folder holds epoch 2's complete set, and resuming ends as the reference."""
@@ -423,7 +475,7 @@ def test_a_ctrl_c_while_a_commit_is_in_flight_waits_for_it(tmp_path, monkeypatch
 
 
 def test_the_commit_writes_the_epochs_end_state_while_the_next_epoch_trains(
-    tmp_path, monkeypatch, reference
+    tmp_path, monkeypatch, reference, background
 ):
     """Epoch 1's commit is held until epoch 2 has taken two optimizer steps (changing the
     weights and the optimizer state in place), then a Ctrl-C: the folder holds exactly what a
@@ -478,7 +530,7 @@ def test_the_commit_writes_the_epochs_end_state_while_the_next_epoch_trains(
 
 @pytest.mark.parametrize("failure", ["enospc", "bug"])
 def test_a_failed_commit_stops_the_next_epoch_at_once_with_the_same_error(
-    tmp_path, monkeypatch, reference, failure
+    tmp_path, monkeypatch, reference, failure, background
 ):
     """Epoch 2's commit fails (a full disk; a bug) while epoch 3 trains: the run stops after the
     batch in progress (not at the end of epoch 3) with the error an inline commit raised, the
