@@ -1000,7 +1000,6 @@ def data_hash(*datasets: Any) -> str:
     return h.hexdigest()
 
 
-@torch.no_grad()
 def seed_global(value: int, device: torch.device) -> None:
     """Seed torch's global generators for an epoch, as `torch.manual_seed(value)` does.
 
@@ -1016,6 +1015,7 @@ def seed_global(value: int, device: torch.device) -> None:
         torch.manual_seed(value)
 
 
+@torch.no_grad()
 def weights_problem(model: nn.Module) -> str | None:
     """None when every weight is finite and at most MAX_ABS_WEIGHT in size; else what is wrong."""
     if _weights_fine(model):
