@@ -15,8 +15,12 @@ optimizer state.
 * `standard`: specs/methods/standard.prop, `loss = cross_entropy`; by hand: the plain loop.
 
 `train` steps Adam with PyTorch's fused kernel (docs/training.md); the hand-written loop runs
-twice, with `torch.optim.Adam`'s default kernel (what a hand-written loop usually is) and with
-the same fused kernel (the `fused Adam as train's` rows: the trainer's own overhead alone).
+three times: with `torch.optim.Adam`'s default kernel (what a hand-written loop usually is), with
+the same fused kernel (the `fused Adam as train's` rows: the trainer's own overhead), and with
+the fused kernel ending each epoch with `train`'s own commit of the run folder instead of its
+one `torch.save` (the `+ train's run-folder commit` rows: the same files, bytes and atomic,
+power-cut-safe commit, `propdsl.runs.commit_epoch`; what is left is the trainer's and the
+compiled validation's overhead, without the price of the folder's guarantees).
 
 The loops draw the same random starts in the same order, so they compute the same losses: every
 run checks that the first epoch's mean loss agrees to 1e-4 (later ones to 2%, as rounding
@@ -51,6 +55,7 @@ from bench_loss import (  # the benchmarks folder is on the path (run.py, script
 from torch import Tensor, nn
 
 import propdsl
+from propdsl import runs
 from propdsl.data import load_dataset
 from propdsl.models import build_model
 from propdsl.train import TrainOptions, train
@@ -85,10 +90,14 @@ def hand_loop(
     clock=time.perf_counter,
     fused: bool = False,
     kind: str = "mlp",
+    commit: bool = False,
 ) -> list[tuple]:
     """The hand-written loop; per epoch (total seconds, training seconds, mean loss).
 
     `fused`: Adam with PyTorch's fused kernel, as `train` builds it, instead of the default one.
+    `commit`: end each epoch as `train` does, with the run folder's files (last and, when the
+    accuracy improved, best weights with their sidecars, the optimizer state, the metrics rows)
+    committed by `runs.commit_epoch` into a fresh folder under `out`, instead of one `torch.save`.
     """
     (x, y), (xv, yv) = data
     model = network(kind, seed)
@@ -100,6 +109,8 @@ def hand_loop(
     # (the random starts come from `gen`), so the loop need not reseed it every epoch as
     # `train` does for resumable runs (on the CPU, its CPU generator alone: `seed_global`).
     torch.manual_seed(seed)
+    folder = Path(tempfile.mkdtemp(dir=out)) if commit else out
+    table, manifest, best_acc = runs.MetricsFiles(), None, -1.0
     for epoch in range(1, epochs + 1):
         t0 = clock()
         gen.manual_seed(seed * 100_003 + epoch)
@@ -125,8 +136,31 @@ def hand_loop(
             accuracy = (model(xv).argmax(1) == yv).float().mean().item()
             xs, ys = xv[:VAL_SAMPLES], yv[:VAL_SAMPLES]
             satisfied = (model(_pgd_point(model, xs, ys, gen)).argmax(1) == ys).float().mean()
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, out / "h.pt")
+        if not commit:
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, out / "h.pt")
+        else:
+            row = {"epoch": epoch, "loss": total / -(-n // BATCH), "val_accuracy": accuracy}
+            row.update({"satisfied[robust]": float(satisfied), "lr": LR})
+            row["train_seconds"] = round(t_train, 3)
+            improved = accuracy > best_acc
+            best_acc = max(best_acc, accuracy)
+            state = {"epoch": epoch, "optimizer": opt.state_dict(), "best_acc": best_acc}
+            weights = runs.checkpoint_bytes(model)
+            sidecar = runs.dumps_json({"epoch": epoch, "metrics": row})
+            files = {
+                "last.safetensors": weights,
+                "last.json": sidecar,
+                "last.state.pt": runs.state_bytes(state),
+            }
+            if improved:
+                files.update({"best.safetensors": weights, "best.json": sidecar})
+            files.update(table.add(row))
+            manifest = runs.commit_epoch(folder, epoch, files, previous=manifest)
         times.append((clock() - t0, t_train, total, accuracy, float(satisfied)))
+    if commit:  # the folder holds what train's would: every file of the last epoch intact
+        damaged = runs.verify(folder, runs.read_manifest(folder))
+        if damaged or runs.read_manifest(folder).epoch != epochs:
+            raise AssertionError(f"the hand-written loop's run folder is not committed: {damaged}")
     return times
 
 
@@ -177,20 +211,21 @@ def _compare(
 ) -> list[dict]:
     tick = CLOCKS[clock]
     mine_total, mine_train = [], []
-    hand_total: dict[bool, list[float]] = {False: [], True: []}
-    hand_train: dict[bool, list[float]] = {False: [], True: []}
+    # The hand-written loop's variants: Adam's default kernel, the fused one, the fused one with
+    # train's run-folder commit.
+    variants = {"default": {}, "fused": {"fused": True}, "commit": {"fused": True, "commit": True}}
+    hand_total: dict[str, list[float]] = {v: [] for v in variants}
+    hand_train: dict[str, list[float]] = {v: [] for v in variants}
     steps = -(-data[0][0].shape[0] // BATCH)
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(repeats):
-            # Alternate the three so that machine noise hits them alike.
+            # Alternate the four so that machine noise hits them alike.
             params = {"eps": EPS, **({"weight": weight} if weight else {})}
             mine = propdsl_loop(
                 METHODS / spec, epochs, Path(tmp) / f"run{r}", params, tick, kind=kind
             )
-            for fused in (False, True):
-                hand = hand_loop(
-                    epochs, weight, data, Path(tmp), clock=tick, fused=fused, kind=kind
-                )
+            for variant, options in variants.items():
+                hand = hand_loop(epochs, weight, data, Path(tmp), clock=tick, kind=kind, **options)
                 # The same work: same weights, data order and random starts give the same
                 # losses, up to the rounding of differently ordered float operations (and of
                 # the two Adam kernels), which grows over epochs.
@@ -200,17 +235,22 @@ def _compare(
                         raise AssertionError(
                             f"{name}: epoch {epoch} loss {a[2]} != hand-written {b[2] / steps}"
                         )
-                hand_total[fused].append(statistics.median(t[0] for t in hand[1:]))
-                hand_train[fused].append(statistics.median(t[1] for t in hand[1:]))
+                hand_total[variant].append(statistics.median(t[0] for t in hand[1:]))
+                hand_train[variant].append(statistics.median(t[1] for t in hand[1:]))
             # The first epoch of every run warms up and is left out.
             mine_total.append(statistics.median(t[0] for t in mine[1:]))
             mine_train.append(statistics.median(t[1] for t in mine[1:]))
     rows = []
-    for fused in (False, True):
-        baseline = "hand-written loop" + (", fused Adam as train's" if fused else "")
-        spans = [("epoch", min(mine_total), min(hand_total[fused]))]
-        if clock == "wall":  # train's own train_seconds are wall time
-            spans.append(("training only", min(mine_train), min(hand_train[fused])))
+    baselines = {
+        "default": "hand-written loop",
+        "fused": "hand-written loop, fused Adam as train's",
+        "commit": "hand-written loop, fused Adam as train's + train's run-folder commit",
+    }
+    for variant, baseline in baselines.items():
+        spans = [("epoch", min(mine_total), min(hand_total[variant]))]
+        if clock == "wall" and variant != "commit":  # train_seconds are wall time; the
+            # commit variant's batches are the fused variant's
+            spans.append(("training only", min(mine_train), min(hand_train[variant])))
         for what, mine_t, hand_t in spans:
             rows.append(
                 {
@@ -220,7 +260,9 @@ def _compare(
                     "baseline_ms": round(1e3 * hand_t, 1),
                     "ratio": round(mine_t / hand_t, 3),
                     "epochs_per_s": round(1.0 / mine_t, 2),
-                    "target": "<= 1.05",
+                    # The commit variant splits the gap to the fused loop into the folder's
+                    # price and the rest: a decomposition, not the issue's baseline.
+                    "target": "<= 1.05" if variant != "commit" else None,
                     "clock": clock,
                 }
             )
