@@ -997,14 +997,18 @@ def main() -> None:
         if "torch.distributed" in sys.modules:
             from propdsl import distributed
 
-            if distributed.active() and (code in (0, None) or distributed.peer_lost()):
+            ok = code in (0, None)
+            if distributed.active() and (ok or distributed.peer_lost() or distributed.is_main()):
                 # After a command that succeeded the ranks meet at a barrier (no collective of
                 # a peer is left in flight); then the process ends without tearing the group
                 # down: the system closes its connections. So does a process whose peer died
-                # (its error is printed; a teardown with a dead peer aborted it). After other
-                # errors or an interrupt the ranks leave as before (a peer may still be saying
-                # what the folder keeps).
-                distributed.finish(ok=code in (0, None))
+                # (its error is printed; a teardown with a dead peer aborted it), and rank 0
+                # after an error or an interrupt: its message is printed, its commit done, and
+                # its teardown aborted it in CI (SIGABRT, and the job's exit code was lost).
+                # The other ranks leave as before after an error: their teardown frees a rank 0
+                # still blocked in a collective, and they do not end before rank 0 has said
+                # what the folder keeps (the launcher stops the job when a process ends).
+                distributed.finish(ok=ok)
                 _leave_now(code)
             distributed.shutdown()
         raise SystemExit(code) from None

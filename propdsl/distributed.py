@@ -430,8 +430,10 @@ def launch(args: Sequence[str], nproc: int) -> None:
         died = None
         exited = [r for r, f in sorted(failures.items()) if f.exitcode > 0]
         # SIGTERM is how the launcher stops the others once one failed: it names a death only
-        # when no process failed by itself. A SIGABRT comes after any other signal: a process
-        # whose peer was killed may abort in the backend's teardown, a consequence, not the cause.
+        # when no process failed by itself. A SIGABRT is how the backend's teardown may end a
+        # process whose peer has gone: a consequence, named after any other signal, and not
+        # at all when rank 0 failed by itself (it printed the job's error; its exit code is
+        # the job's). A rank 0 killed by a signal is always named: the others print nothing.
         killed = sorted(
             failures.items(),
             key=lambda f: (
@@ -441,13 +443,16 @@ def launch(args: Sequence[str], nproc: int) -> None:
             ),
         )
         for r, failure in killed:
-            if failure.exitcode < 0 and (failure.exitcode != -signal.SIGTERM or not exited):
-                try:
-                    name = signal.Signals(-failure.exitcode).name
-                except ValueError:
-                    name = f"signal {-failure.exitcode}"
-                died = f"process rank {r} (pid {failure.pid}) was killed by {name}"
-                break
+            if failure.exitcode >= 0 or (failure.exitcode == -signal.SIGTERM and exited):
+                continue
+            if failure.exitcode == -signal.SIGABRT and 0 in exited:
+                continue
+            try:
+                name = signal.Signals(-failure.exitcode).name
+            except ValueError:
+                name = f"signal {-failure.exitcode}"
+            died = f"process rank {r} (pid {failure.pid}) was killed by {name}"
+            break
         first = failures[0] if 0 in exited else failures[exited[0] if exited else min(failures)]
         code = first.exitcode if first.exitcode > 0 else 1
         ranks = ", ".join(str(r) for r in sorted(failures))

@@ -535,6 +535,11 @@ def test_vnnlib_instances_shared_out_over_two_processes_give_one_process_records
             "process rank 1 (pid 101) was killed by SIGABRT",
         ),
         ({0: 1, 1: -signal.SIGTERM}, None),
+        # rank 0 failed by itself (a folder in use, exit 2); rank 1 aborted in the backend's
+        # teardown after rank 0 had gone: rank 0's error and exit code are the job's
+        ({0: 2, 1: -signal.SIGABRT}, None),
+        # a rank 0 killed by any signal is named: the other ranks print nothing of their own
+        ({0: -signal.SIGABRT, 1: 2}, "process rank 0 (pid 100) was killed by SIGABRT"),
     ],
 )
 def test_the_launcher_names_the_process_that_died_not_the_one_that_aborted_after(
@@ -558,4 +563,50 @@ def test_the_launcher_names_the_process_that_died_not_the_one_that_aborted_after
     with pytest.raises(distributed.JobFailed) as info:
         distributed.launch(["train", "x.prop"], 2)
     assert info.value.died == named
-    assert info.value.exit_code == (exits[0] if exits[0] > 0 else 1)
+    own = [code for _, code in sorted(exits.items()) if code > 0]
+    assert info.value.exit_code == (own[0] if own else 1)
+
+
+@pytest.mark.parametrize(
+    "rank, code, lost, teardown",
+    [
+        (0, 0, False, False),  # a success: barrier, then out at once, everywhere
+        (1, 0, False, False),
+        (0, 2, False, False),  # rank 0 after an error: its message is out; out at once
+        (0, 130, False, False),
+        (1, 2, False, True),  # the others after an error: the teardown frees rank 0
+        (1, 130, False, True),
+        (1, 1, True, False),  # a process whose peer died: out at once
+    ],
+)
+def test_how_a_process_of_a_job_ends(monkeypatch, rank, code, lost, teardown):
+    """`propdsl.cli.main` at the end of a command in a job: which processes tear their group
+    down (gloo's teardown aborted rank 0 after an error in CI, and the job's exit code was
+    lost) and which end at once with their own exit code."""
+    import propdsl.cli as cli
+
+    calls: list[object] = []
+
+    def app(**kwargs):
+        raise SystemExit(code)
+
+    class Left(Exception):
+        pass
+
+    def leave_now(c):
+        calls.append(("leave now", c))
+        raise Left
+
+    monkeypatch.setattr(cli, "app", app)
+    monkeypatch.setattr(cli, "_leave_now", leave_now)
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    monkeypatch.setattr(distributed, "is_main", lambda: rank == 0)
+    monkeypatch.setattr(distributed, "peer_lost", lambda: lost)
+    monkeypatch.setattr(distributed, "finish", lambda ok: calls.append(("barrier", ok)))
+    monkeypatch.setattr(distributed, "shutdown", lambda ok=False: calls.append("teardown"))
+    with pytest.raises(SystemExit if teardown else Left) as info:
+        cli.main()
+    if teardown:
+        assert calls == ["teardown"] and info.value.code == code
+    else:
+        assert calls == [("barrier", code == 0), ("leave now", code)]
