@@ -58,7 +58,7 @@ import propdsl
 from propdsl import runs
 from propdsl.data import load_dataset
 from propdsl.models import build_model
-from propdsl.train import TrainOptions, train
+from propdsl.train import TrainOptions, epoch_files, train
 
 METHODS = Path(__file__).resolve().parent.parent / "specs" / "methods"
 EPS = 0.1
@@ -145,22 +145,13 @@ def hand_loop(
             improved = accuracy > best_acc
             best_acc = max(best_acc, accuracy)
             state = {"epoch": epoch, "optimizer": opt.state_dict(), "best_acc": best_acc}
-            weights = runs.checkpoint_bytes(model)
-            sidecar = runs.dumps_json({"epoch": epoch, "metrics": row})
-            files = {
-                "last.safetensors": weights,
-                "last.json": sidecar,
-                "last.state.pt": runs.state_bytes(state),
-            }
-            if improved:
-                files.update({"best.safetensors": weights, "best.json": sidecar})
-            files.update(table.add(row))
+            files = epoch_files(model, state, row, improved, table)
             manifest = runs.commit_epoch(folder, epoch, files, previous=manifest)
         times.append((clock() - t0, t_train, total, accuracy, float(satisfied)))
     if commit:  # the folder holds what train's would: every file of the last epoch intact
-        damaged = runs.verify(folder, runs.read_manifest(folder))
-        if damaged or runs.read_manifest(folder).epoch != epochs:
-            raise AssertionError(f"the hand-written loop's run folder is not committed: {damaged}")
+        kept = runs.read_manifest(folder)
+        if kept is None or kept.epoch != epochs or runs.verify(folder, kept):
+            raise AssertionError(f"the hand-written loop's run folder {folder} is not committed")
     return times
 
 

@@ -702,7 +702,6 @@ def _epochs(
             row["lr"] = optimizer.param_groups[0]["lr"]
             row["train_seconds"] = round(train_seconds, 3)
             row["seconds"] = round(time.perf_counter() - t0, 3)
-            meta = {"epoch": epoch, "metrics": row}
             # Without validation data there is nothing to choose by: best is last. While the
             # radius still ramps up the properties are trained on smaller regions than they
             # state, so best follows last and the choice starts at the full radius.
@@ -722,23 +721,37 @@ def _epochs(
             }
             # Serialised here, at the end of the epoch: the bytes are the snapshot the commit
             # writes while the next epoch changes the weights and the optimizer state.
-            weights = runs.checkpoint_bytes(model)
-            sidecar = runs.dumps_json(meta)
-            files = {
-                "last.safetensors": weights,
-                "last.json": sidecar,
-                "last.state.pt": runs.state_bytes(state),
-            }
-            if improved:  # the same objects: `commit_epoch` links them rather than copying
-                files.update({"best.safetensors": weights, "best.json": sidecar})
-            files.update(table.add(row))
-            committer.submit(epoch, files)
+            committer.submit(epoch, epoch_files(model, state, row, improved, table))
             metrics.append(row)
             progress.epoch(row)
             if on_epoch is not None:
                 on_epoch(row)
         committer.wait()
     return TrainResult(run, model, metrics)
+
+
+def epoch_files(
+    model: nn.Module,
+    state: dict[str, Any],
+    row: dict[str, Any],
+    improved: bool,
+    table: runs.MetricsFiles,
+) -> dict[str, bytes]:
+    """The files one epoch commits (`runs.commit_epoch`), serialised now: the weights as `last`
+    (and as `best` when `improved`, the very same bytes objects, which the commit links rather
+    than writes twice), their JSON sidecar holding the metrics `row`, the optimizer `state`, and
+    the metrics files with `row` appended to `table`."""
+    weights = runs.checkpoint_bytes(model)
+    sidecar = runs.dumps_json({"epoch": row["epoch"], "metrics": row})
+    files = {
+        "last.safetensors": weights,
+        "last.json": sidecar,
+        "last.state.pt": runs.state_bytes(state),
+    }
+    if improved:
+        files.update({"best.safetensors": weights, "best.json": sidecar})
+    files.update(table.add(row))
+    return files
 
 
 # An epoch's files up to this size are committed in the loop's thread, larger ones in the
