@@ -7,6 +7,7 @@ The timings themselves are the benchmark's (docs/training.md, section 11), not a
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +16,8 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
 from propdsl.data import load_dataset, read_idx
-from tests.test_reproduce import ROOT
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
